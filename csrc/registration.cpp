@@ -1,0 +1,27 @@
+// The fastgan_C operator library: schemas here, kernels in cpu/*.cpp and cuda/*.cu
+// (TORCH_LIBRARY_IMPL per device). Python wraps these as the fastgan::* ops, which
+// add validation, fake tensors and autograd (fastgan/ops/).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastgan_C, m) {
+  m.def(
+      "spectral_norm_power_iteration(Tensor weight, Tensor u, Tensor v, int dim, int n_power_iterations, "
+      "float eps, bool u_first) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "spectral_norm_power_iteration_multi(Tensor[] weights, Tensor[] us, Tensor[] vs, int[] dims, "
+      "int n_power_iterations, float eps, bool u_first) -> (Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def(
+      "built_with_cuda",
+      []() {
+#ifdef FASTGAN_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether the CUDA kernels were compiled into this build.");
+}

@@ -1,0 +1,220 @@
+"""Spectral normalization modules: drop-ins for torch's two forms, on fastgan's fused ops.
+
+* :func:`spectral_norm` replaces ``torch.nn.utils.parametrizations.spectral_norm``
+  (u-first iteration, 15 warm-up iterations, state_dict keys
+  ``parametrizations.<name>.original`` / ``.0._u`` / ``.0._v``).
+* :func:`hook_spectral_norm` (exported as ``fastgan.nn.utils.spectral_norm``) replaces
+  the older ``torch.nn.utils.spectral_norm`` (v-first, no warm-up, ``<name>_orig`` /
+  ``<name>_u`` / ``<name>_v``); it subclasses torch's hook, so torch's
+  ``remove_spectral_norm`` and state-dict version handling apply unchanged.
+* :func:`apply_spectral_norm` puts :func:`spectral_norm` on every Conv/ConvTranspose/Linear
+  of a model and runs all their power iterations for one model forward as one
+  multi-tensor launch.
+
+Both forms share :func:`normalized_weight`: one power-iteration op, an in-place
+buffer update, and W / σ with the gradient through W only.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+torch_hook_sn = importlib.import_module("torch.nn.utils.spectral_norm")  # the module; the package attribute is the function
+
+from fastgan.ops import spectral_norm as ops
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_WARMUP_ITERATIONS = 15
+
+
+def default_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, _TRANSPOSED) else 0
+
+
+def normalized_weight(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, u_first: bool
+) -> Tensor:
+    """W / σ after ``n_power_iterations`` steps (0 in eval mode), updating the u, v buffers in place.
+
+    The returned weight saves fresh copies of u and v, so a later forward that
+    updates the buffers again does not invalidate this one's backward."""
+    with torch.no_grad():
+        u_new, v_new, sigma = ops.spectral_norm_power_iteration(weight.detach(), u, v, dim, n_power_iterations, eps, u_first)
+        if n_power_iterations > 0:
+            u.copy_(u_new)
+            v.copy_(v_new)
+    return ops.spectral_normalize(weight, u_new, v_new, sigma, dim)
+
+
+def _describe(module: nn.Module, name: str) -> str:
+    return f"{type(module).__name__}.{name}"
+
+
+def _random_unit_vectors(weight: Tensor, dim: int, eps: float):
+    """u, v drawn like torch draws them (normal, then normalized; same RNG order)."""
+    rows = weight.shape[dim]
+    cols = weight.numel() // rows
+    u = F.normalize(weight.new_empty(rows).normal_(0, 1), dim=0, eps=eps)
+    v = F.normalize(weight.new_empty(cols).normal_(0, 1), dim=0, eps=eps)
+    return u, v
+
+
+def _checked_weight(module: nn.Module, name: str, n_power_iterations: int, dim: int, where: str) -> Tensor:
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"{where}: module {type(module).__name__} has no tensor parameter {name!r}")
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"{where}: {name!r} is uninitialized; run a dummy forward before applying spectral norm")
+    if n_power_iterations <= 0:
+        raise ValueError(f"{where}: n_power_iterations must be positive, got {n_power_iterations}")
+    ops.check_weight(weight, dim, where)
+    return weight
+
+
+class SpectralNorm(nn.Module):
+    """The parametrization behind :func:`spectral_norm` (buffers ``_u``, ``_v`` like torch's)."""
+
+    def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dim = dim % weight.dim()
+        self.eps = eps
+        self.n_power_iterations = n_power_iterations
+        u, v = _random_unit_vectors(weight.detach(), self.dim, eps)
+        self.register_buffer("_u", u)
+        self.register_buffer("_v", v)
+        normalized_weight(weight.detach(), self._u, self._v, self.dim, _WARMUP_ITERATIONS, eps, True)
+        self._group_result: Optional[tuple] = None
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self._group_result is not None:
+            u, v, sigma = self._group_result
+            self._group_result = None
+            return ops.spectral_normalize(weight, u, v, sigma, self.dim)
+        steps = self.n_power_iterations if self.training else 0
+        return normalized_weight(weight, self._u, self._v, self.dim, steps, self.eps, True)
+
+    def extra_repr(self) -> str:
+        return f"n_power_iterations={self.n_power_iterations}, dim={self.dim}, eps={self.eps}"
+
+
+def spectral_norm(
+    module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12, dim: Optional[int] = None
+) -> nn.Module:
+    """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm`` on fastgan's kernels."""
+    if dim is None:
+        dim = default_dim(module)
+    weight = _checked_weight(module, name, n_power_iterations, dim, _describe(module, name))
+    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps))
+    return module
+
+
+class HookSpectralNorm(torch_hook_sn.SpectralNorm):
+    """torch's hook form with its power iteration and σ computed by fastgan's ops."""
+
+    def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> Tensor:
+        weight = getattr(module, self.name + "_orig")
+        u = getattr(module, self.name + "_u")
+        v = getattr(module, self.name + "_v")
+        steps = self.n_power_iterations if do_power_iteration else 0
+        return normalized_weight(weight, u, v, self.dim, steps, self.eps, False)
+
+    @staticmethod
+    def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float) -> "HookSpectralNorm":
+        where = _describe(module, name)
+        if any(isinstance(h, torch_hook_sn.SpectralNorm) and h.name == name for h in module._forward_pre_hooks.values()):
+            raise RuntimeError(f"{where}: spectral norm is already applied to this parameter")
+        weight = _checked_weight(module, name, n_power_iterations, dim, where)
+        fn = HookSpectralNorm(name, n_power_iterations, dim, eps)
+        with torch.no_grad():
+            u, v = _random_unit_vectors(weight, fn.dim, eps)
+        del module._parameters[name]
+        module.register_parameter(name + "_orig", weight)
+        setattr(module, name, weight.data)
+        module.register_buffer(name + "_u", u)
+        module.register_buffer(name + "_v", v)
+        module.register_forward_pre_hook(fn)
+        module._register_state_dict_hook(torch_hook_sn.SpectralNormStateDictHook(fn))
+        module._register_load_state_dict_pre_hook(torch_hook_sn.SpectralNormLoadStateDictPreHook(fn))
+        return fn
+
+
+def hook_spectral_norm(
+    module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12, dim: Optional[int] = None
+) -> nn.Module:
+    """Drop-in for ``torch.nn.utils.spectral_norm`` (the forward-pre-hook form) on fastgan's kernels."""
+    if dim is None:
+        dim = default_dim(module)
+    HookSpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+    return module
+
+
+_SN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED
+
+
+class _GroupedPowerIteration:
+    """Forward pre-hook of a model under :func:`apply_spectral_norm`: one multi-tensor
+    power-iteration launch for all its SN layers, whose results each layer consumes
+    on its first weight access in that forward. A layer accessed again (weight
+    sharing) or outside the model's forward iterates on its own, as torch's would."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        self.layers = list(layers)
+
+    def __call__(self, model: nn.Module, inputs) -> None:
+        for training in (True, False):
+            group = [m for m in self.layers if m.parametrizations.weight[0].training == training]
+            if group:
+                self._launch(group, training)
+
+    def _launch(self, layers: List[nn.Module], training: bool) -> None:
+        params = [m.parametrizations.weight[0] for m in layers]
+        steps = params[0].n_power_iterations if training else 0
+        weights = [m.parametrizations.weight.original for m in layers]
+        with torch.no_grad():
+            u_cat, v_cat, sigmas = ops.spectral_norm_power_iteration_multi(
+                [w.detach() for w in weights],
+                [p._u for p in params],
+                [p._v for p in params],
+                [p.dim for p in params],
+                steps,
+                params[0].eps,
+                True,
+            )
+            us = u_cat.split([p._u.numel() for p in params])
+            vs = v_cat.split([p._v.numel() for p in params])
+            if steps > 0:
+                torch._foreach_copy_([p._u for p in params], us)
+                torch._foreach_copy_([p._v for p in params], vs)
+        for p, u, v, sigma in zip(params, us, vs, sigmas.unbind()):
+            p._group_result = (u, v, sigma)
+
+    def clear(self, model: nn.Module, inputs, output=None) -> None:
+        for m in self.layers:
+            m.parametrizations.weight[0]._group_result = None
+
+
+def apply_spectral_norm(
+    model: nn.Module, n_power_iterations: int = 1, eps: float = 1e-12, layer_types: Sequence[type] = _SN_LAYERS
+) -> nn.Module:
+    """Apply :func:`spectral_norm` to every layer of ``model`` of ``layer_types``
+    (Conv, ConvTranspose and Linear by default) and batch their power iterations
+    into one multi-tensor launch per model forward. Per-layer results equal
+    layer-by-layer spectral norm. Returns ``model``."""
+    layers = []
+    for qualified, module in model.named_modules():
+        if isinstance(module, tuple(layer_types)) and not parametrize.is_parametrized(module, "weight"):
+            dim = default_dim(module)
+            where = f"{qualified or type(model).__name__}.weight"
+            weight = _checked_weight(module, "weight", n_power_iterations, dim, where)
+            parametrize.register_parametrization(module, "weight", SpectralNorm(weight, n_power_iterations, dim, eps))
+            layers.append(module)
+    if not layers:
+        raise ValueError(f"apply_spectral_norm: {type(model).__name__} has no layer of types {[t.__name__ for t in layer_types]}")
+    hook = _GroupedPowerIteration(layers)
+    model.register_forward_pre_hook(hook)
+    model.register_forward_hook(hook.clear, always_call=True)
+    return model

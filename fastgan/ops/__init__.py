@@ -1,0 +1,8 @@
+"""fastgan's custom ops (``torch.ops.fastgan.*``); importing this package registers them."""
+from fastgan.ops.spectral_norm import (
+    spectral_norm_power_iteration,
+    spectral_norm_power_iteration_multi,
+    spectral_normalize,
+)
+
+__all__ = ["spectral_norm_power_iteration", "spectral_norm_power_iteration_multi", "spectral_normalize"]

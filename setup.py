@@ -1,0 +1,88 @@
+"""Build and install fastgan.
+
+The C++ library ``fastgan._C`` is always built for the CPU. Its CUDA kernels are
+compiled in as well when a CUDA toolkit (``nvcc`` via ``CUDA_HOME``) and a
+CUDA-enabled torch are both present; set ``FASTGAN_BUILD_CUDA=0`` to skip them
+and ``FASTGAN_BUILD_CPP=0`` to skip the extension entirely (fastgan then runs
+on its Triton and reference paths). ``TORCH_CUDA_ARCH_LIST`` picks the GPU
+architectures; with no GPU visible at build time it defaults to ``9.0`` (H100).
+
+Install with ``pip install --no-build-isolation -e .`` so the extension is
+compiled against the torch that is already installed.
+"""
+import glob
+import os
+import platform
+import sys
+
+from setuptools import setup
+
+PACKAGES = ["fastgan", "fastgan.ops", "fastgan.reference", "fastgan.nn", "fastgan.kernels"]
+
+
+def _flag(name, default="1"):
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _pip_cuda_include_dirs():
+    """Headers of the pip CUDA wheels (nvidia/cu13/include, ...): the toolkit on a
+    build machine may lack some (cuBLAS, cuSPARSE) that torch's headers include."""
+    dirs = []
+    for entry in sys.path:
+        dirs += sorted(glob.glob(os.path.join(entry, "nvidia", "cu*", "include")))
+    return dirs[:1]
+
+
+def _extensions():
+    if not _flag("FASTGAN_BUILD_CPP"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx = ["-O3", "-fopenmp", "-fopenmp-simd"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    build_cuda = (
+        _flag("FASTGAN_BUILD_CUDA")
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+    )
+    if build_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        ext = cpp_extension.CUDAExtension(
+            "fastgan._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=[os.path.abspath("csrc")] + _pip_cuda_include_dirs(),
+            define_macros=[("FASTGAN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "fastgan._C",
+            sources,
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    if platform.system() == "Darwin":
+        ext.extra_compile_args["cxx"] = [f for f in cxx if "openmp" not in f]
+        ext.extra_link_args = []
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="fastgan",
+    version="0.1.0",
+    description="Fused kernels for training and evaluating GANs in PyTorch",
+    packages=PACKAGES,
+    package_dir={"fastgan.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy"],
+    extras_require={"test": ["pytest", "scipy"], "bench": ["pytest-benchmark"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
