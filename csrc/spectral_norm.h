@@ -1,0 +1,81 @@
+// Spectral-norm power iteration: the schedule every fastgan backend follows.
+//
+// A weight W of any rank is read, without a copy, as the matrix W_mat (M x K) with
+// rows along `dim`: the contiguous tensor is viewed as (A, M, B) with
+// A = prod(shape[:dim]), M = shape[dim], B = prod(shape[dim+1:]), K = A*B, and
+// W_mat[m, a*B + b] = W[a, m, b] -- torch's permute(dim first) + flatten order.
+//
+// The work is a sequence of "row passes" over W_mat. A pass reads each row once:
+//   DOT:   t[m] = sum_k W_mat[m, k] x[k]              (x = v)
+//   ACCUM: s[k] += W_mat[m, k] y[m], y = t (after DOT) or y = u (v-first start)
+// so W_mat v and W_mat^T (W_mat v) cost one read of W, not two. Between passes a
+// per-layer "finalize" normalizes with normalize(x) = x / max(||x||, eps):
+//   u_first (parametrization), each iteration: pass(DOT+ACCUM) then
+//     u = t/max(|t|,eps); r = s/max(|t|,eps); v = r/max(|r|,eps); sigma = |r|^2/max(|r|,eps)
+//     (sigma = u^T W v, since W^T u = r and v = r/|r|);
+//   v_first (hook): pass(ACCUM, y=u) -> v = s/max(|s|,eps); then each iteration a
+//     pass(DOT, +ACCUM unless last) -> u = t/max(|t|,eps), v as above when ACCUM,
+//     and after the last sigma = |t|^2/max(|t|,eps);
+//   eval (n_power_iterations = 0): pass(DOT) -> sigma = u . t, u and v unchanged.
+// Sums accumulate in float (double for double weights); u and v are rounded to the
+// weight dtype after each normalization, as torch's buffers are.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace fastgan {
+
+// One layer's inputs after validation; a row/column offset locates it in the
+// concatenated u/v outputs of the multi-layer op.
+struct SpectralNormLayerShape {
+  int64_t A, M, B;
+  int64_t row_offset, col_offset;
+  int64_t K() const { return A * B; }
+};
+
+inline std::vector<SpectralNormLayerShape> spectral_norm_layer_shapes(
+    const std::vector<at::Tensor>& weights, const std::vector<int64_t>& dims) {
+  TORCH_CHECK(weights.size() == dims.size() && !weights.empty(),
+              "spectral norm: need one dim per weight and at least one weight");
+  std::vector<SpectralNormLayerShape> shapes;
+  int64_t rows = 0, cols = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK(w.dim() >= 2, "spectral norm: layer ", i, " needs a weight with >= 2 dims, got ", w.sizes());
+    TORCH_CHECK(w.numel() > 0, "spectral norm: layer ", i, " has a zero-size weight ", w.sizes());
+    TORCH_CHECK(w.is_contiguous(), "spectral norm: layer ", i, " weight must be contiguous");
+    TORCH_CHECK(w.scalar_type() == weights[0].scalar_type() && w.device() == weights[0].device(),
+                "spectral norm: all weights must share dtype and device (layer ", i, ")");
+    const int64_t d = dims[i];
+    TORCH_CHECK(d >= 0 && d < w.dim(), "spectral norm: layer ", i, " dim ", d, " out of range");
+    int64_t A = 1, B = 1;
+    for (int64_t j = 0; j < d; ++j) A *= w.size(j);
+    for (int64_t j = d + 1; j < w.dim(); ++j) B *= w.size(j);
+    shapes.push_back({A, w.size(d), B, rows, cols});
+    rows += w.size(d);
+    cols += A * B;
+  }
+  return shapes;
+}
+
+inline void check_spectral_norm_vectors(const std::vector<SpectralNormLayerShape>& shapes,
+                                        const std::vector<at::Tensor>& weights,
+                                        const std::vector<at::Tensor>& us,
+                                        const std::vector<at::Tensor>& vs) {
+  TORCH_CHECK(us.size() == shapes.size() && vs.size() == shapes.size(),
+              "spectral norm: need one u and one v per weight");
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    TORCH_CHECK(us[i].dim() == 1 && us[i].size(0) == shapes[i].M, "spectral norm: layer ", i,
+                " u must have shape (", shapes[i].M, "), got ", us[i].sizes());
+    TORCH_CHECK(vs[i].dim() == 1 && vs[i].size(0) == shapes[i].K(), "spectral norm: layer ", i,
+                " v must have shape (", shapes[i].K(), "), got ", vs[i].sizes());
+    TORCH_CHECK(us[i].scalar_type() == weights[i].scalar_type() && vs[i].scalar_type() == weights[i].scalar_type() &&
+                    us[i].device() == weights[i].device() && vs[i].device() == weights[i].device(),
+                "spectral norm: layer ", i, " u and v must match the weight's dtype and device");
+  }
+}
+
+}  // namespace fastgan
