@@ -188,7 +188,12 @@ def _normalize_setup_context(ctx, inputs, output):
 
 def _normalize_backward(ctx, grad):
     weight, u, v, sigma = ctx.saved_tensors
-    grad_weight = reference.normalize_weight_backward(grad, weight, u, v, sigma, ctx.dim % weight.dim())
+    dim = ctx.dim % weight.dim()
+    if torch.is_grad_enabled():
+        # Double backward: σ must stay a differentiable function of W (same value).
+        recomputed = torch.dot(u, reference.weight_matrix(weight, dim) @ v)
+        sigma = sigma + (recomputed - recomputed.detach())
+    grad_weight = reference.normalize_weight_backward(grad, weight, u, v, sigma, dim)
     return grad_weight, None, None, None, None
 
 

@@ -1,0 +1,66 @@
+"""The timing helper every fastgan benchmark uses: medians from
+``torch.utils.benchmark`` (which synchronizes CUDA), the environment a figure was
+taken in, and writing results to ``bench/results/`` as JSON and markdown."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.utils.benchmark as benchmark
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_us(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median wall time of one call of ``fn`` in microseconds."""
+    fn()  # warm-up: compilation, caches, allocator
+    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return measurement.median * 1e6
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write_results(name: str, device: torch.device, env: Dict[str, str], rows: List[Dict[str, object]], notes: str) -> Path:
+    """Write ``rows`` (dicts with 'variant', 'median_us', 'ratio') as JSON and a markdown table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{device.type}-{env['date']}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows, "notes": notes}, indent=2) + "\n")
+    lines = [f"# {name} on {env['device']}", "", ", ".join(f"{k} {v}" for k, v in env.items()), "", notes, ""]
+    lines += ["| variant | median (µs) | speed-up vs baseline |", "|---|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['median_us']:.1f} | {r['ratio']:.2f}× |" for r in rows]
+    path = RESULTS / f"{stem}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def print_table(rows: List[Dict[str, object]]) -> None:
+    width = max(len(str(r["variant"])) for r in rows)
+    for r in rows:
+        print(f"  {r['variant']:<{width}}  {r['median_us']:>10.1f} µs  {r['ratio']:>6.2f}×")
+
+
+def default_device() -> torch.device:
+    return torch.device(os.environ.get("FASTGAN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))

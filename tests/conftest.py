@@ -1,0 +1,40 @@
+"""Test set-up: Triton kernels run for real on CPU tensors through the interpreter.
+
+TRITON_INTERPRET must be set before triton (fastgan.kernels) is first imported,
+so it is set here, at collection, whenever no GPU is visible.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastgan  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Kernel backends that must run on each device; a missing one fails the suite
+# instead of being skipped (test_backends.py checks they are all usable).
+KERNEL_BACKENDS = {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")}
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no GPU visible")]),
+]
+
+
+def device_backends(include_reference=False):
+    """(device, backend) pairs for every kernel backend on every device."""
+    pairs = []
+    for dev in DEVICES:
+        name = dev.values[0]
+        backends = KERNEL_BACKENDS[name] + (("reference",) if include_reference else ())
+        pairs += [pytest.param(name, b, id=f"{name}-{b}", marks=dev.marks) for b in backends]
+    return pairs
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,405 @@
+"""Spectral normalization: every backend against torch's two SN forms and the plain-torch reference.
+
+Tolerances: float64 to 1e-9, float32 to 1e-5 (relative and absolute), on outputs,
+sigma, u, v and the gradient of a random projection of the output w.r.t. the
+original weight. Triton runs through the interpreter on CPU tensors.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastgan
+import importlib
+from fastgan.reference import spectral_norm as reference
+from conftest import device_backends
+
+fsn = importlib.import_module("fastgan.nn.spectral_norm")  # the module; fastgan.nn.spectral_norm is the function
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+OPS = torch.ops.fastgan
+
+
+def _unit(n, dtype, device):
+    return F.normalize(torch.randn(n, dtype=dtype, device=device), dim=0)
+
+
+def _layer_inputs(shape, dim, dtype, device):
+    weight = torch.randn(shape, dtype=dtype, device=device)
+    rows = shape[dim]
+    return weight, _unit(rows, dtype, device), _unit(weight.numel() // rows, dtype, device)
+
+
+LAYER_SHAPES = [((37, 3, 3, 3), 0), ((1, 8192), 0), ((5, 11, 4, 4), 1), ((3, 7, 5), 2), ((19, 1), 0)]
+
+
+# ---------------------------------------------------------------- ops vs reference
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_power_iterations", [0, 1, 3])
+@pytest.mark.parametrize("u_first", [True, False])
+def test_power_iteration_matches_reference(device, backend, dtype, n_power_iterations, u_first):
+    for shape, dim in LAYER_SHAPES:
+        weight, u, v = _layer_inputs(shape, dim, dtype, device)
+        expected = reference.power_iteration(weight, u, v, dim, n_power_iterations, 1e-12, u_first)
+        with fastgan.use_backend(backend):
+            actual = OPS.spectral_norm_power_iteration(weight, u, v, dim, n_power_iterations, 1e-12, u_first)
+        for a, e in zip(actual, expected):
+            assert a.shape == e.shape and a.dtype == e.dtype
+            torch.testing.assert_close(a, e, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_power_iterations", [0, 1, 2])
+@pytest.mark.parametrize("u_first", [True, False])
+def test_multi_tensor_matches_layer_by_layer(device, backend, dtype, n_power_iterations, u_first):
+    layers = [_layer_inputs(shape, dim, dtype, device) for shape, dim in LAYER_SHAPES]
+    weights, us, vs = (list(x) for x in zip(*layers))
+    dims = [dim for _, dim in LAYER_SHAPES]
+    with fastgan.use_backend(backend):
+        u_cat, v_cat, sigmas = OPS.spectral_norm_power_iteration_multi(weights, us, vs, dims, n_power_iterations, 1e-12, u_first)
+    exp_u, exp_v, exp_sigma = reference.power_iteration_multi(weights, us, vs, dims, n_power_iterations, 1e-12, u_first)
+    torch.testing.assert_close(u_cat, exp_u, **TOL[dtype])
+    torch.testing.assert_close(v_cat, exp_v, **TOL[dtype])
+    torch.testing.assert_close(sigmas, exp_sigma, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_half_precision_weights(device, backend):
+    """fp16 weights accumulate in fp32; u, v, sigma are fp16 like torch's buffers."""
+    weight, u, v = _layer_inputs((29, 6, 3, 3), 0, torch.float32, device)
+    args = [x.half() for x in (weight, u, v)]
+    with fastgan.use_backend(backend):
+        u1, v1, sigma = OPS.spectral_norm_power_iteration(*args, 0, 2, 1e-12, True)
+    exp = reference.power_iteration(*[x.double() for x in args], 0, 2, 1e-12, True)
+    assert u1.dtype == v1.dtype == sigma.dtype == torch.float16
+    for a, e in zip((u1, v1, sigma), exp):
+        torch.testing.assert_close(a.double(), e, rtol=4e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------- modules vs torch
+
+
+def _conv():
+    return nn.Conv2d(3, 37, 3), (2, 3, 7, 7)
+
+
+def _conv_transpose():
+    return nn.ConvTranspose2d(5, 11, 4, stride=2, padding=1), (2, 5, 3, 3)
+
+
+def _linear():
+    return nn.Linear(8192, 1), (3, 8192)
+
+
+LAYERS = [pytest.param(_conv, id="conv37x3x3x3"), pytest.param(_conv_transpose, id="convT5x11x4x4"), pytest.param(_linear, id="linear1x8192")]
+
+FORMS = {
+    # name: (torch's function, fastgan's drop-in, original-weight getter, (u, v) getter)
+    "parametrization": (
+        torch.nn.utils.parametrizations.spectral_norm,
+        fastgan.nn.spectral_norm,
+        lambda m: m.parametrizations.weight.original,
+        lambda m: (m.parametrizations.weight[0]._u, m.parametrizations.weight[0]._v),
+    ),
+    "hook": (
+        torch.nn.utils.spectral_norm,
+        fastgan.nn.utils.spectral_norm,
+        lambda m: m.weight_orig,
+        lambda m: (m.weight_u, m.weight_v),
+    ),
+}
+
+
+def _twins(make, form, dtype, device, n_power_iterations, backend):
+    """The same layer under torch's SN and fastgan's, from one RNG state."""
+    torch_fn, ours_fn, _, _ = FORMS[form]
+    torch.manual_seed(1)
+    layer, x_shape = make()
+    layer = layer.to(device=device, dtype=dtype)
+    theirs, ours = copy.deepcopy(layer), copy.deepcopy(layer)
+    torch.manual_seed(2)
+    torch_fn(theirs, n_power_iterations=n_power_iterations)
+    torch.manual_seed(2)
+    with fastgan.use_backend(backend):
+        ours_fn(ours, n_power_iterations=n_power_iterations)
+    return theirs, ours, x_shape
+
+
+def _assert_same_state(theirs, ours, form, dtype):
+    _, _, _, vectors = FORMS[form]
+    for a, e in zip(vectors(ours), vectors(theirs)):
+        torch.testing.assert_close(a, e, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("make", LAYERS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_power_iterations", [1, 2, 3])
+def test_drop_in_matches_torch(device, backend, form, make, dtype, n_power_iterations):
+    theirs, ours, x_shape = _twins(make, form, dtype, device, n_power_iterations, backend)
+    _assert_same_state(theirs, ours, form, dtype)  # includes the parametrization's 15 warm-up steps
+    original = FORMS[form][2]
+    for training in (True, True, False):
+        theirs.train(training)
+        ours.train(training)
+        x = torch.randn(x_shape, dtype=dtype, device=device)
+        out_t = theirs(x)
+        with fastgan.use_backend(backend):
+            out_o = ours(x)
+        torch.testing.assert_close(out_o, out_t, **TOL[dtype])
+        torch.testing.assert_close(ours.weight, theirs.weight, **TOL[dtype])
+        _assert_same_state(theirs, ours, form, dtype)
+        projection = torch.randn_like(out_t)
+        g_t, = torch.autograd.grad((out_t * projection).sum(), original(theirs))
+        g_o, = torch.autograd.grad((out_o * projection).sum(), original(ours))
+        torch.testing.assert_close(g_o, g_t, **TOL[dtype])
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_eval_mode_does_not_iterate(form):
+    _, ours, x_shape = _twins(_conv, form, torch.float64, "cpu", 1, "cpp")
+    ours.eval()
+    before = [t.clone() for t in FORMS[form][3](ours)]
+    ours(torch.randn(x_shape, dtype=torch.float64))
+    for a, b in zip(FORMS[form][3](ours), before):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_two_forwards_in_one_graph(form):
+    """D(real) - D(fake) through one SN layer backprops (no in-place version error), like torch's."""
+    theirs, ours, x_shape = _twins(_conv, form, torch.float64, "cpu", 1, "cpp")
+    real, fake = torch.randn(x_shape, dtype=torch.float64), torch.randn(x_shape, dtype=torch.float64)
+    grads = []
+    for m in (theirs, ours):
+        loss = m(real).mean() - m(fake).mean()
+        loss.backward()
+        grads.append(FORMS[form][2](m).grad)
+    torch.testing.assert_close(grads[1], grads[0], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("make", LAYERS)
+def test_state_dict_round_trip_with_torch(form, make):
+    theirs, ours, x_shape = _twins(make, form, torch.float64, "cpu", 1, "cpp")
+    theirs(torch.randn(x_shape, dtype=torch.float64))  # move torch's state away from ours
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    ours(torch.randn(x_shape, dtype=torch.float64))
+    theirs.load_state_dict(ours.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(theirs.state_dict()[key], value), key
+
+
+def test_conv_transpose_uses_dim_1():
+    layer = fastgan.nn.spectral_norm(nn.ConvTranspose2d(5, 11, 4))
+    assert layer.parametrizations.weight[0].dim == 1
+    assert layer.parametrizations.weight[0]._u.shape == (11,)
+    hook_layer = fastgan.nn.utils.spectral_norm(nn.ConvTranspose2d(5, 11, 4))
+    assert hook_layer.weight_u.shape == (11,)
+
+
+def test_hook_form_is_removable_with_torch():
+    layer = fastgan.nn.utils.spectral_norm(nn.Linear(6, 4))
+    layer(torch.randn(2, 6))
+    fastgan.nn.utils.remove_spectral_norm(layer)
+    assert isinstance(layer.weight, nn.Parameter) and not hasattr(layer, "weight_u")
+
+
+# ---------------------------------------------------------------- apply_spectral_norm
+
+
+def _small_discriminator():
+    return nn.Sequential(
+        nn.Conv2d(3, 13, 3, padding=1),
+        nn.LeakyReLU(0.1),
+        nn.ConvTranspose2d(13, 7, 4, stride=2, padding=1),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(7, 21, 4, stride=4),
+        nn.LeakyReLU(0.1),
+        nn.Flatten(),
+        nn.Linear(21 * 4 * 4, 1),
+    )
+
+
+def _sn_pair(dtype, device, backend):
+    torch.manual_seed(3)
+    base = _small_discriminator().to(device=device, dtype=dtype)
+    theirs, ours = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(4)
+    for m in theirs.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            torch.nn.utils.parametrizations.spectral_norm(m)
+    torch.manual_seed(4)
+    with fastgan.use_backend(backend):
+        fastgan.nn.apply_spectral_norm(ours)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_apply_spectral_norm_is_one_launch_with_per_layer_results(device, backend, dtype, monkeypatch):
+    theirs, ours = _sn_pair(dtype, device, backend)
+
+    def per_layer_call(*args, **kwargs):
+        raise AssertionError("a layer ran its own power iteration inside the model forward")
+
+    monkeypatch.setattr(fsn.ops, "spectral_norm_power_iteration", per_layer_call)
+    launches = []
+    multi = fsn.ops.spectral_norm_power_iteration_multi
+    monkeypatch.setattr(fsn.ops, "spectral_norm_power_iteration_multi", lambda *a: launches.append(1) or multi(*a))
+    for step in range(3):
+        x = torch.randn(4, 3, 8, 8, dtype=dtype, device=device)
+        out_t = theirs(x)
+        with fastgan.use_backend(backend):
+            out_o = ours(x)
+        assert len(launches) == step + 1
+        torch.testing.assert_close(out_o, out_t, **TOL[dtype])
+        for (name, p_o), (_, p_t) in zip(ours.named_parameters(), theirs.named_parameters()):
+            g_o, = torch.autograd.grad(out_o.sum(), p_o, retain_graph=True)
+            g_t, = torch.autograd.grad(out_t.sum(), p_t, retain_graph=True)
+            torch.testing.assert_close(g_o, g_t, **TOL[dtype], msg=name)
+        for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
+            torch.testing.assert_close(b_o, b_t, **TOL[dtype], msg=name)
+
+
+def test_apply_spectral_norm_eval_and_shared_layer_semantics():
+    """Eval mode does not iterate; a layer used twice iterates again on its second use, as torch's does."""
+    theirs, ours = _sn_pair(torch.float64, "cpu", "cpp")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for model in (theirs, ours):
+        model.eval()
+    torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float64])
+    for model in (theirs, ours):
+        model.train()
+    head_t, head_o = theirs[-1], ours[-1]
+    feats = torch.randn(2, 21 * 4 * 4, dtype=torch.float64)
+    torch.testing.assert_close(ours(x) + head_o(feats), theirs(x) + head_t(feats), **TOL[torch.float64])
+    for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
+        torch.testing.assert_close(b_o, b_t, **TOL[torch.float64], msg=name)
+
+
+def test_apply_spectral_norm_state_dict_matches_torch():
+    theirs, ours = _sn_pair(torch.float64, "cpu", "cpp")
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------- opcheck, gradcheck, compile
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+def test_opcheck(device, backend):
+    dtype = torch.float64
+    weight, u, v = _layer_inputs((7, 3, 2, 2), 0, dtype, device)
+    w2, u2, v2 = _layer_inputs((3, 5, 3), 1, dtype, device)
+    with fastgan.use_backend(backend):
+        torch.library.opcheck(OPS.spectral_norm_power_iteration.default, (weight, u, v, 0, 2, 1e-12, True))
+        torch.library.opcheck(OPS.spectral_norm_power_iteration.default, (w2, u2, v2, 1, 0, 1e-12, False))
+        torch.library.opcheck(
+            OPS.spectral_norm_power_iteration_multi.default, ([weight, w2], [u, u2], [v, v2], [0, 1], 1, 1e-12, True)
+        )
+    sigma = torch.dot(u, reference.weight_matrix(weight, 0) @ v)
+    torch.library.opcheck(OPS.spectral_normalize.default, (weight.requires_grad_(), u, v, sigma, 0))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gradcheck_normalize(dim):
+    weight, u, v = _layer_inputs((6, 4, 3), dim, torch.float64, "cpu")
+
+    def normalize(w):
+        sigma = torch.dot(u, reference.weight_matrix(w, dim) @ v).detach()
+        return OPS.spectral_normalize(w, u, v, sigma, dim)
+
+    assert torch.autograd.gradcheck(normalize, (weight.requires_grad_(),))
+    assert torch.autograd.gradgradcheck(normalize, (weight,))
+
+
+def test_gradcheck_module_in_eval_mode():
+    layer = fastgan.nn.spectral_norm(nn.Conv2d(3, 5, 3).double()).eval()
+    parametrization = layer.parametrizations.weight[0]
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(parametrization, (weight,))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(5)
+    eager = _small_discriminator().double()
+    for m in eager.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            fastgan.nn.spectral_norm(m)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+        out_e, out_c = eager(x), compiled(x)
+        torch.testing.assert_close(out_c, out_e, **TOL[torch.float64])
+        out_e.square().sum().backward()
+        out_c.square().sum().backward()
+    for (name, p_e), (_, p_c) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, **TOL[torch.float64], msg=name)
+    for (name, b_e), (_, b_c) in zip(eager.named_buffers(), compiled_model.named_buffers()):
+        torch.testing.assert_close(b_c, b_e, **TOL[torch.float64], msg=name)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("apply", [fastgan.nn.spectral_norm, fastgan.nn.utils.spectral_norm])
+def test_bad_layers_get_errors_naming_them(apply):
+    with pytest.raises(ValueError, match=r"BatchNorm1d\.weight.*at least 2 dimensions"):
+        apply(nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match=r"Linear\.weight.*zero-size"):
+        apply(nn.Linear(0, 3))
+    layer = nn.Linear(4, 3)
+    layer.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(TypeError, match=r"Linear\.weight.*floating-point"):
+        apply(layer)
+    with pytest.raises(ValueError, match=r"Linear\.bogus"):
+        apply(nn.Linear(4, 3), name="bogus")
+
+
+def test_apply_spectral_norm_names_the_bad_layer():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Sequential(nn.Linear(0, 2)))
+    with pytest.raises(ValueError, match=r"1\.0\.weight.*zero-size"):
+        fastgan.nn.apply_spectral_norm(model)
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+def test_ops_reject_bad_vectors(device, backend):
+    weight, u, v = _layer_inputs((6, 4), 0, torch.float32, device)
+    with fastgan.use_backend(backend):
+        with pytest.raises(ValueError, match=r"u must have shape \(6,\)"):
+            OPS.spectral_norm_power_iteration(weight, u[:5], v, 0, 1, 1e-12, True)
+        with pytest.raises(ValueError, match=r"v must have shape \(4,\)"):
+            OPS.spectral_norm_power_iteration(weight, u, v.repeat(2), 0, 1, 1e-12, True)
+        with pytest.raises(ValueError, match=r"at least 2 dimensions"):
+            OPS.spectral_norm_power_iteration(weight[0], u, v, 0, 1, 1e-12, True)
+        with pytest.raises(TypeError, match=r"u is torch.float64"):
+            OPS.spectral_norm_power_iteration(weight, u.double(), v, 0, 1, 1e-12, True)
+        with pytest.raises(ValueError, match=r"layer 1 .*v must have shape"):
+            OPS.spectral_norm_power_iteration_multi([weight, weight], [u, u], [v, v[:3]], [0, 0], 1, 1e-12, True)
+        with pytest.raises(ValueError, match="n_power_iterations must be >= 0"):
+            OPS.spectral_norm_power_iteration(weight, u, v, 0, -1, 1e-12, True)
+
+
+def test_extension_checks_its_own_inputs():
+    """Calling the C++ library directly with bad shapes raises, never crashes."""
+    fastgan._backend.extension()
+    weight, u, v = _layer_inputs((6, 4), 0, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="u must have shape"):
+        torch.ops.fastgan_C.spectral_norm_power_iteration(weight, u[:2], v, 0, 1, 1e-12, True)
+    with pytest.raises(RuntimeError, match="needs a weight with >= 2 dims"):
+        torch.ops.fastgan_C.spectral_norm_power_iteration(weight[0], u, v, 0, 1, 1e-12, True)
