@@ -19,7 +19,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def median_us(fn: Callable[[], object], min_run_time: float) -> float:
     """Median wall time of one call of ``fn`` in microseconds."""
     fn()  # warm-up: compilation, caches, allocator
-    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return measurement.median * 1e6
 
 
@@ -44,13 +45,13 @@ def environment(device: torch.device) -> Dict[str, str]:
 
 
 def write_results(name: str, device: torch.device, env: Dict[str, str], rows: List[Dict[str, object]], notes: str) -> Path:
-    """Write ``rows`` (dicts with 'variant', 'median_us', 'ratio') as JSON and a markdown table."""
+    """Write ``rows`` (dicts with 'figure', 'variant', 'median_us', 'ratio') as JSON and a markdown table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{device.type}-{env['date']}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows, "notes": notes}, indent=2) + "\n")
     lines = [f"# {name} on {env['device']}", "", ", ".join(f"{k} {v}" for k, v in env.items()), "", notes, ""]
-    lines += ["| variant | median (µs) | speed-up vs baseline |", "|---|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['median_us']:.1f} | {r['ratio']:.2f}× |" for r in rows]
+    lines += ["| figure | variant | median (µs) | speed-up vs baseline |", "|---|---|---:|---:|"]
+    lines += [f"| {r['figure']} | {r['variant']} | {r['median_us']:.1f} | {r['ratio']:.2f}× |" for r in rows]
     path = RESULTS / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,9 +1,9 @@
 // CPU kernels of the spectral-norm power iteration (schedule: ../spectral_norm.h).
 //
-// All rows of all layers form one index space split across threads with
-// at::parallel_for. Each thread accumulates W^T y into its own slice of a
+// The rows of all layers are cut into ranges of about equal weight count, split
+// across threads with at::parallel_for. Each thread accumulates W^T y into its own slice of a
 // (threads x sum K) buffer, reduced after the pass, so a pass reads W exactly
-// once and needs no atomics. The dot/axpy inner loops are compiled for several
+// once and needs no atomics. The inner loops are compiled for several
 // instruction sets (target_clones) and picked at load time.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,43 +24,65 @@ namespace {
 #define FASTGAN_MULTIVERSION
 #endif
 
-// Inlined into each target_clones variant of row_pass so they vectorize for its
-// instruction set; the independent lanes let the compiler vectorize without
-// reassociating one sum.
+// Rows are processed kRows at a time, so each load of x (DOT) and each
+// load/store of s (ACCUM) serves kRows rows; kLanes independent partial sums per
+// row let the compiler vectorize the dot products without reassociating a sum.
+constexpr int kRows = 4;
 constexpr int kLanes = 16;
 
-template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline acc_t dot(const scalar_t* w, const acc_t* x, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<acc_t>(w[i + j]) * x[i + j];
-  acc_t acc = 0;
-  for (; i < n; ++i) acc += static_cast<acc_t>(w[i]) * x[i];
-  for (int j = 0; j < kLanes; ++j) acc += lanes[j];
-  return acc;
-}
-
-template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void axpy(const scalar_t* w, acc_t y, acc_t* s, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) s[i] += static_cast<acc_t>(w[i]) * y;
-}
-
-// One row of a pass: DOT (t = row . x) and/or ACCUM (s += row * y); the row is
-// B-contiguous runs of length B at stride M*B.
-template <typename scalar_t, typename acc_t>
-FASTGAN_MULTIVERSION acc_t row_pass(const scalar_t* row, const SpectralNormLayerShape& shape, const acc_t* x,
-                                    acc_t y, acc_t* s, bool do_dot, bool do_accum) {
-  const int64_t stride = shape.M * shape.B;
-  acc_t t = 0;
+// One block of R rows (R <= kRows), each B-contiguous runs of length B at stride
+// M*B: DOT writes t[r] = row_r . x, ACCUM adds sum_r row_r * y[r] to s, with
+// y = t after DOT. Compiled per instruction set (target_clones).
+template <typename scalar_t, typename acc_t, int R>
+FASTGAN_MULTIVERSION void row_block_pass(const scalar_t* rows, const SpectralNormLayerShape& shape, const acc_t* x,
+                                         acc_t* y, acc_t* s, bool do_dot, bool do_accum) {
+  const int64_t B = shape.B, stride = shape.M * B;
   if (do_dot) {
-    for (int64_t a = 0; a < shape.A; ++a) t += dot(row + a * stride, x + a * shape.B, shape.B);
-    y = t;
+    acc_t lanes[R][kLanes] = {};
+    acc_t tail[R] = {};
+    for (int64_t a = 0; a < shape.A; ++a) {
+      const scalar_t* w = rows + a * stride;
+      const acc_t* xa = x + a * B;
+      int64_t i = 0;
+      for (; i + kLanes <= B; i += kLanes)
+        for (int r = 0; r < R; ++r)
+          for (int j = 0; j < kLanes; ++j) lanes[r][j] += static_cast<acc_t>(w[r * B + i + j]) * xa[i + j];
+      for (; i < B; ++i)
+        for (int r = 0; r < R; ++r) tail[r] += static_cast<acc_t>(w[r * B + i]) * xa[i];
+    }
+    for (int r = 0; r < R; ++r) {
+      acc_t t = tail[r];
+      for (int j = 0; j < kLanes; ++j) t += lanes[r][j];
+      y[r] = t;
+    }
   }
   if (do_accum) {
-    for (int64_t a = 0; a < shape.A; ++a) axpy(row + a * stride, y, s + a * shape.B, shape.B);
+    for (int64_t a = 0; a < shape.A; ++a) {
+      const scalar_t* w = rows + a * stride;
+      acc_t* sa = s + a * B;
+      for (int64_t i = 0; i < B; ++i) {
+        acc_t sum = sa[i];
+        for (int r = 0; r < R; ++r) sum += static_cast<acc_t>(w[r * B + i]) * y[r];
+        sa[i] = sum;
+      }
+    }
   }
-  return t;
+}
+
+// A contiguous range of rows of one layer: the unit of parallel work, sized so
+// all units hold about the same number of weights whatever the layer shapes.
+struct RowRange {
+  int64_t layer, begin, end;
+};
+
+inline std::vector<RowRange> balanced_ranges(const std::vector<SpectralNormLayerShape>& shapes, int64_t target) {
+  std::vector<RowRange> ranges;
+  for (size_t l = 0; l < shapes.size(); ++l) {
+    const int64_t rows_per = std::max<int64_t>(kRows, (target / std::max<int64_t>(shapes[l].K(), 1)) / kRows * kRows);
+    for (int64_t m = 0; m < shapes[l].M; m += rows_per)
+      ranges.push_back({static_cast<int64_t>(l), m, std::min(m + rows_per, shapes[l].M)});
+  }
+  return ranges;
 }
 
 template <typename acc_t>
@@ -89,21 +111,26 @@ struct PowerIteration {
   void pass(bool do_dot, bool do_accum) {
     const int threads = at::get_num_threads();
     if (do_accum) partial.assign(static_cast<size_t>(threads) * cols, acc_t(0));
-    int64_t max_k = 1;
-    for (const auto& sh : shapes) max_k = std::max(max_k, sh.K());
-    const int64_t grain = std::max<int64_t>(1, 32768 / max_k);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    const auto ranges = balanced_ranges(shapes, 1 << 16);
+    at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t first, int64_t last) {
       acc_t* mine = do_accum ? partial.data() + static_cast<size_t>(at::get_thread_num()) * cols : nullptr;
-      size_t l = std::upper_bound(shapes.begin(), shapes.end(), begin,
-                                  [](int64_t r, const SpectralNormLayerShape& sh) { return r < sh.row_offset; }) -
-                 shapes.begin() - 1;
-      for (int64_t r = begin; r < end; ++r) {
-        while (r >= shapes[l].row_offset + shapes[l].M) ++l;
-        const auto& sh = shapes[l];
-        const int64_t m = r - sh.row_offset;
-        const acc_t value = row_pass<scalar_t, acc_t>(weights[l] + m * sh.B, sh, v.data() + sh.col_offset, u[r],
-                                                      do_accum ? mine + sh.col_offset : nullptr, do_dot, do_accum);
-        if (do_dot) t[r] = value;
+      for (int64_t i = first; i < last; ++i) {
+        const auto& range = ranges[i];
+        const auto& sh = shapes[range.layer];
+        const acc_t* x = v.data() + sh.col_offset;
+        acc_t* s_layer = do_accum ? mine + sh.col_offset : nullptr;
+        for (int64_t m = range.begin; m < range.end; m += kRows) {
+          const int64_t r = sh.row_offset + m;
+          // y holds t after DOT, else u (the v-first start)
+          acc_t* y = do_dot ? t.data() + r : u.data() + r;
+          const scalar_t* rows_ptr = weights[range.layer] + m * sh.B;
+          if (m + kRows <= range.end)
+            row_block_pass<scalar_t, acc_t, kRows>(rows_ptr, sh, x, y, s_layer, do_dot, do_accum);
+          else
+            for (int64_t mm = m; mm < range.end; ++mm)
+              row_block_pass<scalar_t, acc_t, 1>(weights[range.layer] + mm * sh.B, sh, x, y + (mm - m), s_layer,
+                                                 do_dot, do_accum);
+        }
       }
     });
     if (do_accum) {
