@@ -41,8 +41,10 @@ def _extensions():
 
     cxx = ["-O3", "-fopenmp", "-fopenmp-simd"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     build_cuda = (
         _flag("FASTGAN_BUILD_CUDA")
+        and bool(cuda_sources)
         and torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
     )
@@ -51,7 +53,7 @@ def _extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         ext = cpp_extension.CUDAExtension(
             "fastgan._C",
-            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            sources + cuda_sources,
             include_dirs=[os.path.abspath("csrc")] + _pip_cuda_include_dirs(),
             define_macros=[("FASTGAN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
