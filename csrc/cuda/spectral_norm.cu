@@ -1,0 +1,476 @@
+// CUDA kernels of the spectral-norm power iteration (schedule: ../spectral_norm.h).
+//
+// What it computes: for every layer, the power-iteration steps of the schedule --
+// row passes t = W_mat x (DOT) and s = W_mat^T y (ACCUM), each followed by a
+// per-layer finalize that normalizes into u, v and sigma -- for ALL layers of a
+// model at once: each pass is one launch of `row_pass_kernel` over the row blocks
+// of every layer, and each finalize one launch of `finalize_kernel` with one block
+// per layer. Layer shapes and pointers live in a small int64 table copied to the
+// device once per call.
+//
+// Bytes moved per pass: W is read once from DRAM by the DOT half; the ACCUM half
+// re-reads the block's own rows right after, which hits L1/L2 (rows per block are
+// capped so a block's rows stay small: kBlockBytes). On top of that O(rows + cols)
+// for t, u, v and one float atomic per (column, row block) for s, i.e. numel / R
+// atomics with R rows per block. The parametrization refresh (u_first, one
+// iteration) is therefore about sizeof(W) of DRAM traffic, ~23 MB for the SNDCGAN
+// discriminator, in memset + row pass + finalize (plus the two cats of u and v).
+//
+// Sums of s use atomics, so results may differ in the last bits from run to run.
+// Everything else follows the CPU file: float accumulation (double for double),
+// u and v rounded to the weight dtype after each normalization, and the finalize
+// arithmetic done with IEEE round-to-nearest division and square root (the build
+// uses --use_fast_math, which would otherwise approximate both).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../spectral_norm.h"
+
+namespace fastgan {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kRowWarps = 8;  // also the most rows one row-pass block handles
+constexpr int kRowThreads = kRowWarps * kWarpSize;
+constexpr int kFinalizeThreads = 512;
+// A row block covers at most this many bytes of W (unless one row is larger):
+// small enough that the ACCUM re-read finds the rows in L1 and that blocks spread
+// evenly over the SMs, large enough that s gets few atomics (one per R rows).
+constexpr int64_t kBlockBytes = 64 * 1024;
+constexpr int kUnroll = 4;  // 16-byte loads in flight per thread in the DOT loop
+
+// Device table, int64: per layer {weight pointer, A, M, B, row_offset,
+// col_offset, rows per block}, then per row block {layer, first row}.
+constexpr int kLayerCols = 7;
+constexpr int kBlockCols = 2;
+
+enum class Finalize { UV, V, U, Eval };
+
+// ---------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t to_acc(scalar_t x) {
+  return static_cast<acc_t>(x);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t x) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Correctly rounded, whatever --use_fast_math says, so the finalize rounds like the CPU.
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
+
+// std::max(x, eps) of the CPU file: a NaN norm stays NaN (fmax would return eps).
+template <typename acc_t>
+__device__ __forceinline__ acc_t clamp_eps(acc_t x, acc_t eps) {
+  return x < eps ? eps : x;
+}
+
+// Sum over a kFinalizeThreads block, returned to every thread in a fixed order.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t x, acc_t* partial) {
+  x = warp_sum(x);
+  __syncthreads();  // readers of the previous block_sum are done with `partial`
+  if (threadIdx.x % kWarpSize == 0) partial[threadIdx.x / kWarpSize] = x;
+  __syncthreads();
+  acc_t total = 0;
+#pragma unroll
+  for (int i = 0; i < kFinalizeThreads / kWarpSize; ++i) total += partial[i];
+  return total;
+}
+
+// Adds row . x over the elements of a contiguous row (A == 1) that thread g of a
+// G-thread group owns. W is loaded 16 bytes at a time from its first 16-byte
+// aligned element on (rows of odd length start anywhere); x is small and reused
+// by every row, so its scalar loads hit L1.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t dot_contiguous(const scalar_t* __restrict__ w, const scalar_t* __restrict__ x,
+                                                int64_t n, int g, int G) {
+  constexpr int N = 16 / sizeof(scalar_t);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(w);
+  int64_t head = addr % sizeof(scalar_t) == 0 ? static_cast<int64_t>(((16 - (addr & 15)) & 15) / sizeof(scalar_t)) : n;
+  head = head < n ? head : n;
+  const int64_t nvec = (n - head) / N;
+  acc_t acc = 0;
+  for (int64_t k = g; k < head; k += G) acc += to_acc<acc_t>(w[k]) * to_acc<acc_t>(x[k]);
+
+  const uint4* wv = reinterpret_cast<const uint4*>(w + head);
+  const scalar_t* xv = x + head;
+  int64_t i = g;
+  // Issue kUnroll independent loads before using any, to keep bytes in flight.
+  for (; i + (kUnroll - 1) * static_cast<int64_t>(G) < nvec; i += kUnroll * static_cast<int64_t>(G)) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) raw[j] = __ldg(wv + i + j * static_cast<int64_t>(G));
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw[j]);
+      const scalar_t* xj = xv + (i + j * static_cast<int64_t>(G)) * N;
+#pragma unroll
+      for (int q = 0; q < N; ++q) acc += to_acc<acc_t>(e[q]) * to_acc<acc_t>(xj[q]);
+    }
+  }
+  for (; i < nvec; i += G) {
+    const uint4 raw = __ldg(wv + i);
+    const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
+    const scalar_t* xj = xv + i * N;
+#pragma unroll
+    for (int q = 0; q < N; ++q) acc += to_acc<acc_t>(e[q]) * to_acc<acc_t>(xj[q]);
+  }
+  for (int64_t k = head + nvec * N + g; k < n; k += G) acc += to_acc<acc_t>(w[k]) * to_acc<acc_t>(x[k]);
+  return acc;
+}
+
+// The same for a row of A runs of B elements at stride M*B (dim != 0). Column
+// k = a*B + b is tracked incrementally, so there is no division per element.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t dot_strided(const scalar_t* __restrict__ w, const scalar_t* __restrict__ x, int64_t K,
+                                             int64_t B, int64_t MB, int g, int G) {
+  int64_t a = g / B, b = g - (g / B) * B;
+  const int64_t da = G / B, db = G - da * B;
+  acc_t acc = 0;
+#pragma unroll 4
+  for (int64_t k = g; k < K; k += G) {
+    acc += to_acc<acc_t>(w[a * MB + b]) * to_acc<acc_t>(x[k]);
+    a += da;
+    b += db;
+    if (b >= B) {
+      b -= B;
+      ++a;
+    }
+  }
+  return acc;
+}
+
+// ---------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------
+
+// One row block of one layer: R rows (R = rows per block of the layer, a power of
+// two dividing kRowWarps), each read by a group of kRowWarps / R warps.
+//   DOT:   t[row] = W_mat[row, :] . v            (group reduction)
+//   ACCUM: s[k] += sum_r W_mat[m0 + r, k] y[r]   (y = t, or u without DOT)
+// ACCUM runs over columns with the whole block and sums the block's rows before
+// its one atomic per column, so s sees numel / R atomics rather than numel.
+template <typename scalar_t, typename acc_t, bool DOT, bool ACCUM>
+__global__ void __launch_bounds__(kRowThreads)
+    row_pass_kernel(const int64_t* __restrict__ layers, const int64_t* __restrict__ blocks,
+                    const scalar_t* __restrict__ v_all, const scalar_t* __restrict__ u_all, acc_t* __restrict__ t_all,
+                    acc_t* __restrict__ s_all) {
+  __shared__ acc_t partial[kRowWarps];
+  __shared__ acc_t y[kRowWarps];
+
+  const int64_t layer = blocks[kBlockCols * static_cast<int64_t>(blockIdx.x)];
+  const int64_t m0 = blocks[kBlockCols * static_cast<int64_t>(blockIdx.x) + 1];
+  const int64_t* entry = layers + layer * kLayerCols;
+  const scalar_t* __restrict__ w = reinterpret_cast<const scalar_t*>(entry[0]);
+  const int64_t A = entry[1], M = entry[2], B = entry[3], row_off = entry[4], col_off = entry[5];
+  const int rows_per_block = static_cast<int>(entry[6]);
+  const int64_t K = A * B, MB = M * B;
+  const int rows = static_cast<int>(M - m0 < rows_per_block ? M - m0 : rows_per_block);
+  const int tid = threadIdx.x;
+
+  if constexpr (DOT) {
+    const int group = kWarpSize * (kRowWarps / rows_per_block);
+    const int r = tid / group, g = tid - r * group;
+    acc_t acc = 0;
+    if (r < rows) {
+      const scalar_t* row = w + (m0 + r) * B;
+      const scalar_t* x = v_all + col_off;
+      acc = A == 1 ? dot_contiguous<scalar_t, acc_t>(row, x, K, g, group)
+                   : dot_strided<scalar_t, acc_t>(row, x, K, B, MB, g, group);
+    }
+    acc = warp_sum(acc);  // a group is whole warps, so each warp holds one row
+    if (tid % kWarpSize == 0) partial[tid / kWarpSize] = acc;
+    __syncthreads();
+    if (tid < rows) {
+      const int warps_per_row = kRowWarps / rows_per_block;
+      acc_t t = 0;
+      for (int j = 0; j < warps_per_row; ++j) t += partial[tid * warps_per_row + j];
+      t_all[row_off + m0 + tid] = t;
+      y[tid] = t;
+    }
+  } else {
+    if (tid < rows) y[tid] = to_acc<acc_t>(u_all[row_off + m0 + tid]);
+  }
+  if constexpr (!ACCUM) return;
+  __syncthreads();
+
+  acc_t yr[kRowWarps];
+#pragma unroll
+  for (int r = 0; r < kRowWarps; ++r) yr[r] = r < rows ? y[r] : acc_t(0);
+  const scalar_t* __restrict__ wblock = w + m0 * B;
+  acc_t* __restrict__ s = s_all + col_off;
+  int64_t a = tid / B, b = tid - (tid / B) * B;
+  const int64_t da = kRowThreads / B, db = kRowThreads - da * B;
+  for (int64_t k = tid; k < K; k += kRowThreads) {
+    const scalar_t* p = wblock + a * MB + b;
+    acc_t wr[kRowWarps];
+#pragma unroll
+    for (int r = 0; r < kRowWarps; ++r) wr[r] = r < rows ? to_acc<acc_t>(p[r * B]) : acc_t(0);
+    acc_t sum = 0;
+#pragma unroll
+    for (int r = 0; r < kRowWarps; ++r) sum += wr[r] * yr[r];
+    atomicAdd(s + k, sum);
+    a += da;
+    b += db;
+    if (b >= B) {
+      b -= B;
+      ++a;
+    }
+  }
+}
+
+// One block per layer: turns the pass results t, s into u, v and sigma, with the
+// same formulas as PowerIteration::finalize of the CPU file.
+template <typename scalar_t, typename acc_t, Finalize KIND>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const int64_t* __restrict__ layers, acc_t eps, const acc_t* __restrict__ t_all,
+                    const acc_t* __restrict__ s_all, scalar_t* __restrict__ u_all, scalar_t* __restrict__ v_all,
+                    scalar_t* __restrict__ sigma) {
+  __shared__ acc_t partial[kFinalizeThreads / kWarpSize];
+  const int64_t layer = blockIdx.x;
+  const int64_t* entry = layers + layer * kLayerCols;
+  const int64_t M = entry[2], K = entry[1] * entry[3], row_off = entry[4], col_off = entry[5];
+  const acc_t* t = t_all + row_off;
+  const acc_t* s = s_all + col_off;
+  scalar_t* u = u_all + row_off;
+  scalar_t* v = v_all + col_off;
+  const int tid = threadIdx.x;
+
+  if constexpr (KIND == Finalize::Eval) {
+    acc_t dot_ut = 0;
+    for (int64_t m = tid; m < M; m += kFinalizeThreads) dot_ut += to_acc<acc_t>(u[m]) * t[m];
+    dot_ut = block_sum(dot_ut, partial);
+    if (tid == 0) sigma[layer] = static_cast<scalar_t>(dot_ut);
+    return;
+  } else {
+    acc_t scale = 1;  // turns s into W^T u
+    if constexpr (KIND != Finalize::V) {
+      acc_t sq = 0;
+      for (int64_t m = tid; m < M; m += kFinalizeThreads) sq += t[m] * t[m];
+      sq = block_sum(sq, partial);
+      const acc_t nt = clamp_eps(sqrt_rn(sq), eps);
+      for (int64_t m = tid; m < M; m += kFinalizeThreads) u[m] = static_cast<scalar_t>(div_rn(t[m], nt));
+      scale = div_rn(acc_t(1), nt);
+      if constexpr (KIND == Finalize::U) {
+        if (tid == 0) sigma[layer] = static_cast<scalar_t>(div_rn(sq, nt));
+      }
+    }
+    if constexpr (KIND != Finalize::U) {
+      acc_t sq = 0;
+      for (int64_t k = tid; k < K; k += kFinalizeThreads) sq += s[k] * s[k];
+      sq = block_sum(sq, partial);
+      const acc_t nr_exact = sqrt_rn(sq) * scale;
+      const acc_t nr = clamp_eps(nr_exact, eps);
+      for (int64_t k = tid; k < K; k += kFinalizeThreads) v[k] = static_cast<scalar_t>(div_rn(s[k] * scale, nr));
+      if (tid == 0) sigma[layer] = static_cast<scalar_t>(div_rn(nr_exact * nr_exact, nr));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host
+// ---------------------------------------------------------------------------
+
+// Rows per block for a layer: as many as kBlockBytes allows (at most kRowWarps),
+// but no more than the layer needs, so a short layer (M = 1: the last linear)
+// puts all warps on its few long rows.
+int rows_per_block(const SpectralNormLayerShape& shape, int64_t element_size) {
+  const int64_t row_bytes = shape.K() * element_size;
+  int r = kRowWarps;
+  while (r > 1 && r * row_bytes > kBlockBytes) r /= 2;
+  while (r > 1 && r / 2 >= shape.M) r /= 2;
+  return r;
+}
+
+template <typename scalar_t>
+struct PowerIteration {
+  using acc_t = at::opmath_type<scalar_t>;
+
+  cudaStream_t stream;
+  int64_t num_layers, num_blocks, cols;
+  double eps;
+  const int64_t* layers;  // device table
+  const int64_t* blocks;
+  scalar_t *u, *v, *sigma;  // outputs, in the weight dtype: the rounding the schedule asks for
+  acc_t *t, *s;             // raw pass results
+
+  template <bool DOT, bool ACCUM>
+  void launch_pass() {
+    row_pass_kernel<scalar_t, acc_t, DOT, ACCUM>
+        <<<static_cast<unsigned>(num_blocks), kRowThreads, 0, stream>>>(layers, blocks, v, u, t, s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void pass(bool do_dot, bool do_accum) {
+    if (do_accum) C10_CUDA_CHECK(cudaMemsetAsync(s, 0, cols * sizeof(acc_t), stream));
+    if (do_dot && do_accum) {
+      launch_pass<true, true>();
+    } else if (do_dot) {
+      launch_pass<true, false>();
+    } else {
+      launch_pass<false, true>();
+    }
+  }
+
+  template <Finalize KIND>
+  void launch_finalize() {
+    finalize_kernel<scalar_t, acc_t, KIND><<<static_cast<unsigned>(num_layers), kFinalizeThreads, 0, stream>>>(
+        layers, static_cast<acc_t>(eps), t, s, u, v, sigma);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void finalize(Finalize kind) {
+    switch (kind) {
+      case Finalize::UV: launch_finalize<Finalize::UV>(); break;
+      case Finalize::V: launch_finalize<Finalize::V>(); break;
+      case Finalize::U: launch_finalize<Finalize::U>(); break;
+      case Finalize::Eval: launch_finalize<Finalize::Eval>(); break;
+    }
+  }
+
+  void run(int64_t n_power_iterations, bool u_first) {
+    if (n_power_iterations == 0) {
+      pass(true, false);
+      finalize(Finalize::Eval);
+    } else if (u_first) {
+      for (int64_t i = 0; i < n_power_iterations; ++i) {
+        pass(true, true);
+        finalize(Finalize::UV);
+      }
+    } else {
+      pass(false, true);
+      finalize(Finalize::V);
+      for (int64_t i = 0; i < n_power_iterations; ++i) {
+        const bool last = i + 1 == n_power_iterations;
+        pass(true, !last);
+        finalize(last ? Finalize::U : Finalize::UV);
+      }
+    }
+  }
+};
+
+// Builds the layer/block table in pinned memory and copies it to the device with
+// one asynchronous H2D copy on the current stream (the caching host allocator
+// keeps the pinned buffer alive until that copy has run).
+at::Tensor device_table(const std::vector<at::Tensor>& weights, const std::vector<SpectralNormLayerShape>& shapes,
+                        int64_t& num_blocks) {
+  const int64_t element_size = weights[0].element_size();
+  std::vector<int> rpb;
+  num_blocks = 0;
+  for (const auto& sh : shapes) {
+    rpb.push_back(rows_per_block(sh, element_size));
+    num_blocks += (sh.M + rpb.back() - 1) / rpb.back();
+  }
+  TORCH_CHECK(num_blocks <= std::numeric_limits<int32_t>::max(), "spectral norm: too many rows (", num_blocks,
+              " row blocks) for one launch");
+  const int64_t layers_size = static_cast<int64_t>(shapes.size()) * kLayerCols;
+  at::Tensor host = at::empty({layers_size + num_blocks * kBlockCols},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* p = host.data_ptr<int64_t>();
+  int64_t* q = p + layers_size;
+  for (size_t l = 0; l < shapes.size(); ++l) {
+    const auto& sh = shapes[l];
+    int64_t* e = p + l * kLayerCols;
+    e[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(weights[l].const_data_ptr()));
+    e[1] = sh.A;
+    e[2] = sh.M;
+    e[3] = sh.B;
+    e[4] = sh.row_offset;
+    e[5] = sh.col_offset;
+    e[6] = rpb[l];
+    for (int64_t m0 = 0; m0 < sh.M; m0 += rpb[l]) {
+      *q++ = static_cast<int64_t>(l);
+      *q++ = m0;
+    }
+  }
+  at::Tensor device = at::empty({host.numel()}, weights[0].options().dtype(at::kLong));
+  device.copy_(host, /*non_blocking=*/true);
+  return device;
+}
+
+// Both ops: the single-layer op is this with one layer and a 0-d sigma.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(at::TensorList weights_in, at::TensorList us_in,
+                                                                    at::TensorList vs_in, at::IntArrayRef dims_in,
+                                                                    int64_t n_power_iterations, double eps,
+                                                                    bool u_first, bool scalar_sigma) {
+  std::vector<at::Tensor> weights, us(us_in.begin(), us_in.end()), vs(vs_in.begin(), vs_in.end());
+  for (const auto& w : weights_in) weights.push_back(w.contiguous());
+  const auto shapes = spectral_norm_layer_shapes(weights, std::vector<int64_t>(dims_in.begin(), dims_in.end()));
+  check_spectral_norm_vectors(shapes, weights, us, vs);
+  TORCH_CHECK(n_power_iterations >= 0, "spectral norm: n_power_iterations must be >= 0");
+  TORCH_CHECK(weights[0].is_cuda(), "spectral norm: the CUDA kernel got weights on ", weights[0].device());
+
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  const int64_t num_layers = static_cast<int64_t>(shapes.size());
+  const int64_t rows = shapes.back().row_offset + shapes.back().M;
+  const int64_t cols = shapes.back().col_offset + shapes.back().K();
+  const auto options = weights[0].options();
+  // The inputs are left alone: the iteration works in place on these copies.
+  at::Tensor u_out = at::cat(us), v_out = at::cat(vs);
+  at::Tensor sigma_out = scalar_sigma ? at::empty({}, options) : at::empty({num_layers}, options);
+  int64_t num_blocks = 0;
+  const at::Tensor table = device_table(weights, shapes, num_blocks);
+  at::Tensor scratch = at::empty({rows + cols}, options.dtype(at::toOpMathType(weights[0].scalar_type())));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "spectral_norm_power_iteration", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    PowerIteration<scalar_t> it;
+    it.stream = at::cuda::getCurrentCUDAStream();
+    it.num_layers = num_layers;
+    it.num_blocks = num_blocks;
+    it.cols = cols;
+    it.eps = eps;
+    it.layers = table.const_data_ptr<int64_t>();
+    it.blocks = it.layers + num_layers * kLayerCols;
+    it.u = u_out.mutable_data_ptr<scalar_t>();
+    it.v = v_out.mutable_data_ptr<scalar_t>();
+    it.sigma = sigma_out.mutable_data_ptr<scalar_t>();
+    it.t = scratch.mutable_data_ptr<acc_t>();
+    it.s = it.t + rows;
+    it.run(n_power_iterations, u_first);
+  });
+  return {u_out, v_out, sigma_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_multi_cuda(
+    at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
+    double eps, bool u_first) {
+  return power_iteration_impl(weights, us, vs, dims, n_power_iterations, eps, u_first, /*scalar_sigma=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(const at::Tensor& weight, const at::Tensor& u,
+                                                                    const at::Tensor& v, int64_t dim,
+                                                                    int64_t n_power_iterations, double eps,
+                                                                    bool u_first) {
+  return power_iteration_impl({weight}, {u}, {v}, {dim}, n_power_iterations, eps, u_first, /*scalar_sigma=*/true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgan_C, CUDA, m) {
+  m.impl("spectral_norm_power_iteration", &power_iteration_cuda);
+  m.impl("spectral_norm_power_iteration_multi", &power_iteration_multi_cuda);
+}
+
+}  // namespace fastgan
