@@ -49,6 +49,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_spectral_norm.py
+	$(PY) bench/bench_gradient_penalty.py
 
 demo: $(STAMP)
 	$(PY) bench/bench_spectral_norm.py --quick

@@ -18,7 +18,6 @@ Usage: python bench/bench_spectral_norm.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from typing import Callable, Dict, List
@@ -28,18 +27,11 @@ from torch import nn
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import timing  # noqa: E402
+from models import sndcgan_discriminator  # noqa: E402
 
 import fastgan  # noqa: E402
 
 grouped = importlib.import_module("fastgan.nn.spectral_norm")
-
-
-def sndcgan_discriminator() -> nn.Sequential:
-    """SNDCGAN D's weight layers for 32x32 inputs (shapes from SPEC.md §3)."""
-    spec = [(3, 64, 3, 1), (64, 128, 4, 2), (128, 128, 3, 1), (128, 256, 4, 2), (256, 256, 3, 1), (256, 512, 4, 2), (512, 512, 3, 1)]
-    layers: List[nn.Module] = [nn.Conv2d(i, o, k, s, padding=1) for i, o, k, s in spec]
-    layers.append(nn.Linear(512 * 4 * 4, 1))
-    return nn.Sequential(*layers)
 
 
 def weight_layers(model: nn.Module) -> List[nn.Module]:
@@ -126,17 +118,10 @@ def measure(variants: Dict[str, Callable[[], object]], min_run_time: float, figu
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=str(timing.default_device()), help="cpu or cuda (default: cuda when visible)")
-    parser.add_argument("--quick", action="store_true", help="shorter timing runs (for the demo)")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args = timing.parse_args(__doc__, argv)
+    device = args.device
     min_run_time = 0.2 if args.quick else 1.0
-    report = fastgan.backends()
-    backends = [b for b in ("triton", "cuda", "cpp", "reference") if report[b][device.type]]
-    if device.type == "cpu":
-        backends = [b for b in backends if b != "triton"]  # the interpreter is a test tool, not a kernel
+    backends = timing.kernel_backends(device)
 
     env = timing.environment(device)
     print(f"Spectral norm of the SNDCGAN discriminator (8 layers, 5.9M weights) on {env['device']}, "

@@ -65,3 +65,25 @@ def print_table(rows: List[Dict[str, object]]) -> None:
 
 def default_device() -> torch.device:
     return torch.device(os.environ.get("FASTGAN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def parse_args(doc: str, argv=None):
+    """The options every benchmark takes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=str(default_device()), help="cpu or cuda (default: cuda when visible)")
+    parser.add_argument("--quick", action="store_true", help="shorter timing runs (for the demo)")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    return args
+
+
+def kernel_backends(device: torch.device) -> List[str]:
+    """fastgan backends worth timing on ``device`` (the Triton interpreter is a test tool, not a kernel)."""
+    import fastgan
+
+    report = fastgan.backends()
+    names = [b for b in ("triton", "cuda", "cpp", "reference") if report[b][device.type]]
+    return [b for b in names if not (device.type == "cpu" and b == "triton")]

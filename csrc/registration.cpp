@@ -11,6 +11,10 @@ TORCH_LIBRARY(fastgan_C, m) {
   m.def(
       "spectral_norm_power_iteration_multi(Tensor[] weights, Tensor[] us, Tensor[] vs, int[] dims, "
       "int n_power_iterations, float eps, bool u_first) -> (Tensor, Tensor, Tensor)");
+  m.def("gp_interpolate(Tensor real, Tensor fake, Tensor? alpha, int seed) -> (Tensor, Tensor)");
+  m.def("dragan_perturb(Tensor real, int seed) -> Tensor");
+  m.def(
+      "gp_penalty(Tensor grad, bool squared_norm, float center, float eps, bool one_sided) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

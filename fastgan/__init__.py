@@ -5,7 +5,7 @@
 ``fastgan.use_backend(name)`` (or ``FASTGAN_BACKEND``) forces one.
 """
 from fastgan._backend import BACKENDS, backends, use_backend
-from fastgan import ops, nn
+from fastgan import ops, nn, penalties
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "backends", "use_backend", "ops", "nn", "__version__"]
+__all__ = ["BACKENDS", "backends", "use_backend", "ops", "nn", "penalties", "__version__"]

@@ -1,0 +1,170 @@
+"""The gradient-penalty ops: ``torch.library`` registration, the only place they are defined.
+
+* ``fastgan::gp_interpolate(real, fake, alpha?, seed) -> (x_hat, alpha)``: the WGAN-GP
+  interpolation x̂ = real + α (fake − real), one α per sample; with ``alpha=None`` α is
+  drawn inside the kernel from ``seed`` (fastgan's Philox stream, identical on every
+  backend). Differentiable w.r.t. real, fake and a given alpha.
+* ``fastgan::dragan_perturb(real, seed) -> x_hat``: clip(real + std(real)·(U − ½), 0, 1)
+  with the uniforms drawn inside the kernel. Not differentiable: x̂ is a point at
+  which D's input gradient is taken, not a function to backprop through.
+* ``fastgan::gp_penalty(grad, squared_norm, center, eps, one_sided) -> (penalty, sq)``:
+  per-sample Σ g² (``sq``, float32 or float64) and the penalty from it, fused;
+  differentiable w.r.t. ``grad`` to any order (its backward is plain torch).
+
+Formulas and conventions: :mod:`fastgan.reference.gradient_penalty`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastgan import _backend
+from fastgan.reference import gradient_penalty as reference
+
+
+def _check_batch(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty batch (first dimension = samples), got shape {tuple(x.shape)}")
+
+
+def _check_interpolate(real: Tensor, fake: Tensor, alpha: Optional[Tensor]) -> None:
+    _check_batch(real, "real")
+    _check_batch(fake, "fake")
+    if real.shape != fake.shape or real.dtype != fake.dtype or real.device != fake.device:
+        raise ValueError(
+            f"real and fake must match: real is {tuple(real.shape)} {real.dtype} on {real.device}, "
+            f"fake is {tuple(fake.shape)} {fake.dtype} on {fake.device}"
+        )
+    if alpha is not None:
+        if not alpha.is_floating_point() or tuple(alpha.shape) != (real.shape[0],) or alpha.device != real.device:
+            raise ValueError(
+                f"alpha must be a floating-point tensor of shape ({real.shape[0]},) on {real.device}, "
+                f"got {tuple(alpha.shape)} {alpha.dtype} on {alpha.device}"
+            )
+
+
+def _seed_value(seed: int) -> int:
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def _triton(name):
+    def call(*args):
+        from fastgan.kernels import gradient_penalty as kernels
+
+        return getattr(kernels, name)(*args)
+
+    return call
+
+
+def _cpp(name):
+    return lambda *args: getattr(torch.ops.fastgan_C, name)(*args)
+
+
+def _impls(name, reference_fn):
+    return {"reference": reference_fn, "triton": _triton(name), "cpp": _cpp(name), "cuda": _cpp(name)}
+
+
+_INTERPOLATE = _impls("gp_interpolate", reference.interpolate)
+_DRAGAN = _impls("dragan_perturb", reference.dragan_perturb)
+_PENALTY = _impls("gp_penalty", reference.penalty)
+
+
+@torch.library.custom_op("fastgan::gp_interpolate", mutates_args=())
+def gp_interpolate(real: Tensor, fake: Tensor, alpha: Optional[Tensor], seed: int) -> Tuple[Tensor, Tensor]:
+    _check_interpolate(real, fake, alpha)
+    impl = _backend.dispatch(_INTERPOLATE, real.device)
+    return impl(real.contiguous(), fake.contiguous(), None if alpha is None else alpha.contiguous(), _seed_value(seed))
+
+
+@gp_interpolate.register_fake
+def _(real, fake, alpha, seed):
+    _check_interpolate(real, fake, alpha)
+    return torch.empty_like(real), real.new_empty((real.shape[0],))
+
+
+def _interpolate_setup_context(ctx, inputs, output):
+    real, fake, alpha, _ = inputs
+    _, alpha_used = output
+    ctx.save_for_backward(real, fake, alpha_used)
+    ctx.alpha_given = alpha is not None
+    ctx.alpha_dtype = None if alpha is None else alpha.dtype
+
+
+def _interpolate_backward(ctx, grad_x, _grad_alpha):
+    real, fake, alpha = ctx.saved_tensors
+    a = alpha.reshape((-1,) + (1,) * (real.dim() - 1))
+    grad_real = grad_x * (1 - a) if ctx.needs_input_grad[0] else None
+    grad_fake = grad_x * a if ctx.needs_input_grad[1] else None
+    grad_alpha = None
+    if ctx.alpha_given and ctx.needs_input_grad[2]:
+        grad_alpha = (grad_x * (fake - real)).reshape(real.shape[0], -1).sum(1).to(ctx.alpha_dtype)
+    return grad_real, grad_fake, grad_alpha, None
+
+
+gp_interpolate.register_autograd(_interpolate_backward, setup_context=_interpolate_setup_context)
+
+
+@torch.library.custom_op("fastgan::dragan_perturb", mutates_args=())
+def dragan_perturb(real: Tensor, seed: int) -> Tensor:
+    _check_batch(real, "real")
+    if real.numel() < 2:
+        raise ValueError("DRAGAN needs at least 2 elements in the batch to estimate its standard deviation")
+    impl = _backend.dispatch(_DRAGAN, real.device)
+    return impl(real.contiguous(), _seed_value(seed))
+
+
+@dragan_perturb.register_fake
+def _(real, seed):
+    _check_batch(real, "real")
+    return torch.empty_like(real)
+
+
+@torch.library.custom_op("fastgan::gp_penalty", mutates_args=())
+def gp_penalty(grad: Tensor, squared_norm: bool, center: float, eps: float, one_sided: bool) -> Tuple[Tensor, Tensor]:
+    _check_batch(grad, "the gradient of D")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    impl = _backend.dispatch(_PENALTY, grad.device)
+    return impl(grad.contiguous(), squared_norm, center, eps, one_sided)
+
+
+@gp_penalty.register_fake
+def _(grad, squared_norm, center, eps, one_sided):
+    _check_batch(grad, "the gradient of D")
+    return grad.new_empty(()), grad.new_empty((grad.shape[0],), dtype=reference.accumulator_dtype(grad.dtype))
+
+
+def _penalty_setup_context(ctx, inputs, output):
+    grad, squared_norm, center, eps, one_sided = inputs
+    ctx.save_for_backward(grad, output[1])
+    ctx.options = (squared_norm, center, eps, one_sided)
+
+
+def _penalty_backward(ctx, grad_penalty, _grad_sq):
+    grad, sq = ctx.saved_tensors
+    squared_norm, center, eps, one_sided = ctx.options
+    if torch.is_grad_enabled():
+        # Double backward: sq must stay a differentiable function of grad.
+        sq = grad.reshape(grad.shape[0], -1).to(sq.dtype).square().sum(1)
+    batch = grad.shape[0]
+    if squared_norm:
+        coeff = torch.full_like(sq, 1.0 / batch)
+    else:
+        slope = torch.sqrt(eps + sq)
+        gap = slope - center
+        if one_sided:
+            gap = gap.clamp(min=0)
+        coeff = 2.0 / batch * gap / slope
+    coeff = (coeff * grad_penalty).to(grad.dtype).reshape((-1,) + (1,) * (grad.dim() - 1))
+    return grad * coeff, None, None, None, None
+
+
+gp_penalty.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)

@@ -1,0 +1,103 @@
+"""Gradient penalties for discriminators, in one call, on fastgan's fused ops.
+
+>>> gp = fastgan.penalties.gradient_penalty(D, real, fake, "wgan-gp")
+>>> (d_loss + 10.0 * gp).backward()
+
+Kinds (formulas and compare_gan's conventions: SPEC.md §2,
+:mod:`fastgan.reference.gradient_penalty`):
+
+* ``"wgan-gp"``: at x̂ = real + α (fake − real), α ~ U[0, 1) per sample;
+  mean((sqrt(eps + ‖g‖²) − center)²), g = ∂D(x̂)/∂x̂.
+* ``"dragan"``: the same at x̂ = clip(real + std(real)·(U − ½), 0, 1).
+* ``"r1"`` / ``"r2"``: ½ mean ‖g‖² at the real / fake samples, so ``λ·penalty`` is
+  Mescheder's (γ/2)·E‖g‖² with λ = γ.
+
+``eps=0`` gives the plain ‖g‖; ``one_sided=True`` gives max(0, ‖g‖ − center)².
+The penalty only trains D: real and fake are detached. Random draws (α, DRAGAN
+noise) happen inside the kernels from a seed: ``generator`` may be an int seed or a
+``torch.Generator``; by default the seed comes from torch's global CPU generator, so
+``torch.manual_seed`` makes runs reproducible (identically on every backend).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from fastgan.ops import gradient_penalty as ops
+from fastgan.reference.gradient_penalty import KINDS, SQUARED_NORM_KINDS
+
+_NEEDS_FAKE = ("wgan-gp", "r2")
+
+
+def _seed(generator: Union[None, int, torch.Generator]) -> int:
+    if isinstance(generator, int):
+        return generator
+    if generator is None:
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    if isinstance(generator, torch.Generator):
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=generator.device).item())
+    raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+
+
+def _check_inputs(real: Tensor, fake: Optional[Tensor], kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown gradient penalty kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not isinstance(real, Tensor) or not real.is_floating_point():
+        raise ValueError(f"real must be a floating-point tensor, got {getattr(real, 'dtype', type(real).__name__)}")
+    if fake is None:
+        if kind in _NEEDS_FAKE:
+            raise ValueError(f"the {kind!r} penalty needs fake samples; got fake=None")
+        return
+    if not isinstance(fake, Tensor) or not fake.is_floating_point():
+        raise ValueError(f"fake must be a floating-point tensor, got {getattr(fake, 'dtype', type(fake).__name__)}")
+    if fake.shape != real.shape or fake.dtype != real.dtype:
+        raise ValueError(
+            f"real and fake must have the same shape and dtype: real {tuple(real.shape)} {real.dtype}, "
+            f"fake {tuple(fake.shape)} {fake.dtype}"
+        )
+
+
+def _eager(discriminator: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The eager module behind a ``torch.compile``'d one: torch cannot double-backward
+    through compiled graphs, and the eager module shares the same parameters."""
+    return getattr(discriminator, "_orig_mod", discriminator)
+
+
+def gradient_penalty(
+    discriminator: Callable[[Tensor], Tensor],
+    real: Tensor,
+    fake: Optional[Tensor] = None,
+    kind: str = "wgan-gp",
+    *,
+    alpha: Optional[Tensor] = None,
+    generator: Union[None, int, torch.Generator] = None,
+    center: float = 1.0,
+    eps: float = 1e-4,
+    one_sided: bool = False,
+) -> Tensor:
+    """The unweighted penalty of ``discriminator`` (a 0-d tensor with its graph).
+
+    ``discriminator`` maps a batch to one value per sample (shape (B,) or (B, 1)).
+    ``alpha`` (shape (B,)) fixes the WGAN-GP interpolation weights. A
+    ``torch.compile``'d discriminator is evaluated through its eager module here
+    (same parameters). Under DistributedDataParallel pass the DDP-wrapped model:
+    its gradients are all-reduced by the backward of the total loss.
+    """
+    _check_inputs(real, fake, kind)
+    if kind == "wgan-gp":
+        point, _ = ops.gp_interpolate(real.detach(), fake.detach(), alpha, _seed(generator))
+    elif kind == "dragan":
+        point = ops.dragan_perturb(real.detach(), _seed(generator))
+    else:
+        point = (real if kind == "r1" else fake).detach()
+    point.requires_grad_(True)
+    scores = _eager(discriminator)(point)
+    batch = real.shape[0]
+    if not isinstance(scores, Tensor) or scores.shape[:1] != (batch,) or scores.numel() != batch:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"the discriminator must return one value per sample, shape ({batch},) or ({batch}, 1); got {shape}")
+    (grad,) = torch.autograd.grad(scores.sum(), point, create_graph=True)
+    penalty, _ = ops.gp_penalty(grad, kind in SQUARED_NORM_KINDS, center, eps, one_sided)
+    return penalty

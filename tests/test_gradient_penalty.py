@@ -1,0 +1,311 @@
+"""Gradient penalties: fused ops on every backend against plain autograd.
+
+Tolerances: float64 to 1e-9, float32 to 1e-5, on the penalty and on the gradient
+of λ·penalty w.r.t. every discriminator parameter (the double-backward path).
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastgan
+from fastgan.penalties import gradient_penalty
+from fastgan.reference import gradient_penalty as reference
+from conftest import device_backends
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+OPS = torch.ops.fastgan
+SHAPES = [(5, 3, 7, 9), (1, 11), (13,)]
+LAMBDA = 10.0
+
+
+def small_sndcgan_d(spectral_norm=False):
+    """SNDCGAN's D layout (3x3 s1 / 4x4 s2 convs, leaky ReLU 0.1, linear) at odd, small sizes, 9x9 inputs."""
+    d = nn.Sequential(
+        nn.Conv2d(3, 5, 3, 1, 1), nn.LeakyReLU(0.1),
+        nn.Conv2d(5, 7, 4, 2, 1), nn.LeakyReLU(0.1),
+        nn.Conv2d(7, 7, 3, 1, 1), nn.LeakyReLU(0.1),
+        nn.Conv2d(7, 11, 4, 2, 1), nn.LeakyReLU(0.1),
+        nn.Flatten(), nn.Linear(11 * 2 * 2, 1),
+    )
+    return fastgan.nn.apply_spectral_norm(d) if spectral_norm else d
+
+
+def param_grads(loss, module):
+    """∂loss/∂θ for every parameter (zeros where θ does not reach the loss, e.g. D's last bias in a penalty)."""
+    return torch.autograd.grad(loss, list(module.parameters()), allow_unused=True, materialize_grads=True)
+
+
+# ---------------------------------------------------------------- the random stream
+
+
+def test_philox_stream_is_tritons_philox():
+    """fastgan's uniforms are the top 24 bits of Philox-4x32-10's first word, as triton computes it."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def first_words(out_ptr, seed, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(out_ptr + offs, tl.randint(seed, offs))
+
+    for seed in (0, 12345, 2**33 + 17):
+        words = torch.empty(64, dtype=torch.int32)
+        first_words[(1,)](words, seed, N=64)
+        expected = ((words.to(torch.int64) & 0xFFFFFFFF) >> 8).to(torch.float32) * 2.0**-24
+        assert torch.equal(reference.philox_uniform(seed, 64), expected)
+
+
+# ---------------------------------------------------------------- ops vs reference
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_interpolate_matches_reference(device, backend, dtype):
+    for shape in SHAPES:
+        real, fake = torch.rand(shape, dtype=dtype, device=device), torch.rand(shape, dtype=dtype, device=device)
+        alpha = torch.rand(shape[0], dtype=torch.float32, device=device)
+        for given in (alpha, None):
+            for seed in (3, 2**40 + 5):
+                expected = reference.interpolate(real, fake, given, seed)
+                with fastgan.use_backend(backend):
+                    x_hat, used = OPS.gp_interpolate(real, fake, given, seed)
+                assert torch.equal(used, expected[1])  # the in-kernel draws are bit-identical
+                torch.testing.assert_close(x_hat, expected[0], **TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dragan_perturb_matches_reference(device, backend, dtype):
+    for shape in SHAPES:
+        real = torch.rand(shape, dtype=dtype, device=device)
+        for seed in (0, 99):
+            with fastgan.use_backend(backend):
+                x_hat = OPS.dragan_perturb(real, seed)
+            torch.testing.assert_close(x_hat, reference.dragan_perturb(real, seed), **TOL[dtype])
+            assert x_hat.min() >= 0 and x_hat.max() <= 1
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("squared_norm,one_sided,eps", [(True, False, 0.0), (False, False, 1e-4), (False, True, 0.0), (False, True, 1e-4)])
+def test_penalty_matches_reference(device, backend, dtype, squared_norm, one_sided, eps):
+    for shape in SHAPES:
+        grad = torch.randn(shape, dtype=dtype, device=device) * 0.4
+        with fastgan.use_backend(backend):
+            penalty, sq = OPS.gp_penalty(grad, squared_norm, 1.0, eps, one_sided)
+        exp_penalty, exp_sq = reference.penalty(grad, squared_norm, 1.0, eps, one_sided)
+        assert penalty.dtype == dtype and sq.dtype == exp_sq.dtype
+        torch.testing.assert_close(penalty, exp_penalty, **TOL[dtype])
+        torch.testing.assert_close(sq, exp_sq, **TOL[dtype])
+
+
+# ---------------------------------------------------------------- the API vs plain autograd
+
+
+def plain_autograd_penalty(d, real, fake, kind, alpha=None, noise=None, center=1.0, eps=1e-4, one_sided=False):
+    """The hand-written penalty every GAN codebase has, as the oracle."""
+    if kind == "wgan-gp":
+        a = alpha.reshape(-1, 1, 1, 1).to(real.dtype)
+        point = real + a * (fake - real)
+    elif kind == "dragan":
+        point = (real + real.std() * (noise.to(real.dtype) - 0.5)).clamp(0, 1)
+    else:
+        point = real if kind == "r1" else fake
+    point = point.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(d(point).sum(), point, create_graph=True)
+    sq = g.flatten(1).square().sum(1)
+    if kind in ("r1", "r2"):
+        return 0.5 * sq.mean()
+    gap = torch.sqrt(eps + sq) - center
+    return (gap.clamp(min=0) if one_sided else gap).square().mean()
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["wgan-gp", "dragan", "r1", "r2"])
+def test_gradient_penalty_matches_plain_autograd(device, backend, dtype, kind):
+    d = small_sndcgan_d().to(device=device, dtype=dtype)
+    real = torch.rand(6, 3, 9, 9, dtype=dtype, device=device)
+    fake = torch.rand(6, 3, 9, 9, dtype=dtype, device=device)
+    seed = 1234
+    alpha = reference.philox_uniform(seed, 6, device)
+    noise = reference.philox_uniform(seed, real.numel(), device).reshape(real.shape)
+    expected = plain_autograd_penalty(d, real, fake, kind, alpha=alpha, noise=noise)
+    expected_grads = param_grads(LAMBDA * expected, d)
+    with fastgan.use_backend(backend):
+        penalty = gradient_penalty(d, real, fake, kind, generator=seed)
+        grads = param_grads(LAMBDA * penalty, d)
+    torch.testing.assert_close(penalty, expected, **TOL[dtype])
+    for (name, _), g, e in zip(d.named_parameters(), grads, expected_grads):
+        torch.testing.assert_close(g, e, **TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("one_sided,eps", [(False, 0.0), (True, 1e-4)])
+def test_options_and_explicit_alpha(one_sided, eps):
+    d = small_sndcgan_d().double()
+    real, fake = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.rand(4, 3, 9, 9, dtype=torch.float64)
+    alpha = torch.rand(4, dtype=torch.float64)
+    expected = plain_autograd_penalty(d, real, fake, "wgan-gp", alpha=alpha, center=0.5, eps=eps, one_sided=one_sided)
+    penalty = gradient_penalty(d, real, fake, alpha=alpha, center=0.5, eps=eps, one_sided=one_sided)
+    torch.testing.assert_close(penalty, expected, **TOL[torch.float64])
+
+
+def test_penalty_through_spectral_norm_layers():
+    """GP on an SN'd D (the paper's combination): double backward through fastgan's SN weights."""
+    torch.manual_seed(7)
+    d = small_sndcgan_d(spectral_norm=True).double()
+    real, fake = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.rand(4, 3, 9, 9, dtype=torch.float64)
+    alpha = torch.rand(4, dtype=torch.float64)
+    d.eval()  # no power-iteration step between the two evaluations
+    expected = param_grads(plain_autograd_penalty(d, real, fake, "wgan-gp", alpha=alpha), d)
+    got = param_grads(gradient_penalty(d, real, fake, alpha=alpha), d)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
+
+
+def test_default_seed_follows_torch_manual_seed():
+    d = small_sndcgan_d().double()
+    real, fake = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.rand(4, 3, 9, 9, dtype=torch.float64)
+    torch.manual_seed(11)
+    first = gradient_penalty(d, real, fake)
+    torch.manual_seed(11)
+    assert torch.equal(gradient_penalty(d, real, fake), first)
+    generator = torch.Generator().manual_seed(5)
+    torch.testing.assert_close(gradient_penalty(d, real, fake, generator=generator), gradient_penalty(d, real, fake, generator=torch.Generator().manual_seed(5)))
+
+
+# ---------------------------------------------------------------- gradcheck, opcheck
+
+
+@pytest.mark.parametrize("squared_norm,one_sided", [(True, False), (False, False), (False, True)])
+def test_gradcheck_penalty(squared_norm, one_sided):
+    grad = (torch.randn(4, 2, 3, dtype=torch.float64) * 0.5).requires_grad_()
+
+    def penalty(g):
+        return OPS.gp_penalty(g, squared_norm, 1.0, 1e-4, one_sided)[0]
+
+    assert torch.autograd.gradcheck(penalty, (grad,))
+    assert torch.autograd.gradgradcheck(penalty, (grad,))
+
+
+def test_gradcheck_interpolate():
+    real, fake = (torch.rand(3, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    alpha = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r, f, a: OPS.gp_interpolate(r, f, a, 0)[0], (real, fake, alpha))
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+def test_opcheck(device, backend):
+    real, fake = torch.rand(3, 2, 5, device=device), torch.rand(3, 2, 5, device=device)
+    alpha = torch.rand(3, device=device)
+    grad = torch.randn(3, 2, 5, device=device)
+    with fastgan.use_backend(backend):
+        torch.library.opcheck(OPS.gp_interpolate.default, (real, fake, None, 7))
+        torch.library.opcheck(OPS.gp_interpolate.default, (real.requires_grad_(), fake, alpha, 7))
+        torch.library.opcheck(OPS.dragan_perturb.default, (fake, 7))
+        torch.library.opcheck(OPS.gp_penalty.default, (grad, False, 1.0, 1e-4, True))
+        torch.library.opcheck(OPS.gp_penalty.default, (grad.requires_grad_(), True, 1.0, 0.0, False))
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compiled_discriminator_works_through_its_eager_module():
+    """README claim: a torch.compile'd D may be passed to gradient_penalty."""
+    d = small_sndcgan_d().double()
+    compiled = torch.compile(d)
+    real, fake = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.rand(4, 3, 9, 9, dtype=torch.float64)
+    alpha = torch.rand(4, dtype=torch.float64)
+    d_loss = compiled(fake).mean() - compiled(real).mean()
+    got = torch.autograd.grad(d_loss + LAMBDA * gradient_penalty(compiled, real, fake, alpha=alpha), list(d.parameters()))
+    eager_loss = d(fake).mean() - d(real).mean() + LAMBDA * plain_autograd_penalty(d, real, fake, "wgan-gp", alpha=alpha)
+    expected = torch.autograd.grad(eager_loss, list(d.parameters()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
+
+
+def test_penalty_ops_compile_fullgraph():
+    """README claim: the fused ops compile (fullgraph) on a gradient tensor, forward and backward."""
+    grad = (torch.randn(5, 3, 4, dtype=torch.float64)).requires_grad_()
+    fn = lambda g: OPS.gp_penalty(g, False, 1.0, 1e-4, False)[0] + OPS.gp_interpolate(g, g * 2, None, 3)[0].sum()  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(grad), fn(grad), **TOL[torch.float64])
+    (g_c,) = torch.autograd.grad(compiled(grad), grad)
+    (g_e,) = torch.autograd.grad(fn(grad), grad)
+    torch.testing.assert_close(g_c, g_e, **TOL[torch.float64])
+
+
+def test_compiling_the_penalty_itself_raises_instead_of_wrong_gradients():
+    """README claim: compiling a function that calls gradient_penalty fails loudly (torch
+    cannot trace autograd.grad with fullgraph, nor double-backward a compiled graph)."""
+    d = small_sndcgan_d().double()
+    real, fake = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.rand(4, 3, 9, 9, dtype=torch.float64)
+    alpha = torch.rand(4, dtype=torch.float64)
+    with pytest.raises(Exception, match="autograd.grad"):
+        torch.compile(lambda: gradient_penalty(d, real, fake, alpha=alpha), fullgraph=True)()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.compile(lambda: gradient_penalty(d, real, fake, alpha=alpha))().backward()
+
+
+# ---------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank, world, init_file, real, fake, alpha, state, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    d = small_sndcgan_d().double()
+    d.load_state_dict(state)
+    ddp = nn.parallel.DistributedDataParallel(d)
+    part = slice(rank * real.shape[0] // world, (rank + 1) * real.shape[0] // world)
+    r, f = real[part], fake[part]
+    loss = ddp(f).mean() - ddp(r).mean() + LAMBDA * gradient_penalty(ddp, r, f, alpha=alpha[part])
+    loss.backward()
+    if rank == 0:
+        torch.save([p.grad for p in d.parameters()], result_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_gradients_equal_single_process_on_the_whole_batch():
+    d = small_sndcgan_d().double()
+    real, fake = torch.rand(6, 3, 9, 9, dtype=torch.float64), torch.rand(6, 3, 9, 9, dtype=torch.float64)
+    alpha = torch.rand(6, dtype=torch.float64)
+    loss = d(fake).mean() - d(real).mean() + LAMBDA * gradient_penalty(d, real, fake, alpha=alpha)
+    expected = torch.autograd.grad(loss, list(d.parameters()))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "grads.pt")
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), real, fake, alpha, d.state_dict(), result), nprocs=2)
+        got = torch.load(result)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_value_error():
+    d = small_sndcgan_d()
+    real, fake = torch.rand(4, 3, 9, 9), torch.rand(4, 3, 9, 9)
+    with pytest.raises(ValueError, match="same shape and dtype"):
+        gradient_penalty(d, real, fake[:3])
+    with pytest.raises(ValueError, match="same shape and dtype"):
+        gradient_penalty(d, real, fake.double())
+    with pytest.raises(ValueError, match="floating-point"):
+        gradient_penalty(d, (real * 255).to(torch.uint8), fake)
+    with pytest.raises(ValueError, match="needs fake samples"):
+        gradient_penalty(d, real, None, "wgan-gp")
+    with pytest.raises(ValueError, match="needs fake samples"):
+        gradient_penalty(d, real, None, "r2")
+    with pytest.raises(ValueError, match="unknown gradient penalty kind"):
+        gradient_penalty(d, real, fake, "wgan")
+    with pytest.raises(ValueError, match=r"one value per sample.*\(4, 2\)"):
+        gradient_penalty(lambda x: d(x).repeat(1, 2), real, fake)
+    with pytest.raises(ValueError, match="alpha must be"):
+        gradient_penalty(d, real, fake, alpha=torch.rand(3))
+    assert gradient_penalty(d, real, None, "r1").ndim == 0
+    assert gradient_penalty(d, real, None, "dragan").ndim == 0
