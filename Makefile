@@ -52,7 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_gradient_penalty.py
 
 demo: $(STAMP)
-	$(PY) bench/bench_spectral_norm.py --quick
+	$(PY) bench/bench_spectral_norm.py --quick --no-write
 	$(PY) examples/spectral_norm_discriminator.py
 
 clean:

@@ -69,13 +69,13 @@ def variants(device, backends, kind) -> Dict[str, Callable[[], None]]:
 def main(argv=None) -> int:
     args = timing.parse_args(__doc__, argv)
     device = args.device
-    min_run_time = 0.5 if args.quick else 3.0
+    min_run_time = 0.5 if args.quick else 8.0
     backends = timing.kernel_backends(device)
     env = timing.environment(device)
     print(f"SNDCGAN D step with gradient penalty, batch {BATCH}, {SIZE}x{SIZE}, on {env['device']}, torch {env['torch']}")
     rows: List[Dict[str, object]] = []
     for kind in ("wgan-gp", "r1"):
-        times = {name: timing.median_us(fn, min_run_time) for name, fn in variants(device, backends, kind).items()}
+        times = timing.medians_us(variants(device, backends, kind), min_run_time)
         rows += [
             {"figure": kind, "variant": name, "median_us": t, "ratio": times["plain autograd"] / t} for name, t in times.items()
         ]

@@ -112,7 +112,7 @@ def normalized_weight_variants(device, backends) -> Dict[str, Callable[[], objec
 
 
 def measure(variants: Dict[str, Callable[[], object]], min_run_time: float, figure: str) -> List[Dict[str, object]]:
-    times = {name: timing.median_us(fn, min_run_time) for name, fn in variants.items()}
+    times = timing.medians_us(variants, min_run_time)
     baseline = min(times["torch parametrizations.spectral_norm"], times["torch utils.spectral_norm (hook)"])
     return [{"figure": figure, "variant": name, "median_us": t, "ratio": baseline / t} for name, t in times.items()]
 

@@ -1,27 +1,52 @@
-"""The timing helper every fastgan benchmark uses: medians from
-``torch.utils.benchmark`` (which synchronizes CUDA), the environment a figure was
-taken in, and writing results to ``bench/results/`` as JSON and markdown."""
+"""The timing helper every fastgan benchmark uses: interleaved medians, the
+environment a figure was taken in, and results written to ``bench/results/`` as
+JSON and markdown."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
-import torch.utils.benchmark as benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_us(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median wall time of one call of ``fn`` in microseconds."""
-    fn()  # warm-up: compilation, caches, allocator
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    return measurement.median * 1e6
+def _block_seconds(fn: Callable[[], object], number: int, sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def medians_us(fns: Dict[str, Callable[[], object]], min_run_time: float, min_rounds: int = 5) -> Dict[str, float]:
+    """Median wall time of one call of each function, in microseconds.
+
+    The functions are timed in interleaved rounds (each round times every function
+    once, in a block of calls long enough to dwarf the timer), so drift in the
+    machine's speed -- other load, clocks, thermal state -- hits all of them alike
+    and the ratios stay fair. CUDA is synchronized around every block."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    numbers = {}
+    for name, fn in fns.items():
+        fn()  # warm-up: compilation, caches, allocator
+        number = 1
+        while (elapsed := _block_seconds(fn, number, sync)) < 0.01 and number < 10**6:
+            number *= max(2, min(100, int(0.01 / max(elapsed, 1e-9))))
+        numbers[name] = number
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    deadline = time.perf_counter() + min_run_time * len(fns)
+    while time.perf_counter() < deadline or min(len(v) for v in samples.values()) < min_rounds:
+        for name, fn in fns.items():
+            samples[name].append(_block_seconds(fn, numbers[name], sync) / numbers[name])
+    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
 
 
 def environment(device: torch.device) -> Dict[str, str]:
