@@ -1,0 +1,83 @@
+"""The base of fastgan's metrics: states that accumulate with ``update`` and reduce across processes.
+
+A metric declares its states with :meth:`Metric.add_state`, each with a reduction:
+``"sum"`` (tensors added across processes) or ``"cat"`` (lists of tensors
+concatenated along dim 0 across processes, in rank order). ``compute`` works on
+:meth:`Metric.reduced_states`, which equals the local states in a single process and
+the all-process reduction under ``torch.distributed`` -- so every rank computes the
+same value, as with torchmetrics.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+State = Union[Tensor, List[Tensor]]
+
+
+def _gather_cat(tensors: List[Tensor], group) -> Tensor:
+    """Concatenate every rank's tensors (different lengths allowed) in rank order."""
+    local = torch.cat(tensors) if tensors else torch.empty(0)
+    world = dist.get_world_size(group)
+    length = torch.tensor([local.shape[0]], device=local.device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length, group=group)
+    longest = int(max(l.item() for l in lengths))
+    padded = torch.zeros((longest,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g[: int(l.item())] for g, l in zip(gathered, lengths)])
+
+
+class Metric:
+    """update() / compute() / reset(), with states reduced across processes."""
+
+    def __init__(self) -> None:
+        self._defaults: Dict[str, State] = {}
+        self._reductions: Dict[str, str] = {}
+        self.process_group = None
+
+    def add_state(self, name: str, default: State, reduction: str) -> None:
+        if reduction not in ("sum", "cat"):
+            raise ValueError(f"reduction must be 'sum' or 'cat', got {reduction!r}")
+        if reduction == "cat" and default != []:
+            raise ValueError("a 'cat' state starts as an empty list")
+        self._defaults[name] = default
+        self._reductions[name] = reduction
+        setattr(self, name, [] if reduction == "cat" else default.clone())
+
+    def reset(self) -> None:
+        for name, default in self._defaults.items():
+            setattr(self, name, [] if self._reductions[name] == "cat" else default.clone())
+
+    def to(self, device) -> "Metric":
+        for name, reduction in self._reductions.items():
+            value = getattr(self, name)
+            setattr(self, name, [t.to(device) for t in value] if reduction == "cat" else value.to(device))
+        return self
+
+    def reduced_states(self) -> Dict[str, Tensor]:
+        """Every state, reduced over all processes when torch.distributed is initialized;
+        'cat' states come back as one concatenated tensor."""
+        distributed = dist.is_available() and dist.is_initialized()
+        out = {}
+        for name, reduction in self._reductions.items():
+            value = getattr(self, name)
+            if reduction == "sum":
+                if distributed:
+                    value = value.clone()
+                    dist.all_reduce(value, group=self.process_group)
+                out[name] = value
+            else:
+                out[name] = _gather_cat(value, self.process_group) if distributed else (torch.cat(value) if value else torch.empty(0))
+        return out
+
+    def update(self, *args, **kwargs) -> None:
+        raise NotImplementedError
+
+    def compute(self):
+        raise NotImplementedError
