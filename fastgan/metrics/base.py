@@ -19,18 +19,24 @@ State = Union[Tensor, List[Tensor]]
 
 
 def _gather_cat(tensors: List[Tensor], group) -> Tensor:
-    """Concatenate every rank's tensors (different lengths allowed) in rank order."""
-    local = torch.cat(tensors) if tensors else torch.empty(0)
+    """Concatenate every rank's tensors (different lengths, or none at all) in rank order."""
     world = dist.get_world_size(group)
-    length = torch.tensor([local.shape[0]], device=local.device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length, group=group)
-    longest = int(max(l.item() for l in lengths))
-    padded = torch.zeros((longest,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+    local = torch.cat(tensors) if tensors else None
+    meta = None if local is None else (local.shape[0], tuple(local.shape[1:]), local.dtype, str(local.device))
+    metas: List = [None] * world
+    dist.all_gather_object(metas, meta, group=group)
+    known = next((m for m in metas if m is not None), None)
+    if known is None:
+        return torch.empty(0)
+    _, trailing, dtype, device = known
+    if local is None:
+        local = torch.empty((0,) + trailing, dtype=dtype, device=device)
+    longest = max(m[0] if m is not None else 0 for m in metas)
+    padded = torch.zeros((longest,) + trailing, dtype=dtype, device=local.device)
     padded[: local.shape[0]] = local
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
-    return torch.cat([g[: int(l.item())] for g, l in zip(gathered, lengths)])
+    return torch.cat([g[: (m[0] if m is not None else 0)] for g, m in zip(gathered, metas)])
 
 
 class Metric:

@@ -1,0 +1,136 @@
+"""Kernel Inception Distance (Binkowski et al., 2018, "Demystifying MMD GANs").
+
+Conventions (those of the authors' ``polynomial_mmd_averages``, also used by
+torch-fidelity and torchmetrics):
+
+- input: features of real and generated images, shape (N, d) (d = 2048 for the pool
+  features of the TF FID Inception), accumulated over ``update`` calls;
+- kernel k(x, y) = (gamma * x.y + coef0) ** degree, gamma = 1/d by default, so the
+  default is (x.y/d + 1)^3;
+- per subset: m real and n fake samples drawn without replacement, and the unbiased
+  estimate MMD^2 = sum_{i!=j} k(r_i, r_j) / (m(m-1)) + sum_{i!=j} k(f_i, f_j) / (n(n-1))
+  - 2 mean_{i,j} k(r_i, f_j) (the cross term keeps its "diagonal", as the authors' code);
+  it can be negative when the two distributions are close;
+- m = min(subset_size, N_real) and n = min(subset_size, N_fake) (each capped on its own
+  side); fewer than 2 samples on either side raises ValueError;
+- the draws: ``g = torch.Generator().manual_seed(seed)`` is created afresh in every
+  ``compute()``, and for each subset ``torch.randperm(N_real, generator=g)[:m]`` then
+  ``torch.randperm(N_fake, generator=g)[:n]``; the generator is on the CPU, so the
+  same seed picks the same subsets on any device and on every rank;
+- ``compute()`` returns (mean, std) of MMD^2 over the subsets, std with 1/subsets
+  (numpy's ``np.std``), as float64 0-dim tensors on the features' device; all math in
+  float64.
+
+Features are stored in the dtype they arrive in (float32 features of 50k images take
+400 MB per side) and converted to float64 subset by subset. Under ``torch.distributed``
+the features are concatenated in rank order, so every rank computes the same value.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastgan.metrics.base import Metric
+
+
+def _check_floating_finite(name: str, value, batch_number: int) -> None:
+    """Reject non-tensors, non-floating dtypes and NaN/Inf, naming the batch."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__} (batch {batch_number})")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be floating-point, got dtype {value.dtype} (batch {batch_number})")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"{name} of batch {batch_number} (counting update calls from 1 since the last reset) "
+            "contains NaN or Inf")
+
+
+class KID(Metric):
+    """Unbiased MMD^2 with a polynomial kernel, averaged over random subsets.
+
+    ``update(real_features=None, fake_features=None)`` with (N, d) tensors (either or
+    both per call); ``compute()`` -> (mean, std) over ``subsets`` subsets, float64.
+    """
+
+    def __init__(self, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
+                 gamma: Optional[float] = None, coef0: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(subsets, int) or subsets < 1:
+            raise ValueError(f"subsets must be a positive int, got {subsets!r}")
+        if not isinstance(subset_size, int) or subset_size < 2:
+            raise ValueError(f"subset_size must be an int >= 2, got {subset_size!r}")
+        if not isinstance(degree, int) or degree < 1:
+            raise ValueError(f"degree must be a positive int, got {degree!r}")
+        if gamma is not None and not gamma > 0:
+            raise ValueError(f"gamma must be positive or None (1/d), got {gamma!r}")
+        self.subsets = subsets
+        self.subset_size = subset_size
+        self.degree = degree
+        self.gamma = gamma
+        self.coef0 = float(coef0)
+        self.seed = seed
+        self.add_state("real_features", [], "cat")
+        self.add_state("fake_features", [], "cat")
+        self._batches_seen = 0
+        self._num_features: Optional[int] = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._batches_seen = 0
+        self._num_features = None
+
+    def _check_features(self, name: str, features) -> None:
+        _check_floating_finite(name, features, self._batches_seen)
+        if features.dim() != 2:
+            raise ValueError(
+                f"{name} must have shape (N, d), got {tuple(features.shape)} (batch {self._batches_seen})")
+        if self._num_features is None:
+            self._num_features = features.shape[1]
+        elif features.shape[1] != self._num_features:
+            raise ValueError(
+                f"{name} has {features.shape[1]} features per sample in batch {self._batches_seen}, "
+                f"the features given before have {self._num_features}")
+
+    def update(self, real_features: Optional[Tensor] = None, fake_features: Optional[Tensor] = None) -> None:
+        self._batches_seen += 1
+        if real_features is None and fake_features is None:
+            raise ValueError(f"KID.update needs real_features or fake_features (batch {self._batches_seen})")
+        # validate both before storing either, so a bad call leaves the state untouched
+        for name, features in (("real_features", real_features), ("fake_features", fake_features)):
+            if features is not None:
+                self._check_features(name, features)
+        if real_features is not None:
+            self.real_features.append(real_features.detach())
+        if fake_features is not None:
+            self.fake_features.append(fake_features.detach())
+
+    def _kernel(self, x: Tensor, y: Tensor) -> Tensor:
+        gamma = 1.0 / x.shape[1] if self.gamma is None else self.gamma
+        return (gamma * (x @ y.T) + self.coef0) ** self.degree
+
+    def compute(self) -> Tuple[Tensor, Tensor]:
+        states = self.reduced_states()
+        real, fake = states["real_features"], states["fake_features"]
+        if real.shape[0] < 2 or fake.shape[0] < 2:
+            raise ValueError(
+                f"KID needs at least 2 real and 2 fake samples, got {real.shape[0]} real and {fake.shape[0]} fake")
+        if real.shape[1] != fake.shape[1]:
+            raise ValueError(f"real features have {real.shape[1]} dimensions, fake features {fake.shape[1]}")
+        num_real, num_fake = real.shape[0], fake.shape[0]
+        m, n = min(self.subset_size, num_real), min(self.subset_size, num_fake)
+        generator = torch.Generator().manual_seed(self.seed)
+        estimates = []
+        for _ in range(self.subsets):
+            real_index = torch.randperm(num_real, generator=generator)[:m].to(real.device)
+            fake_index = torch.randperm(num_fake, generator=generator)[:n].to(fake.device)
+            r = real[real_index].to(torch.float64)
+            f = fake[fake_index].to(torch.float64)
+            k_rr, k_ff, k_rf = self._kernel(r, r), self._kernel(f, f), self._kernel(r, f)
+            estimates.append(
+                (k_rr.sum() - k_rr.diagonal().sum()) / (m * (m - 1))
+                + (k_ff.sum() - k_ff.diagonal().sum()) / (n * (n - 1))
+                - 2.0 * k_rf.mean())
+        estimates = torch.stack(estimates)
+        return estimates.mean(), estimates.std(unbiased=False)
