@@ -52,6 +52,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_spectral_norm.py
 	$(PY) bench/bench_gradient_penalty.py
+	$(PY) bench/bench_fid.py
 
 demo: $(STAMP)
 	$(PY) bench/bench_spectral_norm.py --quick --no-write

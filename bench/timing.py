@@ -75,8 +75,8 @@ def write_results(name: str, device: torch.device, env: Dict[str, str], rows: Li
     stem = f"{name}-{device.type}-{env['date']}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows, "notes": notes}, indent=2) + "\n")
     lines = [f"# {name} on {env['device']}", "", ", ".join(f"{k} {v}" for k, v in env.items()), "", notes, ""]
-    lines += ["| figure | variant | median (µs) | speed-up vs baseline |", "|---|---|---:|---:|"]
-    lines += [f"| {r['figure']} | {r['variant']} | {r['median_us']:.1f} | {r['ratio']:.2f}× |" for r in rows]
+    lines += ["| figure | variant | median (µs) | speed-up vs baseline | detail |", "|---|---|---:|---:|---|"]
+    lines += [f"| {r['figure']} | {r['variant']} | {r['median_us']:.1f} | {r['ratio']:.2f}× | {r.get('detail', '')} |" for r in rows]
     path = RESULTS / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -85,7 +85,7 @@ def write_results(name: str, device: torch.device, env: Dict[str, str], rows: Li
 def print_table(rows: List[Dict[str, object]]) -> None:
     width = max(len(str(r["variant"])) for r in rows)
     for r in rows:
-        print(f"  {r['variant']:<{width}}  {r['median_us']:>10.1f} µs  {r['ratio']:>6.2f}×")
+        print(f"  {r['variant']:<{width}}  {r['median_us']:>12.1f} µs  {r['ratio']:>7.2f}×  {r.get('detail', '')}")
 
 
 def default_device() -> torch.device:

@@ -15,6 +15,8 @@ TORCH_LIBRARY(fastgan_C, m) {
   m.def("dragan_perturb(Tensor real, int seed) -> Tensor");
   m.def(
       "gp_penalty(Tensor grad, bool squared_norm, float center, float eps, bool one_sided) -> (Tensor, Tensor)");
+  m.def("newton_schulz_steps(Tensor y, Tensor z, int iterations) -> (Tensor, Tensor)");
+  m.def("feature_moments(Tensor features) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

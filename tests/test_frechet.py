@@ -15,6 +15,7 @@ import fastgan
 from fastgan.metrics import FeatureStatistics, frechet_distance
 from fastgan.ops import frechet as ops
 from fastgan.reference import frechet as reference
+from conftest import DEVICES, device_backends
 
 
 def pytorch_fid_formula(mu1, sigma1, mu2, sigma2):
@@ -64,15 +65,16 @@ def test_symmetric_method_matches_pytorch_fid(d, n, kind):
     assert got >= 0
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
 @pytest.mark.parametrize("d,n,kind", [(16, 64, "full-rank"), (64, 256, "full-rank"), (64, 32, "singular"), (37, 200, "ill-conditioned")])
-def test_newton_schulz_meets_the_bound_where_it_converges(backend, d, n, kind):
+def test_newton_schulz_meets_the_bound_where_it_converges(device, backend, d, n, kind):
     a, b = statistics_pair(n, d, kind, seed=n)
     expected = pytorch_fid_formula(*(t.numpy() for t in (a.mean, a.covariance, b.mean, b.covariance)))
     exact_trace = float(reference.trace_sqrt_product_symmetric(a.covariance, b.covariance))
+    moved = [t.to(device) for t in (a.mean, a.covariance, b.mean, b.covariance)]
     with fastgan.use_backend(backend):
-        value, converged = ops.newton_schulz(a.covariance, b.covariance)
-        fid = frechet_distance(a, b, "newton-schulz")  # falls back when not converged
+        value, converged = ops.newton_schulz(moved[1], moved[3])
+        fid = float(ops.frechet_distance(*moved, "newton-schulz"))  # falls back when not converged
     if converged:
         assert abs(2 * (float(value) - exact_trace)) <= bound(expected)
     assert abs(fid - expected) <= bound(expected)
@@ -122,6 +124,19 @@ def test_streaming_statistics_equal_one_pass():
     torch.testing.assert_close(streamed.covariance, torch.cov(x.double().T), rtol=1e-10, atol=1e-12)
     halves = FeatureStatistics().update(x[:150]).merge(FeatureStatistics().update(x[150:]))
     torch.testing.assert_close(halves.covariance, streamed.covariance, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_moments_on_every_backend(device):
+    x = torch.rand(37, 11, device=device) + 2
+    expected = reference.feature_moments(x)
+    backends = ("reference", "cpp" if device == "cpu" else "cuda")
+    for backend in backends:
+        with fastgan.use_backend(backend):
+            total, outer = ops.feature_moments(x)
+        assert total.dtype == outer.dtype == torch.float64
+        torch.testing.assert_close(total, expected[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(outer, expected[1], rtol=1e-12, atol=1e-12)
 
 
 def test_nan_features_name_the_batch():

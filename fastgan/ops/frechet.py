@@ -16,7 +16,8 @@ Methods (math in :mod:`fastgan.reference.frechet`):
   iterations with one residual check per chunk (one host sync per chunk, none per
   iteration); when the residual has not reached 1e-10 after 50 iterations -- as happens
   for singular covariances -- it falls back to ``"symmetric"``. The CUDA default.
-  Kernels: Triton (``fastgan.kernels.frechet``) or the torch reference.
+  Kernels: Triton (``fastgan.kernels.frechet``), C++ (``csrc/frechet.cpp``: the
+  iteration folded into BLAS/cuBLAS GEMM epilogues, CPU and CUDA) or the torch reference.
 * ``"auto"``: ``"newton-schulz"`` on CUDA, ``"symmetric"`` elsewhere.
 
 Results are never complex; an FID that is negative only by round-off is clamped to 0.
@@ -59,10 +60,21 @@ def _triton_matmul(a, b):
     return kernels.matmul(a, b)
 
 
+def _cpp_newton_schulz_steps(*args):
+    return torch.ops.fastgan_C.newton_schulz_steps(*args)
+
+
+def _cpp_feature_moments(*args):
+    return torch.ops.fastgan_C.feature_moments(*args)
+
+
 _NEWTON_SCHULZ = {
     "reference": (reference.newton_schulz_steps, torch.matmul),
     "triton": (_triton_newton_schulz_steps, _triton_matmul),
+    "cpp": (_cpp_newton_schulz_steps, torch.matmul),
+    "cuda": (_cpp_newton_schulz_steps, torch.matmul),
 }
+_FEATURE_MOMENTS = {"reference": reference.feature_moments, "cpp": _cpp_feature_moments, "cuda": _cpp_feature_moments}
 
 
 def newton_schulz(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, bool]:
@@ -140,7 +152,7 @@ def frechet_distance(
 def feature_moments(features: Tensor) -> Tuple[Tensor, Tensor]:
     if not features.is_floating_point() or features.dim() != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be a non-empty (N, d) floating-point batch, got {tuple(features.shape)} {features.dtype}")
-    return reference.feature_moments(features)
+    return _backend.dispatch(_FEATURE_MOMENTS, features.device)(features.contiguous())
 
 
 @feature_moments.register_fake
