@@ -53,7 +53,11 @@ CASES = [
     pytest.param(d, n, kind, id=f"{kind}-d{d}-n{n}")
     for d in (16, 64, 256)
     for n, kind in ((4 * d, "full-rank"), (d // 2, "singular"), (4 * d, "ill-conditioned"))
-] + [pytest.param(2048, 4096, "full-rank", id="full-rank-d2048"), pytest.param(2048, 1000, "singular", id="singular-d2048")]
+] + [
+    pytest.param(2048, 4096, "full-rank", id="full-rank-d2048"),
+    pytest.param(2048, 1000, "singular", id="singular-d2048"),
+    pytest.param(2048, 4096, "ill-conditioned", id="ill-conditioned-d2048"),
+]
 
 
 @pytest.mark.parametrize("d,n,kind", CASES)
@@ -177,3 +181,33 @@ def test_fid_metric_object():
     metric.set_real_statistics(FeatureStatistics().update(real))
     metric.update(fake, real=False)
     assert metric.compute() == pytest.approx(expected, rel=1e-10)
+
+
+def _fid_worker(rank, world, init_file, real, fake, result_file):
+    import torch.distributed as dist
+
+    from fastgan.metrics import FID
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    metric = FID(feature_dim=real.shape[1])
+    metric.update(real[rank::world], real=True)
+    if rank == 0:  # rank 1 sees no fakes at all
+        metric.update(fake, real=False)
+    value = metric.compute()
+    if rank == 1:
+        torch.save(value, result_file)
+    dist.destroy_process_group()
+
+
+def test_fid_reduces_across_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    from fastgan.metrics import FID
+
+    real, fake = torch.rand(41, 9), torch.rand(30, 9) * 1.2
+    single = FID(feature_dim=9)
+    single.update(real, real=True)
+    single.update(fake, real=False)
+    result = str(tmp_path / "fid.pt")
+    mp.spawn(_fid_worker, args=(2, str(tmp_path / "init"), real, fake, result), nprocs=2)
+    assert torch.load(result) == pytest.approx(single.compute(), rel=1e-10)
