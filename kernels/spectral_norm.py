@@ -41,6 +41,18 @@ _META_COLUMNS = 6  # weight pointer, A, M, B, row offset, column offset
 
 
 @triton.jit
+def _load_rows(w_ptr, a, M, B, b0, offs_m, mask_m, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The (BLOCK_M, BLOCK_B) tile of W_mat rows offs_m, columns a*B + b0 ..., as ACC."""
+    offs_b = b0 + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    w = tl.load(
+        w_ptr + a * M * B + offs_m[:, None] * B + offs_b[None, :],
+        mask=mask_m[:, None] & mask_b[None, :], other=0.0,
+    ).to(ACC)
+    return w, offs_b, mask_b
+
+
+@triton.jit
 def _row_pass_block(
     w_ptr, A, M, B, row_off, col_off, m0,
     x_ptr, y_ptr, t_ptr, s_ptr,
@@ -52,12 +64,7 @@ def _row_pass_block(
         t = tl.zeros([BLOCK_M], dtype=ACC)
         for a in range(0, A):
             for b0 in range(0, B, BLOCK_B):
-                offs_b = b0 + tl.arange(0, BLOCK_B)
-                mask_b = offs_b < B
-                w = tl.load(
-                    w_ptr + a * M * B + offs_m[:, None] * B + offs_b[None, :],
-                    mask=mask_m[:, None] & mask_b[None, :], other=0.0,
-                ).to(ACC)
+                w, offs_b, mask_b = _load_rows(w_ptr, a, M, B, b0, offs_m, mask_m, ACC, BLOCK_B)
                 x = tl.load(x_ptr + col_off + a * B + offs_b, mask=mask_b, other=0.0).to(ACC)
                 t += tl.sum(w * x[None, :], axis=1)
         tl.store(t_ptr + row_off + offs_m, t, mask=mask_m)
@@ -67,12 +74,7 @@ def _row_pass_block(
     if ACCUM:
         for a in range(0, A):
             for b0 in range(0, B, BLOCK_B):
-                offs_b = b0 + tl.arange(0, BLOCK_B)
-                mask_b = offs_b < B
-                w = tl.load(
-                    w_ptr + a * M * B + offs_m[:, None] * B + offs_b[None, :],
-                    mask=mask_m[:, None] & mask_b[None, :], other=0.0,
-                ).to(ACC)
+                w, offs_b, mask_b = _load_rows(w_ptr, a, M, B, b0, offs_m, mask_m, ACC, BLOCK_B)
                 tl.atomic_add(s_ptr + col_off + a * B + offs_b, tl.sum(w * y[:, None], axis=0), mask=mask_b)
 
 

@@ -38,3 +38,12 @@ def device_backends(include_reference=False):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def finish_process_group():
+    """End a test's gloo process group: a barrier first, so no rank tears down its
+    connections while another still uses them (gloo aborts the process then)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

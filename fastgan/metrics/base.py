@@ -18,6 +18,18 @@ from torch import Tensor
 State = Union[Tensor, List[Tensor]]
 
 
+def check_floating_finite(name: str, value, batch_number: int) -> None:
+    """Reject non-tensors, non-floating dtypes and NaN/Inf, naming the batch."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__} (batch {batch_number})")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be floating-point, got dtype {value.dtype} (batch {batch_number})")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"{name} of batch {batch_number} (counting update calls from 1 since the last reset) "
+            "contains NaN or Inf")
+
+
 def _gather_cat(tensors: List[Tensor], group) -> Tensor:
     """Concatenate every rank's tensors (different lengths, or none at all) in rank order."""
     world = dist.get_world_size(group)

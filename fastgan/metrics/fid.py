@@ -19,14 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastgan.metrics.base import Metric
+from fastgan.metrics.base import Metric, check_floating_finite
 from fastgan.ops import frechet as ops
 from fastgan.reference import frechet as reference
-
-
-def check_finite(features: Tensor, batch: int) -> None:
-    if not torch.isfinite(features).all():
-        raise ValueError(f"features of batch {batch} contain NaN or Inf; check the images and the feature extractor")
 
 
 class FeatureStatistics:
@@ -44,8 +39,8 @@ class FeatureStatistics:
         if self._total is None and self._mean is not None:
             raise ValueError("these statistics were loaded as (mu, sigma); they cannot be updated with features")
         if features.dim() != 2:
-            raise ValueError(f"features must be (N, d), got shape {tuple(features.shape)} in batch {self.batches}")
-        check_finite(features, self.batches)
+            raise ValueError(f"features must be (N, d), got shape {tuple(features.shape)} in batch {self.batches + 1}")
+        check_floating_finite("features", features, self.batches + 1)
         total, outer = ops.feature_moments(features)
         if self._total is None:
             self._total, self._outer = total, outer
@@ -138,7 +133,7 @@ class FID(Metric):
     @torch.no_grad()
     def update(self, batch: Tensor, real: bool) -> None:
         features = self.feature_extractor(batch) if self.feature_extractor is not None else batch
-        check_finite(features, self._batches)
+        check_floating_finite("features", features, self._batches + 1)
         side = "real" if real else "fake"
         total, outer = ops.feature_moments(features)
         setattr(self, f"{side}_count", getattr(self, f"{side}_count") + features.shape[0])

@@ -26,19 +26,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from fastgan.metrics.base import Metric
-
-
-def _check_floating_finite(name: str, value, batch_number: int) -> None:
-    """Reject non-tensors, non-floating dtypes and NaN/Inf, naming the batch."""
-    if not isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__} (batch {batch_number})")
-    if not value.is_floating_point():
-        raise ValueError(f"{name} must be floating-point, got dtype {value.dtype} (batch {batch_number})")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(
-            f"{name} of batch {batch_number} (counting update calls from 1 since the last reset) "
-            "contains NaN or Inf")
+from fastgan.metrics.base import Metric, check_floating_finite
 
 
 class InceptionScore(Metric):
@@ -65,7 +53,7 @@ class InceptionScore(Metric):
 
     def update(self, logits: Tensor) -> None:
         self._batches_seen += 1
-        _check_floating_finite("logits", logits, self._batches_seen)
+        check_floating_finite("logits", logits, self._batches_seen)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"logits must have shape (N, {self.num_classes}), got {tuple(logits.shape)} "

@@ -32,19 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastgan.metrics.base import Metric
-
-
-def _check_floating_finite(name: str, value, batch_number: int) -> None:
-    """Reject non-tensors, non-floating dtypes and NaN/Inf, naming the batch."""
-    if not isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__} (batch {batch_number})")
-    if not value.is_floating_point():
-        raise ValueError(f"{name} must be floating-point, got dtype {value.dtype} (batch {batch_number})")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(
-            f"{name} of batch {batch_number} (counting update calls from 1 since the last reset) "
-            "contains NaN or Inf")
+from fastgan.metrics.base import Metric, check_floating_finite
 
 
 class KID(Metric):
@@ -82,7 +70,7 @@ class KID(Metric):
         self._num_features = None
 
     def _check_features(self, name: str, features) -> None:
-        _check_floating_finite(name, features, self._batches_seen)
+        check_floating_finite(name, features, self._batches_seen)
         if features.dim() != 2:
             raise ValueError(
                 f"{name} must have shape (N, d), got {tuple(features.shape)} (batch {self._batches_seen})")

@@ -53,24 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgan.metrics.base import Metric
+from fastgan.metrics.base import Metric, check_floating_finite
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 # Pair products are filtered this many elements at a time (float64: 128 MiB per temporary).
 _ELEMENTS_PER_CHUNK = 2 ** 24
-
-
-def _check_floating_finite(name: str, value, batch_number: int) -> None:
-    """Reject non-tensors, non-floating dtypes and NaN/Inf, naming the batch."""
-    if not isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__} (batch {batch_number})")
-    if not value.is_floating_point():
-        raise ValueError(f"{name} must be floating-point, got dtype {value.dtype} (batch {batch_number})")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(
-            f"{name} of batch {batch_number} (counting update calls from 1 since the last reset) "
-            "contains NaN or Inf")
 
 
 def _gaussian_window(taps: int, sigma: float, dtype: torch.dtype, device) -> Tensor:
@@ -156,7 +144,7 @@ def ms_ssim(x: Tensor, y: Tensor, *, data_range: float = 1.0, weights: Sequence[
             window_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> Tensor:
     """MS-SSIM of x[i] against y[i], (N, C, H, W) each -> (N,) in float64 (conventions: module docstring)."""
     for name, images in (("x", x), ("y", y)):
-        _check_floating_finite(name, images, 1)
+        check_floating_finite(name, images, 1)
         if images.dim() != 4:
             raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}")
     if x.shape != y.shape:
@@ -207,7 +195,7 @@ class MSSSIM(Metric):
 
     def update(self, images: Tensor) -> None:
         self._batches_seen += 1
-        _check_floating_finite("images", images, self._batches_seen)
+        check_floating_finite("images", images, self._batches_seen)
         if images.dim() != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)} "
                              f"(batch {self._batches_seen})")
