@@ -1,7 +1,7 @@
 """Benchmark: the d=2048 Fréchet distance and Inception feature throughput.
 
 Fréchet distance between two 2048-d feature statistics (5000 samples each), side by
-side in one run, with the |ΔFID| of each against scipy:
+side in one run, with the absolute ΔFID of each against scipy:
 
 * scipy ``sqrtm`` (pytorch-fid, clean-fid) -- the baseline of the ratios;
 * ``numpy.linalg.eigvals`` of Σ1Σ2 (torch-fidelity);
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     for name, fn in variants.items():
         error = abs(fid_from_trace(a, b, fn()) - exact)
         rows.append({"figure": "frechet distance d=2048", "variant": name, "median_us": times[name],
-                     "ratio": times["scipy sqrtm (pytorch-fid)"] / times[name], "detail": f"|ΔFID| {error:.1e} (FID {exact:.3f})"})
+                     "ratio": times["scipy sqrtm (pytorch-fid)"] / times[name], "detail": f"abs ΔFID {error:.1e} (FID {exact:.3f})"})
     timing.print_table(rows)
 
     from fastgan.metrics.inception import InceptionV3, find_fid_helper_weights
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         timing.print_table(inception_rows)
         rows += inception_rows
     if not args.no_write:
-        notes = ("Fréchet distance between two 2048-d statistics of 5000 samples; ratio = scipy sqrtm / variant, |ΔFID| "
+        notes = ("Fréchet distance between two 2048-d statistics of 5000 samples; ratio = scipy sqrtm / variant, abs ΔFID "
                  "against scipy. Inception: one forward of a batch at 299x299; ratio = TorchScript / variant. "
                  f"Measured with `python bench/bench_fid.py --device {device.type}`.")
         print("written to", timing.write_results("fid", device, env, rows, notes))
