@@ -78,4 +78,28 @@ inline void check_spectral_norm_vectors(const std::vector<SpectralNormLayerShape
   }
 }
 
+enum class Finalize { UV, V, U, Eval };
+
+// The schedule above, for any backend: `it` provides pass(dot, accum) and finalize(kind).
+template <typename PowerIteration>
+void run_power_iteration(PowerIteration& it, int64_t n_power_iterations, bool u_first) {
+  if (n_power_iterations == 0) {
+    it.pass(true, false);
+    it.finalize(Finalize::Eval);
+  } else if (u_first) {
+    for (int64_t i = 0; i < n_power_iterations; ++i) {
+      it.pass(true, true);
+      it.finalize(Finalize::UV);
+    }
+  } else {
+    it.pass(false, true);
+    it.finalize(Finalize::V);
+    for (int64_t i = 0; i < n_power_iterations; ++i) {
+      const bool last = i + 1 == n_power_iterations;
+      it.pass(true, !last);
+      it.finalize(last ? Finalize::U : Finalize::UV);
+    }
+  }
+}
+
 }  // namespace fastgan

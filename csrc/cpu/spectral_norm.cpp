@@ -92,7 +92,6 @@ acc_t squared_norm(const acc_t* x, int64_t n) {
   return acc;
 }
 
-enum class Finalize { UV, V, U, Eval };
 
 template <typename scalar_t>
 struct PowerIteration {
@@ -172,25 +171,6 @@ struct PowerIteration {
     }
   }
 
-  void run(int64_t n_power_iterations, bool u_first) {
-    if (n_power_iterations == 0) {
-      pass(true, false);
-      finalize(Finalize::Eval);
-    } else if (u_first) {
-      for (int64_t i = 0; i < n_power_iterations; ++i) {
-        pass(true, true);
-        finalize(Finalize::UV);
-      }
-    } else {
-      pass(false, true);
-      finalize(Finalize::V);
-      for (int64_t i = 0; i < n_power_iterations; ++i) {
-        const bool last = i + 1 == n_power_iterations;
-        pass(true, !last);
-        finalize(last ? Finalize::U : Finalize::UV);
-      }
-    }
-  }
 };
 
 template <typename scalar_t>
@@ -230,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_multi_cpu(
     it.sigma.resize(shapes.size());
     load<scalar_t>(us, it.u);
     load<scalar_t>(vs, it.v);
-    it.run(n_power_iterations, u_first);
+    run_power_iteration(it, n_power_iterations, u_first);
     scalar_t* up = u_out.data_ptr<scalar_t>();
     scalar_t* vp = v_out.data_ptr<scalar_t>();
     scalar_t* sp = sigma_out.data_ptr<scalar_t>();

@@ -38,11 +38,11 @@
 #include <tuple>
 
 #include "../philox.h"
+#include "device_math.cuh"
 
 namespace fastgan {
 namespace {
 
-constexpr int kWarpSize = 32;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kUnroll = 4;         // 16-byte loads in flight per thread in the penalty loop
@@ -62,12 +62,6 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t x) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 // Sum over the block, returned to every thread in a fixed order.
 template <typename acc_t>
@@ -82,11 +76,6 @@ __device__ __forceinline__ acc_t block_sum(acc_t x, acc_t* partial) {
   return total;
 }
 
-// Correctly rounded, whatever --use_fast_math says.
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
-__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
 
 // a_b in real's dtype. A given alpha is cast straight to scalar_t, as the reference's
 // .to(real.dtype) does (half and bfloat16 convert through float either way).

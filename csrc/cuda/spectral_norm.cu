@@ -36,11 +36,11 @@
 #include <vector>
 
 #include "../spectral_norm.h"
+#include "device_math.cuh"
 
 namespace fastgan {
 namespace {
 
-constexpr int kWarpSize = 32;
 constexpr int kRowWarps = 8;  // also the most rows one row-pass block handles
 constexpr int kRowThreads = kRowWarps * kWarpSize;
 constexpr int kFinalizeThreads = 512;
@@ -55,7 +55,6 @@ constexpr int kUnroll = 4;  // 16-byte loads in flight per thread in the DOT loo
 constexpr int kLayerCols = 7;
 constexpr int kBlockCols = 2;
 
-enum class Finalize { UV, V, U, Eval };
 
 // ---------------------------------------------------------------------------
 // Device helpers
@@ -66,18 +65,7 @@ __device__ __forceinline__ acc_t to_acc(scalar_t x) {
   return static_cast<acc_t>(x);
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t x) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
-// Correctly rounded, whatever --use_fast_math says, so the finalize rounds like the CPU.
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
-__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
 
 // std::max(x, eps) of the CPU file: a NaN norm stays NaN (fmax would return eps).
 template <typename acc_t>
@@ -349,25 +337,6 @@ struct PowerIteration {
     }
   }
 
-  void run(int64_t n_power_iterations, bool u_first) {
-    if (n_power_iterations == 0) {
-      pass(true, false);
-      finalize(Finalize::Eval);
-    } else if (u_first) {
-      for (int64_t i = 0; i < n_power_iterations; ++i) {
-        pass(true, true);
-        finalize(Finalize::UV);
-      }
-    } else {
-      pass(false, true);
-      finalize(Finalize::V);
-      for (int64_t i = 0; i < n_power_iterations; ++i) {
-        const bool last = i + 1 == n_power_iterations;
-        pass(true, !last);
-        finalize(last ? Finalize::U : Finalize::UV);
-      }
-    }
-  }
 };
 
 // Builds the layer/block table in pinned memory and copies it to the device with
@@ -448,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(at::TensorLi
     it.sigma = sigma_out.mutable_data_ptr<scalar_t>();
     it.t = scratch.mutable_data_ptr<acc_t>();
     it.s = it.t + rows;
-    it.run(n_power_iterations, u_first);
+    run_power_iteration(it, n_power_iterations, u_first);
   });
   return {u_out, v_out, sigma_out};
 }
