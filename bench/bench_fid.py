@@ -76,11 +76,8 @@ def main(argv=None) -> int:
     variants = frechet_variants(a, b, device, timing.kernel_backends(device))
     exact = fid_from_trace(a, b, variants["scipy sqrtm (pytorch-fid)"]())
     times = timing.medians_us(variants, 0.5 if args.quick else 2.0, min_rounds=1 if args.quick else 3)
-    rows = []
-    for name, fn in variants.items():
-        error = abs(fid_from_trace(a, b, fn()) - exact)
-        rows.append({"figure": "frechet distance d=2048", "variant": name, "median_us": times[name],
-                     "ratio": times["scipy sqrtm (pytorch-fid)"] / times[name], "detail": f"abs ΔFID {error:.1e} (FID {exact:.3f})"})
+    details = {name: f"abs ΔFID {abs(fid_from_trace(a, b, fn()) - exact):.1e} (FID {exact:.3f})" for name, fn in variants.items()}
+    rows = timing.ratio_rows("frechet distance d=2048", times, times["scipy sqrtm (pytorch-fid)"], details)
     timing.print_table(rows)
 
     from fastgan.metrics.inception import InceptionV3, find_fid_helper_weights
@@ -96,17 +93,13 @@ def main(argv=None) -> int:
             networks = {"fid-helper TorchScript (NVIDIA)": lambda: torchscript(InceptionV3.preprocess(batch)),
                         "fastgan InceptionV3": lambda: ours(batch)}
             inception_times = timing.medians_us(networks, 0.5 if args.quick else 3.0, min_rounds=2)
-        base = inception_times["fid-helper TorchScript (NVIDIA)"]
-        inception_rows = [{"figure": "inception features", "variant": name, "median_us": t, "ratio": base / t,
-                           "detail": f"{batch.shape[0] / (t * 1e-6):.1f} images/s (batch {batch.shape[0]})"}
-                          for name, t in inception_times.items()]
+        throughput = {name: f"{batch.shape[0] / (t * 1e-6):.1f} images/s (batch {batch.shape[0]})" for name, t in inception_times.items()}
+        inception_rows = timing.ratio_rows("inception features", inception_times, inception_times["fid-helper TorchScript (NVIDIA)"], throughput)
         timing.print_table(inception_rows)
         rows += inception_rows
-    if not args.no_write:
-        notes = ("Fréchet distance between two 2048-d statistics of 5000 samples; ratio = scipy sqrtm / variant, abs ΔFID "
-                 "against scipy. Inception: one forward of a batch at 299x299; ratio = TorchScript / variant. "
-                 f"Measured with `python bench/bench_fid.py --device {device.type}`.")
-        print("written to", timing.write_results("fid", device, env, rows, notes))
+    notes = ("Fréchet distance between two 2048-d statistics of 5000 samples; ratio = scipy sqrtm / variant, abs ΔFID "
+             "against scipy. Inception: one forward of a batch at 299x299; ratio = TorchScript / variant.")
+    timing.report(args, "fid", env, rows, notes)
     return 0
 
 

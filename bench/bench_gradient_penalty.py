@@ -76,17 +76,11 @@ def main(argv=None) -> int:
     rows: List[Dict[str, object]] = []
     for kind in ("wgan-gp", "r1"):
         times = timing.medians_us(variants(device, backends, kind), min_run_time)
-        rows += [
-            {"figure": kind, "variant": name, "median_us": t, "ratio": times["plain autograd"] / t} for name, t in times.items()
-        ]
+        rows += timing.ratio_rows(kind, times, times["plain autograd"])
         print(f"{kind}:")
         timing.print_table([r for r in rows if r["figure"] == kind])
-    if not args.no_write:
-        notes = (
-            "One D step: D(real), D(fake), penalty, backward of WGAN loss + 10·penalty. Ratio = plain autograd / variant. "
-            f"Measured with `python bench/bench_gradient_penalty.py --device {device.type}`."
-        )
-        print("written to", timing.write_results("gradient_penalty", device, env, rows, notes))
+    notes = "One D step: D(real), D(fake), penalty, backward of WGAN loss + 10·penalty. Ratio = plain autograd / variant."
+    timing.report(args, "gradient_penalty", env, rows, notes)
     return 0
 
 

@@ -114,7 +114,7 @@ def normalized_weight_variants(device, backends) -> Dict[str, Callable[[], objec
 def measure(variants: Dict[str, Callable[[], object]], min_run_time: float, figure: str) -> List[Dict[str, object]]:
     times = timing.medians_us(variants, min_run_time)
     baseline = min(times["torch parametrizations.spectral_norm"], times["torch utils.spectral_norm (hook)"])
-    return [{"figure": figure, "variant": name, "median_us": t, "ratio": baseline / t} for name, t in times.items()]
+    return timing.ratio_rows(figure, times, baseline)
 
 
 def main(argv=None) -> int:
@@ -131,13 +131,11 @@ def main(argv=None) -> int:
         print(f"{figure}:")
         rows += measure(variants(device, backends), min_run_time, figure)
         timing.print_table([r for r in rows if r["figure"] == figure])
-    if not args.no_write:
-        notes = (
-            "refresh = one training-mode power iteration + sigma of all 8 SNDCGAN D layers; "
-            "normalized weights = refresh + W/sigma for every layer. Ratio = faster torch form / variant, "
-            f"per figure. Measured with `python bench/bench_spectral_norm.py --device {device.type}`."
-        )
-        print("written to", timing.write_results("spectral_norm", device, env, rows, notes))
+    notes = (
+        "refresh = one training-mode power iteration + sigma of all 8 SNDCGAN D layers; "
+        "normalized weights = refresh + W/sigma for every layer. Ratio = faster torch form / variant, per figure."
+    )
+    timing.report(args, "spectral_norm", env, rows, notes)
     return 0
 
 

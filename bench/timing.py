@@ -82,6 +82,21 @@ def write_results(name: str, device: torch.device, env: Dict[str, str], rows: Li
     return path
 
 
+def ratio_rows(figure: str, times: Dict[str, float], baseline_us: float, details: Dict[str, str] = None) -> List[Dict[str, object]]:
+    """Result rows of one figure: each variant's median and baseline / median."""
+    details = details or {}
+    return [{"figure": figure, "variant": name, "median_us": t, "ratio": baseline_us / t, **({"detail": details[name]} if name in details else {})}
+            for name, t in times.items()]
+
+
+def report(args, name: str, env: Dict[str, str], rows: List[Dict[str, object]], notes: str) -> None:
+    """Write the results (unless --no-write), noting the command that measured them."""
+    if args.no_write:
+        return
+    notes += f" Measured with `python bench/bench_{name}.py --device {args.device.type}`."
+    print("written to", write_results(name, args.device, env, rows, notes))
+
+
 def print_table(rows: List[Dict[str, object]]) -> None:
     width = max(len(str(r["variant"])) for r in rows)
     for r in rows:

@@ -152,6 +152,25 @@ def dispatch(impls: Dict[str, Callable], device: torch.device) -> Callable:
     return impls[select(device, tuple(impls))]
 
 
+def triton_kernel(module: str, name: str) -> Callable:
+    """The launcher ``fastgan.kernels.<module>.<name>``, imported at its first call
+    (importing triton is slow, and TRITON_INTERPRET must be set before it)."""
+
+    def launch(*args):
+        return getattr(importlib.import_module(f"fastgan.kernels.{module}"), name)(*args)
+
+    return launch
+
+
+def extension_op(name: str) -> Callable:
+    """``torch.ops.fastgan_C.<name>``, looked up at call time (after :func:`select` loaded the library)."""
+
+    def call(*args):
+        return getattr(torch.ops.fastgan_C, name)(*args)
+
+    return call
+
+
 def extension():
     """The loaded ``fastgan._C`` module (raises when it is not built)."""
     module, why = _load_extension()

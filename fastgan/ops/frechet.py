@@ -48,33 +48,17 @@ def _check_covariances(sigma1: Tensor, sigma2: Tensor, method: str) -> None:
         raise ValueError(f"sigma1 {tuple(sigma1.shape)} on {sigma1.device} and sigma2 {tuple(sigma2.shape)} on {sigma2.device} must match")
 
 
-def _triton_newton_schulz_steps(*args):
-    from fastgan.kernels import frechet as kernels
-
-    return kernels.newton_schulz_steps(*args)
-
-
-def _triton_matmul(a, b):
-    from fastgan.kernels import frechet as kernels
-
-    return kernels.matmul(a, b)
-
-
-def _cpp_newton_schulz_steps(*args):
-    return torch.ops.fastgan_C.newton_schulz_steps(*args)
-
-
-def _cpp_feature_moments(*args):
-    return torch.ops.fastgan_C.feature_moments(*args)
-
-
-_NEWTON_SCHULZ = {
+_NEWTON_SCHULZ = {  # (steps, matmul for the residual)
     "reference": (reference.newton_schulz_steps, torch.matmul),
-    "triton": (_triton_newton_schulz_steps, _triton_matmul),
-    "cpp": (_cpp_newton_schulz_steps, torch.matmul),
-    "cuda": (_cpp_newton_schulz_steps, torch.matmul),
+    "triton": (_backend.triton_kernel("frechet", "newton_schulz_steps"), _backend.triton_kernel("frechet", "matmul")),
+    "cpp": (_backend.extension_op("newton_schulz_steps"), torch.matmul),
+    "cuda": (_backend.extension_op("newton_schulz_steps"), torch.matmul),
 }
-_FEATURE_MOMENTS = {"reference": reference.feature_moments, "cpp": _cpp_feature_moments, "cuda": _cpp_feature_moments}
+_FEATURE_MOMENTS = {
+    "reference": reference.feature_moments,
+    "cpp": _backend.extension_op("feature_moments"),
+    "cuda": _backend.extension_op("feature_moments"),
+}
 
 
 def newton_schulz(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, bool]:

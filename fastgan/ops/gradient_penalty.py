@@ -55,21 +55,13 @@ def _seed_value(seed: int) -> int:
     return seed
 
 
-def _triton(name):
-    def call(*args):
-        from fastgan.kernels import gradient_penalty as kernels
-
-        return getattr(kernels, name)(*args)
-
-    return call
-
-
-def _cpp(name):
-    return lambda *args: getattr(torch.ops.fastgan_C, name)(*args)
-
-
 def _impls(name, reference_fn):
-    return {"reference": reference_fn, "triton": _triton(name), "cpp": _cpp(name), "cuda": _cpp(name)}
+    return {
+        "reference": reference_fn,
+        "triton": _backend.triton_kernel("gradient_penalty", name),
+        "cpp": _backend.extension_op(name),
+        "cuda": _backend.extension_op(name),
+    }
 
 
 _INTERPOLATE = _impls("gp_interpolate", reference.interpolate)

@@ -85,37 +85,17 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
     return checked
 
 
-def _triton_power_iteration(*args):
-    from fastgan.kernels import spectral_norm as kernels
-
-    return kernels.power_iteration(*args)
-
-
-def _triton_power_iteration_multi(*args):
-    from fastgan.kernels import spectral_norm as kernels
-
-    return kernels.power_iteration_multi(*args)
-
-
-def _cpp_power_iteration(*args):
-    return torch.ops.fastgan_C.spectral_norm_power_iteration(*args)
-
-
-def _cpp_power_iteration_multi(*args):
-    return torch.ops.fastgan_C.spectral_norm_power_iteration_multi(*args)
-
-
 _POWER_ITERATION = {
     "reference": reference.power_iteration,
-    "triton": _triton_power_iteration,
-    "cpp": _cpp_power_iteration,
-    "cuda": _cpp_power_iteration,
+    "triton": _backend.triton_kernel("spectral_norm", "power_iteration"),
+    "cpp": _backend.extension_op("spectral_norm_power_iteration"),
+    "cuda": _backend.extension_op("spectral_norm_power_iteration"),
 }
 _POWER_ITERATION_MULTI = {
     "reference": reference.power_iteration_multi,
-    "triton": _triton_power_iteration_multi,
-    "cpp": _cpp_power_iteration_multi,
-    "cuda": _cpp_power_iteration_multi,
+    "triton": _backend.triton_kernel("spectral_norm", "power_iteration_multi"),
+    "cpp": _backend.extension_op("spectral_norm_power_iteration_multi"),
+    "cuda": _backend.extension_op("spectral_norm_power_iteration_multi"),
 }
 
 
