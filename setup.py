@@ -17,7 +17,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["fastgan", "fastgan.ops", "fastgan.reference", "fastgan.nn", "fastgan.metrics", "fastgan.kernels"]
+PACKAGES = ["fastgan", "fastgan.ops", "fastgan.reference", "fastgan.nn", "fastgan.metrics", "fastgan.kernels", "fastgan.train", "fastgan.models"]
 
 
 def _flag(name, default="1"):
@@ -83,7 +83,12 @@ setup(
     package_dir={"fastgan.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "pillow", "tqdm"],
-    extras_require={"test": ["pytest", "scipy"], "bench": ["pytest-benchmark"]},
+    extras_require={
+        # reference training: YAML configs, the embedded digits, TensorBoard scalars, loss/FID plots
+        "train": ["pyyaml", "scikit-learn", "tensorboard", "matplotlib"],
+        "test": ["pytest", "scipy", "pyyaml", "scikit-learn", "tensorboard", "matplotlib"],
+        "bench": ["pytest-benchmark"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

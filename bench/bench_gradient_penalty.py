@@ -22,9 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import timing  # noqa: E402
-from models import sndcgan_discriminator  # noqa: E402
-
 import fastgan  # noqa: E402
+from fastgan.models import build_models  # noqa: E402
 
 BATCH, SIZE, LAMBDA = 64, 32, 10.0
 
@@ -53,7 +52,7 @@ def d_step(d, real, fake, penalty: Callable) -> Callable[[], None]:
 
 def variants(device, backends, kind) -> Dict[str, Callable[[], None]]:
     torch.manual_seed(0)
-    d = sndcgan_discriminator(SIZE).to(device)
+    d = build_models("sndcgan", SIZE, d_norm="none")[1].to(device)
     real = torch.rand(BATCH, 3, SIZE, SIZE, device=device)
     fake = torch.rand(BATCH, 3, SIZE, SIZE, device=device)
     steps = {"plain autograd": d_step(d, real, fake, lambda: plain_autograd_penalty(d, real, fake, kind))}

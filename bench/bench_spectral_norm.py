@@ -27,18 +27,22 @@ from torch import nn
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import timing  # noqa: E402
-from models import sndcgan_discriminator  # noqa: E402
-
 import fastgan  # noqa: E402
+from fastgan.models import build_models  # noqa: E402
 
 grouped = importlib.import_module("fastgan.nn.spectral_norm")
 
 
+def sndcgan_discriminator() -> nn.Module:
+    """SNDCGAN's D at 32x32 without normalization, so each variant applies its own SN."""
+    return build_models("sndcgan", 32, d_norm="none")[1]
+
+
 def weight_layers(model: nn.Module) -> List[nn.Module]:
-    return [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _sn_model(device, apply_to_layer) -> nn.Sequential:
+def _sn_model(device, apply_to_layer) -> nn.Module:
     model = sndcgan_discriminator().to(device)
     for m in weight_layers(model):
         apply_to_layer(m)

@@ -1,5 +1,8 @@
 """fastgan's command line: ``python -m fastgan COMMAND ...`` (``--help`` on each command).
 
+  train --config C [key=value ...]    train a GAN of "The GAN Landscape" (configs/*.yaml)
+  sample --checkpoint CKPT            a PNG grid of samples from a trained generator
+  study --grid G [--index I]          run a study grid (configs/study/*.yaml), write its FID table
   fid PATH_A PATH_B     FID between two image folders or .npz statistics files
   is PATH               Inception Score of an image folder
   kid PATH_A PATH_B     Kernel Inception Distance between two image folders
@@ -112,6 +115,59 @@ def command_kid(args) -> None:
     print(f"KID: {float(mean):.6f} ± {float(std):.6f}")
 
 
+def command_train(args) -> None:
+    from fastgan.train.config import load_config
+    from fastgan.train.trainer import Trainer
+
+    trainer = Trainer(load_config(args.config, args.overrides), resume=args.resume)
+    summary = trainer.fit()
+    if trainer.rank == 0:
+        _print_run_outputs(summary)
+
+
+def _print_run_outputs(summary: dict) -> None:
+    out = Path(summary["out_dir"])
+    fid = summary["final_fid"]
+    print(f"step {summary['step']}/{summary['steps']}" + (f", FID {fid:.3f}" if fid is not None else ""))
+    if summary["best_fid"] is not None:
+        print(f"best FID {summary['best_fid']:.3f} at step {summary['best_step']} (generator in {out / 'best.pt'})")
+    for name, what in (("samples.png", "latest sample grid"), ("samples", "sample grids by step"),
+                       ("curves.png", "losses and FID against step"), ("metrics.jsonl", "metrics, one JSON line per log step"),
+                       ("tensorboard", "TensorBoard scalars (tensorboard --logdir ...)"),
+                       ("checkpoint.pt", "checkpoint (continue with --resume)")):
+        if (out / name).exists():
+            print(f"  {out / name}: {what}")
+
+
+def command_sample(args) -> None:
+    from fastgan.train.outputs import save_image_grid
+    from fastgan.train.trainer import draw_latents, load_generator
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    generator, config = load_generator(args.checkpoint, args.device)
+    z = draw_latents(args.n, config, torch.Generator().manual_seed(args.seed))
+    device = next(generator.parameters()).device
+    with torch.no_grad():
+        images = torch.cat([generator(chunk.to(device)).cpu() for chunk in z.split(256)])
+    save_image_grid(images, Path(args.out), columns=args.columns)
+    print(f"{args.n} samples written to {args.out}")
+
+
+def command_study(args) -> None:
+    from fastgan.train.study import read_study, run_study, write_results
+
+    study = read_study(args.grid, args.overrides)
+    if args.list:
+        for trial in study.trials:
+            status = "finished" if (trial.summary() or {}).get("finished") else "to run"
+            print(f"{trial.index:4d}  {status:<9} " + " ".join(f"{k}={v}" for k, v in trial.settings.items()))
+        return
+    if not args.summarize:
+        run_study(study, args.index)
+    print(f"results: {write_results(study)} and {study.out_dir / 'results.csv'}")
+
+
 def command_backends(args) -> None:
     import fastgan
 
@@ -131,6 +187,38 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--device", type=torch.device, default=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                        help="device for the Inception network (default: cuda when visible, else cpu)")
         p.add_argument("--weights", default=None, help="Inception weights file (default: FASTGAN_INCEPTION, the cache, or a download)")
+
+    overrides_help = "config overrides, YAML values (e.g. loss=hinge steps=1000 g_betas=[0.5,0.9])"
+    train = commands.add_parser(
+        "train", help="train a GAN (SNDCGAN / ResNet; losses, normalizations, penalties of the study)",
+        description="Train G and D as a config says. Every key of fastgan.train.config.Config can be set in the "
+                    "YAML file or overridden as key=value. Outputs (checkpoint, samples, metrics, curves) go to out_dir. "
+                    "Ctrl-C or SIGTERM ends the current step, writes a checkpoint and exits; --resume continues.")
+    train.add_argument("--config", help="YAML config (configs/*.yaml); default: the built-in defaults")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from out_dir/checkpoint.pt (bit-for-bit on CPU; starts afresh when there is none)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    train.set_defaults(run=command_train)
+
+    sample = commands.add_parser("sample", help="a PNG grid of samples from a trained generator")
+    sample.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a training run")
+    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
+    sample.add_argument("--columns", type=int, default=None, help="images per row (default: a square grid)")
+    sample.add_argument("--device", default="auto", help="device (default: cuda when visible, else cpu)")
+    sample.set_defaults(run=command_sample)
+
+    study = commands.add_parser(
+        "study", help="run a study grid; write final and best FID per trial (CSV and markdown)",
+        description="Run the trials of a grid file (configs/study/*.yaml; format in fastgan.train.study). Finished "
+                    "trials are skipped, interrupted ones resume. --index runs one trial (for cluster job arrays).")
+    study.add_argument("--grid", required=True, help="grid YAML file")
+    study.add_argument("--index", type=int, default=None, help="run only this trial (0-based), e.g. $SLURM_ARRAY_TASK_ID")
+    study.add_argument("--list", action="store_true", help="list the trials and their status, run nothing")
+    study.add_argument("--summarize", action="store_true", help="only (re)write the results table")
+    study.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every trial; " + overrides_help)
+    study.set_defaults(run=command_study)
 
     fid = commands.add_parser("fid", help="FID between two folders or .npz statistics files")
     fid.add_argument("path_a", metavar="PATH_A", help="image folder or .npz statistics (the reference side)")

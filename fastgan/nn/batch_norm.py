@@ -1,0 +1,80 @@
+"""Batch norm whose batch statistics span every process of a data-parallel run.
+
+``torch.nn.SyncBatchNorm`` only runs on GPUs; GAN training under
+``torchrun`` on CPUs (and the gloo tests that check that a 2-process run equals
+one process on the combined batch) needs the same on any device. In training
+mode with an initialised process group of more than one rank, the per-channel
+sum, sum of squares and count are all-reduced (differentiably, so gradients see
+the global statistics too); otherwise it is exactly ``nn.BatchNorm{1,2}d``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the union of all ranks' batches (any device, any backend).
+
+    Inputs (N, C) or (N, C, *). Running statistics use the global unbiased variance,
+    as single-process batch norm on the combined batch would.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (N, C) or (N, C, ...), got {tuple(input.shape)}")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not (self.training and _distributed()):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        reduce_dims = [0] + list(range(2, input.dim()))
+        count = torch.full((1,), input.numel() / input.shape[1], dtype=input.dtype, device=input.device)
+        moments = torch.cat([input.sum(reduce_dims), (input * input).sum(reduce_dims), count])
+        moments = all_reduce(moments)
+        channels = input.shape[1]
+        total = moments[-1]
+        mean = moments[:channels] / total
+        var = moments[channels : 2 * channels] / total - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (total / (total - 1).clamp_min(1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def convert_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a
+    :class:`CrossProcessBatchNorm` with the same parameters and buffers. Returns the
+    converted module (a new one when ``module`` itself is a batch norm)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
+        converted = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                          module.track_running_stats, device=_device_of(module))
+        converted.load_state_dict(module.state_dict())
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_batch_norm(child))
+    return module
+
+
+def _device_of(module: nn.Module):
+    tensors = list(module.parameters()) + list(module.buffers())
+    return tensors[0].device if tensors else None
+
+
+__all__ = ["CrossProcessBatchNorm", "convert_batch_norm"]

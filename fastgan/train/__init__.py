@@ -1,0 +1,1 @@
+"""Reference GAN training: config, data, trainer, checkpoints, logging, study."""

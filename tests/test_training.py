@@ -1,0 +1,354 @@
+"""Reference training: losses, config, every loss × penalty, checkpoints (atomic,
+bit-identical resume, kill-safe), outputs, DDP equivalence, FID during training.
+
+Runs use SNDCGAN at 16×16 with a quarter of the channels on the embedded digits,
+so each step takes milliseconds on a CPU.
+"""
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import finish_process_group
+from fastgan.nn import CrossProcessBatchNorm, convert_batch_norm
+from fastgan.train import checkpoint
+from fastgan.train.config import LOSSES, PENALTIES, Config, load_config, parse_overrides
+from fastgan.train.losses import discriminator_loss, generator_loss
+from fastgan.train.outputs import MetricsLog, plot_curves, save_image_grid
+from fastgan.train.trainer import BEST, CHECKPOINT, SUMMARY, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=0", "checkpoint_every=0",
+        "log_every=1", "progress=false", "deterministic=true"]
+
+
+def tiny_config(tmp_path, *overrides) -> Config:
+    return load_config(None, TINY + [f"out_dir={tmp_path / 'run'}", *overrides])
+
+
+# ------------------------------------------------------------------ losses
+
+
+def test_losses_match_the_formulas_in_float64():
+    real, fake = torch.randn(7, dtype=torch.float64) * 3, torch.randn(7, dtype=torch.float64) * 3
+    sig = torch.sigmoid
+    expected_d = {
+        "ns": (-torch.log(sig(real))).mean() + (-torch.log(1 - sig(fake))).mean(),
+        "wgan": -real.mean() + fake.mean(),
+        "lsgan": ((sig(real) - 1) ** 2).mean() + (sig(fake) ** 2).mean(),
+        "hinge": torch.clamp(1 - real, min=0).mean() + torch.clamp(1 + fake, min=0).mean(),
+    }
+    expected_g = {"ns": (-torch.log(sig(fake))).mean(), "wgan": -fake.mean(), "lsgan": ((sig(fake) - 1) ** 2).mean(),
+                  "hinge": -fake.mean()}
+    for kind in LOSSES:
+        torch.testing.assert_close(discriminator_loss(kind, real, fake), expected_d[kind], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(generator_loss(kind, fake), expected_g[kind], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown loss"):
+        discriminator_loss("kl", real, fake)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_yaml_overrides_and_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss: hinge\ng_lr: 1\ng_betas: [0.5, 0.9]\nsteps: 10\n")
+    config = load_config(str(path), ["steps=20", "d_lr=3e-4", "penalty=wgan-gp"])
+    assert (config.loss, config.steps, config.penalty) == ("hinge", 20, "wgan-gp")
+    assert config.g_lr == 1.0 and isinstance(config.g_lr, float)
+    assert config.g_betas == (0.5, 0.9) and config.discriminator_betas == (0.5, 0.9)
+    assert config.discriminator_lr == 3e-4
+    assert parse_overrides(["d_betas=[0.0, 0.9]"]) == {"d_betas": [0.0, 0.9]}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lr=1"], "unknown config key"),
+    (["loss=kl"], "loss='kl' is not one of"),
+    (["penalty=gp"], "penalty='gp' is not one of"),
+    (["steps=many"], "steps must be int"),
+    (["steps=0"], "steps must be >= 1"),
+    (["g_betas=[0.5]"], "g_betas must be a list of 2"),
+    (["g_betas=[0.5, 1.5]"], "g_betas must be two numbers in"),
+    (["dataset=folder"], "needs data_root"),
+    (["steps"], "an override is key=value"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="a config is a mapping"):
+        load_config(str(tmp_path / "list.yaml"))
+
+
+def test_shipped_configs_and_grids_load():
+    from fastgan.train.study import read_study
+
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    grids = sorted((REPO / "configs" / "study").glob("*.yaml"))
+    assert len(configs) >= 4 and grids
+    for path in configs:
+        load_config(str(path))
+    for path in grids:
+        assert len(read_study(str(path)).trials) >= 2
+
+
+# ------------------------------------------------------------------ every loss × penalty
+
+
+def _fix_inputs(trainer: Trainer) -> None:
+    """Same real batch and same z at every draw: D's loss is then a function of D alone."""
+    real = trainer._real_batch()
+    z = trainer._draw_z(trainer.config.batch_size, torch.Generator().manual_seed(1))
+    trainer._real_batch = lambda: real
+    trainer._draw_z = lambda count, generator: z[:count]
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_and_penalty_trains(tmp_path, loss, penalty):
+    trainer = Trainer(tiny_config(tmp_path, f"loss={loss}", f"penalty={penalty}", "penalty_weight=1", "d_lr=5e-4",
+                                  "d_norm=batch" if penalty == "l2" else "d_norm=spectral"))
+    for _ in range(2):
+        out = trainer.train_step()
+        assert all(torch.isfinite(v) for v in out.values()), out
+        assert ("penalty" in out) == (penalty != "none")
+    _fix_inputs(trainer)
+    losses = [float(trainer.discriminator_step()["d_loss"]) for _ in range(10)]
+    assert all(map(lambda v: v == v and abs(v) < 1e6, losses))
+    assert sum(losses[-3:]) / 3 < losses[0], losses
+
+
+def test_amp_steps_are_finite(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "amp=true", "penalty=wgan-gp", "deterministic=false"))
+    for _ in range(2):
+        assert all(torch.isfinite(v) for v in trainer.train_step().values())
+
+
+def test_uniform_latents_and_n_disc(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "z_distribution=uniform", "n_disc=3"))
+    trainer.train_step()
+    assert trainer.batches_drawn == 3 and trainer.step == 1
+    assert trainer.fixed_z.abs().max() <= 1
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _final_state(out_dir: Path):
+    state = checkpoint.load(out_dir / CHECKPOINT)
+    return state["G"], state["D"], state["d_optimizer"]["state"], state["step"]
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_identical(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    common = ["steps=6", "penalty=wgan-gp", "checkpoint_every=2", "sample_every=3"]
+    straight = tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'straight'}")
+    Trainer(straight).fit()
+    first_part = tiny_config(tmp_path, *common, "steps=3", f"out_dir={tmp_path / 'resumed'}")
+    assert Trainer(first_part).fit()["step"] == 3
+    summary = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'resumed'}"), resume=True).fit()
+    assert summary["finished"] and summary["step"] == 6
+    for a, b in zip(_final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")):
+        _assert_identical({"x": a}, {"x": b})
+    records = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    expected = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for r, e in zip(records, expected):
+        assert {k: v for k, v in r.items() if k != "steps_per_s"} == {k: v for k, v in e.items() if k != "steps_per_s"}
+
+
+def test_sigterm_checkpoints_and_resume_matches(tmp_path, monkeypatch):
+    """A pre-empted run (SIGTERM mid-run) stops after the current step with a checkpoint;
+    resuming reaches the same parameters as an uninterrupted run."""
+    common = ["steps=5", "penalty=r1"]
+    Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'straight'}")).fit()
+    trainer = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'killed'}"))
+    step = trainer.train_step
+
+    def step_then_signal():
+        out = step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    summary = trainer.fit()
+    assert summary["step"] == 2 and not summary["finished"]
+    assert not (tmp_path / "killed" / SUMMARY).exists()
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
+    Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'killed'}"), resume=True).fit()
+    for a, b in zip(_final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")):
+        _assert_identical({"x": a}, {"x": b})
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    previous = {"format": checkpoint.FORMAT, "step": 1, "weights": torch.randn(5)}
+    checkpoint.save_atomic(previous, path)
+
+    def save_half_then_die(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the kill arrives mid-write
+
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"format": checkpoint.FORMAT, "step": 2}, path)
+    monkeypatch.undo()
+    loaded = checkpoint.load(path)
+    assert loaded["step"] == 1 and torch.equal(loaded["weights"], previous["weights"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        checkpoint.load(tmp_path / "none.pt")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="not a readable fastgan checkpoint"):
+        checkpoint.load(tmp_path / "cut.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a fastgan training checkpoint"):
+        checkpoint.load(tmp_path / "other.pt")
+
+
+def test_existing_run_needs_resume_and_same_setup(tmp_path):
+    Trainer(tiny_config(tmp_path, "steps=1")).fit()
+    with pytest.raises(ValueError, match="pass --resume"):
+        Trainer(tiny_config(tmp_path, "steps=2"))
+    with pytest.raises(ValueError, match="loss: 'ns' -> 'hinge'"):
+        Trainer(tiny_config(tmp_path, "steps=2", "loss=hinge"), resume=True)
+    assert Trainer(tiny_config(tmp_path, "steps=2"), resume=True).step == 1
+
+
+def test_bad_setups_raise_clearly(tmp_path):
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        Trainer(tiny_config(tmp_path, "batch_size=4096"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU is visible"):
+            Trainer(tiny_config(tmp_path, "device=cuda"))
+    with pytest.raises(FileNotFoundError, match="Inception weight file not found"):
+        Trainer(tiny_config(tmp_path, "fid_every=1", f"inception_weights={tmp_path / 'none.pt'}"))
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def test_outputs_of_a_run(tmp_path):
+    summary = Trainer(tiny_config(tmp_path, "steps=4", "sample_every=2", "checkpoint_every=2", "sample_grid=10")).fit()
+    run = Path(summary["out_dir"])
+    for name in ("config.yaml", "metrics.jsonl", "samples.png", "samples/step-0000002.png", "samples/step-0000004.png",
+                 "curves.png", CHECKPOINT, SUMMARY):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    from PIL import Image
+
+    with Image.open(run / "samples.png") as grid:
+        assert grid.size == (2 + 4 * 18, 2 + 3 * 18)  # 10 images of 16 px, 4 columns, 2 px padding
+    assert load_config(str(run / "config.yaml")) == tiny_config(tmp_path, "steps=4", "sample_every=2",
+                                                                 "checkpoint_every=2", "sample_grid=10")
+
+
+def test_metrics_log_drops_records_after_the_resumed_step(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        log.write(step, {"d_loss": float(step)})
+    with open(log.path, "a") as f:
+        f.write('{"step": 6, "d_lo')  # cut by a kill
+    resumed = MetricsLog(tmp_path, resume_step=3, tensorboard=False)
+    assert [r["step"] for r in resumed.records] == [1, 2, 3]
+    plot_curves(resumed.records + [{"step": 3, "fid": 50.0}], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_image_grid_rejects_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match="expected images of shape"):
+        save_image_grid(torch.rand(2, 1, 8, 8), tmp_path / "g.png")
+
+
+# ------------------------------------------------------------------ FID during training
+
+
+def test_fid_every_n_steps_tracks_the_best(tmp_path):
+    """With the fid-helper Inception installed by `make test`: FID at steps 2 and 3, best.pt kept."""
+    summary = Trainer(tiny_config(tmp_path, "steps=3", "fid_every=2", "fid_samples=12", "fid_real_samples=12")).fit()
+    records = [json.loads(line) for line in open(Path(summary["out_dir"]) / "metrics.jsonl")]
+    fids = {r["step"]: r["fid"] for r in records if "fid" in r}
+    assert sorted(fids) == [2, 3] and all(v > 0 for v in fids.values())
+    assert summary["final_fid"] == fids[3] and summary["best_fid"] == min(fids.values())
+    assert checkpoint.load(Path(summary["out_dir"]) / BEST)["step"] == summary["best_step"]
+
+
+def test_fid_without_inception_weights_says_how_to_get_them(tmp_path, monkeypatch, capsys):
+    from fastgan.metrics.inception import InceptionV3
+
+    def no_weights(*args, **kwargs):
+        raise RuntimeError("no Inception weights found")
+
+    monkeypatch.setattr(InceptionV3, "load", no_weights)
+    summary = Trainer(tiny_config(tmp_path, "steps=2", "fid_every=1")).fit()
+    assert summary["finished"] and summary["best_fid"] is None
+    assert "FID disabled: no Inception weights found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ cross-process training
+
+
+def test_cross_process_batch_norm_is_batch_norm_in_one_process():
+    bn = torch.nn.BatchNorm2d(5)
+    converted = convert_batch_norm(torch.nn.Sequential(bn))[0]
+    assert isinstance(converted, CrossProcessBatchNorm)
+    x = torch.randn(6, 5, 3, 3)
+    torch.testing.assert_close(converted(x), torch.nn.BatchNorm2d(5)(x))
+
+
+def _ddp_worker(rank, world, init_file, overrides, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(load_config(None, overrides))
+        trainer.fit()
+        if rank == 0:
+            torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict()}, result_file)
+    finally:
+        finish_process_group()
+
+
+def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
+    """gloo, 2 CPU processes × 4 samples vs 1 process × 8: the same parameters after 3 steps,
+    with spectral norm in D, batch norm in G (cross-process) and the WGAN-GP penalty."""
+    common = TINY + ["steps=3", "penalty=wgan-gp", "deterministic=false", "log_every=0"]
+    single = Trainer(load_config(None, common + [f"out_dir={tmp_path / 'single'}"]))
+    single.fit()
+    result = str(tmp_path / "ddp.pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), common + [f"out_dir={tmp_path / 'ddp'}"], result),
+                 nprocs=2)
+    got = torch.load(result)
+    for name, module in (("G", single.G), ("D", single.D)):
+        expected = module.state_dict()
+        assert got[name].keys() == expected.keys()
+        for key, value in expected.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(got[name][key], value, rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
+            else:
+                assert torch.equal(got[name][key], value), f"{name}.{key}"
