@@ -61,3 +61,58 @@ def test_kid_and_inception_score_commands(tmp_path, weights, capsys):
     # fid-helper's network has no classifier: the Inception Score needs pytorch-fid's weights, and says so
     assert main(["is", a, "--weights", weights, "--device", "cpu"]) == 1
     assert "no 1008-way classifier" in capsys.readouterr().err
+
+
+TINY_RUN = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=3", "checkpoint_every=3",
+            "log_every=1", "progress=false"]
+
+
+def test_train_three_steps_then_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_RUN, "steps=3", f"out_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "step 3/3" in out and str(run / "samples.png") in out and str(run / "checkpoint.pt") in out
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--n", "6", "--columns", "3", "--out", str(grid)]) == 0
+    with Image.open(grid) as image:
+        assert image.size == (2 + 3 * 18, 2 + 2 * 18)
+    # an existing run is never overwritten by accident; --resume continues it
+    assert main(["train", *TINY_RUN, "steps=4", f"out_dir={run}"]) == 1
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", *TINY_RUN, "steps=4", f"out_dir={run}"]) == 0
+    assert "step 4/4" in capsys.readouterr().out
+
+
+def test_train_and_sample_errors(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["train", "loss=kl"]) == 1
+    assert "loss='kl' is not one of" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(tmp_path / "none.pt")]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_study_runs_a_two_trial_grid_and_skips_finished_trials(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"settings: {{steps: 2}}\nout_dir: {tmp_path / 'study'}\n"
+        "axes:\n  loss: [ns, hinge]\n"
+    )
+    overrides = [o for o in TINY_RUN if not o.startswith("sample_every")]
+    assert main(["study", "--grid", str(grid), "--index", "1", *overrides]) == 0
+    assert main(["study", "--grid", str(grid), "--list", *overrides]) == 0
+    listing = capsys.readouterr().out
+    assert "0  to run    loss=ns" in listing and "1  finished  loss=hinge" in listing
+    assert main(["study", "--grid", str(grid), *overrides]) == 0
+    assert "trial 1: finished already" in capsys.readouterr().out
+    table = (tmp_path / "study" / "results.csv").read_text().splitlines()
+    assert table[0] == "trial,loss,status,steps,final_fid,best_fid,best_step"
+    assert [row.split(",")[:4] for row in table[1:]] == [["0", "ns", "finished", "2"], ["1", "hinge", "finished", "2"]]
+    assert "| 1 | hinge | finished | 2 |" in (tmp_path / "study" / "results.md").read_text()
+    assert main(["study", "--grid", str(grid), "--index", "2"]) == 1
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_train_help_lists_overrides_and_resume():
+    text = subprocess.run([sys.executable, "-m", "fastgan", "train", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--resume" in text and "key=value" in text and "--config" in text

@@ -9,9 +9,16 @@ the global statistics too); otherwise it is exactly ``nn.BatchNorm{1,2}d``.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+# torch.distributed.nn.functional.all_reduce is the differentiable all-reduce; its suggested
+# replacement (functional collectives) has no autograd for all_reduce, so the notice is muted here.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                        category=FutureWarning)
 
 
 def _distributed() -> bool:

@@ -18,6 +18,7 @@ Images are in [0, 1] everywhere (G's output, D's input, the data).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -48,6 +49,12 @@ RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "
                      "fid_real_samples", "inception_weights", "sample_grid", "progress", "device", "download", "data_root"}
 # Offsets that give each stream its own seed, so e.g. a larger sample grid never changes training.
 _FIXED_Z_STREAM, _FID_Z_STREAM, _REAL_SUBSET_STREAM = 1, 2, 3
+
+
+# torch >= 2.14 renamed DDP's per-forward buffer broadcast switch (and warns on the old name).
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def draw_latents(count: int, config: Config, generator: torch.Generator) -> Tensor:
@@ -130,8 +137,8 @@ class Trainer:
         if self.world > 1:
             # Buffers (SN's u, v; batch-norm statistics) evolve identically on every rank, so none is broadcast.
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.G_ddp = nn.parallel.DistributedDataParallel(self.G, device_ids=ids, broadcast_buffers=False)
-            self.D_ddp = nn.parallel.DistributedDataParallel(self.D, device_ids=ids, broadcast_buffers=False)
+            self.G_ddp = nn.parallel.DistributedDataParallel(self.G, device_ids=ids, **_NO_BUFFER_SYNC)
+            self.D_ddp = nn.parallel.DistributedDataParallel(self.D, device_ids=ids, **_NO_BUFFER_SYNC)
         else:
             self.G_ddp, self.D_ddp = self.G, self.D
         self._stop_requested = False
