@@ -32,11 +32,13 @@ targets: >= 1.5x for both cases on an H100; on the CPU the ratio is reported as
 measured. Results go to ``bench/results/training-<device>-<date>.{json,md}``.
 
 Batch sizes: 64 (the issue's setting) on a GPU. Full-size models on a 2-core CPU
-are slow (SNDCGAN about 3-6 s and ResNet WGAN-GP about 10-45 s per iteration at
-batch 16, depending on other load), so on the CPU case 2 runs at batch 16 by default
+are slow (on an otherwise idle one, about 1.5 s per SNDCGAN iteration at batch 64
+and 7 s per ResNet WGAN-GP iteration at batch 16; several times that when other
+processes compete for the cores), so on the CPU case 2 runs at batch 16 by default
 (case 1 at 64), and --quick uses batches 16 and 4; ``--batch-size N`` sets both
 cases' batch (e.g. ``--device cpu --batch-size 64`` for the issue's setting, which
-takes well over ten minutes there). On the CPU each variant is timed over a fixed
+takes over ten minutes there). Default CPU run: about 2 minutes idle, 4-5 loaded;
+--quick: 30 s to 2 minutes. On the CPU each variant is timed over a fixed
 number of interleaved rounds (5; --quick: 3), after two untimed calls; on a GPU
 over >= 10 s per variant (--quick: 2 s) after a few warm-up iterations.
 
@@ -175,16 +177,12 @@ def measure_case(name: str, case: Dict[str, object], batch: int, device: torch.d
 
 def parse_args(argv=None):
     """timing's options plus --batch-size N (both cases; default: see the module docstring)."""
-    import argparse
-
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--batch-size", type=int, default=None)
-    known, rest = extra.parse_known_args(argv)
-    args = timing.parse_args(__doc__, rest)
-    if known.batch_size is not None and known.batch_size < 1:
+    args = timing.parse_args(__doc__, argv, lambda parser: parser.add_argument(
+        "--batch-size", type=int, default=None, help="batch of both cases (default: 64, or 64/16 on CPU, 16/4 with --quick)"))
+    if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
-    if known.batch_size is not None:
-        args.batches = {name: known.batch_size for name in CASES}
+    if args.batch_size is not None:
+        args.batches = {name: args.batch_size for name in CASES}
     elif args.device.type == "cpu":
         args.batches = dict(CPU_QUICK_BATCH if args.quick else CPU_BATCH)
     else:
@@ -216,10 +214,10 @@ def main(argv=None) -> int:
     batches = ", ".join(f"{name} {batch}" for name, batch in args.batches.items())
     notes = (
         f"One iteration = n_disc D updates + 1 G update, 32x32; batch: {batches}"
-        f"{' (CPU defaults, to keep the run to minutes; the issue states batch 64)' if any(b != BATCH for b in args.batches.values()) else ''}. "
+        f"{' (the issue states batch 64; smaller CPU defaults keep the run to minutes)' if any(b != BATCH for b in args.batches.values()) else ''}. "
         "Same initial weights and the same pre-made real batch on both sides. sndcgan ns+sn: NS loss, spectral norm on D (plain: torch parametrizations.spectral_norm), "
         "n_disc 1. resnet_cifar wgan-gp: WGAN loss + WGAN-GP λ=10 (plain: autograd.grad(create_graph=True)), n_disc 5, "
-        "no D normalization. Adam lr 2e-4, betas (0.5, 0.999) on both sides. "
+        "no D normalization. Adam with the config's lr and betas (2e-4, (0.5, 0.999)) on both sides. "
         "Ratio = plain time / fastgan time = fastgan it/s / plain it/s (> 1: fastgan faster). "
         f"Same-math check before timing (|fastgan − plain| of one D step from the same state and inputs): {'; '.join(checks)}."
     )

@@ -107,14 +107,16 @@ def default_device() -> torch.device:
     return torch.device(os.environ.get("FASTGAN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def parse_args(doc: str, argv=None):
-    """The options every benchmark takes."""
+def parse_args(doc: str, argv=None, add_arguments=None):
+    """The options every benchmark takes, plus those ``add_arguments(parser)`` adds."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=str(default_device()), help="cpu or cuda (default: cuda when visible)")
-    parser.add_argument("--quick", action="store_true", help="shorter timing runs (for the demo)")
+    parser.add_argument("--quick", action="store_true", help="shorter timing runs (a smoke test, not a measurement)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     return args

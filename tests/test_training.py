@@ -297,6 +297,9 @@ def test_fid_every_n_steps_tracks_the_best(tmp_path):
     assert sorted(fids) == [2, 3] and all(v > 0 for v in fids.values())
     assert summary["final_fid"] == fids[3] and summary["best_fid"] == min(fids.values())
     assert checkpoint.load(Path(summary["out_dir"]) / BEST)["step"] == summary["best_step"]
+    # a finished run, resumed, reports the same and evaluates nothing again
+    config = tiny_config(tmp_path, "steps=3", "fid_every=2", "fid_samples=12", "fid_real_samples=12")
+    assert Trainer(config, resume=True).fit() == summary
 
 
 def test_fid_without_inception_weights_says_how_to_get_them(tmp_path, monkeypatch, capsys):

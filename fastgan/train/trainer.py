@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -114,8 +114,13 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.manual_seed(config.seed)
 
+        # Rank 0 loads (and downloads, caches) first; the others then read what it left.
+        if self.rank != 0:
+            self._barrier()
         self.data = load_dataset(config.dataset, root=config.data_root, image_size=config.image_size,
                                  download=config.download and self.rank == 0)
+        if self.rank == 0:
+            self._barrier()
         if len(self.data) < config.batch_size:
             raise ValueError(f"the data set has {len(self.data)} images, fewer than batch_size={config.batch_size}")
 
@@ -132,6 +137,7 @@ class Trainer:
         self.best_fid: Optional[float] = None
         self.best_step: Optional[int] = None
         self._epoch_order = (-1, None)
+        self.last_fid: Optional[Tuple[int, float]] = None  # (step, FID) of the latest evaluation
         if saved is not None:
             self._load_state(saved)
         if self.world > 1:
@@ -144,7 +150,6 @@ class Trainer:
         self._stop_requested = False
         self._fid = None
         self._fid_unavailable = False
-        self.last_fid: Optional[tuple] = None
         self.log: Optional[MetricsLog] = None
 
     # ------------------------------------------------------------------ state
@@ -186,6 +191,7 @@ class Trainer:
             "fixed_z": self.fixed_z,
             "best_fid": self.best_fid,
             "best_step": self.best_step,
+            "last_fid": self.last_fid,
         }
 
     def _load_state(self, state: dict) -> None:
@@ -198,6 +204,7 @@ class Trainer:
         self.fixed_z = state["fixed_z"]
         self.step, self.batches_drawn = state["step"], state["batches_drawn"]
         self.best_fid, self.best_step = state["best_fid"], state["best_step"]
+        self.last_fid = state["last_fid"]
 
     def save_checkpoint(self) -> Path:
         path = self.out_dir / CHECKPOINT
