@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton (fastgan.kernels) is first imported,
 so it is set here, at collection, whenever no GPU is visible.
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -40,10 +41,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-def finish_process_group():
-    """End a test's gloo process group: a barrier first, so no rank tears down its
-    connections while another still uses them (gloo aborts the process then)."""
+def exit_worker():
+    """End a spawned test worker: a barrier first, so no rank tears down its gloo
+    connections while another still uses them (gloo aborts the process then); then
+    leave at once with status 0: at interpreter teardown gloo's threads can still
+    abort a finished worker (std::terminate) on a loaded machine. Call it last, on success."""
     import torch.distributed as dist
 
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -15,7 +15,7 @@ import fastgan
 from fastgan.metrics import FeatureStatistics, frechet_distance
 from fastgan.ops import frechet as ops
 from fastgan.reference import frechet as reference
-from conftest import DEVICES, device_backends, finish_process_group
+from conftest import DEVICES, device_backends, exit_worker
 
 
 def pytorch_fid_formula(mu1, sigma1, mu2, sigma2):
@@ -196,7 +196,7 @@ def _fid_worker(rank, world, init_file, real, fake, result_file):
     value = metric.compute()
     if rank == 1:
         torch.save(value, result_file)
-    finish_process_group()
+    exit_worker()
 
 
 def test_fid_reduces_across_processes(tmp_path):

@@ -15,7 +15,7 @@ from torch import nn
 import fastgan
 from fastgan.penalties import gradient_penalty
 from fastgan.reference import gradient_penalty as reference
-from conftest import device_backends, finish_process_group
+from conftest import device_backends, exit_worker
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 OPS = torch.ops.fastgan
@@ -267,7 +267,7 @@ def _ddp_worker(rank, world, init_file, real, fake, alpha, state, result_file):
     loss.backward()
     if rank == 0:
         torch.save([p.grad for p in d.parameters()], result_file)
-    finish_process_group()
+    exit_worker()
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from fastgan.metrics.inception_score import InceptionScore
 from fastgan.metrics.kid import KID
 from fastgan.metrics.ms_ssim import MSSSIM, MS_SSIM_WEIGHTS, ms_ssim
-from conftest import finish_process_group
+from conftest import exit_worker
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -315,7 +315,7 @@ def _distributed_worker(rank, world, init_file, data, result_pattern):
     metrics = make_metrics()
     feed(metrics, data, rank, world)
     torch.save({name: metric.compute() for name, metric in metrics.items()}, result_pattern.format(rank))
-    finish_process_group()
+    exit_worker()
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import finish_process_group
+from conftest import exit_worker
 from fastgan.nn import CrossProcessBatchNorm, convert_batch_norm
 from fastgan.train import checkpoint
 from fastgan.train.config import LOSSES, PENALTIES, Config, load_config, parse_overrides
@@ -328,13 +328,11 @@ def test_cross_process_batch_norm_is_batch_norm_in_one_process():
 def _ddp_worker(rank, world, init_file, overrides, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    try:
-        trainer = Trainer(load_config(None, overrides))
-        trainer.fit()
-        if rank == 0:
-            torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict()}, result_file)
-    finally:
-        finish_process_group()
+    trainer = Trainer(load_config(None, overrides))
+    trainer.fit()
+    if rank == 0:
+        torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict()}, result_file)
+    exit_worker()
 
 
 def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
