@@ -20,6 +20,22 @@ Z_DISTRIBUTIONS = ("normal", "uniform")
 
 @dataclass
 class Config:
+    """Every setting of a training run (YAML keys and ``key=value`` overrides have these names).
+
+    Model: ``architecture`` (sndcgan | resnet_cifar | resnet19), ``image_size``, ``z_dim``,
+    ``z_distribution`` (normal | uniform), ``d_norm`` (none | batch | layer | spectral), ``width``
+    (channel multiplier). Objective: ``loss`` (ns | wgan | lsgan | hinge), ``penalty``
+    (none | wgan-gp | dragan | r1 | l2) and its weight ``penalty_weight`` (λ). Adam: ``g_lr``,
+    ``g_betas``, ``d_lr`` / ``d_betas`` (None: G's). Schedule: ``steps`` (each n_disc D updates and
+    one G update), ``batch_size`` (global, over all processes), ``n_disc``. Data: ``dataset``
+    (digits | cifar10 | folder), ``data_root``, ``download``. Run: ``seed``, ``deterministic``,
+    ``amp`` (bfloat16 autocast), ``device`` (auto | cpu | cuda | cuda:N). Outputs: ``out_dir``;
+    ``log_every``, ``sample_every``, ``checkpoint_every``, ``fid_every`` in steps (each also at
+    the last step; 0 = never, except that the last step is always logged and checkpointed); FID on ``fid_samples`` generated and
+    ``fid_real_samples`` data images with ``inception_weights`` (None: found as
+    ``fastgan.metrics.inception`` says); ``sample_grid`` images per grid; ``progress`` bars.
+    """
+
     # model (fastgan.models)
     architecture: str = "sndcgan"
     image_size: int = 32
