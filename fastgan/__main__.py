@@ -119,10 +119,14 @@ def command_train(args) -> None:
     from fastgan.train.config import load_config
     from fastgan.train.trainer import Trainer
 
+    import torch.distributed as dist
+
     trainer = Trainer(load_config(args.config, args.overrides), resume=args.resume)
     summary = trainer.fit()
     if trainer.rank == 0:
         _print_run_outputs(summary)
+    if dist.is_initialized():  # joined from torchrun's environment by the trainer
+        dist.destroy_process_group()
 
 
 def _print_run_outputs(summary: dict) -> None:

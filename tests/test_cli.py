@@ -116,3 +116,15 @@ def test_study_runs_a_two_trial_grid_and_skips_finished_trials(tmp_path, capsys)
 def test_train_help_lists_overrides_and_resume():
     text = subprocess.run([sys.executable, "-m", "fastgan", "train", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--resume" in text and "key=value" in text and "--config" in text
+
+
+def test_train_under_torchrun_with_two_cpu_processes(tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "fastgan", "train", *TINY_RUN, "steps=2", f"out_dir={run}"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("step 2/2") == 1  # rank 0 reports
+    from fastgan.train import checkpoint
+
+    assert checkpoint.load(run / "checkpoint.pt")["world_size"] == 2
