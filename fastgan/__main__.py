@@ -3,11 +3,11 @@
   train --config C [key=value ...]    train a GAN of "The GAN Landscape" (configs/*.yaml)
   sample --checkpoint CKPT            a PNG grid of samples from a trained generator
   study --grid G [--index I]          run a study grid (configs/study/*.yaml), write its FID table
-  fid PATH_A PATH_B     FID between two image folders or .npz statistics files
-  is PATH               Inception Score of an image folder
-  kid PATH_A PATH_B     Kernel Inception Distance between two image folders
-  stats PATH OUT.npz    save a folder's FID statistics (pytorch-fid's .npz format)
-  backends              which kernels are built and usable here
+  fid PATH_A PATH_B                   FID between two image folders or .npz statistics files
+  is PATH                             Inception Score of an image folder
+  kid PATH_A PATH_B                   Kernel Inception Distance between two image folders
+  stats PATH OUT.npz                  save a folder's FID statistics (pytorch-fid's .npz format)
+  backends                            which kernels are built and usable here
 
 Images are read from folders (recursively; png, jpg, jpeg, bmp, webp), converted to
 RGB in [0, 1] and resized to 299x299 like pytorch-fid. Inception weights: see
