@@ -22,17 +22,12 @@ from typing import Iterator, List
 
 import torch
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
 def image_files(folder: str) -> List[Path]:
-    root = Path(folder)
-    if not root.is_dir():
+    from fastgan.train.data import image_files as images_below
+
+    if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder} is neither an image folder nor an .npz statistics file")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return files
+    return images_below(Path(folder))
 
 
 def image_batches(files: List[Path], batch_size: int, device: torch.device, desc: str) -> Iterator[torch.Tensor]:
@@ -164,8 +159,8 @@ def command_study(args) -> None:
     study = read_study(args.grid, args.overrides)
     if args.list:
         for trial in study.trials:
-            status = "finished" if (trial.summary() or {}).get("finished") else "to run"
-            print(f"{trial.index:4d}  {status:<9} " + " ".join(f"{k}={v}" for k, v in trial.settings.items()))
+            status = "finished" if trial.finished else "to run"
+            print(f"{trial.index:4d}  {status:<9} {trial.describe()}")
         return
     if not args.summarize:
         run_study(study, args.index)

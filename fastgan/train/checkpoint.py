@@ -1,9 +1,8 @@
 """Checkpoint files that survive a kill at any moment.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk,
-then renamed over the old one (``os.replace`` is atomic on POSIX and Windows), so
-the file at ``path`` is always either the previous complete checkpoint or the new
-complete one. Files are read with ``torch.load(weights_only=True)``: tensors,
+A checkpoint is written through :func:`fastgan.train.files.atomic_file` (a temporary
+file beside it, flushed to disk, then renamed over the old one), so the file at
+``path`` is always either the previous complete checkpoint or the new complete one. Files are read with ``torch.load(weights_only=True)``: tensors,
 numbers, strings, lists and dicts only, nothing executable.
 """
 from __future__ import annotations
@@ -14,22 +13,17 @@ from typing import Any, Dict, Union
 
 import torch
 
+from fastgan.train.files import atomic_file
+
 PathLike = Union[str, os.PathLike]
 
 
 def save_atomic(state: Dict[str, Any], path: PathLike) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(temporary, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as partial, open(partial, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     _sync_folder(path.parent)
 
 

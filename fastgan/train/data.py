@@ -55,6 +55,8 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
+from fastgan.train.files import atomic_file
+
 __all__ = ["DATASETS", "ImageData", "load_dataset", "data_root"]
 
 DATASETS = ("digits", "cifar10", "folder")
@@ -216,12 +218,9 @@ def _md5(path: Path) -> str:
 
 def _download_cifar10(archive: Path) -> None:
     """Download :data:`CIFAR10_URL` to ``archive``, renamed into place only once its MD5 is verified."""
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, partial_name = tempfile.mkstemp(prefix=archive.name + ".", suffix=".part", dir=archive.parent)
-    partial = Path(partial_name)
-    try:
+    with atomic_file(archive) as partial:
         digest = hashlib.md5()
-        with os.fdopen(descriptor, "wb") as out, \
+        with open(partial, "wb") as out, \
                 urllib.request.urlopen(CIFAR10_URL, timeout=_DOWNLOAD_TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
             with tqdm(total=int(length) if length else None, desc=f"downloading {archive.name}", unit="B",
@@ -235,9 +234,6 @@ def _download_cifar10(archive: Path) -> None:
                 f"download of {CIFAR10_URL} is corrupt: MD5 {digest.hexdigest()} instead of {CIFAR10_MD5}; "
                 f"the file was deleted"
             )
-        os.replace(partial, archive)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _extract_cifar10(archive: Path, folder: Path) -> None:
@@ -283,7 +279,8 @@ def _read_cifar10_batch(path: Path) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, 3, CIFAR10_SIZE, CIFAR10_SIZE).transpose(0, 2, 3, 1))
 
 
-def _image_files(folder: Path) -> List[Path]:
+def image_files(folder: Path) -> List[Path]:
+    """The image files below ``folder`` (recursively, sorted); errors for a missing folder or none found."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -304,7 +301,7 @@ def _folder_cache_path(folder: Path, files: List[Path], size: int, cache_dir: Pa
 
 def _folder_images(folder: Path, size: int, cache_dir: Path) -> np.ndarray:
     """The folder's images as a read-only memmap (N, size, size, 3), decoding them into the cache first if needed."""
-    files = _image_files(folder)
+    files = image_files(folder)
     cache = _folder_cache_path(folder, files, size, cache_dir)
     if cache.is_file():
         try:
@@ -313,19 +310,12 @@ def _folder_images(folder: Path, size: int, cache_dir: Path) -> np.ndarray:
                 return images
         except (OSError, ValueError):  # unreadable cache: decode again and overwrite it
             pass
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    descriptor, partial_name = tempfile.mkstemp(prefix=cache.name + ".", suffix=".part", dir=cache_dir)
-    os.close(descriptor)
-    partial = Path(partial_name)
-    try:
+    with atomic_file(cache) as partial:
         images = open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
         for i, path in enumerate(tqdm(files, desc=f"decoding {folder}", unit="img", file=sys.stderr)):
             images[i] = _decode_image(path, size)
         images.flush()
         del images  # close the memmap before renaming its file
-        os.replace(partial, cache)
-    finally:
-        partial.unlink(missing_ok=True)
     return np.load(cache, mmap_mode="r")
 
 

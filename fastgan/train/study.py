@@ -21,12 +21,12 @@ import csv
 import io
 import itertools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 from fastgan.train.config import Config, from_mapping, parse_overrides, read_yaml
+from fastgan.train.files import write_text_atomic
 from fastgan.train.trainer import SUMMARY, Trainer
 
 
@@ -46,6 +46,13 @@ class Trial:
             return None
         with open(path) as f:
             return json.load(f)
+
+    @property
+    def finished(self) -> bool:
+        return bool((self.summary() or {}).get("finished"))
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.settings.items())
 
 
 @dataclass
@@ -89,18 +96,13 @@ def run_study(study: Study, index: Optional[int] = None) -> List[Trial]:
         raise ValueError(f"trial index {index} is out of range: the grid has {len(study.trials)} trials (0..{len(study.trials) - 1})")
     chosen = study.trials if index is None else [study.trials[index]]
     for trial in chosen:
-        summary = trial.summary()
-        if summary and summary.get("finished"):
+        if trial.finished:
             print(f"trial {trial.index}: finished already ({trial.out_dir}), skipped")
             continue
-        print(f"trial {trial.index}/{len(study.trials) - 1}: {_describe(trial.settings)} -> {trial.out_dir}")
+        print(f"trial {trial.index}/{len(study.trials) - 1}: {trial.describe()} -> {trial.out_dir}")
         Trainer(trial.config, resume=True).fit()
     write_results(study)
     return chosen
-
-
-def _describe(settings: Dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in settings.items())
 
 
 def results_rows(study: Study) -> List[Dict[str, Any]]:
@@ -108,7 +110,7 @@ def results_rows(study: Study) -> List[Dict[str, Any]]:
     rows = []
     for trial in study.trials:
         summary = trial.summary() or {}
-        status = "finished" if summary.get("finished") else "not finished"
+        status = "finished" if trial.finished else "not finished"
         row = {"trial": trial.index, **{k: trial.settings.get(k, "") for k in keys}, "status": status,
                "steps": summary.get("step", ""), "final_fid": summary.get("final_fid"), "best_fid": summary.get("best_fid"),
                "best_step": summary.get("best_step")}
@@ -128,21 +130,14 @@ def write_results(study: Study) -> Path:
     markdown = [f"# Study {study.name}: final and best FID per trial", "",
                 "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     markdown += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
-    study.out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(study.out_dir / "results.csv", text.getvalue())
+    write_text_atomic(study.out_dir / "results.csv", text.getvalue())
     path = study.out_dir / "results.md"
-    _write_atomic(path, "\n".join(markdown) + "\n")
+    write_text_atomic(path, "\n".join(markdown) + "\n")
     return path
 
 
 def _cell(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 __all__ = ["Study", "Trial", "read_study", "results_rows", "run_study", "write_results"]

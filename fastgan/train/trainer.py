@@ -22,6 +22,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -38,6 +39,7 @@ from fastgan.penalties import gradient_penalty
 from fastgan.train import checkpoint
 from fastgan.train.config import Config, from_mapping, save_config
 from fastgan.train.data import load_dataset
+from fastgan.train.files import write_text_atomic
 from fastgan.train.losses import discriminator_loss, generator_loss
 from fastgan.train.outputs import MetricsLog, plot_curves, save_image_grid
 
@@ -63,6 +65,11 @@ def draw_latents(count: int, config: Config, generator: torch.Generator) -> Tens
     if config.z_distribution == "uniform":
         return torch.rand(shape, generator=generator) * 2 - 1
     return torch.randn(shape, generator=generator)
+
+
+def models_for(config: Config):
+    """A freshly initialised (G, D) of the config's architecture, on the CPU."""
+    return build_models(config.architecture, config.image_size, config.z_dim, config.d_norm, config.width)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,8 +131,7 @@ class Trainer:
         if len(self.data) < config.batch_size:
             raise ValueError(f"the data set has {len(self.data)} images, fewer than batch_size={config.batch_size}")
 
-        self.G, self.D = (m.to(self.device) for m in build_models(config.architecture, config.image_size,
-                                                                  config.z_dim, config.d_norm, config.width))
+        self.G, self.D = (m.to(self.device) for m in models_for(config))
         if self.world > 1:
             self.G, self.D = (convert_batch_norm(m) for m in (self.G, self.D))
         self.g_optimizer = torch.optim.Adam(self.G.parameters(), lr=config.g_lr, betas=config.g_betas)
@@ -222,10 +228,13 @@ class Trainer:
     def _draw_z(self, count: int, generator: torch.Generator) -> Tensor:
         return draw_latents(count, self.config, generator)
 
-    def _local(self, global_batch: Tensor) -> Tensor:
-        """This rank's slice of a tensor drawn for the global batch, on the device."""
+    def _rank_share(self, global_batch: Tensor) -> Tensor:
+        """This rank's slice of a tensor drawn for the global batch."""
         share = global_batch.shape[0] // self.world
-        return global_batch[self.rank * share : (self.rank + 1) * share].to(self.device, non_blocking=True)
+        return global_batch[self.rank * share : (self.rank + 1) * share]
+
+    def _local(self, global_batch: Tensor) -> Tensor:
+        return self._rank_share(global_batch).to(self.device, non_blocking=True)
 
     def _real_batch(self) -> Tensor:
         """The next global batch of the epoch-wise shuffled data (drop-last), sliced to this rank."""
@@ -237,8 +246,7 @@ class Trainer:
             self._epoch_order = (epoch, torch.randperm(len(self.data), generator=torch.Generator().manual_seed(order_seed)))
         self.batches_drawn += 1
         indices = self._epoch_order[1][position * batch : (position + 1) * batch]
-        share = batch // self.world
-        return self.data.batch(indices[self.rank * share : (self.rank + 1) * share]).to(self.device, non_blocking=True)
+        return self.data.batch(self._rank_share(indices)).to(self.device, non_blocking=True)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
@@ -352,8 +360,7 @@ class Trainer:
     def _progress(self, iterable, description: str):
         from tqdm import tqdm
 
-        items = list(iterable)
-        return tqdm(items, desc=description, leave=False, file=sys.stderr, disable=not self.config.progress or self.rank != 0)
+        return tqdm(iterable, desc=description, leave=False, file=sys.stderr, disable=not self.config.progress or self.rank != 0)
 
     # ------------------------------------------------------------------ the run
 
@@ -408,9 +415,9 @@ class Trainer:
             if record:
                 self.log.write(step, record)
             if config.sample_every and (step % config.sample_every == 0 or last):
-                grid = self.generate(self.fixed_z)
-                save_image_grid(grid, self.out_dir / "samples" / f"step-{step:07d}.png")
-                save_image_grid(grid, self.out_dir / "samples.png")
+                grid_file = self.out_dir / "samples" / f"step-{step:07d}.png"
+                save_image_grid(self.generate(self.fixed_z), grid_file)
+                shutil.copyfile(grid_file, self.out_dir / "samples.png")
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
             self.save_checkpoint()
             if self.rank == 0:
@@ -423,9 +430,8 @@ class Trainer:
                    "best_fid": self.best_fid, "best_step": self.best_step, "out_dir": str(self.out_dir)}
         if self.rank == 0:
             self.log.close()
-            if summary["finished"]:
-                with open(self.out_dir / SUMMARY, "w") as f:
-                    json.dump(summary, f, indent=2)
+            if summary["finished"]:  # trials of a study count as done by this file, so it is never torn
+                write_text_atomic(self.out_dir / SUMMARY, json.dumps(summary, indent=2))
         return summary
 
     @contextlib.contextmanager
@@ -472,9 +478,9 @@ def load_generator(path: str, device: str = "auto"):
     """(G in eval mode, its Config) from a training checkpoint (``checkpoint.pt`` or ``best.pt``)."""
     state = checkpoint.load(path)
     config = from_mapping(state["config"])
-    generator, _ = build_models(config.architecture, config.image_size, config.z_dim, config.d_norm, config.width)
+    generator, _ = models_for(config)
     generator.load_state_dict(state["G"])
     return generator.to(resolve_device(device)).eval(), config
 
 
-__all__ = ["Trainer", "draw_latents", "load_generator", "resolve_device", "CHECKPOINT", "BEST", "SUMMARY"]
+__all__ = ["Trainer", "draw_latents", "load_generator", "models_for", "resolve_device", "CHECKPOINT", "BEST", "SUMMARY"]
