@@ -157,6 +157,63 @@ def test_cifar10_download_with_wrong_checksum_leaves_nothing(cifar_archive, tmp_
     assert list(root.iterdir()) == []
 
 
+def test_cifar10_without_network_says_where_to_put_a_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CIFAR10_URL", (tmp_path / "unreachable" / data.CIFAR10_ARCHIVE).as_uri())
+    root = tmp_path / "root"
+    with pytest.raises(ConnectionError, match="cannot download CIFAR-10") as error:
+        load_dataset("cifar10", root=str(root))
+    message = str(error.value)
+    assert str(root) in message and "data_root=" in message and "FASTGAN_DATA" in message
+    assert list(root.iterdir()) == []  # no partial archive left behind
+
+
+def test_cifar10_write_failure_names_the_archive(cifar_archive, tmp_path, monkeypatch):
+    """A full disk while downloading: an OSError that names the archive, and nothing left behind."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, chunk):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    def open_full(path, mode="r", *args, **kwargs):
+        file = real_open(path, mode, *args, **kwargs)
+        return FullDisk(file) if "w" in mode and str(path).endswith(".part") else file
+
+    monkeypatch.setattr(builtins, "open", open_full)
+    root = tmp_path / "root"
+    with pytest.raises(OSError) as error:
+        load_dataset("cifar10", root=str(root))
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(root / data.CIFAR10_ARCHIVE)
+    assert list(root.iterdir()) == []
+
+
+def test_cifar10_files_follow_the_umask(cifar_archive, tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        load_dataset("cifar10", root=str(tmp_path / "root"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "root" / data.CIFAR10_ARCHIVE).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "root" / data.CIFAR10_FOLDER).stat().st_mode & 0o777 == 0o755
+
+
 def test_cifar10_local_archive_with_wrong_checksum_is_corrupt(cifar_archive, monkeypatch):
     monkeypatch.setattr(data, "CIFAR10_MD5", "0" * 32)
     with pytest.raises(ValueError, match="corrupt"):

@@ -14,7 +14,8 @@ uint8 ``(N, S, S, 3)`` array, served as float32 ``(B, 3, S, S)`` batches in [0, 
     ``cifar-10-python.tar.gz``). ``root`` may hold the extracted
     ``cifar-10-batches-py/`` folder or the archive; otherwise the archive is downloaded
     there (``download=True``), checked by MD5, and its training batches are extracted
-    next to it. The archive may be deleted afterwards.
+    next to it. The archive may be deleted afterwards. Without network access the error
+    says where to put a copy (``root``, i.e. the config's ``data_root``).
 ``folder``
     Every png/jpg/jpeg/bmp/webp file under the folder ``root`` (recursively, e.g.
     CelebA-HQ or LSUN bedrooms prepared as image folders), center-cropped to a square.
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
 import json
 import operator
 import os
@@ -44,7 +46,7 @@ import pickle
 import shutil
 import sys
 import tarfile
-import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -55,7 +57,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from fastgan.train.files import atomic_file
+from fastgan.train.files import atomic_file, atomic_folder
 
 __all__ = ["DATASETS", "ImageData", "load_dataset", "data_root"]
 
@@ -217,7 +219,26 @@ def _md5(path: Path) -> str:
 
 
 def _download_cifar10(archive: Path) -> None:
-    """Download :data:`CIFAR10_URL` to ``archive``, renamed into place only once its MD5 is verified."""
+    """Download :data:`CIFAR10_URL` to ``archive``, renamed into place only once its MD5 is verified.
+
+    A failed download (no network, a proxy, a timeout) raises ConnectionError saying where
+    to put a copy instead; a failed write raises an OSError that names ``archive``."""
+    try:
+        _fetch_cifar10(archive)
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise ConnectionError(
+            f"cannot download CIFAR-10 from {CIFAR10_URL} ({reason}). Without network access, put "
+            f"{CIFAR10_ARCHIVE} (or its extracted {CIFAR10_FOLDER}/ folder) into {archive.parent}, or set "
+            f"data_root=FOLDER (default root: ${DATA_ENV_VAR}) to a folder that holds one"
+        ) from error
+    except OSError as error:
+        if error.filename is None and error.errno is not None:  # a write to the partial file
+            raise OSError(error.errno, error.strerror, str(archive)) from error
+        raise
+
+
+def _fetch_cifar10(archive: Path) -> None:
     with atomic_file(archive) as partial:
         digest = hashlib.md5()
         with open(partial, "wb") as out, \
@@ -243,22 +264,17 @@ def _extract_cifar10(archive: Path, folder: Path) -> None:
     under the archive's own paths, so a crafted archive cannot write elsewhere. They
     go to a temporary folder renamed into place, so ``folder`` is complete if it exists.
     """
-    partial = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".part", dir=folder.parent))
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for batch in CIFAR10_TRAIN_BATCHES:
-                try:
-                    member = tar.getmember(f"{CIFAR10_FOLDER}/{batch}")
-                except KeyError:
-                    raise ValueError(f"{archive} lacks {CIFAR10_FOLDER}/{batch}") from None
-                source = tar.extractfile(member) if member.isfile() else None
-                if source is None:
-                    raise ValueError(f"{archive}: {member.name} is not a regular file")
-                with source, open(partial / batch, "wb") as target:
-                    shutil.copyfileobj(source, target)
-        os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    with atomic_folder(folder) as partial, tarfile.open(archive, "r:gz") as tar:
+        for batch in CIFAR10_TRAIN_BATCHES:
+            try:
+                member = tar.getmember(f"{CIFAR10_FOLDER}/{batch}")
+            except KeyError:
+                raise ValueError(f"{archive} lacks {CIFAR10_FOLDER}/{batch}") from None
+            source = tar.extractfile(member) if member.isfile() else None
+            if source is None:
+                raise ValueError(f"{archive}: {member.name} is not a regular file")
+            with source, open(partial / batch, "wb") as target:
+                shutil.copyfileobj(source, target)
 
 
 def _read_cifar10_batch(path: Path) -> np.ndarray:

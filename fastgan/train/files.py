@@ -4,14 +4,39 @@ Every file a run writes for later reading (checkpoints, summaries, study tables,
 downloads, data caches) is written through :func:`atomic_file`: into a temporary
 file beside its destination, then renamed over it (``os.replace`` is atomic on
 POSIX and Windows), so readers only ever see the previous or the new complete file.
+
+The temporary file is created with mode 0666 less the process umask, like any file
+``open()`` creates, so the renamed file has the permissions the user's other outputs
+have (``tempfile.mkstemp`` would make it 0600). A SIGKILL between creation and rename
+leaves ``.NAME.XXXXXXXX.part`` behind; :func:`remove_stale_parts` deletes those of a
+file that only one process writes, when that process starts.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
+
+PART_SUFFIX = ".part"
+
+
+def _partial_name(path: Path) -> str:
+    return f".{path.name}.{secrets.token_hex(4)}{PART_SUFFIX}"
+
+
+def _create_partial(path: Path) -> Path:
+    """A new empty file beside ``path`` with a fresh random name (never an existing one)."""
+    while True:
+        partial = path.parent / _partial_name(path)
+        try:
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # 2^32 names: a clash is rare, but possible
+            continue
+        os.close(descriptor)
+        return partial
 
 
 @contextlib.contextmanager
@@ -19,9 +44,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write; renamed over ``path`` when the block
     completes, deleted when it raises (or is interrupted)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(descriptor)
-    partial = Path(name)
+    partial = _create_partial(path)
     try:
         yield partial
         os.replace(partial, path)
@@ -29,9 +52,42 @@ def atomic_file(path: Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Like :func:`atomic_file`, for a folder: a new temporary folder beside ``path`` to
+    fill, renamed to ``path`` when the block completes, deleted when it raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        partial = path.parent / _partial_name(path)
+        try:
+            partial.mkdir()  # mode 0777 less the umask, like any new folder
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_file(path) as partial:
         partial.write_text(text)
 
 
-__all__ = ["atomic_file", "write_text_atomic"]
+def remove_stale_parts(path: Path) -> List[Path]:
+    """Delete the temporary files that killed writes of ``path`` left beside it; returns them.
+
+    Only for files that a single process writes (a run's checkpoints and summary, called
+    when the run starts): with several concurrent writers it could delete a live one."""
+    if not path.parent.is_dir():
+        return []
+    prefix = f".{path.name}."
+    stale = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(PART_SUFFIX) and p.is_file()]
+    for partial in stale:
+        partial.unlink(missing_ok=True)
+    return stale
+
+
+__all__ = ["atomic_file", "atomic_folder", "remove_stale_parts", "write_text_atomic"]

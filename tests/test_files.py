@@ -1,0 +1,137 @@
+"""Atomic files (fastgan.train.files) and checkpoints (fastgan.train.checkpoint): permissions,
+stale temporary files, a full disk, and files that are not checkpoints."""
+import errno
+import io
+import os
+import pickle
+
+import pytest
+import torch
+
+from fastgan.train import checkpoint
+from fastgan.train.files import atomic_file, atomic_folder, remove_stale_parts, write_text_atomic
+
+
+@pytest.fixture
+def umask():
+    """Sets the process umask for a test and restores it."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_files_follow_the_umask(tmp_path, umask, mask, mode):
+    umask(mask)
+    write_text_atomic(tmp_path / "summary.json", "{}")
+    checkpoint.save_atomic({"format": checkpoint.FORMAT}, tmp_path / "checkpoint.pt")
+    with atomic_folder(tmp_path / "folder") as partial:
+        (partial / "x").write_text("x")
+    for name in ("summary.json", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "folder", "summary.json"]
+
+
+def test_atomic_folder_failure_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError):
+        with atomic_folder(tmp_path / "data") as partial:
+            (partial / "half").write_text("half")
+            raise ValueError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_stale_parts_removes_only_that_files_parts(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    stale = [tmp_path / ".checkpoint.pt.0a1b2c3d.part", tmp_path / ".checkpoint.pt.ffffffff.part"]
+    kept = [tmp_path / ".best.pt.0a1b2c3d.part", tmp_path / "checkpoint.pt", tmp_path / "checkpoint.pt.part",
+            tmp_path / ".checkpoint.pt.notes"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_parts(target)) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    assert remove_stale_parts(tmp_path / "missing" / "checkpoint.pt") == []
+
+
+def test_atomic_file_never_reuses_an_existing_name(tmp_path, monkeypatch):
+    from fastgan.train import files
+
+    names = iter(["taken", "taken", "fresh"])
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(names))
+    (tmp_path / ".out.txt.taken.part").write_text("another writer's file")
+    write_text_atomic(tmp_path / "out.txt", "new")
+    assert (tmp_path / "out.txt").read_text() == "new"
+    assert (tmp_path / ".out.txt.taken.part").read_text() == "another writer's file"
+
+
+class _FullDisk(io.RawIOBase):
+    """A file whose writes fail like a full disk's after ``room`` bytes."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+@pytest.mark.parametrize("room", [0, 1000])
+def test_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch, room):
+    path = tmp_path / "checkpoint.pt"
+    previous = {"format": checkpoint.FORMAT, "step": 1, "weights": torch.randn(7)}
+    checkpoint.save_atomic(previous, path)
+    monkeypatch.setattr(checkpoint, "open", lambda name, mode: _FullDisk(open(name, mode), room), raising=False)
+    with pytest.raises(OSError) as error:
+        checkpoint.save_atomic({"format": checkpoint.FORMAT, "step": 2, "weights": torch.randn(100_000)}, path)
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(path)
+    assert "enforce fail" not in str(error.value)
+    monkeypatch.undo()
+    loaded = checkpoint.load(path)
+    assert loaded["step"] == 1 and torch.equal(loaded["weights"], previous["weights"])
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+class _Payload:
+    """Any Python object: what a pickle of unknown origin may hold."""
+
+
+@pytest.mark.parametrize("content", [
+    b"",
+    b"PK\x03\x04 truncated zip",
+    os.urandom(4096),
+    pickle.dumps({"format": checkpoint.FORMAT}, protocol=2),  # a plain pickle, not torch.save's zip
+    "torch.save of a Python object",
+])
+def test_garbage_is_not_a_fastgan_checkpoint_and_never_unpickled(tmp_path, content):
+    path = tmp_path / "garbage.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save({"format": checkpoint.FORMAT, "payload": _Payload()}, path)
+    with pytest.raises(ValueError) as error:
+        checkpoint.load(path)
+    message = str(error.value)
+    assert message.startswith(f"{path} is not a fastgan checkpoint")
+    assert "weights_only=False" not in message and "weights_only` set to False" not in message
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # torch's advice is not chained either
+
+
+def test_a_torch_file_of_other_content_is_not_a_fastgan_checkpoint(tmp_path):
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a fastgan checkpoint .*holds a dict with format None"):
+        checkpoint.load(tmp_path / "other.pt")
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="holds a list"):
+        checkpoint.load(tmp_path / "list.pt")
