@@ -199,18 +199,22 @@ def command_sample(args) -> None:
         print(f"{args.n} samples written to {out}")
 
 
-def command_study(args) -> None:
+def command_study(args) -> int:
     from fastgan.train.study import read_study, run_study, write_results
+    from fastgan.train.trainer import EXIT_INTERRUPTED
 
     study = read_study(args.grid, args.overrides)
     if args.list:
         for trial in study.trials:
-            status = "finished" if trial.finished else "to run"
-            print(f"{trial.index:4d}  {status:<9} {trial.describe()}")
-        return
-    if not args.summarize:
-        run_study(study, args.index)
+            print(f"{trial.index:4d}  {trial.status:<9} {trial.describe()}  ({trial.out_dir.name})")
+        others = study.other_folders()
+        if others:
+            print(f"{len(others)} trial folder(s) in {study.out_dir} belong to no trial of this grid "
+                  f"(an earlier version of it, or other overrides): {', '.join(p.name for p in others)}")
+        return 0
+    completed = args.summarize or run_study(study, args.index)
     print(f"results: {write_results(study)} and {study.out_dir / 'results.csv'}")
+    return 0 if completed else EXIT_INTERRUPTED  # a stop signal ended a trial: the rest were not started
 
 
 def command_backends(args) -> None:

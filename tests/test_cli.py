@@ -101,15 +101,21 @@ def test_study_runs_a_two_trial_grid_and_skips_finished_trials(tmp_path, capsys)
     )
     overrides = [o for o in TINY_RUN if not o.startswith("sample_every")]
     assert main(["study", "--grid", str(grid), "--index", "1", *overrides]) == 0
+    assert "trial 2/2 (index 1): loss=hinge" in capsys.readouterr().out
     assert main(["study", "--grid", str(grid), "--list", *overrides]) == 0
     listing = capsys.readouterr().out
-    assert "0  to run    loss=ns" in listing and "1  finished  loss=hinge" in listing
+    assert "0  to run    loss=ns  (trial-" in listing and "1  finished  loss=hinge  (trial-" in listing
     assert main(["study", "--grid", str(grid), *overrides]) == 0
-    assert "trial 1: finished already" in capsys.readouterr().out
+    assert "trial 2/2 (index 1): finished already" in capsys.readouterr().out
     table = (tmp_path / "study" / "results.csv").read_text().splitlines()
-    assert table[0] == "trial,loss,status,steps,final_fid,best_fid,best_step"
+    assert table[0] == "trial,loss,status,steps,final_fid,best_fid,best_step,folder"
     assert [row.split(",")[:4] for row in table[1:]] == [["0", "ns", "finished", "2"], ["1", "hinge", "finished", "2"]]
     assert "| 1 | hinge | finished | 2 |" in (tmp_path / "study" / "results.md").read_text()
+    # another step count is another trial: the finished runs are not reported for it
+    assert main(["study", "--grid", str(grid), "--list", *overrides, "steps=3"]) == 0
+    listing = capsys.readouterr().out
+    assert "0  to run    loss=ns" in listing and "1  to run    loss=hinge" in listing
+    assert "2 trial folder(s) in" in listing and "belong to no trial of this grid" in listing
     assert main(["study", "--grid", str(grid), "--index", "2"]) == 1
     assert "out of range" in capsys.readouterr().err
 

@@ -1,6 +1,6 @@
 """The study: a grid of training runs and a table of their FIDs.
 
-A grid file (``configs/study/*.yaml``)::
+A grid file (``configs/study/*.yaml``; docs/study.md)::
 
     base: ../sndcgan_cifar10.yaml      # a config file, relative to the grid file (optional)
     settings: {steps: 20000}           # keys set in every trial (optional)
@@ -11,13 +11,24 @@ A grid file (``configs/study/*.yaml``)::
         - {g_lr: 2.0e-4, g_betas: [0.5, 0.999]}
         - {g_lr: 1.0e-4, g_betas: [0.5, 0.9]}
 
-Trial i runs in ``out_dir/trial-iiii`` and counts as finished when its
-``summary.json`` says so; finished trials are skipped, interrupted ones resume.
-``results.csv`` and ``results.md`` list every trial: its settings, final and best FID.
+A trial's identity is its full resolved config (base, settings, overrides and its
+axes' choices, with every default filled in): trial i runs in
+``out_dir/trial-<hash>``, the hash being that of its config without the keys listed in
+:data:`PRESENTATION_KEYS` (they change what a run writes on the way, never its
+parameters or FIDs). So editing the grid never relabels old results: an unchanged trial
+finds its folder wherever it moved in the grid, a changed one (another loss, more steps,
+a new default) gets a new folder and runs afresh, and folders of trials no longer in the
+grid are left alone (``--list`` counts them). ``trial.json`` in each folder records the
+config and its hash; a folder whose ``trial.json`` does not match is refused.
+
+A trial counts as finished when its ``summary.json`` says so; finished trials are
+skipped, interrupted ones resume. ``results.csv`` and ``results.md`` list every trial
+of the grid: its settings, status, final and best FID, and folder.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -27,22 +38,39 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from fastgan.train.config import Config, from_mapping, parse_overrides, read_yaml
 from fastgan.train.files import write_text_atomic
-from fastgan.train.trainer import SUMMARY, Trainer
+from fastgan.train.trainer import CHECKPOINT, SUMMARY, Trainer
+
+# Config keys outside a trial's identity: where it writes, progress bars, and how often it logs,
+# saves sample grids and checkpoints. None of them changes the trained parameters or the FIDs.
+PRESENTATION_KEYS = frozenset({"out_dir", "progress", "log_every", "sample_every", "checkpoint_every",
+                               "sample_grid", "download"})
+TRIAL_FILE = "trial.json"
+_TRIAL_PREFIX = "trial-"
+
+
+def config_hash(config: Config) -> str:
+    """A hex digest of every key of ``config`` except :data:`PRESENTATION_KEYS`."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in PRESENTATION_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
 class Trial:
     index: int
     settings: Dict[str, Any]  # the axes' choices for this trial
-    config: Config
+    config: Config            # out_dir is the trial's folder
 
     @property
     def out_dir(self) -> Path:
         return Path(self.config.out_dir)
 
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
     def summary(self) -> Optional[dict]:
         path = self.out_dir / SUMMARY
-        if not path.is_file():
+        if not path.is_file() or not self.holds_this_trial():
             return None
         with open(path) as f:
             return json.load(f)
@@ -50,6 +78,48 @@ class Trial:
     @property
     def finished(self) -> bool:
         return bool((self.summary() or {}).get("finished"))
+
+    @property
+    def status(self) -> str:
+        """finished | started (a checkpoint to resume) | to run."""
+        if self.finished:
+            return "finished"
+        return "started" if (self.out_dir / CHECKPOINT).is_file() and self.holds_this_trial() else "to run"
+
+    def recorded(self) -> Optional[dict]:
+        """The folder's ``trial.json`` (None when there is none)."""
+        path = self.out_dir / TRIAL_FILE
+        if not path.is_file():
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def holds_this_trial(self) -> bool:
+        """Whether the folder's ``trial.json`` records this trial's config: only then do its
+        summary and checkpoint count as this trial's."""
+        record = self.recorded()
+        return record is not None and record.get("config_hash") == self.config_hash
+
+    def check_folder(self) -> None:
+        """ValueError when the folder holds a run of another config (copied or edited by hand)."""
+        record = self.recorded()
+        if record is None:
+            if any(self.out_dir.iterdir()) if self.out_dir.is_dir() else False:
+                raise ValueError(f"{self.out_dir} holds files but no {TRIAL_FILE}, so it is not known to be trial "
+                                 f"{self.index}'s run; move it away (or delete it) to run the trial")
+            return
+        if record.get("config_hash") != self.config_hash:
+            saved = record.get("config") or {}
+            ours = self.config.to_dict()
+            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in ours
+                                if k not in PRESENTATION_KEYS and saved.get(k) != ours[k]) or "unknown keys"
+            raise ValueError(f"{self.out_dir} holds a run of another config than trial {self.index}'s ({changes}); "
+                             f"move it away (or delete it) to run the trial")
+
+    def record(self) -> None:
+        write_text_atomic(self.out_dir / TRIAL_FILE, json.dumps(
+            {"config_hash": self.config_hash, "index": self.index, "settings": self.settings,
+             "config": self.config.to_dict()}, indent=2) + "\n")
 
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.settings.items())
@@ -61,6 +131,14 @@ class Study:
     out_dir: Path
     axes: Dict[str, List[Any]]
     trials: List[Trial]
+
+    def other_folders(self) -> List[Path]:
+        """Trial folders in ``out_dir`` that belong to no trial of the grid (e.g. of an earlier version of it)."""
+        ours = {trial.out_dir.name for trial in self.trials}
+        if not self.out_dir.is_dir():
+            return []
+        return sorted(p for p in self.out_dir.iterdir()
+                      if p.is_dir() and p.name.startswith(_TRIAL_PREFIX) and p.name not in ours)
 
 
 def _axis_choice(axis: str, item: Any) -> Dict[str, Any]:
@@ -79,30 +157,48 @@ def read_study(path: str, overrides: Iterable[str] = ()) -> Study:
     base = read_yaml(str(Path(path).parent / grid["base"])) if grid.get("base") else {}
     name = Path(path).stem
     out_dir = Path(grid.get("out_dir") or f"runs/study/{name}")
-    common = {**base, **(grid.get("settings") or {}), **parse_overrides(overrides)}
-    trials = []
+    base.pop("out_dir", None)  # the trials' folders go below the grid's out_dir
+    common = {**(grid.get("settings") or {}), **parse_overrides(overrides)}
+    if "out_dir" in common:
+        raise ValueError(f"{path}: out_dir is a key of the grid itself (the trials' folders go below it), "
+                         "not a setting or an override")
+    common = {**base, **common}
+    trials, folders = [], {}
     for index, combination in enumerate(itertools.product(*(axes[a] for a in axes))):
         settings = {}
         for axis, item in zip(axes, combination):
             settings.update(_axis_choice(axis, item))
-        values = {**common, **settings, "out_dir": str(out_dir / f"trial-{index:04d}")}
-        trials.append(Trial(index, settings, from_mapping(values)))
+        config = from_mapping({**common, **settings})
+        folder = out_dir / f"{_TRIAL_PREFIX}{config_hash(config)[:16]}"
+        if folder in folders:
+            raise ValueError(f"{path}: trials {folders[folder]} and {index} have the same config "
+                             f"({Trial(index, settings, config).describe()}); remove the duplicate choice")
+        folders[folder] = index
+        trials.append(Trial(index, settings, config.replace(out_dir=str(folder))))
     return Study(name, out_dir, axes, trials)
 
 
-def run_study(study: Study, index: Optional[int] = None) -> List[Trial]:
-    """Run every unfinished trial (or only trial ``index``), then write the results table."""
-    if index is not None and not 0 <= index < len(study.trials):
-        raise ValueError(f"trial index {index} is out of range: the grid has {len(study.trials)} trials (0..{len(study.trials) - 1})")
+def run_study(study: Study, index: Optional[int] = None) -> bool:
+    """Run every unfinished trial (or only trial ``index``), writing the results table after
+    each; returns False when a stop signal interrupted a trial (the rest are not started)."""
+    total = len(study.trials)
+    if index is not None and not 0 <= index < total:
+        raise ValueError(f"trial index {index} is out of range: the grid has {total} trials (0..{total - 1})")
     chosen = study.trials if index is None else [study.trials[index]]
     for trial in chosen:
+        label = f"trial {trial.index + 1}/{total} (index {trial.index})"
         if trial.finished:
-            print(f"trial {trial.index}: finished already ({trial.out_dir}), skipped")
+            print(f"{label}: finished already ({trial.out_dir}), skipped")
             continue
-        print(f"trial {trial.index}/{len(study.trials) - 1}: {trial.describe()} -> {trial.out_dir}")
-        Trainer(trial.config, resume=True).fit()
+        trial.check_folder()
+        print(f"{label}: {trial.describe()} -> {trial.out_dir}")
+        trial.record()
+        summary = Trainer(trial.config, resume=True).fit()
+        write_results(study)
+        if not summary["finished"]:
+            return False
     write_results(study)
-    return chosen
+    return True
 
 
 def results_rows(study: Study) -> List[Dict[str, Any]]:
@@ -110,10 +206,9 @@ def results_rows(study: Study) -> List[Dict[str, Any]]:
     rows = []
     for trial in study.trials:
         summary = trial.summary() or {}
-        status = "finished" if trial.finished else "not finished"
-        row = {"trial": trial.index, **{k: trial.settings.get(k, "") for k in keys}, "status": status,
+        row = {"trial": trial.index, **{k: trial.settings.get(k, "") for k in keys}, "status": trial.status,
                "steps": summary.get("step", ""), "final_fid": summary.get("final_fid"), "best_fid": summary.get("best_fid"),
-               "best_step": summary.get("best_step")}
+               "best_step": summary.get("best_step"), "folder": trial.out_dir.name}
         rows.append({k: "" if v is None else (list(v) if isinstance(v, tuple) else v) for k, v in row.items()})
     return rows
 
@@ -140,4 +235,5 @@ def _cell(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-__all__ = ["Study", "Trial", "read_study", "results_rows", "run_study", "write_results"]
+__all__ = ["PRESENTATION_KEYS", "Study", "Trial", "config_hash", "read_study", "results_rows", "run_study",
+           "write_results"]

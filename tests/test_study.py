@@ -1,0 +1,149 @@
+"""Study grids (fastgan.train.study): a trial is its full resolved config, so editing the grid
+never relabels or reuses results of another config. Training is replaced by a fake trainer
+that writes what a finished run writes (tests/test_cli.py runs a real two-trial study)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from fastgan.train import study as study_module
+from fastgan.train.study import PRESENTATION_KEYS, config_hash, read_study, results_rows, run_study
+from fastgan.train.trainer import SUMMARY
+
+FID_BY_LOSS = {"ns": 11.0, "wgan": 22.0, "lsgan": 33.0, "hinge": 44.0}
+
+
+class FakeTrainer:
+    """Writes a summary whose FID identifies the config it was given; records every run."""
+
+    runs = []
+    stop_after = None  # a number of steps at which a 'stop signal' arrives
+
+    def __init__(self, config, resume):
+        assert resume
+        self.config = config
+
+    def fit(self):
+        config = self.config
+        FakeTrainer.runs.append(config)
+        steps = config.steps if FakeTrainer.stop_after is None else FakeTrainer.stop_after
+        summary = {"step": steps, "steps": config.steps, "finished": steps >= config.steps,
+                   "final_fid": FID_BY_LOSS[config.loss] + config.steps, "best_fid": None, "best_step": None,
+                   "out_dir": config.out_dir}
+        out = Path(config.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoint.pt").write_bytes(b"")
+        if summary["finished"]:
+            (out / SUMMARY).write_text(json.dumps(summary))
+        return summary
+
+
+@pytest.fixture(autouse=True)
+def fake_trainer(monkeypatch):
+    FakeTrainer.runs, FakeTrainer.stop_after = [], None
+    monkeypatch.setattr(study_module, "Trainer", FakeTrainer)
+    return FakeTrainer
+
+
+def write_grid(path, losses, steps=100, extra=""):
+    path.write_text(f"settings: {{steps: {steps}}}\nout_dir: {path.parent / 'study'}\n"
+                    f"axes:\n  loss: [{', '.join(losses)}]\n{extra}")
+    return str(path)
+
+
+def final_fids(grid):
+    return {row["loss"]: (row["status"], row["final_fid"]) for row in results_rows(read_study(grid))}
+
+
+def test_adding_a_choice_keeps_every_result_with_its_own_config(tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "hinge"])
+    assert run_study(read_study(grid))
+    assert final_fids(grid) == {"ns": ("finished", 111.0), "hinge": ("finished", 144.0)}
+    # lsgan inserted before hinge: hinge moves from index 1 to 2, and its result moves with it
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "lsgan", "hinge"])
+    assert final_fids(grid) == {"ns": ("finished", 111.0), "lsgan": ("to run", ""), "hinge": ("finished", 144.0)}
+    FakeTrainer.runs.clear()
+    assert run_study(read_study(grid))
+    assert [c.loss for c in FakeTrainer.runs] == ["lsgan"]  # nothing else re-run
+    assert final_fids(grid) == {"ns": ("finished", 111.0), "lsgan": ("finished", 133.0), "hinge": ("finished", 144.0)}
+
+
+def test_changing_steps_runs_every_trial_again(tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "hinge"], steps=100)
+    run_study(read_study(grid))
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "hinge"], steps=200)
+    study = read_study(grid)
+    assert [t.status for t in study.trials] == ["to run", "to run"]
+    assert len(study.other_folders()) == 2  # the 100-step runs, left alone
+    FakeTrainer.runs.clear()
+    run_study(study)
+    assert [c.steps for c in FakeTrainer.runs] == [200, 200]
+    assert final_fids(grid) == {"ns": ("finished", 211.0), "hinge": ("finished", 244.0)}
+
+
+def test_a_changed_default_or_base_is_a_changed_trial(tmp_path, monkeypatch):
+    """The hash covers the resolved config, defaults included: a new default makes a new trial."""
+    grid = write_grid(tmp_path / "grid.yaml", ["ns"])
+    before = read_study(grid).trials[0]
+    after = read_study(grid, ["seed=1"]).trials[0]
+    assert before.out_dir != after.out_dir and before.config_hash != after.config_hash
+    assert config_hash(before.config.replace(progress=False, log_every=1, sample_every=7, checkpoint_every=9,
+                                             sample_grid=4, download=False)) == before.config_hash
+    assert {"out_dir", "progress"} <= PRESENTATION_KEYS and not {"steps", "loss", "data_root", "fid_samples"} & PRESENTATION_KEYS
+
+
+def test_progress_counts_the_whole_grid(tmp_path, capsys):
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "wgan", "lsgan", "hinge"])
+    run_study(read_study(grid), index=2)
+    assert "trial 3/4 (index 2): loss=lsgan" in capsys.readouterr().out
+    run_study(read_study(grid))
+    out = capsys.readouterr().out
+    for line in ("trial 1/4 (index 0): loss=ns", "trial 2/4 (index 1): loss=wgan",
+                 "trial 3/4 (index 2): finished already", "trial 4/4 (index 3): loss=hinge"):
+        assert line in out
+
+
+def test_a_folder_holding_another_config_is_refused(tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "hinge"])
+    study = read_study(grid)
+    run_study(study, index=0)
+    # someone copies trial 0's folder over trial 1's
+    ns, hinge = study.trials
+    hinge.out_dir.mkdir(parents=True)
+    (hinge.out_dir / "trial.json").write_text((ns.out_dir / "trial.json").read_text())
+    (hinge.out_dir / SUMMARY).write_text((ns.out_dir / SUMMARY).read_text())
+    assert not hinge.finished and hinge.summary() is None  # never reported as hinge's result
+    with pytest.raises(ValueError, match=r"holds a run of another config than trial 1's \(loss: 'ns' -> 'hinge'\)"):
+        run_study(study, index=1)
+    (hinge.out_dir / "trial.json").unlink()
+    with pytest.raises(ValueError, match="holds files but no trial.json"):
+        run_study(study, index=1)
+
+
+def test_an_interrupted_trial_stops_the_study(tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "hinge"])
+    FakeTrainer.stop_after = 10
+    assert run_study(read_study(grid)) is False
+    assert [c.loss for c in FakeTrainer.runs] == ["ns"]  # the next trial was not started
+    assert [t.status for t in read_study(grid).trials] == ["started", "to run"]
+
+
+def test_grid_errors(tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "ns"])
+    with pytest.raises(ValueError, match="trials 0 and 1 have the same config"):
+        read_study(grid)
+    grid = write_grid(tmp_path / "grid.yaml", ["ns"])
+    with pytest.raises(ValueError, match="out_dir is a key of the grid itself"):
+        read_study(grid, ["out_dir=elsewhere"])
+    with pytest.raises(ValueError, match="out of range: the grid has 1 trials"):
+        run_study(read_study(grid), index=1)
+
+
+def test_base_out_dir_is_ignored_and_the_shipped_grids_read(tmp_path):
+    root = Path(__file__).resolve().parent.parent / "configs" / "study"
+    sizes = {"demo": 4, "loss_x_normalization": 16, "landscape": 768}
+    for name, size in sizes.items():
+        study = read_study(str(root / f"{name}.yaml"))
+        assert len(study.trials) == size
+        assert len({t.out_dir for t in study.trials}) == size
+        assert all(t.out_dir.parent == study.out_dir for t in study.trials)
