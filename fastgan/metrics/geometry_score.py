@@ -1,0 +1,387 @@
+"""Geometry Score (Khrulkov & Oseledets, ICML 2018, "Geometry Score: A Method For
+Comparing Generative Adversarial Networks").
+
+The score compares the topology of two point sets (flattened images or their
+features) through the 1-dimensional holes of witness complexes built on random
+landmark subsets:
+
+1. For one landmark set L (L_0 distinct points of X; every point of X is a witness),
+   build gudhi's (weak, relaxed) witness complex from the table of each witness's
+   landmarks sorted by Euclidean distance, up to dimension 2 and relaxation
+   ``alpha_max = gamma * max_{w, l} d(w, l)``, and compute its persistent homology with
+   Z/2 coefficients.
+2. From the H1 intervals (infinite deaths clipped at ``alpha_max``) the relative living
+   times: ``RLT[i]`` is the fraction of ``[0, alpha_max]`` during which exactly ``i`` holes
+   are alive (i < i_max; with no H1 interval at all, ``RLT = (1, 0, 0, ...)``).
+3. The MRLT is the mean RLT over ``n`` landmark sets; the Geometry Score of X and Y is
+   ``sum_i (MRLT_X[i] - MRLT_Y[i])^2``.
+
+Defaults are the authors': ``L_0 = 64``, ``n = 1000``, ``i_max = 100``,
+``gamma = 1/128 * N/5000`` for N points. Landmark sets are drawn without replacement
+(``torch.randperm``; the paper's L is a subset of X, and duplicated landmarks are
+rejected), with the ``generator`` given or torch's default one.
+
+How it is computed (the result is the same as running the authors' algorithm set by
+set on the same landmarks; ``tests/test_geometry_score.py`` checks this against an
+independent per-set implementation):
+
+* distances: one float64 table from every point to every point used as a landmark
+  by any set, in torch on ``x``'s device (direct differences, not the Gram-matrix
+  formula, so near-zero distances are exact); each set's witness-landmark table is a
+  gather from it, sorted for all sets of a chunk at once;
+* each witness's sorted list is cut after the last landmark gudhi's construction can
+  visit: for simplices of dimension <= 2 it never looks past landmarks with
+  ``d - alpha_max <= d_3`` (d_3: the witness's third-nearest landmark), so the shorter
+  table gives the identical complex and is faster to build and to ship to workers;
+* complexes, persistence and RLTs are computed by ``workers`` processes (default: one
+  per CPU core) while the parent prepares the next tables (gudhi holds the GIL, so
+  threads would not help). The processes start with Python's default method (fork on
+  Linux, as torch's DataLoader workers; they run only numpy and gudhi). Where that
+  method is spawn or forkserver (macOS, Windows, Python >= 3.14), a script must call
+  this from under ``if __name__ == "__main__":``, as any multiprocessing code; or
+  pass ``workers=1`` to compute in the calling process.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastgan.metrics.base import Metric, check_floating_finite
+
+__all__ = ["relative_living_times", "mean_relative_living_times", "geometry_score", "draw_landmarks",
+           "default_gamma", "plot_mrlt", "GeometryScore"]
+
+# gudhi builds the complex up to triangles: enough for H1.
+COMPLEX_DIMENSION = 2
+# Largest float64 distance table (points x landmark points) held at once; past it the
+# table is computed chunk by chunk of landmark sets.
+DISTANCE_TABLE_BYTES = 1 << 30
+
+
+def default_gamma(num_points: int) -> float:
+    """The authors' default relaxation factor: 1/128 at 5000 points, proportional to N."""
+    return 1.0 / 128 * num_points / 5000
+
+
+def _as_points(name: str, x) -> Tensor:
+    """(N, d) floating, finite points as a float64 tensor on their device."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    check_floating_finite(name, x, 1)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (N, d) point set, got shape {tuple(x.shape)}")
+    if x.shape[0] < 2 or x.shape[1] < 1:
+        raise ValueError(f"{name} needs at least 2 points of dimension >= 1, got shape {tuple(x.shape)}")
+    return x.detach().to(torch.float64)
+
+
+def _check_parameters(i_max: int, gamma: Optional[float]) -> None:
+    if isinstance(i_max, bool) or not isinstance(i_max, int) or i_max < 1:
+        raise ValueError(f"i_max must be an int >= 1, got {i_max!r}")
+    if gamma is not None and not (isinstance(gamma, (int, float)) and 0 < gamma < float("inf")):
+        raise ValueError(f"gamma must be a positive finite number or None (1/128 * N/5000), got {gamma!r}")
+
+
+def _check_landmarks(landmarks, num_points: int) -> Tensor:
+    """(n, L_0) int64 landmark sets, each with distinct indices into the N points."""
+    landmarks = torch.as_tensor(landmarks)
+    if landmarks.dtype in (torch.bool,) or landmarks.is_floating_point() or landmarks.is_complex():
+        raise ValueError(f"landmarks must be integer indices into the points, got dtype {landmarks.dtype}")
+    if landmarks.dim() not in (1, 2) or landmarks.shape[-1] < 1 or landmarks.numel() == 0:
+        raise ValueError(f"landmarks must have shape (L_0,) or (n, L_0) with L_0 >= 1, got {tuple(landmarks.shape)}")
+    sets = landmarks.reshape(-1, landmarks.shape[-1]).to(torch.int64).cpu()
+    low, high = int(sets.min()), int(sets.max())
+    if low < 0 or high >= num_points:
+        raise ValueError(f"landmark indices must lie in [0, {num_points - 1}] (the point count), got {low}..{high}")
+    ordered = sets.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    if bool(repeated.any()):
+        row = int(repeated.nonzero()[0])
+        raise ValueError(f"landmark set {row} repeats an index; the landmarks of a set must be distinct points")
+    return sets
+
+
+def draw_landmarks(num_points: int, n: int, L_0: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``n`` landmark sets of ``L_0`` distinct indices in [0, num_points), shape (n, L_0):
+    row k is ``torch.randperm(num_points, generator=generator)[:L_0]``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (landmark sets) must be an int >= 1, got {n!r}")
+    if isinstance(L_0, bool) or not isinstance(L_0, int) or L_0 < 1:
+        raise ValueError(f"L_0 (landmarks per set) must be an int >= 1, got {L_0!r}")
+    if L_0 > num_points:
+        raise ValueError(f"L_0 = {L_0} landmarks per set need at least {L_0} points, got N = {num_points}")
+    return torch.stack([torch.randperm(num_points, generator=generator)[:L_0] for _ in range(n)])
+
+
+# --------------------------------------------------------------------------- distances (torch)
+
+
+def _distance_blocks(x: Tensor, sets: Tensor) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(distances (u, N), rows (b, L_0)) for consecutive chunks of the landmark sets:
+    ``distances[rows[k, j]]`` are the distances from landmark j of the chunk's set k to
+    every point. One table for all sets when it fits DISTANCE_TABLE_BYTES (with
+    n = 1000 sets of 64 out of 5000 points nearly every point is some set's landmark:
+    one N x N table instead of n tables of N x L_0)."""
+    num_points, L_0 = x.shape[0], sets.shape[1]
+    per_chunk = sets.shape[0]
+    if num_points * torch.unique(sets).numel() * 8 > DISTANCE_TABLE_BYTES:
+        per_chunk = max(1, DISTANCE_TABLE_BYTES // (num_points * L_0 * 8))
+    for start in range(0, sets.shape[0], per_chunk):
+        landmark_points, rows = torch.unique(sets[start:start + per_chunk], return_inverse=True)
+        # direct differences, as scipy's cdist: the Gram-matrix form loses small distances
+        distances = torch.cdist(x[landmark_points.to(x.device)], x, compute_mode="donot_use_mm_for_euclid_dist")
+        yield distances.cpu().numpy(), rows.numpy()
+
+
+# --------------------------------------------------------------------------- one set (workers)
+
+
+def witness_table(distances: np.ndarray, gamma: float) -> Tuple[np.ndarray, float]:
+    """gudhi's nearest-landmark table of one landmark set and its alpha_max.
+
+    ``distances``: (L_0, N), landmark j to every point. The table (N, K, 2) holds, for
+    each witness, landmark positions j (as floats) and distances, nearest first, cut
+    after the last entry the construction can visit (see the module docstring).
+    alpha_max = gamma * the largest distance."""
+    alpha_max = gamma * float(distances.max())
+    if not alpha_max > 0:
+        raise ValueError("all points of a landmark set's witnesses coincide (largest distance 0)")
+    by_witness = np.ascontiguousarray(distances.T)
+    order = np.argsort(by_witness, axis=1)
+    values = np.take_along_axis(by_witness, order, axis=1)
+    third = min(COMPLEX_DIMENSION, values.shape[1] - 1)  # the (dimension + 1)-th nearest landmark
+    width = max(int(((values - alpha_max) <= values[:, third:third + 1]).sum(axis=1).max()), third + 1)
+    return np.stack((order[:, :width].astype(np.float64), values[:, :width]), axis=2), alpha_max
+
+
+def _gudhi():
+    try:
+        import gudhi
+    except ImportError as exc:
+        raise ImportError("the Geometry Score needs gudhi (persistent homology): pip install gudhi") from exc
+    return gudhi
+
+
+def h1_intervals(table: np.ndarray, alpha_max: float) -> np.ndarray:
+    """(m, 2) H1 persistence intervals (Z/2 coefficients) of gudhi's witness complex of
+    a nearest-landmark table, relaxation up to alpha_max, simplices up to triangles."""
+    gudhi = _gudhi()
+    complex_ = gudhi.WitnessComplex(table).create_simplex_tree(
+        max_alpha_square=alpha_max, limit_dimension=COMPLEX_DIMENSION)
+    complex_.compute_persistence(homology_coeff_field=2)
+    return np.asarray(complex_.persistence_intervals_in_dimension(1), dtype=np.float64).reshape(-1, 2)
+
+
+def rlt_of_intervals(intervals: np.ndarray, alpha_max: float, i_max: int) -> np.ndarray:
+    """Relative living times (i_max,) of H1 intervals on [0, alpha_max] (the paper's
+    formulas (2), (3)): the total length of the stretches between consecutive interval
+    end points (and 0, alpha_max) during which i intervals are alive, over alpha_max.
+    Infinite deaths count as alpha_max; no interval at all gives (1, 0, ...)."""
+    rlt = np.zeros(i_max)
+    if len(intervals) == 0:
+        rlt[0] = 1.0
+        return rlt
+    births = intervals[:, 0]
+    deaths = np.where(np.isinf(intervals[:, 1]), alpha_max, intervals[:, 1])
+    points = np.unique(np.concatenate((births, deaths, [0.0, alpha_max])))
+    # alive on (p_j, p_j+1) <=> birth <= p_j < death, since every end point is one of the p
+    alive = (np.searchsorted(np.sort(births), points[:-1], side="right")
+             - np.searchsorted(np.sort(deaths), points[:-1], side="right"))
+    counted = alive < i_max
+    # bincount adds in stretch order, as a sequential sum does
+    rlt += np.bincount(alive[counted], weights=np.diff(points)[counted], minlength=i_max)[:i_max]
+    return rlt / alpha_max
+
+
+def _rlts_of_sets(distances: np.ndarray, rows: np.ndarray, gamma: float, i_max: int) -> np.ndarray:
+    """(b, i_max) RLTs of the landmark sets whose table rows are ``rows`` (b, L_0)."""
+    out = np.empty((rows.shape[0], i_max))
+    for k, landmark_rows in enumerate(rows):
+        table, alpha_max = witness_table(distances[landmark_rows], gamma)
+        out[k] = rlt_of_intervals(h1_intervals(table, alpha_max), alpha_max, i_max)
+    return out
+
+
+# The distance table of a worker process, set once by the pool's initializer: inherited
+# without a copy where processes fork, pickled once per worker where they spawn.
+_worker_distances: Optional[np.ndarray] = None
+
+
+def _set_worker_distances(distances: np.ndarray) -> None:
+    global _worker_distances
+    _worker_distances = distances
+
+
+def _rlts_in_worker(rows: np.ndarray, gamma: float, i_max: int) -> np.ndarray:
+    return _rlts_of_sets(_worker_distances, rows, gamma, i_max)
+
+
+def _default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _relative_living_times_of_sets(x: Tensor, sets: Tensor, gamma: float, i_max: int,
+                                   workers: Optional[int]) -> Tensor:
+    """(n, i_max) float64 RLTs of the landmark sets (rows of ``sets``)."""
+    if workers is None:
+        workers = _default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1 or None (one per CPU core), got {workers!r}")
+    workers = min(workers, sets.shape[0])
+    _gudhi()  # here, not in every worker
+    out: List[np.ndarray] = []
+    for distances, rows in _distance_blocks(x, sets):
+        if workers == 1:
+            out.append(_rlts_of_sets(distances, rows, gamma, i_max))
+            continue
+        # small tasks balance the load; each costs one message each way
+        tasks = np.array_split(rows, min(rows.shape[0], 8 * workers * max(1, rows.shape[0] // (64 * workers))))
+        with ProcessPoolExecutor(workers, initializer=_set_worker_distances, initargs=(distances,)) as pool:
+            out.extend(pool.map(_rlts_in_worker, tasks, [gamma] * len(tasks), [i_max] * len(tasks)))
+    return torch.from_numpy(np.concatenate(out))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def relative_living_times(x, *, landmarks, gamma: Optional[float] = None, i_max: int = 100,
+                          workers: Optional[int] = None) -> Tensor:
+    """RLT of 1-dimensional holes of the witness complex of ``x`` on given landmarks.
+
+    x: (N, d) floating points (tensor or numpy array), all of them witnesses.
+    landmarks: (L_0,) indices into x -- one landmark set, gives (i_max,) -- or (n, L_0),
+    one set per row, gives (n, i_max). Indices of a set must be distinct.
+    gamma: alpha_max = gamma * the largest witness-to-landmark distance of the set;
+    default 1/128 * N/5000. workers: processes for the complexes (None: one per core
+    when there are several sets). Returns float64 on the CPU; each row sums to 1
+    unless some stretch had >= i_max holes."""
+    points = _as_points("x", x)
+    _check_parameters(i_max, gamma)
+    sets = _check_landmarks(landmarks, points.shape[0])
+    gamma = default_gamma(points.shape[0]) if gamma is None else float(gamma)
+    rlts = _relative_living_times_of_sets(points, sets, gamma, i_max, workers)
+    return rlts[0] if torch.as_tensor(landmarks).dim() == 1 else rlts
+
+
+def mean_relative_living_times(x, n: int = 1000, L_0: int = 64, gamma: Optional[float] = None,
+                               i_max: int = 100, generator: Optional[torch.Generator] = None,
+                               workers: Optional[int] = None) -> Tensor:
+    """MRLT (i_max,) of ``x``: the mean RLT over ``n`` random landmark sets of ``L_0``
+    points (drawn by :func:`draw_landmarks` with ``generator``). See
+    :func:`relative_living_times` for the other arguments."""
+    points = _as_points("x", x)
+    _check_parameters(i_max, gamma)
+    sets = draw_landmarks(points.shape[0], n, L_0, generator)
+    return relative_living_times(points, landmarks=sets, gamma=gamma, i_max=i_max, workers=workers).mean(dim=0)
+
+
+def geometry_score(x, y, n: int = 1000, L_0: int = 64, gamma: Optional[float] = None, i_max: int = 100,
+                   generator: Optional[torch.Generator] = None, workers: Optional[int] = None) -> float:
+    """Geometry Score: squared L2 distance between the MRLTs of ``x`` and ``y`` (lower:
+    closer topology). Landmarks of x are drawn first, then those of y, from
+    ``generator``; gamma=None uses each set's own default (1/128 * N/5000)."""
+    options = dict(n=n, L_0=L_0, gamma=gamma, i_max=i_max, generator=generator, workers=workers)
+    mrlt_x = mean_relative_living_times(x, **options)
+    mrlt_y = mean_relative_living_times(y, **options)
+    return float(((mrlt_x - mrlt_y) ** 2).sum())
+
+
+def plot_mrlt(mrlts: dict, path, title: str = "Mean relative living times") -> None:
+    """Bar plot of MRLTs ({label: (i_max,) tensor or array}) against the number of holes,
+    written to ``path`` (PNG, PDF, ...); the axis ends after the last non-zero bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arrays = {label: np.asarray(torch.as_tensor(m, dtype=torch.float64)) for label, m in mrlts.items()}
+    last = max((int(np.nonzero(a > 1e-4)[0].max()) if (a > 1e-4).any() else 0) for a in arrays.values())
+    shown = np.arange(last + 2)
+    figure, axes = plt.subplots(figsize=(6.4, 3.6))
+    for k, (label, values) in enumerate(arrays.items()):
+        color = f"C{k}"
+        axes.bar(shown, values[: len(shown)], width=1.0, alpha=0.3, color=color, edgecolor=color)
+        axes.step(np.append(shown - 0.5, shown[-1] + 0.5), np.append(values[: len(shown)], 0.0), where="post",
+                  color=color, lw=2, label=label)
+    axes.set_xlabel("number of 1-dimensional holes i")
+    axes.set_ylabel("MRLT")
+    axes.set_xlim(-0.5, shown[-1] + 0.5)
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+class GeometryScore(Metric):
+    """Geometry Score as a metric object.
+
+    ``update(real_features=None, fake_features=None)`` with (B, d) point batches
+    (flattened images or features; either or both per call); ``compute()`` -> the score
+    (float). The landmark draws come from ``torch.Generator().manual_seed(seed)``,
+    created afresh in every ``compute()`` (real side first), so a compute is
+    reproducible; :meth:`mrlts` gives the two MRLTs (e.g. for :func:`plot_mrlt`).
+    Under ``torch.distributed`` the points are concatenated in rank order, so every
+    rank computes the same score."""
+
+    def __init__(self, n: int = 1000, L_0: int = 64, gamma: Optional[float] = None, i_max: int = 100,
+                 seed: int = 0, workers: Optional[int] = None) -> None:
+        super().__init__()
+        _check_parameters(i_max, gamma)
+        draw_landmarks(L_0, n, L_0)  # validates n and L_0
+        self.n, self.L_0, self.gamma, self.i_max, self.seed, self.workers = n, L_0, gamma, i_max, seed, workers
+        self.add_state("real_features", [], "cat")
+        self.add_state("fake_features", [], "cat")
+        self._batches_seen = 0
+        self._dimension: Optional[int] = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._batches_seen = 0
+        self._dimension = None
+
+    def _check(self, name: str, points) -> None:
+        check_floating_finite(name, points, self._batches_seen)
+        if points.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D (B, d) point batch, got shape {tuple(points.shape)} "
+                             f"(batch {self._batches_seen}); flatten images with .flatten(1)")
+        if self._dimension is None:
+            self._dimension = points.shape[1]
+        elif points.shape[1] != self._dimension:
+            raise ValueError(f"{name} has dimension {points.shape[1]} in batch {self._batches_seen}, "
+                             f"the points given before have {self._dimension}")
+
+    def update(self, real_features: Optional[Tensor] = None, fake_features: Optional[Tensor] = None) -> None:
+        self._batches_seen += 1
+        if real_features is None and fake_features is None:
+            raise ValueError(f"GeometryScore.update needs real_features or fake_features (batch {self._batches_seen})")
+        for name, points in (("real_features", real_features), ("fake_features", fake_features)):
+            if points is not None:
+                self._check(name, points)
+        if real_features is not None:
+            self.real_features.append(real_features.detach())
+        if fake_features is not None:
+            self.fake_features.append(fake_features.detach())
+
+    def mrlts(self) -> Tuple[Tensor, Tensor]:
+        """(real MRLT, fake MRLT), each (i_max,) float64."""
+        states = self.reduced_states()
+        generator = torch.Generator().manual_seed(self.seed)
+        out = []
+        for side in ("real_features", "fake_features"):
+            points = states[side]
+            if points.shape[0] < self.L_0:
+                raise ValueError(f"GeometryScore needs at least L_0 = {self.L_0} points per side, "
+                                 f"got {points.shape[0]} {side.split('_')[0]}")
+            out.append(mean_relative_living_times(points, n=self.n, L_0=self.L_0, gamma=self.gamma,
+                                                  i_max=self.i_max, generator=generator, workers=self.workers))
+        return out[0], out[1]
+
+    def compute(self) -> float:
+        real, fake = self.mrlts()
+        return float(((real - fake) ** 2).sum())

@@ -1,0 +1,228 @@
+"""Geometry Score: fastgan.metrics.geometry_score against the per-set, from-the-paper
+implementation in fastgan.reference.geometry_score (scipy distances, full gudhi tables,
+the RLT counted at stretch midpoints), on the same landmarks; known topologies; the
+metric object (one process and two gloo processes); bad input.
+
+Small point sets keep this fast; gamma is set explicitly where the authors' default
+(1/128 * N/5000) would be tiny for a few hundred points.
+"""
+import math
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import exit_worker
+from fastgan.metrics import GeometryScore
+from fastgan.metrics.geometry_score import (default_gamma, draw_landmarks, geometry_score, h1_intervals,
+                                            mean_relative_living_times, relative_living_times, rlt_of_intervals,
+                                            witness_table)
+from fastgan.reference import geometry_score as reference
+
+# float64 throughout; distances may differ from scipy's in the last bit, and the RLT is
+# piecewise linear in the filtration values
+ATOL = 1e-12
+
+
+def circle(n, generator, center=(0.0, 0.0), radius=1.0, noise=0.02):
+    angle = torch.rand(n, generator=generator, dtype=torch.float64) * 2 * math.pi
+    points = torch.stack((center[0] + radius * torch.cos(angle), center[1] + radius * torch.sin(angle)), dim=1)
+    return points + noise * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("num_points,dim,L_0,gamma", [(301, 2, 17, 0.07), (523, 5, 32, None), (257, 33, 64, 0.02),
+                                                      (180, 3, 3, 0.2)])
+def test_rlt_equals_paper_oracle_on_same_landmarks(num_points, dim, L_0, gamma):
+    generator = torch.Generator().manual_seed(num_points)
+    x = torch.randn(num_points, dim, generator=generator, dtype=torch.float64) * 3 + 1
+    sets = draw_landmarks(num_points, 6, L_0, generator)
+    got = relative_living_times(x, landmarks=sets, gamma=gamma, i_max=50, workers=1)
+    expected = reference.relative_living_times_of_sets(x.numpy(), sets.numpy(), gamma=gamma, i_max=50)
+    assert got.shape == (6, 50) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=ATOL)
+    # one set (1-D landmarks) gives one RLT; numpy and float32 points are accepted
+    one = relative_living_times(x.numpy(), landmarks=sets[2], gamma=gamma, i_max=50)
+    assert one.shape == (50,)
+    np.testing.assert_allclose(one.numpy(), expected[2], rtol=0, atol=ATOL)
+    assert relative_living_times(x.float(), landmarks=sets[0], gamma=gamma, i_max=50).shape == (50,)
+
+
+def test_rlt_has_holes_to_count():
+    """The oracle comparisons are not vacuous: such a set has several H1 intervals."""
+    x = torch.randn(400, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    table, alpha_max = witness_table(torch.cdist(x[:40], x).numpy(), 0.1)
+    assert len(h1_intervals(table, alpha_max)) >= 3
+
+
+def test_cut_table_builds_the_same_complex_as_the_full_table():
+    import gudhi
+
+    generator = torch.Generator().manual_seed(5)
+    for dim, gamma in ((2, 0.05), (8, 0.02), (3, 0.2)):
+        x = torch.randn(250, dim, generator=generator, dtype=torch.float64)
+        distances = torch.cdist(x[:40], x).numpy()
+        cut, alpha_max = witness_table(distances, gamma)
+        order = np.argsort(distances.T, axis=1)
+        full = np.stack((order.astype(np.float64), np.take_along_axis(distances.T, order, axis=1)), axis=2)
+        assert cut.shape[1] < full.shape[1] or gamma > 0.1  # a large relaxation may need every landmark
+        trees = [gudhi.WitnessComplex(t).create_simplex_tree(max_alpha_square=alpha_max, limit_dimension=2)
+                 for t in (cut, full)]
+        assert sorted(trees[0].get_filtration()) == sorted(trees[1].get_filtration())
+
+
+def test_rlt_of_intervals_by_hand():
+    # alive: [0, .1) none, [.1, .3) one, [.3, .5) two, [.5, 1] one (the infinite one, clipped)
+    intervals = np.array([[0.1, 0.5], [0.3, np.inf]])
+    np.testing.assert_allclose(rlt_of_intervals(intervals, 1.0, 4), [0.1, 0.7, 0.2, 0.0], atol=1e-15)
+    np.testing.assert_allclose(rlt_of_intervals(intervals * 2, 2.0, 2), [0.1, 0.7], atol=1e-15)  # i >= i_max dropped
+    np.testing.assert_array_equal(rlt_of_intervals(np.zeros((0, 2)), 0.5, 3), [1.0, 0.0, 0.0])
+    generator = np.random.default_rng(0)
+    for _ in range(20):
+        births = generator.uniform(0, 1, 9)
+        deaths = np.where(generator.uniform(size=9) < 0.2, np.inf, births + generator.uniform(0, 0.6, 9))
+        deaths = np.minimum(deaths, 1.3)
+        intervals = np.stack((births, deaths), axis=1)
+        np.testing.assert_allclose(rlt_of_intervals(intervals, 1.3, 6),
+                                   reference.relative_living_times(intervals.tolist(), 1.3, 6), rtol=0, atol=1e-14)
+
+
+def test_workers_give_identical_results():
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 4, generator=generator, dtype=torch.float64)
+    sets = draw_landmarks(300, 9, 24, generator)
+    one = relative_living_times(x, landmarks=sets, gamma=0.05, workers=1)
+    two = relative_living_times(x, landmarks=sets, gamma=0.05, workers=2)
+    assert torch.equal(one, two)
+
+
+def test_known_topology():
+    """A circle has one long-lived hole, two circles two, a Gaussian blob none."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {1: circle(400, generator), 2: torch.cat((circle(200, generator), circle(200, generator, (3.0, 0.0)))),
+              0: torch.randn(400, 2, generator=generator, dtype=torch.float64)}
+    for holes, x in shapes.items():
+        mrlt = mean_relative_living_times(x, n=12, L_0=32, gamma=0.1,
+                                          generator=torch.Generator().manual_seed(1), workers=1)
+        assert mrlt.shape == (100,)
+        assert int(mrlt.argmax()) == holes and float(mrlt[holes]) > 0.6, (holes, mrlt)
+        assert float(mrlt.sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_geometry_score_orders_topologies():
+    generator = torch.Generator().manual_seed(2)
+    one, other_one = circle(300, generator), circle(300, generator, radius=2.0)
+    two = torch.cat((circle(150, generator), circle(150, generator, (3.0, 0.0))))
+    options = dict(n=10, L_0=24, gamma=0.1, i_max=10, workers=1)
+    same = geometry_score(one, other_one, generator=torch.Generator().manual_seed(4), **options)
+    different = geometry_score(one, two, generator=torch.Generator().manual_seed(4), **options)
+    assert same < 0.01 < different
+    # the landmarks of x are drawn first, then those of y, from the one generator
+    generator = torch.Generator().manual_seed(4)
+    mrlt_one = mean_relative_living_times(one, generator=generator, **options)
+    mrlt_two = mean_relative_living_times(two, generator=generator, **options)
+    assert different == pytest.approx(float(((mrlt_one - mrlt_two) ** 2).sum()), abs=1e-15)
+
+
+def test_default_gamma_and_landmark_draws():
+    assert default_gamma(5000) == 1 / 128 and default_gamma(2500) == 1 / 256
+    sets = draw_landmarks(50, 7, 10, torch.Generator().manual_seed(0))
+    assert sets.shape == (7, 10) and sets.dtype == torch.int64
+    assert all(len(set(row.tolist())) == 10 for row in sets) and int(sets.min()) >= 0 and int(sets.max()) < 50
+    assert torch.equal(sets, draw_landmarks(50, 7, 10, torch.Generator().manual_seed(0)))
+
+
+def test_metric_object_matches_functional_api():
+    generator = torch.Generator().manual_seed(6)
+    real, fake = torch.randn(200, 3, generator=generator), circle(170, generator).float() @ torch.randn(2, 3, generator=generator)
+    metric = GeometryScore(n=8, L_0=20, gamma=0.08, i_max=12, seed=3, workers=1)
+    metric.update(real_features=real[:50], fake_features=fake[:90])
+    metric.update(real_features=real[50:])
+    metric.update(fake_features=fake[90:])
+    expected = geometry_score(real, fake, n=8, L_0=20, gamma=0.08, i_max=12,
+                              generator=torch.Generator().manual_seed(3), workers=1)
+    assert metric.compute() == pytest.approx(expected, abs=1e-15)
+    assert metric.compute() == pytest.approx(expected, abs=1e-15)  # a fresh generator in every compute
+    real_mrlt, fake_mrlt = metric.mrlts()
+    assert real_mrlt.shape == fake_mrlt.shape == (12,)
+    metric.reset()
+    with pytest.raises(ValueError, match="at least L_0 = 20 points"):
+        metric.compute()
+
+
+def _distributed_worker(rank, world, init_file, real, fake, result_pattern):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    metric = GeometryScore(n=4, L_0=16, gamma=0.1, i_max=8, seed=1, workers=1)
+    # rank 1 has no fake points at all
+    metric.update(real_features=real[rank::world])
+    if rank == 0:
+        metric.update(fake_features=fake)
+    torch.save(metric.compute(), result_pattern.format(rank))
+    exit_worker()
+
+
+@pytest.mark.slow
+def test_two_processes_compute_the_score_of_all_points():
+    generator = torch.Generator().manual_seed(8)
+    real, fake = torch.randn(90, 2, generator=generator, dtype=torch.float64), circle(70, generator)
+    single = GeometryScore(n=4, L_0=16, gamma=0.1, i_max=8, seed=1, workers=1)
+    # rank order: rank 0's points, then rank 1's
+    single.update(real_features=torch.cat((real[0::2], real[1::2])), fake_features=fake)
+    expected = single.compute()
+    with tempfile.TemporaryDirectory() as tmp:
+        pattern = os.path.join(tmp, "rank{}.pt")
+        mp.spawn(_distributed_worker, args=(2, os.path.join(tmp, "init"), real, fake, pattern), nprocs=2)
+        assert [torch.load(pattern.format(rank)) for rank in range(2)] == [expected, expected]
+
+
+def test_bad_input_is_rejected_clearly():
+    x = torch.randn(40, 3, dtype=torch.float64)
+    landmarks = torch.arange(8)
+    with pytest.raises(ValueError, match=r"2-D \(N, d\) point set, got shape \(40, 3, 1\)"):
+        relative_living_times(x[..., None], landmarks=landmarks)
+    with pytest.raises(ValueError, match=r"2-D \(N, d\) point set, got shape \(40,\)"):
+        mean_relative_living_times(x[:, 0], n=2, L_0=4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        relative_living_times(torch.where(x == x[3, 1], float("nan"), x), landmarks=landmarks)
+    with pytest.raises(ValueError, match="floating-point"):
+        relative_living_times(torch.ones(40, 3, dtype=torch.int64), landmarks=landmarks)
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        relative_living_times([[0.0, 1.0]] * 5, landmarks=landmarks)
+    for i_max in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="i_max must be an int >= 1"):
+            relative_living_times(x, landmarks=landmarks, i_max=i_max)
+    with pytest.raises(ValueError, match=r"landmark indices must lie in \[0, 39\].*got 0\.\.40"):
+        relative_living_times(x, landmarks=torch.tensor([0, 5, 40]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 39\].*got -1\.\.5"):
+        relative_living_times(x, landmarks=torch.tensor([-1, 5]))
+    with pytest.raises(ValueError, match="landmark set 1 repeats an index"):
+        relative_living_times(x, landmarks=torch.tensor([[0, 1, 2], [4, 7, 4]]))
+    with pytest.raises(ValueError, match="integer indices"):
+        relative_living_times(x, landmarks=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"shape \(L_0,\) or \(n, L_0\)"):
+        relative_living_times(x, landmarks=torch.zeros(2, 2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="L_0 = 64 landmarks per set need at least 64 points, got N = 40"):
+        mean_relative_living_times(x, n=3)
+    with pytest.raises(ValueError, match="n \\(landmark sets\\) must be an int >= 1"):
+        mean_relative_living_times(x, n=0, L_0=4)
+    for gamma in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="gamma must be a positive finite number"):
+            relative_living_times(x, landmarks=landmarks, gamma=gamma)
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        relative_living_times(x, landmarks=landmarks, workers=0)
+    with pytest.raises(ValueError, match="coincide"):
+        relative_living_times(torch.ones(10, 2), landmarks=torch.arange(4))
+    metric = GeometryScore(n=2, L_0=4)
+    with pytest.raises(ValueError, match="needs real_features or fake_features"):
+        metric.update()
+    with pytest.raises(ValueError, match=r"2-D \(B, d\) point batch.*flatten"):
+        metric.update(real_features=torch.randn(4, 3, 8, 8))
+    metric.update(real_features=torch.randn(5, 3))
+    with pytest.raises(ValueError, match="dimension 4 in batch 4, the points given before have 3"):
+        metric.update(fake_features=torch.randn(5, 4))
+    with pytest.raises(ValueError, match="i_max must be an int >= 1"):
+        GeometryScore(i_max=0)
