@@ -14,7 +14,8 @@ RGB in [0, 1] and resized to 299x299 like pytorch-fid. Inception weights: see
 ``fastgan.metrics.inception`` (``--weights``, ``FASTGAN_INCEPTION``, or a download).
 Formulas, conventions and defaults: docs/ in the repository (docs/README.md).
 
-Exit status: 0 done, 1 error (one line on stderr), 2 usage error, 130 a second Ctrl-C.
+Exit status: 0 done, 1 error (one line on stderr), 2 usage error, 75 stopped by Ctrl-C or
+SIGTERM with a checkpoint to --resume from (train, study), 130 a second Ctrl-C.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 >>> gp = fastgan.penalties.gradient_penalty(D, real, fake, "wgan-gp")
 >>> (d_loss + 10.0 * gp).backward()
 
-Kinds (formulas and compare_gan's conventions: SPEC.md §2,
+Kinds (formulas and compare_gan's conventions: docs/losses.md,
 :mod:`fastgan.reference.gradient_penalty`):
 
 * ``"wgan-gp"``: at x̂ = real + α (fake − real), α ~ U[0, 1) per sample;

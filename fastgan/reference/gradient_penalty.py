@@ -1,6 +1,6 @@
 """Gradient penalties in plain torch: the oracle for the fused kernels.
 
-Conventions (compare_gan, see SPEC.md §2):
+Conventions (compare_gan; docs/losses.md):
 
 * WGAN-GP interpolation: x̂ = x + α (x_fake − x), one α ~ U[0, 1) per sample;
 * DRAGAN perturbation: x̂ = clip(x + std(x) · (U[0, 1) − 0.5), 0, 1), std over the
