@@ -187,16 +187,24 @@ def command_sample(args) -> None:
     generator, config = load_generator(args.checkpoint, args.device)
     z = draw_latents(args.n, config, torch.Generator().manual_seed(args.seed))
     device = next(generator.parameters()).device
-    with torch.no_grad():
-        images = torch.cat([generator(chunk.to(device)).cpu() for chunk in z.split(256)])
     out = Path(args.out)
-    if _is_folder_target(args.out):
+    to_folder = _is_folder_target(args.out)
+    if to_folder:
         out.mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):  # a one-image grid without padding is the image itself
-            save_image_grid(image[None], out / f"sample-{index:05d}.png", columns=1, padding=0)
+    grid, index = [], 0
+    with torch.no_grad():
+        for chunk in z.split(256):  # a folder of 50k samples never has to fit in memory at once
+            images = generator(chunk.to(device)).cpu()
+            if not to_folder:
+                grid.append(images)
+                continue
+            for image in images:  # a one-image grid without padding is the image itself
+                save_image_grid(image[None], out / f"sample-{index:05d}.png", columns=1, padding=0)
+                index += 1
+    if to_folder:
         print(f"{args.n} samples written to {out}/ (sample-00000.png ...)")
     else:
-        save_image_grid(images, out, columns=args.columns)
+        save_image_grid(torch.cat(grid), out, columns=args.columns)
         print(f"{args.n} samples written to {out}")
 
 
