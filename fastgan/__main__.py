@@ -8,6 +8,8 @@
   kid PATH_A PATH_B                   Kernel Inception Distance between two image folders
   stats PATH OUT.npz                  save a folder's FID statistics (pytorch-fid's .npz format)
   backends                            which kernels are built and usable here
+  dirac [--loss L --penalty P]        Dirac-GAN training dynamics: vector field and trajectories
+  gs PATH_A PATH_B                    Geometry Score between two point sets or image folders
 
 Images are read from folders (recursively; png, jpg, jpeg, bmp, webp), converted to
 RGB in [0, 1] and resized to 299x299 like pytorch-fid. Inception weights: see
@@ -229,11 +231,107 @@ def command_study(args) -> int:
 def command_backends(args) -> None:
     import fastgan
 
-    for name, status in fastgan.backends().items():
+    report = fastgan.backends()
+    for name, status in report["backends"].items():
         usable = [d for d in ("cpu", "cuda") if status[d]]
         print(f"{name:<10} {'usable on ' + ', '.join(usable) if usable else 'not usable'}")
         for device, why in status["why_not"].items():
             print(f"{'':<10}   {device}: {why}")
+    print(f"\nper op (forced backend: {report['forced'] or 'none'}):")
+    for op, devices in report["ops"].items():
+        for device, choice in devices.items():
+            print(f"{op:<36} {device:<5}", choice["runs"] if "runs" in choice else f"error: {choice['error']}")
+
+
+def _gs_points(path: str, features: str, args, network) -> "torch.Tensor":
+    """The point set of one side of `gs`: a .npy / .npz array, or an image folder's
+    flattened pixels (RGB in [0, 1], all images of one size) or Inception pool features."""
+    import numpy as np
+    import torch
+
+    if path.endswith((".npy", ".npz")):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such point-set file")
+        array = np.load(path)
+        if not isinstance(array, np.ndarray):  # .npz
+            with array as arrays:
+                if "points" not in arrays.files and len(arrays.files) != 1:
+                    raise ValueError(f"{path} holds arrays {arrays.files}: name the point set 'points'")
+                array = arrays["points" if "points" in arrays.files else arrays.files[0]]
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"{path}: a point set is a 2-D numeric array (N, d), got {array.dtype} {array.shape}")
+        return torch.from_numpy(array.astype(np.float64))
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path} is neither an image folder nor a .npy/.npz point set")
+    files = image_files(path)
+    if not files:
+        raise ValueError(f"{path} holds no images")
+    if features == "inception":
+        with torch.no_grad():
+            return torch.cat([network(images).double().cpu() for images in
+                              image_batches(files, args.batch_size, _device(args.device), f"features of {path}")])
+    from PIL import Image
+
+    rows, size = [], None
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                rgb = image.convert("RGB")
+        except OSError as exc:
+            raise ValueError(f"cannot read image {file}: {exc}") from exc
+        if size is None:
+            size = rgb.size
+        elif rgb.size != size:
+            raise ValueError(f"{file} is {rgb.size[0]}x{rgb.size[1]}, the images before it are {size[0]}x{size[1]}: "
+                             "pixels need one size (or use --features inception)")
+        rows.append(np.asarray(rgb, dtype=np.float64).reshape(-1) / 255.0)
+    return torch.from_numpy(np.stack(rows))
+
+
+def command_gs(args) -> None:
+    from fastgan.metrics.geometry_score import mean_relative_living_times, plot_mrlt
+
+    import torch
+
+    network = _network(args) if args.features == "inception" and not all(
+        p.endswith((".npy", ".npz")) for p in (args.path_a, args.path_b)) else None
+    points = [_gs_points(path, args.features, args, network) for path in (args.path_a, args.path_b)]
+    if points[0].shape[1] != points[1].shape[1]:
+        raise ValueError(f"{args.path_a} has points of dimension {points[0].shape[1]}, {args.path_b} of {points[1].shape[1]}")
+    generator = torch.Generator().manual_seed(args.seed)
+    device = _device(args.device)
+    mrlts = [mean_relative_living_times(p.to(device), n=args.sets, L_0=args.landmarks, gamma=args.gamma,
+                                        i_max=args.i_max, generator=generator, workers=args.workers) for p in points]
+    for path, p, mrlt in zip((args.path_a, args.path_b), points, mrlts):
+        top = mrlt.argsort(descending=True)[:3].tolist()
+        print(f"{path}: {p.shape[0]} points of dimension {p.shape[1]}; MRLT largest at "
+              + ", ".join(f"i={i} ({float(mrlt[i]):.3f})" for i in top), file=sys.stderr)
+    print(f"GS: {float(((mrlts[0] - mrlts[1]) ** 2).sum()):.6g}")
+    if args.plot:
+        plot_mrlt({Path(args.path_a).name or args.path_a: mrlts[0], Path(args.path_b).name or args.path_b: mrlts[1]},
+                  args.plot)
+        print(f"MRLT plot written to {args.plot}", file=sys.stderr)
+
+
+def command_dirac(args) -> None:
+    from fastgan.dynamics import DiracGAN, save_dynamics_figure, save_grid_figure
+
+    draw = dict(start=tuple(args.start), steps=args.steps, lr=args.lr, optimizer=args.optimizer,
+                n_disc=args.n_disc, extent=args.extent)
+    if args.grid:
+        save_grid_figure(args.out, **draw)
+        print(f"Dirac-GAN panel (losses x regularizers) written to {args.out}")
+        return
+    penalty = None if args.penalty == "none" else args.penalty
+    game = DiracGAN(args.loss, penalty, args.weight, center=args.center, eps=args.eps)
+    paths = save_dynamics_figure(game, args.out, **draw)
+    eigenvalues = ", ".join(f"{complex(e):.4g}" for e in game.jacobian_eigenvalues())
+    print(f"{game}: Jacobian eigenvalues at the equilibrium (0, 0): {eigenvalues}")
+    for update, path in paths.items():
+        theta, psi = path[-1].tolist()
+        print(f"  {update:<12} after {args.steps} steps: (θ, ψ) = ({theta:.4g}, {psi:.4g}), "
+              f"distance to (0, 0) {float(path[-1].norm()):.3g}")
+    print(f"figure written to {args.out}")
 
 
 def config_keys_help() -> str:
@@ -340,6 +438,56 @@ def parser() -> argparse.ArgumentParser:
     kid.set_defaults(run=command_kid)
 
     commands.add_parser("backends", help="which kernels are built and usable here").set_defaults(run=command_backends)
+
+    gs = commands.add_parser(
+        "gs", help="Geometry Score between two point sets or image folders (and an MRLT plot)",
+        description="Geometry Score (Khrulkov & Oseledets, ICML 2018): the squared L2 distance between the mean "
+                    "relative living times (MRLT) of 1-dimensional holes of witness complexes on random landmark "
+                    "sets of each side; lower is closer. A side is a .npy file (an (N, d) array), a .npz file (its "
+                    "array 'points', or its only array), or an image folder: flattened RGB pixels in [0, 1] "
+                    "(--features pixels, all images of one size) or Inception pool features (--features inception, "
+                    "images resized to 299x299). Prints the score; per side the largest MRLT entries on stderr.")
+    gs.add_argument("path_a", metavar="PATH_A", help="image folder or .npy/.npz point set")
+    gs.add_argument("path_b", metavar="PATH_B", help="image folder or .npy/.npz point set")
+    gs.add_argument("--features", choices=["pixels", "inception"], default="pixels",
+                    help="what an image folder's points are (default pixels); .npy/.npz sides are used as they are")
+    gs.add_argument("--sets", type=int, default=1000, help="landmark sets per side, n (default 1000)")
+    gs.add_argument("--landmarks", type=int, default=64, help="landmarks per set, L_0 (default 64)")
+    gs.add_argument("--gamma", type=float, default=None, help="alpha_max = gamma * largest witness-landmark distance "
+                                                              "(default 1/128 * N/5000, per side)")
+    gs.add_argument("--i-max", type=int, default=100, help="holes counted up to i_max - 1 (default 100)")
+    gs.add_argument("--seed", type=int, default=0, help="seed of the landmark draws (default 0)")
+    gs.add_argument("--workers", type=int, default=None, help="processes for the complexes (default: one per CPU core)")
+    gs.add_argument("--plot", metavar="OUT.png", help="also draw both MRLTs as bar plots into this image")
+    inception_options(gs)
+    gs.set_defaults(run=command_gs)
+
+    dirac = commands.add_parser(
+        "dirac", help="Dirac-GAN training dynamics: vector field and trajectories (a PNG)",
+        description="The Dirac-GAN of Mescheder et al. (ICML 2018): real data at 0, generator at θ, "
+                    "discriminator D(x) = ψx. Draws the field (−∂L_G/∂θ, −∂L_D/∂ψ) of fastgan's losses and "
+                    "penalties as streamlines, with simultaneous (red) and alternating (blue) gradient-descent "
+                    "trajectories from --start, and prints the Jacobian's eigenvalues at the equilibrium (0, 0).")
+    dirac.add_argument("--loss", default="ns", help="ns | saturating | wgan | lsgan | hinge (default ns)")
+    dirac.add_argument("--penalty", default="none",
+                       help="none | r1 | r2 | wgan-gp | dragan | consensus | instance-noise (default none)")
+    dirac.add_argument("--weight", type=float, default=None,
+                       help="the penalty's weight λ (consensus: γ; instance-noise: the noise std σ); default: "
+                            "r1/r2 0.3, wgan-gp/dragan 0.5, consensus 1, instance-noise 0.7")
+    dirac.add_argument("--center", type=float, default=1.0, help="wgan-gp/dragan target gradient norm (default 1)")
+    dirac.add_argument("--eps", type=float, default=1e-4, help="wgan-gp/dragan: the norm is sqrt(eps + |g|^2) (default 1e-4)")
+    dirac.add_argument("--start", type=float, nargs=2, default=[1.0, 1.0], metavar=("THETA", "PSI"),
+                       help="where the trajectories start (default 1 1)")
+    dirac.add_argument("--steps", type=int, default=500, help="generator updates per trajectory (default 500)")
+    dirac.add_argument("--lr", type=float, default=0.1, help="learning rate of both players (default 0.1)")
+    dirac.add_argument("--optimizer", default="sgd", help="sgd | momentum (heavy ball, 0.9) | adam (default sgd)")
+    dirac.add_argument("--n-disc", type=int, default=1, help="D updates per G update of the alternating trajectory (default 1)")
+    dirac.add_argument("--extent", type=float, default=2.0, help="the plot shows [-extent, extent]^2 (default 2)")
+    dirac.add_argument("--grid", action="store_true",
+                       help="draw the panel of every loss (rows) x none, r1, wgan-gp, consensus, instance-noise "
+                            "(columns, default weights) instead of one game; --loss/--penalty/--weight are ignored")
+    dirac.add_argument("--out", default="dirac.png", help="output image; the format follows the suffix (default dirac.png)")
+    dirac.set_defaults(run=command_dirac)
     return main
 
 
