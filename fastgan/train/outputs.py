@@ -2,7 +2,11 @@
 TensorBoard scalars, PNG sample grids, and a PNG plot of losses and FID.
 
 TensorBoard is optional: without the ``tensorboard`` package the run says so once
-and writes the JSON lines only (they hold the same numbers).
+and writes the JSON lines only (they hold the same numbers). TensorBoard's writer
+always starts a new events file, so each process that logs to a run (the first start,
+each resume) adds one to ``tensorboard/``; TensorBoard shows them as one run, and a
+resume purges the points logged after its checkpoint. A start that logs nothing (a
+rerun of a finished run) adds none: the writer is created at the first record.
 """
 from __future__ import annotations
 
@@ -27,13 +31,17 @@ class MetricsLog:
         self.records = [r for r in read_records(self.path) if r["step"] <= resume_step] if resume_step else []
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.records)
-        self.writer = _tensorboard_writer(out_dir / "tensorboard", resume_step) if tensorboard else None
+        self._tensorboard = (out_dir / "tensorboard", resume_step) if tensorboard else None
+        self.writer = None  # created at the first record
 
     def write(self, step: int, values: Dict[str, float]) -> None:
         record = {"step": step, **values}
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is None and self._tensorboard is not None:
+            self.writer = _tensorboard_writer(*self._tensorboard)
+            self._tensorboard = None  # tried once: without the package, JSON lines only
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
@@ -88,8 +96,10 @@ def save_image_grid(images: Tensor, path: Path, columns: Optional[int] = None, p
     Image.fromarray(pixels).save(path)
 
 
-def plot_curves(records: List[dict], path: Path) -> None:
-    """Losses (and the gradient penalty) against step, with FID on a second panel when present."""
+def curves_figure(records: List[dict]):
+    """A matplotlib figure of the losses (and the penalty) against step, with FID on a second
+    panel when present. Both panels span the run's steps from 0, so a single FID point sits at
+    its step; the FID axis starts at 0 (FID is never negative)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,21 +108,36 @@ def plot_curves(records: List[dict], path: Path) -> None:
     fid = [(r["step"], r["fid"]) for r in records if "fid" in r]
     panels = 2 if fid else 1
     figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    last_step = max((r["step"] for r in records), default=0)
     losses = axes[0][0]
     for key in ("d_loss", "g_loss", "penalty"):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             losses.plot(*zip(*points), label=key)
-    losses.set_xlabel("step")
     losses.set_title("losses")
-    losses.legend()
+    losses.set_ylabel("loss")
+    if losses.lines:
+        losses.legend()
     if fid:
-        axes[0][1].plot(*zip(*fid), marker="o", color="tab:red")
-        axes[0][1].set_xlabel("step")
-        axes[0][1].set_title("FID (lower is better)")
+        panel = axes[0][1]
+        panel.plot(*zip(*fid), marker="o", color="tab:red")
+        panel.set_title("FID (lower is better)")
+        panel.set_ylabel("FID")
+        panel.set_ylim(0, 1.1 * max(value for _, value in fid))
+    for panel in axes[0]:
+        panel.set_xlabel("step (D updates)")
+        panel.set_xlim(0, max(last_step, 1))
     figure.tight_layout()
+    return figure
+
+
+def plot_curves(records: List[dict], path: Path) -> None:
+    """:func:`curves_figure` as a PNG."""
+    figure = curves_figure(records)
+    import matplotlib.pyplot as plt  # after curves_figure chose the file-only backend
+
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-__all__ = ["MetricsLog", "plot_curves", "read_records", "save_image_grid"]
+__all__ = ["MetricsLog", "curves_figure", "plot_curves", "read_records", "save_image_grid"]
