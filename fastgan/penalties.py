@@ -59,6 +59,23 @@ def _check_inputs(real: Tensor, fake: Optional[Tensor], kind: str) -> None:
         )
 
 
+def _per_sample_alpha(alpha: Tensor, real: Tensor) -> Tensor:
+    """``alpha`` as the (B,) tensor the interpolation op takes. Accepted: one value per
+    sample in any shape that broadcasts against the images sample-wise, i.e. (B,) or B
+    followed by ones, up to the images' rank ((B, 1), (B, 1, 1, 1) for NCHW images)."""
+    batch = real.shape[0]
+    if not isinstance(alpha, Tensor):
+        raise TypeError(f"alpha must be a Tensor of {batch} interpolation weights, got {type(alpha).__name__}")
+    shape = tuple(alpha.shape)
+    if alpha.dim() == 0 or shape[0] != batch or any(s != 1 for s in shape[1:]) or alpha.dim() > real.dim():
+        raise ValueError(
+            f"alpha must be one value per sample, of shape ({batch},) or ({batch}, 1, ...) with at most "
+            f"{real.dim()} dimensions (e.g. ({batch}, {', '.join(['1'] * (real.dim() - 1))}) for images "
+            f"of shape {tuple(real.shape)}); got {shape}"
+        )
+    return alpha.reshape(batch)
+
+
 def _eager(discriminator: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """The eager module behind a ``torch.compile``'d one: torch cannot double-backward
     through compiled graphs, and the eager module shares the same parameters."""
@@ -80,13 +97,19 @@ def gradient_penalty(
     """The unweighted penalty of ``discriminator`` (a 0-d tensor with its graph).
 
     ``discriminator`` maps a batch to one value per sample (shape (B,) or (B, 1)).
-    ``alpha`` (shape (B,)) fixes the WGAN-GP interpolation weights. A
+    ``alpha`` fixes the WGAN-GP interpolation weights: one per sample, shape (B,) or
+    (B, 1, ..., 1) up to the images' rank (e.g. (B, 1, 1, 1), as WGAN-GP code writes it);
+    it is only used by ``"wgan-gp"``. A
     ``torch.compile``'d discriminator is evaluated through its eager module here
     (same parameters). Under DistributedDataParallel pass the DDP-wrapped model:
     its gradients are all-reduced by the backward of the total loss.
     """
     _check_inputs(real, fake, kind)
+    if alpha is not None and kind != "wgan-gp":
+        raise ValueError(f"alpha (the interpolation weights) is only used by the 'wgan-gp' penalty, not by {kind!r}")
     if kind == "wgan-gp":
+        if alpha is not None:
+            alpha = _per_sample_alpha(alpha, real)
         point, _ = ops.gp_interpolate(real.detach(), fake.detach(), alpha, _seed(generator))
     elif kind == "dragan":
         point = ops.dragan_perturb(real.detach(), _seed(generator))

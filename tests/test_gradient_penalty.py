@@ -155,6 +155,31 @@ def test_options_and_explicit_alpha(one_sided, eps):
     torch.testing.assert_close(penalty, expected, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("shape", [(5,), (5, 1), (5, 1, 1), (5, 1, 1, 1)])
+def test_alpha_in_any_per_sample_shape(shape):
+    """(B, 1, 1, 1) is how compare_gan / WGAN-GP code write α; every per-sample shape gives the same penalty."""
+    d = small_sndcgan_d().double()
+    real, fake = torch.rand(5, 3, 9, 9, dtype=torch.float64), torch.rand(5, 3, 9, 9, dtype=torch.float64)
+    alpha = torch.rand(5, dtype=torch.float64)
+    expected = plain_autograd_penalty(d, real, fake, "wgan-gp", alpha=alpha)
+    torch.testing.assert_close(gradient_penalty(d, real, fake, alpha=alpha.reshape(shape)), expected, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("shape", [(), (1, 5), (5, 3), (5, 1, 1, 1, 1), (25,)])
+def test_alpha_not_per_sample_is_rejected(shape):
+    d = small_sndcgan_d()
+    real, fake = torch.rand(5, 3, 9, 9), torch.rand(5, 3, 9, 9)
+    with pytest.raises(ValueError, match=r"alpha must be one value per sample.*\(5, 1, 1, 1\)"):
+        gradient_penalty(d, real, fake, alpha=torch.rand(shape))
+
+
+def test_alpha_with_a_penalty_that_does_not_interpolate_is_rejected():
+    d = small_sndcgan_d()
+    real, fake = torch.rand(2, 3, 9, 9), torch.rand(2, 3, 9, 9)
+    with pytest.raises(ValueError, match="only used by the 'wgan-gp' penalty, not by 'r1'"):
+        gradient_penalty(d, real, fake, "r1", alpha=torch.rand(2))
+
+
 def test_penalty_through_spectral_norm_layers():
     """GP on an SN'd D (the paper's combination): double backward through fastgan's SN weights."""
     torch.manual_seed(7)

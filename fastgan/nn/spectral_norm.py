@@ -13,6 +13,11 @@
 
 Both forms share :func:`normalized_weight`: one power-iteration op, an in-place
 buffer update, and W / σ with the gradient through W only.
+
+Complex weights work in the parametrization form as in torch's (u = W v / ‖W v‖,
+v = Wᴴ u / ‖Wᴴ u‖, σ = uᴴ W v), in plain torch: the fused ops are real-only. The hook
+form rejects them: torch's hook form transposes without conjugating, which does not
+give the spectral norm of a complex matrix.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from torch.nn.utils import parametrize
 torch_hook_sn = importlib.import_module("torch.nn.utils.spectral_norm")  # the module; the package attribute is the function
 
 from fastgan.ops import spectral_norm as ops
+from fastgan.reference.spectral_norm import weight_matrix
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _WARMUP_ITERATIONS = 15
@@ -42,12 +48,31 @@ def normalized_weight(
 
     The returned weight saves fresh copies of u and v, so a later forward that
     updates the buffers again does not invalidate this one's backward."""
+    if weight.is_complex():
+        return _complex_normalized_weight(weight, u, v, dim, n_power_iterations, eps)
     with torch.no_grad():
         u_new, v_new, sigma = ops.spectral_norm_power_iteration(weight.detach(), u, v, dim, n_power_iterations, eps, u_first)
         if n_power_iterations > 0:
             u.copy_(u_new)
             v.copy_(v_new)
     return ops.spectral_normalize(weight, u_new, v_new, sigma, dim)
+
+
+def _complex_normalized_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float) -> Tensor:
+    """:func:`normalized_weight` for a complex weight, as torch's parametrization computes
+    it (u first, conjugate transposes, σ = uᴴ W v, complex in general). Plain torch: the
+    fused ops and kernels take real weights only; σ is differentiated through W by autograd."""
+    with torch.no_grad():
+        w = weight_matrix(weight.detach(), dim)
+        u_new, v_new = u.clone(), v.clone()
+        for _ in range(n_power_iterations):
+            u_new = F.normalize(torch.mv(w, v_new), dim=0, eps=eps)
+            v_new = F.normalize(torch.mv(w.mH, u_new), dim=0, eps=eps)
+        if n_power_iterations > 0:
+            u.copy_(u_new)
+            v.copy_(v_new)
+    sigma = torch.vdot(u_new, torch.mv(weight_matrix(weight, dim), v_new))
+    return weight / sigma
 
 
 def _describe(module: nn.Module, name: str) -> str:
@@ -71,7 +96,8 @@ def _checked_weight(module: nn.Module, name: str, n_power_iterations: int, dim: 
         raise ValueError(f"{where}: {name!r} is uninitialized; run a dummy forward before applying spectral norm")
     if n_power_iterations <= 0:
         raise ValueError(f"{where}: n_power_iterations must be positive, got {n_power_iterations}")
-    ops.check_weight(weight, dim, where)
+    # The shape checks apply to complex weights too; a complex weight's real view has its shape.
+    ops.check_weight(weight.real if weight.is_complex() else weight, dim, where)
     return weight
 
 
@@ -96,6 +122,18 @@ class SpectralNorm(nn.Module):
             return ops.spectral_normalize(weight, u, v, sigma, self.dim)
         steps = self.n_power_iterations if self.training else 0
         return normalized_weight(weight, self._u, self._v, self.dim, steps, self.eps, True)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """``module.weight = t`` stores ``t`` as the original weight (as torch's does);
+        reading ``module.weight`` then gives t / σ(t). A value whose matrix does not fit
+        u and v is refused here, where torch fails at the next forward."""
+        rows, cols = self._u.numel(), self._v.numel()
+        if value.dim() < 2 or value.shape[self.dim] != rows or value.numel() != rows * cols:
+            raise ValueError(
+                f"cannot assign a weight of shape {tuple(value.shape)} to a spectral-normalized weight whose "
+                f"matrix (dim={self.dim}) is {rows}x{cols}; remove the parametrization to change the shape"
+            )
+        return value
 
     def extra_repr(self) -> str:
         return f"n_power_iterations={self.n_power_iterations}, dim={self.dim}, eps={self.eps}"
@@ -126,8 +164,18 @@ class HookSpectralNorm(torch_hook_sn.SpectralNorm):
     def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float) -> "HookSpectralNorm":
         where = _describe(module, name)
         if any(isinstance(h, torch_hook_sn.SpectralNorm) and h.name == name for h in module._forward_pre_hooks.values()):
-            raise RuntimeError(f"{where}: spectral norm is already applied to this parameter")
+            # torch's wording first: code and tests match on it.
+            raise RuntimeError(
+                f"Cannot register two spectral_norm hooks on the same parameter {name} "
+                f"({where} already has one; remove it first with fastgan.nn.utils.remove_spectral_norm)"
+            )
         weight = _checked_weight(module, name, n_power_iterations, dim, where)
+        if weight.is_complex():
+            raise TypeError(
+                f"{where}: the hook form of spectral norm does not take complex weights (torch's transposes "
+                f"without conjugating, which is not the spectral norm); use fastgan.nn.spectral_norm, the "
+                f"parametrization form, which supports them"
+            )
         fn = HookSpectralNorm(name, n_power_iterations, dim, eps)
         with torch.no_grad():
             u, v = _random_unit_vectors(weight, fn.dim, eps)
@@ -166,7 +214,12 @@ class _GroupedPowerIteration:
 
     def __call__(self, model: nn.Module, inputs) -> None:
         for training in (True, False):
-            group = [m for m in self.layers if m.parametrizations.weight[0].training == training]
+            # Complex layers iterate on their own (the multi-tensor op is real-only).
+            group = [
+                m
+                for m in self.layers
+                if m.parametrizations.weight[0].training == training and not m.parametrizations.weight.original.is_complex()
+            ]
             if group:
                 self._launch(group, training)
 
