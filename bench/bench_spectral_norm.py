@@ -1,147 +1,258 @@
-"""Benchmark: one full spectral-norm refresh of the SNDCGAN discriminator's weights.
+"""Benchmark: spectral norm of the whole SNDCGAN discriminator (8 layers, 5.9M weights).
 
-Two figures, each side by side in one run against torch's parametrization
-(``torch.nn.utils.parametrizations.spectral_norm``) and hook form
-(``torch.nn.utils.spectral_norm``), with ratios against the faster torch form:
+Two groups, each with torch's parametrization
+(``torch.nn.utils.parametrizations.spectral_norm``, the baseline) and hook form
+(``torch.nn.utils.spectral_norm``) beside fastgan on every backend usable on the device:
 
-* "refresh": one training-mode power iteration and sigma for all 8 layers (u, v, sigma
-  updated) -- what the issue's targets are stated for. torch: its own power-method
-  code plus sigma = u . W v; fastgan: the multi-tensor op (one launch) and the
-  single-layer op per layer, on every backend usable on the device.
-* "normalized weights": the refresh plus materialising every W / sigma, i.e.
-  everything one training forward spends on SN: torch's modules vs fastgan's
-  ``apply_spectral_norm`` and per-layer ``spectral_norm``.
- Results go to
-``bench/results/spectral_norm-<device>-<date>.{json,md}``.
+* ``refresh``: one training-mode power iteration of all 8 layers, u and v updated
+  -- what the issue's SN targets are stated for. torch: its own power-method code per
+  layer; fastgan: ``apply_spectral_norm``'s one multi-tensor launch for the model,
+  and the single-layer op once per layer.
+* ``normalized weights``: the refresh plus W / sigma for every layer: all that one
+  training forward spends on SN. torch's modules against fastgan's
+  ``apply_spectral_norm`` and the drop-in ``fastgan.nn.spectral_norm`` on each layer.
 
-Usage: python bench/bench_spectral_norm.py [--device cpu|cuda] [--quick]
+Before timing, every variant runs once from the same weights and u, v as torch's
+parametrization and must give the same u, v (refresh) or W / sigma (normalized
+weights), within float32 round-off. Rates: bytes = the floor, W read once
+(+ W / sigma written once).
+
+Run: pytest bench/bench_spectral_norm.py --benchmark-only (see bench/conftest.py)
 """
 from __future__ import annotations
 
 import importlib
-import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
+import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-import timing  # noqa: E402
-import fastgan  # noqa: E402
-from fastgan.models import build_models  # noqa: E402
+import fastgan
+import timing
+from fastgan.models import build_models
+from timing import DEVICE
 
 grouped = importlib.import_module("fastgan.nn.spectral_norm")
 
-
-def sndcgan_discriminator() -> nn.Module:
-    """SNDCGAN's D at 32x32 without normalization, so each variant applies its own SN."""
-    return build_models("sndcgan", 32, d_norm="none")[1]
+BACKENDS = timing.kernel_backends(DEVICE, "spectral_norm_power_iteration_multi", "spectral_norm_power_iteration")
+TORCH_PARAM, TORCH_HOOK = "torch parametrizations.spectral_norm", "torch utils.spectral_norm (hook)"
+REFRESH = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
+                                      for kind in ("fastgan apply_spectral_norm", "fastgan single-layer op x8")]
+NORMALIZED = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
+                                         for kind in ("fastgan apply_spectral_norm", "fastgan spectral_norm per layer")]
+RTOL = 1e-5  # float32: one power iteration over <= 4608-long dot products
 
 
 def weight_layers(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _sn_model(device, apply_to_layer) -> nn.Module:
-    model = sndcgan_discriminator().to(device)
-    for m in weight_layers(model):
-        apply_to_layer(m)
-    return model
+def sndcgan_discriminator() -> nn.Module:
+    """SNDCGAN's D at 32x32 without normalization, so each variant applies its own SN."""
+    torch.manual_seed(0)
+    return build_models("sndcgan", 32, d_norm="none")[1].to(DEVICE)
 
 
-def refresh_variants(device, backends) -> Dict[str, Callable[[], object]]:
-    param_layers = weight_layers(_sn_model(device, torch.nn.utils.parametrizations.spectral_norm))
-    hook_layers = weight_layers(_sn_model(device, torch.nn.utils.spectral_norm))
+class Models:
+    """SN-wrapped copies of one discriminator, all set to the same weights and u, v."""
 
-    def torch_param():
-        for m in param_layers:
-            sn = m.parametrizations.weight[0]
-            w = sn._reshape_weight_to_matrix(m.parametrizations.weight.original)
-            sn._power_method(w, 1)
-            torch.vdot(sn._u, torch.mv(w, sn._v))
+    def __init__(self) -> None:
+        self.plain = sndcgan_discriminator()
+        self.weights = [m.weight.detach() for m in weight_layers(self.plain)]
+        generator = torch.Generator().manual_seed(1)
+        unit = lambda n: nn.functional.normalize(torch.randn(n, generator=generator), dim=0).to(DEVICE)
+        self.us = [unit(w.shape[0]) for w in self.weights]
+        self.vs = [unit(w[0].numel()) for w in self.weights]
+        self.weight_bytes = sum(w.numel() * w.element_size() for w in self.weights)
 
-    def torch_hook():
+    def _copy(self, apply: Callable[[nn.Module], object], per_layer: bool) -> List[nn.Module]:
+        model = sndcgan_discriminator()
+        model.load_state_dict(self.plain.state_dict())
+        if per_layer:
+            for m in weight_layers(model):
+                apply(m)
+        else:
+            apply(model)
+        self.reset(model)
+        return model
+
+    def reset(self, model: nn.Module) -> None:
+        """The common u, v in every layer's buffers (both torch forms' names)."""
         with torch.no_grad():
-            for m in hook_layers:
-                w, u, v = m.weight_orig.flatten(1), m.weight_u, m.weight_v
-                torch.nn.functional.normalize(torch.mv(w.t(), u), dim=0, eps=1e-12, out=v)
-                torch.nn.functional.normalize(torch.mv(w, v), dim=0, eps=1e-12, out=u)
-                torch.dot(u, torch.mv(w, v))
+            for m, u, v in zip(weight_layers(model), self.us, self.vs):
+                if hasattr(m, "weight_u"):
+                    m.weight_u.copy_(u)
+                    m.weight_v.copy_(v)
+                else:
+                    m.parametrizations.weight[0]._u.copy_(u)
+                    m.parametrizations.weight[0]._v.copy_(v)
 
-    weights = [m.weight.detach() for m in weight_layers(sndcgan_discriminator().to(device))]
-    us = [torch.nn.functional.normalize(torch.randn(w.shape[0], device=device), dim=0) for w in weights]
-    vs = [torch.nn.functional.normalize(torch.randn(w[0].numel(), device=device), dim=0) for w in weights]
-    dims = [0] * len(weights)
-    variants = {"torch parametrizations.spectral_norm": torch_param, "torch utils.spectral_norm (hook)": torch_hook}
-    for backend in backends:
-        def multi(backend=backend):
-            with fastgan.use_backend(backend):
-                return torch.ops.fastgan.spectral_norm_power_iteration_multi(weights, us, vs, dims, 1, 1e-12, True)
+    def torch_param(self) -> nn.Module:
+        return self._copy(torch.nn.utils.parametrizations.spectral_norm, per_layer=True)
 
-        def per_layer(backend=backend):
-            with fastgan.use_backend(backend):
-                return [torch.ops.fastgan.spectral_norm_power_iteration(w, u, v, 0, 1, 1e-12, True) for w, u, v in zip(weights, us, vs)]
+    def torch_hook(self) -> nn.Module:
+        return self._copy(torch.nn.utils.spectral_norm, per_layer=True)
 
-        variants[f"fastgan multi-tensor op [{backend}]"] = multi
-        variants[f"fastgan single-layer op x8 [{backend}]"] = per_layer
-    return variants
-
-
-def normalized_weight_variants(device, backends) -> Dict[str, Callable[[], object]]:
-    param_layers = weight_layers(_sn_model(device, torch.nn.utils.parametrizations.spectral_norm))
-    hook_layers = weight_layers(_sn_model(device, torch.nn.utils.spectral_norm))
-    hooks = [(m, next(iter(m._forward_pre_hooks.values()))) for m in hook_layers]
-    variants = {
-        "torch parametrizations.spectral_norm": lambda: [m.weight for m in param_layers],
-        "torch utils.spectral_norm (hook)": lambda: [hook(m, ()) for m, hook in hooks],
-    }
-    for backend in backends:
+    def fastgan_grouped(self, backend: str) -> nn.Module:
         with fastgan.use_backend(backend):
-            model = fastgan.nn.apply_spectral_norm(sndcgan_discriminator().to(device))
-            per_layer_layers = weight_layers(_sn_model(device, fastgan.nn.spectral_norm))
-        group = next(h for h in model._forward_pre_hooks.values() if isinstance(h, grouped._GroupedPowerIteration))
+            return self._copy(fastgan.nn.apply_spectral_norm, per_layer=False)
 
-        def apply_all(backend=backend, model=model, group=group):
-            with fastgan.use_backend(backend):
-                group(model, ())
-                return [m.weight for m in weight_layers(model)]
+    def fastgan_per_layer(self, backend: str) -> nn.Module:
+        with fastgan.use_backend(backend):
+            return self._copy(fastgan.nn.spectral_norm, per_layer=True)
 
-        def per_layer(backend=backend, layers=per_layer_layers):
+
+def uv(model: nn.Module) -> List[Tuple[Tensor, Tensor]]:
+    out = []
+    for m in weight_layers(model):
+        if hasattr(m, "weight_u"):
+            out.append((m.weight_u.clone(), m.weight_v.clone()))
+        else:
+            out.append((m.parametrizations.weight[0]._u.clone(), m.parametrizations.weight[0]._v.clone()))
+    return out
+
+
+def grouped_refresh_hook(model: nn.Module):
+    hooks = [h for h in model._forward_pre_hooks.values() if isinstance(h, grouped._GroupedPowerIteration)]
+    if len(hooks) != 1:
+        raise RuntimeError("apply_spectral_norm's grouped power-iteration hook was not found on the model")
+    return hooks[0]
+
+
+def refresh_fn(name: str, models: Models) -> Tuple[Callable[[], object], nn.Module, str]:
+    """(one refresh of all layers, the model whose buffers it updates, the backend or '')."""
+    if name == TORCH_PARAM:
+        model = models.torch_param()
+        layers = weight_layers(model)
+
+        def torch_param():
+            with torch.no_grad():
+                for m in layers:
+                    sn = m.parametrizations.weight[0]
+                    w = sn._reshape_weight_to_matrix(m.parametrizations.weight.original)
+                    sn._power_method(w, 1)
+                    torch.vdot(sn._u, torch.mv(w, sn._v))
+
+        return torch_param, model, ""
+    if name == TORCH_HOOK:
+        model = models.torch_hook()
+        layers = weight_layers(model)
+
+        def torch_hook():  # the hook form's own power method; σ as its compute_weight forms it
+            with torch.no_grad():
+                for m in layers:
+                    w, u, v = m.weight_orig.flatten(1), m.weight_u, m.weight_v
+                    torch.nn.functional.normalize(torch.mv(w.t(), u), dim=0, eps=1e-12, out=v)
+                    torch.nn.functional.normalize(torch.mv(w, v), dim=0, eps=1e-12, out=u)
+                    torch.dot(u, torch.mv(w, v))
+
+        return torch_hook, model, ""
+    kind, backend = name[:-1].split(" [")
+    if kind == "fastgan apply_spectral_norm":
+        model = models.fastgan_grouped(backend)
+        hook = grouped_refresh_hook(model)
+
+        def grouped_refresh():
             with fastgan.use_backend(backend):
+                hook(model, ())
+            hook.clear(model, ())
+
+        return grouped_refresh, model, backend
+    model = models.fastgan_per_layer(backend)
+    params = [m.parametrizations.weight[0] for m in weight_layers(model)]
+    weights = [m.parametrizations.weight.original for m in weight_layers(model)]
+
+    def single_layer_ops():
+        with torch.no_grad(), fastgan.use_backend(backend):
+            for w, p in zip(weights, params):
+                u, v, _ = torch.ops.fastgan.spectral_norm_power_iteration(w, p._u, p._v, p.dim, 1, p.eps, True)
+                p._u.copy_(u)
+                p._v.copy_(v)
+
+    return single_layer_ops, model, backend
+
+
+def normalized_fn(name: str, models: Models) -> Callable[[], List[Tensor]]:
+    if name == TORCH_PARAM:
+        layers = weight_layers(models.torch_param())
+        return lambda: [m.weight for m in layers]
+    if name == TORCH_HOOK:
+        layers = weight_layers(models.torch_hook())
+        hooks = [(m, next(iter(m._forward_pre_hooks.values()))) for m in layers]
+
+        def torch_hook():
+            for m, hook in hooks:
+                hook(m, ())
+            return [m.weight for m in layers]
+
+        return torch_hook
+    kind, backend = name[:-1].split(" [")
+    if kind == "fastgan apply_spectral_norm":
+        model = models.fastgan_grouped(backend)
+        hook, layers = grouped_refresh_hook(model), weight_layers(model)
+
+        def grouped_forward():
+            with fastgan.use_backend(backend):
+                hook(model, ())
                 return [m.weight for m in layers]
 
-        variants[f"fastgan apply_spectral_norm [{backend}]"] = apply_all
-        variants[f"fastgan spectral_norm per layer [{backend}]"] = per_layer
-    return variants
+        return grouped_forward
+    layers = weight_layers(models.fastgan_per_layer(backend))
+
+    def per_layer_forward():
+        with fastgan.use_backend(backend):
+            return [m.weight for m in layers]
+
+    return per_layer_forward
 
 
-def measure(variants: Dict[str, Callable[[], object]], min_run_time: float, figure: str) -> List[Dict[str, object]]:
-    times = timing.medians_us(variants, min_run_time)
-    baseline = min(times["torch parametrizations.spectral_norm"], times["torch utils.spectral_norm (hook)"])
-    return timing.ratio_rows(figure, times, baseline)
+@pytest.fixture(scope="module")
+def models() -> Models:
+    return Models()
 
 
-def main(argv=None) -> int:
-    args = timing.parse_args(__doc__, argv)
-    device = args.device
-    min_run_time = 0.2 if args.quick else 1.0
-    backends = timing.kernel_backends(device)
+@pytest.fixture(scope="module")
+def torch_refresh(models):
+    """u, v after one refresh by torch's parametrization, from the common state."""
+    fn, model, _ = refresh_fn(TORCH_PARAM, models)
+    fn()
+    return uv(model)
 
-    env = timing.environment(device)
-    print(f"Spectral norm of the SNDCGAN discriminator (8 layers, 5.9M weights) on {env['device']}, "
-          f"torch {env['torch']}, triton {env['triton']}")
-    rows = []
-    for figure, variants in (("refresh", refresh_variants), ("normalized weights", normalized_weight_variants)):
-        print(f"{figure}:")
-        rows += measure(variants(device, backends), min_run_time, figure)
-        timing.print_table([r for r in rows if r["figure"] == figure])
-    notes = (
-        "refresh = one training-mode power iteration + sigma of all 8 SNDCGAN D layers; "
-        "normalized weights = refresh + W/sigma for every layer. Ratio = faster torch form / variant, per figure."
-    )
-    timing.report(args, "spectral_norm", env, rows, notes)
-    return 0
+
+@pytest.fixture(scope="module")
+def torch_normalized(models):
+    with torch.no_grad():
+        return [w.detach().clone() for w in normalized_fn(TORCH_PARAM, models)()]
+
+
+def assert_close(ours: List[Tensor], theirs: List[Tensor], what: str) -> None:
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        error = float((a.double() - b.double()).norm() / b.double().norm())
+        assert error < RTOL, f"{what}, layer {i}: relative error {error:.1e} against torch's parametrization"
+
+
+@pytest.mark.parametrize("name", REFRESH)
+def test_refresh(benchmark, models, torch_refresh, name):
+    fn, model, _ = refresh_fn(name, models)
+    fn()
+    if name != TORCH_HOOK:  # torch's hook form iterates v first: a different (equally valid) u, v
+        ours = uv(model)
+        assert_close([u for u, _ in ours], [u for u, _ in torch_refresh], f"{name}: u")
+        assert_close([v for _, v in ours], [v for _, v in torch_refresh], f"{name}: v")
+    timing.measure(benchmark, fn, name, baseline=name == TORCH_PARAM, group="spectral_norm: refresh",
+                   bytes=models.weight_bytes, warmup=5)
+
+
+@pytest.mark.parametrize("name", NORMALIZED)
+def test_normalized_weights(benchmark, models, torch_normalized, name):
+    fn = normalized_fn(name, models)
+    if name != TORCH_HOOK:
+        with torch.no_grad():
+            assert_close(fn(), torch_normalized, f"{name}: W / sigma")
+    timing.measure(benchmark, fn, name, baseline=name == TORCH_PARAM, group="spectral_norm: normalized weights",
+                   bytes=2 * models.weight_bytes, warmup=5)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(pytest.main([__file__, "--benchmark-only"]))

@@ -1,131 +1,250 @@
-"""The timing helper every fastgan benchmark uses: interleaved medians, the
-environment a figure was taken in, and results written to ``bench/results/`` as
-JSON and markdown."""
+"""What every fastgan benchmark shares: the device and quick mode of a run, how one
+entry is timed with pytest-benchmark's ``benchmark`` fixture, and the environment a
+figure was taken in.
+
+Timing (:func:`measure`):
+
+* CPU: host ``perf_counter`` around a block of calls long enough (>= 10 ms) to dwarf
+  the timer, repeated for a number of rounds; the median round is the figure.
+* CUDA: CUDA events, in pytest-benchmark's pedantic mode. Before each round the L2
+  cache is flushed (a 256 MB buffer is zeroed, as ``triton.testing.do_bench`` does)
+  without a host synchronisation, so the host queues the timed call behind the
+  flush; the events bracket the call on the stream and the round's duration is the
+  device time between them (launch gaps included when the host falls behind).
+
+Each entry records in ``benchmark.extra_info`` its variant name, whether it is its
+group's baseline, and what its rate is computed from (``bytes`` moved at least, or
+``flops`` done); ``bench/report.py`` turns them into ratio and rate tables.
+"""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
-import statistics
+import subprocess
 import time
-from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_ENV, DEVICE_ENV = "FASTGAN_BENCH_QUICK", "FASTGAN_BENCH_DEVICE"
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+# Set by conftest.py from --bench-quick / FASTGAN_BENCH_QUICK and --bench-device / FASTGAN_BENCH_DEVICE.
+QUICK = os.environ.get(QUICK_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+DEVICE = torch.device(os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _block_seconds(fn: Callable[[], object], number: int, sync: Callable[[], None]) -> float:
-    sync()
+def configure(quick: bool, device: Optional[str]) -> None:
+    global QUICK, DEVICE
+    QUICK = quick
+    if device:
+        DEVICE = torch.device(device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"benchmark device {DEVICE} requested but torch sees no CUDA device")
+
+
+def kernel_backends(device: torch.device, *ops: str) -> List[str]:
+    """fastgan backends worth timing on ``device``: usable there and, where the backend
+    registry knows ``ops``, implemented by at least one of them (a forced backend an op
+    lacks would only rerun its default). The Triton interpreter is a test tool, not a kernel."""
+    import fastgan
+    from fastgan import _backend
+
+    report = fastgan.backends()
+    usable = report.get("backends", report)  # {"backends": {name: {device: bool}}, "ops": ...}
+    names = [b for b in ("triton", "cuda", "cpp", "reference") if b in usable and usable[b].get(device.type)]
+    registry = _backend.registered() if hasattr(_backend, "registered") else {}
+    known = [registry[op] for op in ops if op in registry]
+    if known:
+        names = [b for b in names if any(b in op.impls for op in known)]
+    return [b for b in names if not (device.type == "cpu" and b == "triton")]
+
+
+def synchronize(device: torch.device = None) -> None:
+    if (device or DEVICE).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- CUDA event clock
+
+
+class _EventStamp:
+    """A point on the current CUDA stream; ``end - start`` is the device time between two (s)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = torch.cuda.Event(enable_timing=True)
+        self.event.record()
+
+    def __sub__(self, start: "_EventStamp") -> float:
+        self.event.synchronize()
+        return start.event.elapsed_time(self.event) * 1e-3
+
+
+def cuda_event_clock() -> _EventStamp:
+    """pytest-benchmark timer that reads CUDA events instead of the host clock."""
+    return _EventStamp()
+
+
+_flush_buffer: Optional[torch.Tensor] = None
+
+
+def flush_l2() -> None:
+    """Evict the GPU's L2 cache: zero a buffer larger than it (queued, no host sync)."""
+    global _flush_buffer
+    if _flush_buffer is None:
+        _flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=DEVICE)
+    _flush_buffer.zero_()
+
+
+# --------------------------------------------------------------------------- one entry
+
+
+def _seconds(fn: Callable[[], object], number: int) -> float:
+    synchronize()
     start = time.perf_counter()
     for _ in range(number):
         fn()
-    sync()
+    synchronize()
     return time.perf_counter() - start
 
 
-def medians_us(fns: Dict[str, Callable[[], object]], min_run_time: float, min_rounds: int = 5) -> Dict[str, float]:
-    """Median wall time of one call of each function, in microseconds.
-
-    The functions are timed in interleaved rounds (each round times every function
-    once, in a block of calls long enough to dwarf the timer), so drift in the
-    machine's speed -- other load, clocks, thermal state -- hits all of them alike
-    and the ratios stay fair. CUDA is synchronized around every block."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    numbers = {}
-    for name, fn in fns.items():
-        fn()  # warm-up: compilation, caches, allocator
-        number = 1
-        while (elapsed := _block_seconds(fn, number, sync)) < 0.01 and number < 10**6:
-            number *= max(2, min(100, int(0.01 / max(elapsed, 1e-9))))
-        numbers[name] = number
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    deadline = time.perf_counter() + min_run_time * len(fns)
-    while time.perf_counter() < deadline or min(len(v) for v in samples.values()) < min_rounds:
-        for name, fn in fns.items():
-            samples[name].append(_block_seconds(fn, numbers[name], sync) / numbers[name])
-    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+def budget(full: float, quick: float) -> float:
+    return quick if QUICK else full
 
 
-def environment(device: torch.device) -> Dict[str, str]:
+def measure(
+    benchmark,
+    fn: Callable[[], object],
+    variant: str,
+    *,
+    baseline: bool = False,
+    group: Optional[str] = None,
+    bytes: Optional[float] = None,
+    flops: Optional[float] = None,
+    detail: str = "",
+    seconds: Optional[float] = None,
+    min_rounds: Optional[int] = None,
+    rounds: Optional[int] = None,
+    warmup: int = 2,
+):
+    """Time ``fn`` as one benchmark entry (see the module docstring for how).
+
+    ``seconds``: timing budget of the entry (default 1 s, quick 0.2 s); rounds are at
+    least ``min_rounds`` (default 5, quick 3), so slow calls take longer than the budget.
+    ``rounds``: exactly that many rounds of one call, no calibration (for calls of seconds).
+    ``bytes`` / ``flops``: the least bytes the call must move / the FLOPs it does, for
+    the rate columns. Returns what ``fn`` returned in the last round."""
+    if group is not None:
+        benchmark.group = group
+    benchmark.extra_info.update(variant=variant, baseline=baseline, device=DEVICE.type, quick=QUICK)
+    if bytes is not None:
+        benchmark.extra_info["bytes"] = float(bytes)
+    if flops is not None:
+        benchmark.extra_info["flops"] = float(flops)
+    if detail:
+        benchmark.extra_info["detail"] = detail
+    seconds = budget(1.0, 0.2) if seconds is None else seconds
+    min_rounds = budget(5, 3) if min_rounds is None else min_rounds
+    for _ in range(warmup):  # compilation, autotuning, allocator, caches
+        fn()
+    fixed = rounds is not None
+    once = None if fixed else _seconds(fn, 1)
+    if DEVICE.type != "cuda":
+        iterations = 1 if fixed else max(1, int(0.01 / max(once, 1e-9)))
+        rounds = rounds or max(min_rounds, int(seconds / max(once * iterations, 1e-9)))
+        benchmark.extra_info["timing"] = f"host perf_counter, {iterations} call(s) per round"
+        return benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
+    rounds = rounds or max(min_rounds, min(2000, int(seconds / max(once, 20e-6))))
+    warmup_rounds = 0 if fixed else 1
+    if hasattr(benchmark, "_timer"):
+        # pytest-benchmark's pedantic runner reads its timer right before and after the call.
+        benchmark._timer = cuda_event_clock
+        benchmark.extra_info["timing"] = "CUDA events, L2 flushed before each round"
+        return benchmark.pedantic(fn, setup=flush_l2, rounds=rounds, warmup_rounds=warmup_rounds)
+    # A benchmark fixture without a replaceable timer: the host clock around a synchronised call.
+    benchmark.extra_info["timing"] = "host clock around a synchronised call, L2 flushed before each round"
+
+    def synchronized():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    def flushed():
+        flush_l2()
+        torch.cuda.synchronize()
+
+    return benchmark.pedantic(synchronized, setup=flushed, rounds=rounds, warmup_rounds=warmup_rounds)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def nvidia_driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """Device, driver and library versions, date: written beside every result."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return {
-        "device": name,
+    env: Dict[str, object] = {
+        "device_type": device.type,
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
+        "quick": QUICK,
     }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device=props.name, driver=nvidia_driver(), cuda=torch.version.cuda,
+                   capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+                   l2_mb=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+                   cudnn_tf32=torch.backends.cudnn.allow_tf32, matmul_tf32=torch.backends.cuda.matmul.allow_tf32)
+    else:
+        env.update(device=f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+                   driver="n/a", load_average=" ".join(f"{x:.1f}" for x in os.getloadavg()))
+    try:
+        commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        env["commit"] = commit.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = "unknown"
+    return env
 
 
-def write_results(name: str, device: torch.device, env: Dict[str, str], rows: List[Dict[str, object]], notes: str) -> Path:
-    """Write ``rows`` (dicts with 'figure', 'variant', 'median_us', 'ratio') as JSON and a markdown table."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-{device.type}-{env['date']}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows, "notes": notes}, indent=2) + "\n")
-    lines = [f"# {name} on {env['device']}", "", ", ".join(f"{k} {v}" for k, v in env.items()), "", notes, ""]
-    lines += ["| figure | variant | median (µs) | speed-up vs baseline | detail |", "|---|---|---:|---:|---|"]
-    lines += [f"| {r['figure']} | {r['variant']} | {r['median_us']:.1f} | {r['ratio']:.2f}× | {r.get('detail', '')} |" for r in rows]
-    path = RESULTS / f"{stem}.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` by torch's FLOP formulas (matmuls and convolutions,
+    backward and double backward included). torch's FlopCounterMode itself cannot be
+    used: its module tracker breaks ``autograd.grad`` inside the counted region."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
 
+    class Counter(TorchDispatchMode):
+        flops = 0
 
-def ratio_rows(figure: str, times: Dict[str, float], baseline_us: float, details: Dict[str, str] = None) -> List[Dict[str, object]]:
-    """Result rows of one figure: each variant's median and baseline / median."""
-    details = details or {}
-    return [{"figure": figure, "variant": name, "median_us": t, "ratio": baseline_us / t, **({"detail": details[name]} if name in details else {})}
-            for name, t in times.items()]
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                Counter.flops += formula(*args, **kwargs, out_val=out)
+            return out
 
-
-def report(args, name: str, env: Dict[str, str], rows: List[Dict[str, object]], notes: str) -> None:
-    """Write the results (unless --no-write), noting the command that measured them."""
-    if args.no_write:
-        return
-    notes += f" Measured with `python bench/bench_{name}.py --device {args.device.type}`."
-    print("written to", write_results(name, args.device, env, rows, notes))
-
-
-def print_table(rows: List[Dict[str, object]]) -> None:
-    width = max(len(str(r["variant"])) for r in rows)
-    for r in rows:
-        print(f"  {r['variant']:<{width}}  {r['median_us']:>12.1f} µs  {r['ratio']:>7.2f}×  {r.get('detail', '')}")
-
-
-def default_device() -> torch.device:
-    return torch.device(os.environ.get("FASTGAN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def parse_args(doc: str, argv=None, add_arguments=None):
-    """The options every benchmark takes, plus those ``add_arguments(parser)`` adds."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=str(default_device()), help="cpu or cuda (default: cuda when visible)")
-    parser.add_argument("--quick", action="store_true", help="shorter timing runs (a smoke test, not a measurement)")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
-    if add_arguments is not None:
-        add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
-    return args
-
-
-def kernel_backends(device: torch.device) -> List[str]:
-    """fastgan backends worth timing on ``device`` (the Triton interpreter is a test tool, not a kernel)."""
-    import fastgan
-
-    report = fastgan.backends()
-    names = [b for b in ("triton", "cuda", "cpp", "reference") if report[b][device.type]]
-    return [b for b in names if not (device.type == "cpu" and b == "triton")]
+    with Counter():
+        fn()
+    return Counter.flops

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# `make gpu-check`: the one command to run wherever a GPU is available.
+#
+#   bench/gpu_check.sh PYTHON [INSTALL_STAMP]
+#
+# Phases, each under its own wall-clock budget so that the whole check ends in about
+# 8 minutes on an H100 even when one phase hangs (a phase over budget is stopped and
+# reported, and the next one still runs):
+#   1. build  -- the C++/CUDA extension for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a unless set),
+#                in place (pip install --no-build-isolation --no-deps -e .; no registry needed);
+#   2. tests  -- the whole suite on the GPU (CUDA tests included), with a per-test timeout
+#                when pytest-timeout is installed and 4 workers when pytest-xdist is;
+#   3. bench  -- every benchmark in quick mode, rendered into bench/results/*-cuda-<date>.{md,json}.
+# Then one screen: phase status, test counts and failures, each target against what was measured.
+# Logs and the raw JSON stay in build/gpu-check/.
+#
+# Budgets (seconds) and knobs: GPU_CHECK_BUILD_S (120), GPU_CHECK_TEST_S (180),
+# GPU_CHECK_BENCH_S (150), GPU_CHECK_TEST_TIMEOUT (per test, 120), GPU_CHECK_WORKERS (4),
+# GPU_CHECK_TEST_ARGS (extra pytest arguments for the suite, e.g. "-k spectral").
+set -u
+PY=${1:?usage: bench/gpu_check.sh PYTHON [INSTALL_STAMP]}
+STAMP=${2:-}
+OUT=build/gpu-check
+mkdir -p "$OUT"
+rm -f "$OUT"/*.log "$OUT"/tests.xml "$OUT"/bench.json
+: > "$OUT/phases.tsv"
+started=$(date +%s)
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu-check: torch sees no CUDA device here; run it on a GPU machine (make test covers the CPU)." >&2
+    exit 2
+fi
+has() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$1') else 1)"; }
+
+# phase NAME BUDGET CMD...: run CMD under BUDGET seconds, log to $OUT/NAME.log, record the outcome.
+phase() {
+    local name=$1 budget=$2 t0 rc status
+    shift 2
+    t0=$(date +%s)
+    echo "== $name (budget ${budget} s): $*"
+    timeout --kill-after=20 "$budget" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124|137) status="stopped at ${budget} s budget" ;;
+        *) status="failed (exit $rc)" ;;
+    esac
+    printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" >> "$OUT/phases.tsv"
+    tail -n 3 "$OUT/$name.log"
+    return $rc
+}
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+export MAX_JOBS=${GPU_CHECK_BUILD_JOBS:-$(nproc)}
+export PYTHONUNBUFFERED=1
+if phase build "${GPU_CHECK_BUILD_S:-120}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
+   && phase extension 30 "$PY" -c "import fastgan._C as c; assert c.built_with_cuda(), 'fastgan._C was built without CUDA'; print('fastgan._C built with CUDA for', '$TORCH_CUDA_ARCH_LIST')"; then
+    [ -n "$STAMP" ] && mkdir -p "$(dirname "$STAMP")" && touch "$STAMP"
+fi
+
+test_args=(-q -p no:cacheprovider -rfE --junitxml="$OUT/tests.xml")
+has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-120}")
+has xdist && [ "${GPU_CHECK_WORKERS:-4}" -gt 1 ] && test_args+=(-n "${GPU_CHECK_WORKERS:-4}")
+# shellcheck disable=SC2086
+phase tests "${GPU_CHECK_TEST_S:-180}" "$PY" -m pytest tests "${test_args[@]}" ${GPU_CHECK_TEST_ARGS:-}
+
+phase bench "${GPU_CHECK_BENCH_S:-150}" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
+    --bench-quick --bench-device cuda --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
+
+"$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests.xml" --phases "$OUT/phases.tsv"
+echo "gpu-check took $(( $(date +%s) - started )) s; logs in $OUT/"
+! grep -qv $'\tok\t' "$OUT/phases.tsv"

@@ -1,0 +1,303 @@
+"""Render pytest-benchmark's JSON into fastgan's result tables, and the gpu-check summary.
+
+    python bench/report.py [RUN.json]            # default: the newest run saved under .benchmarks/
+    python bench/report.py RUN.json --summary --junit TESTS.xml [--phases PHASES.tsv]
+
+For each op (``bench/bench_<op>.py``) it writes ``bench/results/<op>-<device>-<date>.md``
+and ``.json``: the environment (device, driver, torch, triton, date, commit), then one
+table per group with each entry's median, interquartile range, rounds, speed-up over
+the group's baseline (baseline median / entry median), its rate (GB/s from the bytes
+the entry must move at least, TFLOP/s from its FLOPs; on an H100 also as a share of
+the card's limit) and its check or detail. When an earlier result file of the same op
+and device exists, entries more than REGRESSION slower than there are flagged.
+
+``--summary`` prints one screen: the test suite's pass/fail counts (from a JUnit XML),
+the phases' exit status, and every target of the issues against what was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import xml.etree.ElementTree as ElementTree
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+STORAGE = ROOT / ".benchmarks"
+REGRESSION = 0.10  # flag entries this much slower than the previous result file
+
+# Datasheet limits of the cards the targets are stated for (SXM, dense).
+LIMITS = {
+    "H100": {"bandwidth": 3.35e12, "fp32": 67e12, "tf32": 495e12},
+    "H200": {"bandwidth": 4.8e12, "fp32": 67e12, "tf32": 495e12},
+}
+
+
+def newest_saved_run() -> Path:
+    runs = sorted(STORAGE.glob("*/*.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise SystemExit(f"no saved benchmark run under {STORAGE}; run `make bench` first or pass a JSON file")
+    return runs[-1]
+
+
+def op_of(benchmark: dict) -> str:
+    match = re.search(r"bench_(\w+)\.py::", benchmark["fullname"])
+    return match.group(1) if match else "misc"
+
+
+def limits_for(env: dict) -> Optional[dict]:
+    return next((v for k, v in LIMITS.items() if k in str(env.get("device", ""))), None)
+
+
+def rows_of(benchmarks: List[dict], env: dict) -> Dict[str, List[dict]]:
+    """Group -> result rows (median, ratio to the group's baseline, rate)."""
+    limits = limits_for(env)
+    groups: Dict[str, List[dict]] = defaultdict(list)
+    for b in benchmarks:
+        info, stats = b.get("extra_info", {}), b["stats"]
+        row = {"variant": info.get("variant", b["name"]), "baseline": bool(info.get("baseline")),
+               "median_us": stats["median"] * 1e6, "iqr_us": stats.get("iqr", 0.0) * 1e6, "rounds": stats["rounds"],
+               "detail": info.get("detail", ""), "timing": info.get("timing", "")}
+        if "bytes" in info:
+            row["rate"] = info["bytes"] / stats["median"]
+            row["rate_unit"] = "GB/s"
+            if limits:
+                row["of_limit"] = row["rate"] / limits["bandwidth"]
+        elif "flops" in info:
+            row["rate"] = info["flops"] / stats["median"]
+            row["rate_unit"] = "TFLOP/s"
+            if limits:
+                row["of_limit"] = row["rate"] / limits["tf32" if env.get("cudnn_tf32", True) else "fp32"]
+        groups[b["group"] or b["name"]].append(row)
+    for rows in groups.values():
+        base = next((r for r in rows if r["baseline"]), None)
+        for r in rows:
+            r["ratio"] = base["median_us"] / r["median_us"] if base else None
+        rows.sort(key=lambda r: (not r["baseline"], r["median_us"]))
+    return dict(groups)
+
+
+def previous_result(op: str, device_type: str, date: str) -> Optional[dict]:
+    """The newest earlier result file of this op and device in the new format, if any."""
+    for path in sorted(RESULTS.glob(f"{op}-{device_type}-*.json"), reverse=True):
+        if path.stem.rsplit("-", 3)[-3:] != date.split("-"):
+            data = json.loads(path.read_text())
+            if "groups" in data:
+                return data
+    return None
+
+
+def flag_regressions(groups: Dict[str, List[dict]], previous: Optional[dict]) -> None:
+    if not previous:
+        return
+    before = {(g, r["variant"]): r["median_us"] for g, rows in previous["groups"].items() for r in rows}
+    for group, rows in groups.items():
+        for r in rows:
+            old = before.get((group, r["variant"]))
+            if old:
+                r["vs_previous"] = r["median_us"] / old - 1
+                r["regression"] = r["vs_previous"] > REGRESSION
+
+
+def _format_time(us: float) -> str:
+    return f"{us / 1e3:.2f} ms" if us >= 1e4 else f"{us:.1f} µs"
+
+
+def _format_rate(r: dict) -> str:
+    if "rate" not in r:
+        return ""
+    value = r["rate"] / (1e9 if r["rate_unit"] == "GB/s" else 1e12)
+    text = f"{value:.3g} {r['rate_unit']}"
+    return text + (f" ({100 * r['of_limit']:.0f}%)" if "of_limit" in r else "")
+
+
+def markdown(op: str, env: dict, groups: Dict[str, List[dict]], previous_date: Optional[str]) -> str:
+    lines = [f"# {op} on {env.get('device', '?')}", "",
+             ", ".join(f"{k} {env[k]}" for k in ("device", "driver", "cuda", "torch", "triton", "python", "date", "commit",
+                                                  "load_average") if k in env), ""]
+    if env.get("quick"):
+        lines += ["Quick mode: short timing runs (and smaller CPU cases); a first look, not a measurement to quote.", ""]
+    limits = limits_for(env)
+    if limits:
+        lines += [f"Share of the card's limit: GB/s of {limits['bandwidth'] / 1e12:.2f} TB/s HBM; TFLOP/s of "
+                  f"{(limits['tf32'] if env.get('cudnn_tf32', True) else limits['fp32']) / 1e12:.0f} TFLOP/s "
+                  f"({'TF32: cuDNN convolutions may use it' if env.get('cudnn_tf32', True) else 'FP32'}).", ""]
+    lines += ["Speed-up = the group's baseline median / the entry's median (> 1: faster than the baseline). "
+              "Rates: GB/s from the bytes an entry must move at least, TFLOP/s from its convolution and matmul FLOPs.", ""]
+    if previous_date:
+        lines += [f"vs previous: median change against bench/results of {previous_date}; "
+                  f"⚠ marks a slowdown over {REGRESSION:.0%}.", ""]
+    for group, rows in groups.items():
+        lines += [f"## {group}", "", "| variant | median | IQR | rounds | speed-up | rate | vs previous | check / detail |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            ratio = "baseline" if r["baseline"] else (f"{r['ratio']:.2f}×" if r["ratio"] else "")
+            change = ""
+            if "vs_previous" in r:
+                change = f"{100 * r['vs_previous']:+.0f}%{' ⚠' if r['regression'] else ''}"
+            lines.append(f"| {r['variant']} | {_format_time(r['median_us'])} | {_format_time(r['iqr_us'])} | {r['rounds']} | "
+                         f"{ratio} | {_format_rate(r)} | {change} | {r['detail']} |")
+        timings = sorted({r["timing"] for r in rows if r["timing"]})
+        lines += ["", f"Timing: {'; '.join(timings)}.", ""]
+    return "\n".join(lines)
+
+
+def render(run: dict, source: str) -> Tuple[dict, List[Path]]:
+    """Write the result files of every op in ``run``; returns (op -> groups, paths)."""
+    env = dict(run.get("machine_info", {}).get("fastgan", {}))
+    device_type = env.get("device_type", "cpu")
+    date = env.get("date") or run.get("datetime", "")[:10]
+    env["source"] = source
+    by_op: Dict[str, List[dict]] = defaultdict(list)
+    for b in run["benchmarks"]:
+        by_op[op_of(b)].append(b)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    paths, all_groups = [], {}
+    for op, benchmarks in sorted(by_op.items()):
+        groups = rows_of(benchmarks, env)
+        previous = previous_result(op, device_type, date)
+        flag_regressions(groups, previous)
+        stem = RESULTS / f"{op}-{device_type}-{date}"
+        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "groups": groups}, indent=2, ensure_ascii=False) + "\n")
+        stem.with_suffix(".md").write_text(markdown(op, env, groups, previous and previous["environment"].get("date")) + "\n")
+        paths += [stem.with_suffix(".md"), stem.with_suffix(".json")]
+        all_groups[op] = groups
+    return all_groups, paths
+
+
+# --------------------------------------------------------------------------- targets and the summary
+
+
+def _find(groups: dict, op: str, group_prefix: str) -> List[dict]:
+    return next((rows for name, rows in groups.get(op, {}).items() if name.startswith(group_prefix)), [])
+
+
+def _best(rows: List[dict], prefix: str) -> Optional[dict]:
+    candidates = [r for r in rows if r["variant"].startswith(prefix)]
+    return min(candidates, key=lambda r: r["median_us"]) if candidates else None
+
+
+def _speedup(rows: List[dict], prefix: str, baseline: Optional[str] = None) -> Tuple[Optional[float], str]:
+    best = _best(rows, prefix)
+    base = next((r for r in rows if (r["variant"] == baseline if baseline else r["baseline"])), None)
+    if not best or not base:
+        return None, "not measured"
+    return base["median_us"] / best["median_us"], f"{base['median_us'] / best['median_us']:.2f}× ({best['variant']})"
+
+
+def targets(groups: dict, device_type: str) -> List[Tuple[str, str, Optional[bool]]]:
+    """(target, measured, met: True / False / None when not measured) for this device."""
+    out = []
+
+    def add(text, value, measured, ok):
+        out.append((text, measured, None if value is None else ok))
+
+    refresh = _find(groups, "spectral_norm", "spectral_norm: refresh")
+    normalized = _find(groups, "spectral_norm", "spectral_norm: normalized weights")
+    training = {name: rows for name, rows in groups.get("training", {}).items()}
+    if device_type == "cuda":
+        best = _best(refresh, "fastgan apply_spectral_norm")
+        add("SN refresh, whole SNDCGAN D <= 25 µs", best and best["median_us"],
+            f"{best['median_us']:.1f} µs ({best['variant']})" if best else "not measured", bool(best) and best["median_us"] <= 25)
+        value, text = _speedup(refresh, "fastgan apply_spectral_norm")
+        add("SN refresh >= 20x torch parametrization", value, text, value is not None and value >= 20)
+        value, text = _speedup(_find(groups, "gradient_penalty", "gradient_penalty: wgan-gp"), "fastgan")
+        add("WGAN-GP D step >= 1.3x plain autograd", value, text, value is not None and value >= 1.3)
+        fid = _find(groups, "fid", "fid: trace_sqrt_product")
+        auto, fastest = _best(fid, "fastgan auto"), _best(fid, "fastgan")
+        add("FID tr sqrt at d=2048 <= 3 ms (device default)", auto and auto["median_us"],
+            f"{auto['median_us'] / 1e3:.2f} ms ({auto['variant']}); fastest {fastest['median_us'] / 1e3:.2f} ms ({fastest['variant']})"
+            if auto else "not measured", bool(auto) and auto["median_us"] <= 3000)
+        value, text = _speedup(_find(groups, "fid", "fid: inception features"), "fastgan")
+        add("Inception features >= plain torch throughput", value, text, value is not None and value >= 1.0)
+        for name, rows in training.items():
+            value, text = _speedup(rows, "fastgan cuda graphs")
+            add(f"{name.removeprefix('training: ')}: graphs >= 3x plain", value, text, value is not None and value >= 3)
+            value, text = _speedup(rows, "fastgan eager")
+            add(f"{name.removeprefix('training: ')}: eager >= 1.5x plain", value, text, value is not None and value >= 1.5)
+    else:
+        value, text = _speedup(refresh, "fastgan", baseline="torch parametrizations.spectral_norm")
+        add("CPU: SN refresh >= 3x per-layer torch", value, text, value is not None and value >= 3)
+        value, text = _speedup(normalized, "fastgan spectral_norm per layer", baseline="torch parametrizations.spectral_norm")
+        add("CPU: drop-in spectral_norm forward >= 2x torch", value, text, value is not None and value >= 2)
+        for name, rows in training.items():
+            value, text = _speedup(rows, "fastgan eager")
+            add(f"CPU {name.removeprefix('training: ')}: eager never slower", value, text, value is not None and value >= 0.95)
+    return out
+
+
+def junit_counts(path: Path) -> Tuple[Dict[str, int], List[str]]:
+    root = ElementTree.parse(path).getroot()
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failures = []
+    for case in root.iter("testcase"):
+        kinds = {child.tag for child in case}
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        if "failure" in kinds:
+            counts["failed"] += 1
+            failures.append(name)
+        elif "error" in kinds:
+            counts["errors"] += 1
+            failures.append(name + " (error)")
+        elif "skipped" in kinds:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts, failures
+
+
+def summary(groups: dict, device_type: str, junit: Optional[Path], phases: Optional[Path], paths: List[Path]) -> str:
+    lines = ["=" * 78, "fastgan gpu-check summary" if device_type == "cuda" else "fastgan benchmark summary", "=" * 78]
+    if phases and phases.exists():
+        for line in phases.read_text().splitlines():
+            name, status, seconds = (line.split("\t") + ["", ""])[:3]
+            lines.append(f"phase {name:<12} {status:<24} {seconds} s")
+    if junit:
+        if junit.exists():
+            counts, failures = junit_counts(junit)
+            lines.append("tests: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+            lines += [f"  FAILED {name}" for name in failures[:8]]
+            if len(failures) > 8:
+                lines.append(f"  ... and {len(failures) - 8} more (see the log)")
+        else:
+            lines.append(f"tests: no report at {junit} (the test phase did not finish)")
+    lines.append("targets:")
+    for text, measured, ok in targets(groups, device_type):
+        mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[ok]
+        lines.append(f"  {mark} {text:<46} {measured}")
+    if paths:
+        lines.append("results: " + ", ".join(sorted({p.with_suffix('').name for p in paths})) + " (.md/.json in bench/results)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", type=Path, help="pytest-benchmark JSON (default: the newest saved run)")
+    parser.add_argument("--summary", action="store_true", help="print the targets (and test counts) summary")
+    parser.add_argument("--junit", type=Path, help="JUnit XML of the test suite, for the summary")
+    parser.add_argument("--phases", type=Path, help="tab-separated phase, status, seconds lines, for the summary")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="whose targets the summary lists (default: the run's device)")
+    args = parser.parse_args(argv)
+    groups, paths, device_type = {}, [], args.device or "cpu"
+    if args.run is not None and not args.run.exists():
+        print(f"no benchmark results at {args.run} (the benchmark phase did not run or wrote nothing)")
+    else:
+        path = args.run or newest_saved_run()
+        run = json.loads(path.read_text())
+        if not run.get("benchmarks"):
+            print(f"{path} holds no benchmark results")
+        else:
+            groups, paths = render(run, str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
+            device_type = args.device or run.get("machine_info", {}).get("fastgan", {}).get("device_type", "cpu")
+            print("written: " + " ".join(str(p.relative_to(ROOT)) for p in paths))
+    if args.summary:
+        print(summary(groups, device_type, args.junit, args.phases, paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
