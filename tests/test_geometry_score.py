@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 from conftest import exit_worker
 from fastgan.metrics import GeometryScore
 from fastgan.metrics.geometry_score import (default_gamma, draw_landmarks, geometry_score, h1_intervals,
-                                            mean_relative_living_times, relative_living_times, rlt_of_intervals,
-                                            witness_table)
+                                            mean_relative_living_times, nearest_landmarks, relative_living_times,
+                                            rlt_of_intervals, witness_complex)
 from fastgan.reference import geometry_score as reference
 
 # float64 throughout; distances may differ from scipy's in the last bit, and the RLT is
@@ -54,24 +54,34 @@ def test_rlt_equals_paper_oracle_on_same_landmarks(num_points, dim, L_0, gamma):
 def test_rlt_has_holes_to_count():
     """The oracle comparisons are not vacuous: such a set has several H1 intervals."""
     x = torch.randn(400, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    table, alpha_max = witness_table(torch.cdist(x[:40], x).numpy(), 0.1)
-    assert len(h1_intervals(table, alpha_max)) >= 3
+    order, values, alpha_max = nearest_landmarks(torch.cdist(x[:40], x).numpy(), 0.1)
+    assert len(h1_intervals(witness_complex(order, values, alpha_max, 40))) >= 3
 
 
-def test_cut_table_builds_the_same_complex_as_the_full_table():
+@pytest.mark.parametrize("num_points,dim,L_0,gamma,decimals", [
+    (400, 2, 40, 0.05, None), (350, 8, 64, 1 / 128, None), (250, 3, 32, 0.2, None), (300, 5, 16, 0.1, None),
+    (300, 2, 30, 0.08, 1),  # points on a grid: distance ties between landmarks
+    (120, 4, 2, 0.1, None), (90, 3, 3, 0.3, None)])
+def test_witness_complex_is_gudhis(num_points, dim, L_0, gamma, decimals):
+    """The vectorized construction gives gudhi's complex: the same simplices with the
+    same filtration values (exact floats), gudhi working on the full, uncut table."""
     import gudhi
 
-    generator = torch.Generator().manual_seed(5)
-    for dim, gamma in ((2, 0.05), (8, 0.02), (3, 0.2)):
-        x = torch.randn(250, dim, generator=generator, dtype=torch.float64)
-        distances = torch.cdist(x[:40], x).numpy()
-        cut, alpha_max = witness_table(distances, gamma)
-        order = np.argsort(distances.T, axis=1)
-        full = np.stack((order.astype(np.float64), np.take_along_axis(distances.T, order, axis=1)), axis=2)
-        assert cut.shape[1] < full.shape[1] or gamma > 0.1  # a large relaxation may need every landmark
-        trees = [gudhi.WitnessComplex(t).create_simplex_tree(max_alpha_square=alpha_max, limit_dimension=2)
-                 for t in (cut, full)]
-        assert sorted(trees[0].get_filtration()) == sorted(trees[1].get_filtration())
+    generator = torch.Generator().manual_seed(num_points + L_0)
+    x = torch.randn(num_points, dim, generator=generator, dtype=torch.float64)
+    if decimals is not None:
+        x = torch.round(x, decimals=decimals)
+    distances = torch.cdist(x[draw_landmarks(num_points, 1, L_0, generator)[0]], x).numpy()
+    order, values, alpha_max = nearest_landmarks(distances, gamma)
+    full_order = np.argsort(distances.T, axis=1)
+    full = np.stack((full_order.astype(np.float64), np.take_along_axis(distances.T, full_order, axis=1)), axis=2)
+    if L_0 > 8 and gamma < 0.1:
+        assert order.shape[1] < L_0  # the cut is doing something
+    expected = gudhi.WitnessComplex(full).create_simplex_tree(max_alpha_square=alpha_max, limit_dimension=2)
+    got = [(tuple(int(v) for v in simplex), float(value))
+           for simplices, filtration in witness_complex(order, values, alpha_max, L_0)
+           for simplex, value in zip(simplices, filtration)]
+    assert sorted(got) == sorted((tuple(simplex), value) for simplex, value in expected.get_filtration())
 
 
 def test_rlt_of_intervals_by_hand():

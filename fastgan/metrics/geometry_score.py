@@ -21,30 +21,42 @@ Defaults are the authors': ``L_0 = 64``, ``n = 1000``, ``i_max = 100``,
 (``torch.randperm``; the paper's L is a subset of X, and duplicated landmarks are
 rejected), with the ``generator`` given or torch's default one.
 
-How it is computed (the result is the same as running the authors' algorithm set by
-set on the same landmarks; ``tests/test_geometry_score.py`` checks this against an
-independent per-set implementation):
+How it is computed (the result equals the authors' algorithm run set by set on the
+same landmarks; ``tests/test_geometry_score.py`` checks it against the per-set
+implementation in ``fastgan.reference.geometry_score``, which uses gudhi's witness
+complex):
 
-* distances: one float64 table from every point to every point used as a landmark
-  by any set, in torch on ``x``'s device (direct differences, not the Gram-matrix
-  formula, so near-zero distances are exact); each set's witness-landmark table is a
-  gather from it, sorted for all sets of a chunk at once;
-* each witness's sorted list is cut after the last landmark gudhi's construction can
-  visit: for simplices of dimension <= 2 it never looks past landmarks with
-  ``d - alpha_max <= d_3`` (d_3: the witness's third-nearest landmark), so the shorter
-  table gives the identical complex and is faster to build and to ship to workers;
-* complexes, persistence and RLTs are computed by ``workers`` processes (default: one
-  per CPU core) while the parent prepares the next tables (gudhi holds the GIL, so
-  threads would not help). The processes start with Python's default method (fork on
-  Linux, as torch's DataLoader workers; they run only numpy and gudhi). Where that
-  method is spawn or forkserver (macOS, Windows, Python >= 3.14), a script must call
-  this from under ``if __name__ == "__main__":``, as any multiprocessing code; or
-  pass ``workers=1`` to compute in the calling process.
+* distances: one float64 table from every point used as a landmark by any set to
+  every point, in torch on ``x``'s device (direct differences as scipy's ``cdist``, not
+  the Gram-matrix formula, which loses small distances). With n = 1000 sets of 64 out
+  of 5000 points nearly every point is some set's landmark: one N x N table instead
+  of n tables of N x L_0.
+* the witness complex, per set, vectorized in numpy: each witness's landmarks sorted
+  by distance (d_0 <= d_1 <= ...); a simplex sigma gets from witness w the relaxation
+  ``d_w(farthest vertex of sigma) - d_w(first landmark not in sigma)`` (0 when sigma
+  is w's nearest landmarks), w counts when ``d - alpha_max <= d_w(first missing)``
+  as gudhi tests it, and sigma's filtration value is the smallest relaxation over
+  witnesses, raised to its facets' values; sigma is in when a witness counts and all
+  its facets are in. That is what gudhi's ``WitnessComplex.create_simplex_tree``
+  computes witness by witness (the same subtractions, so the same floats; the tests
+  compare the complexes), several times faster. Vertices enter at 0 (every landmark
+  is a point, hence its own witness); only landmarks with
+  ``d - alpha_max <= d_2`` can be in a simplex of dimension <= 2, so only those are sorted out.
+* persistence (Z/2) with gudhi's ``SimplexTree`` and the RLT per set, as the
+  authors'; the per-set work runs in ``workers`` processes (default: one per CPU
+  core; gudhi and numpy hold the GIL, so threads would not help). The processes start
+  with Python's default method (fork on Linux, as torch's DataLoader workers; they
+  run only numpy and gudhi and inherit the distance table without a copy). Where that
+  method is spawn or forkserver (macOS, Windows, Python >= 3.14) a script must call
+  this from under ``if __name__ == "__main__":``, as any multiprocessing code, or pass
+  ``workers=1`` to compute in the calling process.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -141,22 +153,92 @@ def _distance_blocks(x: Tensor, sets: Tensor) -> Iterator[Tuple[np.ndarray, np.n
 # --------------------------------------------------------------------------- one set (workers)
 
 
-def witness_table(distances: np.ndarray, gamma: float) -> Tuple[np.ndarray, float]:
-    """gudhi's nearest-landmark table of one landmark set and its alpha_max.
+def nearest_landmarks(distances: np.ndarray, gamma: float) -> Tuple[np.ndarray, np.ndarray, float]:
+    """Each witness's nearest landmarks of one set, and alpha_max.
 
-    ``distances``: (L_0, N), landmark j to every point. The table (N, K, 2) holds, for
-    each witness, landmark positions j (as floats) and distances, nearest first, cut
-    after the last entry the construction can visit (see the module docstring).
-    alpha_max = gamma * the largest distance."""
+    ``distances``: (L_0, N), landmark j to every point. Returns ``order`` (N, K) landmark
+    positions j and ``values`` (N, K) their distances, nearest first, cut after the last
+    landmark any witness can put into a simplex of dimension <= 2 (``d - alpha_max <=
+    d_2``; K >= min(3, L_0)); alpha_max = gamma * the largest distance."""
     alpha_max = gamma * float(distances.max())
     if not alpha_max > 0:
         raise ValueError("all points of a landmark set's witnesses coincide (largest distance 0)")
     by_witness = np.ascontiguousarray(distances.T)
     order = np.argsort(by_witness, axis=1)
     values = np.take_along_axis(by_witness, order, axis=1)
-    third = min(COMPLEX_DIMENSION, values.shape[1] - 1)  # the (dimension + 1)-th nearest landmark
+    third = min(COMPLEX_DIMENSION, values.shape[1] - 1)
     width = max(int(((values - alpha_max) <= values[:, third:third + 1]).sum(axis=1).max()), third + 1)
-    return np.stack((order[:, :width].astype(np.float64), values[:, :width]), axis=2), alpha_max
+    return np.ascontiguousarray(order[:, :width]), np.ascontiguousarray(values[:, :width]), alpha_max
+
+
+@lru_cache(maxsize=None)
+def _position_sets(first_missing: int, more: int, available: int) -> np.ndarray:
+    """Sorted-list positions of the simplices that hold positions 0..first_missing-1, not
+    first_missing, and ``more`` of the ``available`` positions after it: (m, first_missing + more)."""
+    after = itertools.combinations(range(first_missing + 1, first_missing + 1 + available), more)
+    rows = [tuple(range(first_missing)) + chosen for chosen in after]
+    return np.array(rows, dtype=np.int64).reshape(len(rows), first_missing + more)
+
+
+def _simplex_keys(vertices: np.ndarray, num_landmarks: int) -> np.ndarray:
+    """One int64 per simplex (rows of sorted vertex ids)."""
+    keys = vertices[:, 0].astype(np.int64)
+    for column in range(1, vertices.shape[1]):
+        keys = keys * num_landmarks + vertices[:, column]
+    return keys
+
+
+def witness_complex(order: np.ndarray, values: np.ndarray, alpha_max: float,
+                    num_landmarks: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """The relaxed witness complex (up to triangles) that gudhi's ``WitnessComplex``
+    builds from this nearest-landmark table, as [(simplices (m, k+1) of sorted landmark
+    positions, filtration values (m,)) for k = 0, 1, 2] (see the module docstring)."""
+    num_witnesses, width = values.shape
+    # near[g][w]: how many positions after g a witness reaches from position g
+    near = [((values[:, g + 1:] - alpha_max) <= values[:, g:g + 1]).sum(axis=1) for g in range(COMPLEX_DIMENSION + 1)
+            if g + 1 < width]
+    vertices = np.arange(num_landmarks)[:, None]
+    levels = [(vertices, np.zeros(num_landmarks), vertices[:, 0].astype(np.int64))]
+    for size in range(2, COMPLEX_DIMENSION + 2):
+        if width < size:
+            break
+        # the witness's `size` nearest landmarks: relaxation 0
+        simplices, relaxations = [np.sort(order[:, :size], axis=1)], [np.zeros(num_witnesses)]
+        for first_missing in range(min(size, len(near))):
+            more, reach = size - first_missing, near[first_missing]
+            if more == 1:  # one landmark after the gap: every reachable one, all witnesses at once
+                witness, step = np.nonzero(np.arange(1, int(reach.max(initial=0)) + 1)[None, :] <= reach[:, None])
+                position = first_missing + 1 + step
+                chosen = np.concatenate((order[witness, :first_missing], order[witness, position][:, None]), axis=1)
+                simplices.append(np.sort(chosen, axis=1))
+                relaxations.append(values[witness, position] - values[witness, first_missing])
+                continue
+            for available in np.unique(reach[reach >= more]).tolist():  # witnesses grouped by reach
+                witness = np.nonzero(reach == available)[0]
+                positions = _position_sets(first_missing, more, available)
+                chosen = order[witness[:, None, None], positions[None]].reshape(-1, size)
+                simplices.append(np.sort(chosen, axis=1))
+                relaxations.append((values[witness[:, None], positions[None, :, -1]]
+                                    - values[witness, first_missing][:, None]).reshape(-1))
+        simplices, relaxation = np.concatenate(simplices), np.concatenate(relaxations)
+        keys = _simplex_keys(simplices, num_landmarks)
+        by_key = np.lexsort((relaxation, keys))  # each simplex's smallest relaxation first
+        keys, simplices, relaxation = keys[by_key], simplices[by_key], relaxation[by_key]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        keys, simplices, filtration = keys[first], simplices[first], relaxation[first]
+        if size > 2:  # (an edge's vertices are all in, at 0)
+            facet_keys, facet_filtration = levels[-1][2], levels[-1][1]
+            complete = np.ones(len(keys), dtype=bool)
+            for dropped in range(size):
+                facet = _simplex_keys(np.delete(simplices, dropped, axis=1), num_landmarks)
+                at = np.minimum(np.searchsorted(facet_keys, facet), len(facet_keys) - 1)
+                present = facet_keys[at] == facet
+                complete &= present
+                filtration = np.maximum(filtration, np.where(present, facet_filtration[at], filtration))
+            keys, simplices, filtration = keys[complete], simplices[complete], filtration[complete]
+        levels.append((simplices, filtration, keys))
+    return [(simplices, filtration) for simplices, filtration, _ in levels]
 
 
 def _gudhi():
@@ -167,14 +249,15 @@ def _gudhi():
     return gudhi
 
 
-def h1_intervals(table: np.ndarray, alpha_max: float) -> np.ndarray:
-    """(m, 2) H1 persistence intervals (Z/2 coefficients) of gudhi's witness complex of
-    a nearest-landmark table, relaxation up to alpha_max, simplices up to triangles."""
-    gudhi = _gudhi()
-    complex_ = gudhi.WitnessComplex(table).create_simplex_tree(
-        max_alpha_square=alpha_max, limit_dimension=COMPLEX_DIMENSION)
-    complex_.compute_persistence(homology_coeff_field=2)
-    return np.asarray(complex_.persistence_intervals_in_dimension(1), dtype=np.float64).reshape(-1, 2)
+def h1_intervals(complex_: List[Tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """(m, 2) H1 persistence intervals (Z/2 coefficients) of a filtered complex given as
+    :func:`witness_complex` returns it, computed by gudhi."""
+    tree = _gudhi().SimplexTree()
+    for simplices, filtration in complex_:
+        if len(simplices):
+            tree.insert_batch(np.ascontiguousarray(simplices.T), filtration)
+    tree.compute_persistence(homology_coeff_field=2)
+    return np.asarray(tree.persistence_intervals_in_dimension(1), dtype=np.float64).reshape(-1, 2)
 
 
 def rlt_of_intervals(intervals: np.ndarray, alpha_max: float, i_max: int) -> np.ndarray:
@@ -202,8 +285,9 @@ def _rlts_of_sets(distances: np.ndarray, rows: np.ndarray, gamma: float, i_max: 
     """(b, i_max) RLTs of the landmark sets whose table rows are ``rows`` (b, L_0)."""
     out = np.empty((rows.shape[0], i_max))
     for k, landmark_rows in enumerate(rows):
-        table, alpha_max = witness_table(distances[landmark_rows], gamma)
-        out[k] = rlt_of_intervals(h1_intervals(table, alpha_max), alpha_max, i_max)
+        order, values, alpha_max = nearest_landmarks(distances[landmark_rows], gamma)
+        complex_ = witness_complex(order, values, alpha_max, len(landmark_rows))
+        out[k] = rlt_of_intervals(h1_intervals(complex_), alpha_max, i_max)
     return out
 
 
