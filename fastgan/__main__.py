@@ -514,7 +514,7 @@ def describe_os_error(error: OSError) -> str:
     advice = _OS_ERROR_ADVICE.get(error.errno, error.strerror or str(error))
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         advice += " (a training run keeps its last complete checkpoint: --resume continues from it)"
-    return f"{paths}: {advice}" if paths else f"{error.strerror or error}: {advice}"
+    return f"{paths}: {advice}" if paths else advice
 
 
 def main(argv=None) -> int:

@@ -190,6 +190,7 @@ def test_describe_os_error_names_the_path_and_what_to_do():
         message = describe_os_error(OSError(number, "os text", "/runs/x/checkpoint.pt"))
         assert message.startswith("/runs/x/checkpoint.pt: ") and advice in message
     assert "--resume continues" in describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/a"))
+    assert describe_os_error(OSError(errno.ENOSPC, "No space left on device")).startswith("no space left on the device: free")
     assert describe_os_error(FileNotFoundError("checkpoint not found: /a.pt")) == "checkpoint not found: /a.pt"
     assert describe_os_error(OSError(errno.EIO, "Input/output error", "/a", None, "/b")) == "/a -> /b: Input/output error"
 

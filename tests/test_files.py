@@ -135,3 +135,21 @@ def test_a_torch_file_of_other_content_is_not_a_fastgan_checkpoint(tmp_path):
     torch.save([torch.ones(1)], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="holds a list"):
         checkpoint.load(tmp_path / "list.pt")
+
+
+def test_an_os_error_without_a_file_name_gets_the_destinations(tmp_path):
+    target = tmp_path / "summary.json"
+    with pytest.raises(OSError) as error:
+        with atomic_file(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(target)
+    with pytest.raises(ConnectionResetError) as error:  # the type is kept
+        with atomic_file(target):
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    assert error.value.filename == str(target)
+    elsewhere = str(tmp_path / "source.png")
+    with pytest.raises(PermissionError) as error:  # an error naming its own file is left alone
+        with atomic_file(target):
+            raise PermissionError(errno.EACCES, "Permission denied", elsewhere)
+    assert error.value.filename == elsewhere
+    assert list(tmp_path.iterdir()) == []

@@ -222,7 +222,8 @@ def _download_cifar10(archive: Path) -> None:
     """Download :data:`CIFAR10_URL` to ``archive``, renamed into place only once its MD5 is verified.
 
     A failed download (no network, a proxy, a timeout) raises ConnectionError saying where
-    to put a copy instead; a failed write raises an OSError that names ``archive``."""
+    to put a copy instead; a failed write raises an OSError that names ``archive``
+    (:func:`atomic_file` adds the name)."""
     try:
         _fetch_cifar10(archive)
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
@@ -232,10 +233,6 @@ def _download_cifar10(archive: Path) -> None:
             f"{CIFAR10_ARCHIVE} (or its extracted {CIFAR10_FOLDER}/ folder) into {archive.parent}, or set "
             f"data_root=FOLDER (default root: ${DATA_ENV_VAR}) to a folder that holds one"
         ) from error
-    except OSError as error:
-        if error.filename is None and error.errno is not None:  # a write to the partial file
-            raise OSError(error.errno, error.strerror, str(archive)) from error
-        raise
 
 
 def _fetch_cifar10(archive: Path) -> None:

@@ -42,12 +42,18 @@ def _create_partial(path: Path) -> Path:
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write; renamed over ``path`` when the block
-    completes, deleted when it raises (or is interrupted)."""
+    completes, deleted when it raises (or is interrupted). An OSError of the block that
+    names no file (a write to a full disk says only "No space left on device") is raised
+    again naming ``path``, with the same type and errno."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = _create_partial(path)
     try:
         yield partial
         os.replace(partial, path)
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise type(error)(error.errno, error.strerror, str(path)) from error
     finally:
         partial.unlink(missing_ok=True)
 
