@@ -306,10 +306,11 @@ def command_gs(args) -> None:
         top = mrlt.argsort(descending=True)[:3].tolist()
         print(f"{path}: {p.shape[0]} points of dimension {p.shape[1]}; MRLT largest at "
               + ", ".join(f"i={i} ({float(mrlt[i]):.3f})" for i in top), file=sys.stderr)
-    print(f"GS: {float(((mrlts[0] - mrlts[1]) ** 2).sum()):.6g}")
+    score = float(((mrlts[0] - mrlts[1]) ** 2).sum())
+    print(f"GS: {score:.6g}")
     if args.plot:
         plot_mrlt({Path(args.path_a).name or args.path_a: mrlts[0], Path(args.path_b).name or args.path_b: mrlts[1]},
-                  args.plot)
+                  args.plot, title=f"Mean relative living times (Geometry Score {score:.3g})")
         print(f"MRLT plot written to {args.plot}", file=sys.stderr)
 
 
