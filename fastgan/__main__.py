@@ -320,7 +320,8 @@ def command_dirac(args) -> None:
     draw = dict(start=tuple(args.start), steps=args.steps, lr=args.lr, optimizer=args.optimizer,
                 n_disc=args.n_disc, extent=args.extent)
     if args.grid:
-        save_grid_figure(args.out, **draw)
+        names = lambda text: [name.strip() for name in text.split(",") if name.strip()]  # noqa: E731
+        save_grid_figure(args.out, names(args.losses), names(args.penalties), **draw)
         print(f"Dirac-GAN panel (losses x regularizers) written to {args.out}")
         return
     penalty = None if args.penalty == "none" else args.penalty
@@ -485,8 +486,12 @@ def parser() -> argparse.ArgumentParser:
     dirac.add_argument("--n-disc", type=int, default=1, help="D updates per G update of the alternating trajectory (default 1)")
     dirac.add_argument("--extent", type=float, default=2.0, help="the plot shows [-extent, extent]^2 (default 2)")
     dirac.add_argument("--grid", action="store_true",
-                       help="draw the panel of every loss (rows) x none, r1, wgan-gp, consensus, instance-noise "
-                            "(columns, default weights) instead of one game; --loss/--penalty/--weight are ignored")
+                       help="draw a panel of losses (rows) x regularizers (columns, each with its default weight) "
+                            "instead of one game; --loss/--penalty/--weight are then ignored")
+    dirac.add_argument("--losses", default="ns,wgan,lsgan,hinge,saturating", help="--grid rows, comma-separated (default: all)")
+    dirac.add_argument("--penalties", default="none,r1,wgan-gp,consensus,instance-noise",
+                       help="--grid columns, comma-separated (default none,r1,wgan-gp,consensus,instance-noise; r2 and "
+                            "dragan draw the same field as r1 and wgan-gp)")
     dirac.add_argument("--out", default="dirac.png", help="output image; the format follows the suffix (default dirac.png)")
     dirac.set_defaults(run=command_dirac)
     return main

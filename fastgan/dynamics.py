@@ -315,7 +315,7 @@ class DiracGAN:
 def _label(game: DiracGAN) -> str:
     name = {"ns": "NS", "saturating": "saturating", "wgan": "WGAN", "lsgan": "LSGAN", "hinge": "hinge"}[game.loss]
     if game.penalty is None:
-        return f"{name} GAN"
+        return f"{name}, unregularized"
     symbol = {"consensus": "γ", "instance-noise": "σ"}.get(game.penalty, "λ")
     return f"{name} + {game.penalty} ({symbol}={game.weight:g})"
 
@@ -363,13 +363,26 @@ def draw_dynamics(
 
 
 def _save(figure, out) -> None:
+    """Save ``figure`` in the format of ``out``'s suffix (PNG when there is none). PNGs
+    are stored with a 256-colour palette: line plots need no more, and the file is a
+    third of the size."""
+    import io
     from pathlib import Path
+
+    from PIL import Image
 
     from fastgan.train.files import atomic_file
 
     path = Path(out)
+    kind = path.suffix.lstrip(".").lower() or "png"
     with atomic_file(path) as partial:
-        figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=figure.dpi)
+        if kind != "png":
+            figure.savefig(partial, format=kind, dpi=figure.dpi)
+            return
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=figure.dpi)
+        with Image.open(buffer) as image:
+            image.convert("RGB").quantize(256).save(partial, format="PNG", optimize=True)
 
 
 def save_dynamics_figure(game: DiracGAN, out, **draw_options) -> Dict[str, Tensor]:
@@ -396,6 +409,8 @@ def save_grid_figure(
     draw the same field as R1 and WGAN-GP."""
     from matplotlib.figure import Figure
 
+    if not loss_names or not penalty_names:
+        raise ValueError("the grid needs at least one loss and one regularizer (None or 'none' for no regularizer)")
     games = [[DiracGAN(loss, penalty) for penalty in penalty_names] for loss in loss_names]
     figure = Figure(figsize=(2.6 * len(penalty_names), 2.6 * len(loss_names)), dpi=80, layout="constrained")
     axes = figure.subplots(len(loss_names), len(penalty_names), squeeze=False)
