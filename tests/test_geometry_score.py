@@ -196,6 +196,8 @@ def test_bad_input_is_rejected_clearly():
         relative_living_times(x[..., None], landmarks=landmarks)
     with pytest.raises(ValueError, match=r"2-D \(N, d\) point set, got shape \(40,\)"):
         mean_relative_living_times(x[:, 0], n=2, L_0=4)
+    with pytest.raises(ValueError, match=r"y must be a 2-D \(N, d\) point set"):
+        geometry_score(x, x[None], n=2, L_0=4)
     with pytest.raises(ValueError, match="NaN or Inf"):
         relative_living_times(torch.where(x == x[3, 1], float("nan"), x), landmarks=landmarks)
     with pytest.raises(ValueError, match="floating-point"):

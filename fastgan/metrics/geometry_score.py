@@ -66,9 +66,10 @@ from torch import Tensor
 from fastgan.metrics.base import Metric, check_floating_finite
 
 __all__ = ["relative_living_times", "mean_relative_living_times", "geometry_score", "draw_landmarks",
-           "default_gamma", "plot_mrlt", "GeometryScore"]
+           "default_gamma", "plot_mrlt", "GeometryScore", "nearest_landmarks", "witness_complex", "h1_intervals",
+           "rlt_of_intervals"]
 
-# gudhi builds the complex up to triangles: enough for H1.
+# The complex goes up to triangles (the authors' limit_dimension=2): enough for H1.
 COMPLEX_DIMENSION = 2
 # Largest float64 distance table (points x landmark points) held at once; past it the
 # table is computed chunk by chunk of landmark sets.
@@ -369,6 +370,7 @@ def geometry_score(x, y, n: int = 1000, L_0: int = 64, gamma: Optional[float] = 
     """Geometry Score: squared L2 distance between the MRLTs of ``x`` and ``y`` (lower:
     closer topology). Landmarks of x are drawn first, then those of y, from
     ``generator``; gamma=None uses each set's own default (1/128 * N/5000)."""
+    x, y = _as_points("x", x), _as_points("y", y)
     options = dict(n=n, L_0=L_0, gamma=gamma, i_max=i_max, generator=generator, workers=workers)
     mrlt_x = mean_relative_living_times(x, **options)
     mrlt_y = mean_relative_living_times(y, **options)
