@@ -58,8 +58,9 @@ PENALTIES = (None,) + GRADIENT_PENALTIES + ("consensus", "instance-noise")
 UPDATES = ("simultaneous", "alternating")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
-# Default weights, close to the paper's figure (its notebook: γ = 0.3 for the
-# gradient penalty, 1 for consensus, σ = 0.7 for instance noise).
+# Default weights: the paper's figure for R1/R2 (γ = 0.3), consensus (γ = 1) and
+# instance noise (σ = 0.7); 0.5 for WGAN-GP/DRAGAN, whose (√(eps + ψ²) − 1)² has no
+# direct counterpart there.
 DEFAULT_WEIGHTS: Dict[str, float] = {
     "r1": 0.3, "r2": 0.3, "wgan-gp": 0.5, "dragan": 0.5, "consensus": 1.0, "instance-noise": 0.7,
 }
@@ -214,12 +215,16 @@ class DiracGAN:
     def vector_field(self, theta: Number, psi: Number) -> Tuple[Tensor, Tensor]:
         """(v_θ, v_ψ) = (−∂L_G/∂θ, −∂L_D/∂ψ) at every point: numbers or tensors of the
         same shape (a grid, a batch, a scalar), returned in that shape, in ``dtype``."""
-        theta, psi = self._points(theta, psi)
+        return self._evaluate(*self._points(theta, psi))
+
+    def _evaluate(self, theta: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
+        """``vector_field`` without its input checks: ``simulate`` calls it, and a
+        diverging run may reach inf."""
         shape = theta.shape
         if theta.numel() == 0:
             return theta.clone(), psi.clone()
-        flat_theta = theta.reshape(-1).requires_grad_(True)
-        flat_psi = psi.reshape(-1).requires_grad_(True)
+        flat_theta = theta.detach().reshape(-1).requires_grad_(True)
+        flat_psi = psi.detach().reshape(-1).requires_grad_(True)
         with torch.enable_grad():
             v_theta, v_psi = self._field(flat_theta, flat_psi, create_graph=False)
         return v_theta.detach().reshape(shape), v_psi.detach().reshape(shape)
@@ -265,7 +270,8 @@ class DiracGAN:
         step at the updated ψ (the order of fastgan's trainer).
         ``optimizer``: sgd | momentum (heavy ball, ``momentum``) | adam (``betas``);
         each player has its own optimizer state, learning rate ``lr`` for both
-        (torch.optim's update rules).
+        (torch.optim's update rules). A run that diverges ends in inf or nan, as
+        training would; it is not stopped.
         """
         steps = _positive_int(steps, "steps")
         n_disc = _positive_int(n_disc, "n_disc")
@@ -299,13 +305,13 @@ class DiracGAN:
         path = [torch.stack((theta, psi), -1)]
         for _ in range(steps):
             if update == "simultaneous":
-                v_theta, v_psi = self.vector_field(theta, psi)
+                v_theta, v_psi = self._evaluate(theta, psi)
                 step(g_opt, theta, v_theta)
                 step(d_opt, psi, v_psi)
             else:
                 for _ in range(n_disc):
-                    step(d_opt, psi, self.vector_field(theta, psi)[1])
-                step(g_opt, theta, self.vector_field(theta, psi)[0])
+                    step(d_opt, psi, self._evaluate(theta, psi)[1])
+                step(g_opt, theta, self._evaluate(theta, psi)[0])
             path.append(torch.stack((theta, psi), -1))
         return torch.stack(path)
 

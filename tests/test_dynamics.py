@@ -323,6 +323,9 @@ def test_simulate_shapes_and_determinism():
     assert theta0.tolist() == [[0.5, 1.0, -1.0]]
     adam = game.simulate(1.0, -0.5, steps=7, lr=0.1, update="alternating", optimizer="adam", n_disc=3)
     assert adam.shape == (8, 2) and torch.isfinite(adam).all()
+    # a diverging run overflows and goes on, like training would
+    diverged = DiracGAN("ns", "wgan-gp").simulate(1.0, 1.0, steps=60, lr=1e3)
+    assert torch.isfinite(diverged[:2]).all() and not torch.isfinite(diverged[-1]).any()
 
 
 def test_simulate_rejects_bad_options():
