@@ -17,14 +17,19 @@ The penalty only trains D: real and fake are detached. Random draws (α, DRAGAN
 noise) happen inside the kernels from a seed: ``generator`` may be an int seed or a
 ``torch.Generator``; by default the seed comes from torch's global CPU generator, so
 ``torch.manual_seed`` makes runs reproducible (identically on every backend).
+
+:func:`jacobian_clamping` is a generator regularizer (Odena et al. 2018, Algorithm 1):
+it keeps the finite-difference gain ‖G(z+δ) − G(z)‖/‖δ‖ within [λ_min, λ_max].
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from fastgan.diagnostics import check_latent
 from fastgan.ops import gradient_penalty as ops
 from fastgan.reference.gradient_penalty import KINDS, SQUARED_NORM_KINDS
 
@@ -124,3 +129,92 @@ def gradient_penalty(
     (grad,) = torch.autograd.grad(scores.sum(), point, create_graph=True)
     penalty, _ = ops.gp_penalty(grad, kind in SQUARED_NORM_KINDS, center, eps, one_sided)
     return penalty
+
+
+def _couples_samples(G: Callable[[Tensor], Tensor]) -> bool:
+    """Whether one sample's output may depend on the other samples of its batch: batch
+    norm that normalizes with batch statistics (train mode, or no running statistics),
+    or a plain callable, about which nothing is known."""
+    if not isinstance(G, nn.Module):
+        return True
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None) for m in G.modules()
+    )
+
+
+def _perturbation(z: Tensor, eps: float, generator: Union[None, int, torch.Generator]) -> Tensor:
+    """δ ~ N(0, I) per sample, rescaled to ‖δ‖ = eps."""
+    if isinstance(generator, int):
+        generator = torch.Generator(device=z.device).manual_seed(generator)
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != z.device.type:
+        raise ValueError(f"the generator is on {generator.device} but z is on {z.device}")
+    direction = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
+    return eps * direction / direction.norm(dim=1, keepdim=True)
+
+
+def jacobian_clamping(
+    G: Callable[[Tensor], Tensor],
+    z: Tensor,
+    eps: float = 1.0,
+    lambda_min: float = 1.0,
+    lambda_max: float = 20.0,
+    delta: Optional[Tensor] = None,
+    generator: Union[None, int, torch.Generator] = None,
+    *,
+    output: Optional[Tensor] = None,
+) -> Tensor:
+    """Jacobian clamping (Odena et al. 2018, Algorithm 1), a penalty for the generator:
+    the batch mean of (max(Q, λ_max) − λ_max)² + (min(Q, λ_min) − λ_min)² with
+    Q = ‖G(z+δ) − G(z)‖ / ‖δ‖ per sample (norms over all of a sample's elements).
+    Returns a 0-d tensor with its graph; add ``weight · penalty`` to G's loss.
+
+    ``delta``: the perturbations, shape of ``z``, used as given; by default drawn as
+    δ ~ N(0, I) rescaled to ‖δ‖ = ``eps`` per sample, from ``generator`` (None: torch's
+    global RNG; an int seed; or a ``torch.Generator`` on z's device).
+
+    ``output``: G(z) if the caller already has it -- the generator step computed it for
+    its adversarial loss -- so that only G(z+δ) is evaluated here (same graph, same
+    batch-norm statistics as that step).
+
+    Without ``output``, G(z) and G(z+δ) are computed in one forward of the
+    concatenated batch when G cannot couple samples (an ``nn.Module`` with no batch
+    norm using batch statistics), and as two forwards otherwise: in train mode batch
+    norm would normalize the concatenated batch with the statistics of both halves,
+    which changes G(z). Each forward of a train-mode G updates batch norm's running
+    statistics, as any forward does.
+    """
+    where = "jacobian_clamping"
+    check_latent(z, where)
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{where}: eps must be a positive number, got {eps}")
+    if not (0 <= lambda_min <= lambda_max and math.isfinite(lambda_max)):
+        raise ValueError(f"{where}: need 0 <= lambda_min <= lambda_max < inf, got lambda_min={lambda_min}, lambda_max={lambda_max}")
+    if delta is None:
+        delta = _perturbation(z, eps, generator)
+    else:
+        if not isinstance(delta, Tensor) or delta.shape != z.shape or delta.dtype != z.dtype or delta.device != z.device:
+            described = f"{tuple(delta.shape)} {delta.dtype} on {delta.device}" if isinstance(delta, Tensor) else type(delta).__name__
+            raise ValueError(f"{where}: delta must match z ({tuple(z.shape)} {z.dtype} on {z.device}), got {described}")
+        if not torch.isfinite(delta).all() or (delta.norm(dim=1) == 0).any():
+            raise ValueError(f"{where}: delta must be finite with a non-zero norm for every sample")
+    delta = delta.detach()
+    z = z.detach()
+    batch = z.shape[0]
+    if output is not None:
+        perturbed = G(z + delta)
+    elif _couples_samples(G):
+        output, perturbed = G(z), G(z + delta)
+    else:
+        output, perturbed = G(torch.cat([z, z + delta])).split(batch)
+    for name, value in (("output", output), ("G(z + delta)", perturbed)):
+        if not isinstance(value, Tensor) or value.dim() < 1 or value.shape[0] != batch:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{where}: {name} must be a batch of {batch} outputs, got {shape}")
+    if output.shape != perturbed.shape:
+        raise ValueError(f"{where}: output {tuple(output.shape)} and G(z + delta) {tuple(perturbed.shape)} differ in shape")
+    gain = (perturbed - output).flatten(1).norm(dim=1) / delta.norm(dim=1)
+    above = (gain.clamp(min=lambda_max) - lambda_max).square()
+    below = (gain.clamp(max=lambda_min) - lambda_min).square()
+    return (above + below).mean()
