@@ -53,6 +53,15 @@ def limits_for(env: dict) -> Optional[dict]:
     return next((v for k, v in LIMITS.items() if k in str(env.get("device", ""))), None)
 
 
+def _timing(benchmark: dict) -> str:
+    """How an entry was timed; names the timer when it is not CUDA events (e.g. time.process_time)."""
+    how = benchmark.get("extra_info", {}).get("timing", "")
+    timer = str(benchmark.get("options", {}).get("timer", ""))
+    if how.startswith("host") and timer and "perf_counter" not in timer:
+        how = how.replace("host perf_counter", f"{timer} (CPU time)" if "process_time" in timer else timer)
+    return how
+
+
 def rows_of(benchmarks: List[dict], env: dict) -> Dict[str, List[dict]]:
     """Group -> result rows (median, ratio to the group's baseline, rate)."""
     limits = limits_for(env)
@@ -61,7 +70,7 @@ def rows_of(benchmarks: List[dict], env: dict) -> Dict[str, List[dict]]:
         info, stats = b.get("extra_info", {}), b["stats"]
         row = {"variant": info.get("variant", b["name"]), "baseline": bool(info.get("baseline")),
                "median_us": stats["median"] * 1e6, "iqr_us": stats.get("iqr", 0.0) * 1e6, "rounds": stats["rounds"],
-               "detail": info.get("detail", ""), "timing": info.get("timing", "")}
+               "detail": info.get("detail", ""), "timing": _timing(b)}
         if "bytes" in info:
             row["rate"] = info["bytes"] / stats["median"]
             row["rate_unit"] = "GB/s"
