@@ -149,8 +149,15 @@ def command_train(args) -> int:
     from fastgan.train.config import load_config
     from fastgan.train.trainer import EXIT_INTERRUPTED, Trainer
 
-    trainer = Trainer(load_config(args.config, args.overrides), resume=args.resume)
-    summary = trainer.fit()
+    config = load_config(args.config, args.overrides)
+    try:
+        trainer = Trainer(config, resume=args.resume)
+        summary = trainer.fit()
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        # Writes that name no file (a log line, a sample grid on a full disk) are the run's own, in out_dir.
+        raise type(error)(error.errno, error.strerror, config.out_dir) from error
     if trainer.rank == 0:
         _print_run_outputs(summary)
     if dist.is_initialized():  # joined from torchrun's environment by the trainer

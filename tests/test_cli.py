@@ -266,6 +266,20 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch, c
     assert not [p for p in run.iterdir() if p.name.endswith(".part")]
 
 
+def test_a_full_disk_while_logging_names_the_run(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from fastgan.train.outputs import MetricsLog
+
+    def full_disk(self, step, values):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MetricsLog, "write", full_disk)
+    run = tmp_path / "run"
+    assert main(["train", *TINY_RUN, "steps=1", f"out_dir={run}"]) == 1
+    assert f"error: {run}: no space left on the device" in _one_line_error(capsys)
+
+
 def test_train_on_cifar10_without_network_points_to_data_root(tmp_path, monkeypatch, capsys):
     from fastgan.train import data
 
