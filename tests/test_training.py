@@ -19,13 +19,23 @@ from conftest import exit_worker
 from fastgan.nn import CrossProcessBatchNorm, convert_batch_norm
 from fastgan.train import checkpoint
 from fastgan.train.config import LOSSES, PENALTIES, Config, load_config, parse_overrides
-from fastgan.train.losses import discriminator_loss, generator_loss
+from fastgan.train.losses import discriminator_loss, generator_loss, l2_penalty
 from fastgan.train.outputs import MetricsLog, plot_curves, save_image_grid
-from fastgan.train.trainer import BEST, CHECKPOINT, SUMMARY, Trainer
+from fastgan.train.trainer import BEST, CHECKPOINT, EXIT_INTERRUPTED, SUMMARY, Trainer, draw_latents
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=0", "checkpoint_every=0",
         "log_every=1", "progress=false", "deterministic=true"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and on a loaded 2-core machine ~30× faster
+    (spinning OpenMP workers otherwise fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(tmp_path, *overrides) -> Config:
@@ -41,16 +51,29 @@ def test_losses_match_the_formulas_in_float64():
     expected_d = {
         "ns": (-torch.log(sig(real))).mean() + (-torch.log(1 - sig(fake))).mean(),
         "wgan": -real.mean() + fake.mean(),
-        "lsgan": ((sig(real) - 1) ** 2).mean() + (sig(fake) ** 2).mean(),
+        "lsgan": 0.5 * (((sig(real) - 1) ** 2).mean() + (sig(fake) ** 2).mean()),  # compare_gan halves both
         "hinge": torch.clamp(1 - real, min=0).mean() + torch.clamp(1 + fake, min=0).mean(),
     }
-    expected_g = {"ns": (-torch.log(sig(fake))).mean(), "wgan": -fake.mean(), "lsgan": ((sig(fake) - 1) ** 2).mean(),
+    expected_g = {"ns": (-torch.log(sig(fake))).mean(), "wgan": -fake.mean(), "lsgan": 0.5 * ((sig(fake) - 1) ** 2).mean(),
                   "hinge": -fake.mean()}
     for kind in LOSSES:
         torch.testing.assert_close(discriminator_loss(kind, real, fake), expected_d[kind], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(generator_loss(kind, fake), expected_g[kind], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="unknown loss"):
         discriminator_loss("kl", real, fake)
+
+
+def test_l2_penalty_is_the_mean_over_kernels_of_half_their_squared_norm():
+    """compare_gan: mean over D's kernels (conv and linear weights, not biases or norm scales)
+    of tf.nn.l2_loss(W) = ½ΣW²; here with layer norm in D, whose scales must not count."""
+    from fastgan.models import build_models
+
+    _, discriminator = build_models("sndcgan", 16, 8, "layer", 0.25)
+    discriminator = discriminator.double()
+    kernels = [m.weight for m in discriminator.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(kernels) == 8  # 7 convs and the final linear layer, as compare_gan's layer count for SNDCGAN
+    expected = sum(0.5 * float((w.detach().numpy() ** 2).sum()) for w in kernels) / len(kernels)
+    assert float(l2_penalty(discriminator).detach()) == pytest.approx(expected, rel=1e-12)
 
 
 # ------------------------------------------------------------------ config
@@ -77,6 +100,14 @@ def test_config_yaml_overrides_and_types(tmp_path):
     (["g_betas=[0.5, 1.5]"], "g_betas must be two numbers in"),
     (["dataset=folder"], "needs data_root"),
     (["steps"], "an override is key=value"),
+    (["n_disc=5", "steps=12"], "steps=12 must be a multiple of n_disc=5"),
+    (["z_distribution=normal"], "z_distribution is now z_prior"),
+    (["z_prior=gaussian"], "z_prior='gaussian' is not one of"),
+    (["dtype=float16"], "dtype='float16' is not one of"),
+    (["amp=true", "dtype=float64"], "amp .* needs dtype=float32"),
+    # shapes are checked with the config, before any data is read or decoded
+    (["architecture=resnet19", "image_size=32"], "resnet19 needs image_size a positive multiple of 64"),
+    (["image_size=20"], "sndcgan needs image_size a positive multiple of 8"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -98,9 +129,33 @@ def test_shipped_configs_and_grids_load():
     grids = sorted((REPO / "configs" / "study").glob("*.yaml"))
     assert len(configs) >= 4 and grids
     for path in configs:
-        load_config(str(path))
+        assert "z_prior" in path.read_text(), f"{path.name} must state its latent prior"
+        assert load_config(str(path)).z_prior == "uniform"  # compare_gan's U[-1, 1]
     for path in grids:
         assert len(read_study(str(path)).trials) >= 2
+
+
+def test_configs_reproduce_the_papers_budgets_in_discriminator_updates():
+    """steps counts D updates (the paper-era compare_gan's training_steps)."""
+    budgets = {"resnet19_lsun_bedroom128": (40_000, 5), "resnet_cifar10": (40_000, 5),
+               "sndcgan_cifar10": (200_000, 1), "sndcgan_celebahq128": (100_000, 1)}
+    for name, (steps, n_disc) in budgets.items():
+        config = load_config(str(REPO / "configs" / f"{name}.yaml"))
+        assert (config.steps, config.n_disc) == (steps, n_disc), name
+
+
+def test_the_data_set_is_not_read_before_the_config_is_valid(tmp_path, monkeypatch):
+    """A wrong image_size for the architecture fails before a folder is decoded."""
+    import fastgan.train.trainer as trainer_module
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError("the data set was read before the config was validated")
+
+    monkeypatch.setattr(trainer_module, "load_dataset", must_not_decode)
+    config = Config(architecture="resnet19", image_size=64, dataset="folder", data_root=str(tmp_path))
+    config.image_size = 96  # e.g. a config edited in code after loading
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Trainer(config)
 
 
 # ------------------------------------------------------------------ every loss × penalty
@@ -130,17 +185,133 @@ def test_every_loss_and_penalty_trains(tmp_path, loss, penalty):
     assert sum(losses[-3:]) / 3 < losses[0], losses
 
 
+class PlainGAN:
+    """The trainer's math written plainly in float64 PyTorch: torch's own spectral norm,
+    autograd gradient penalties, compare_gan's formulas, torch.optim.Adam."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        from fastgan.models import build_models
+
+        config = self.config = trainer.config
+        self.G, self.D = (m.double() for m in build_models(config.architecture, config.image_size, config.z_dim,
+                                                              "none" if config.d_norm == "spectral" else config.d_norm,
+                                                              config.width))
+        self.G.load_state_dict(trainer.G.state_dict())
+        theirs = dict(trainer.D.named_modules())
+        for name, module in self.D.named_modules():
+            if config.d_norm == "spectral" and isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                sn = theirs[name].parametrizations.weight
+                torch.nn.utils.parametrizations.spectral_norm(module)  # iterates u first, as fastgan's
+                with torch.no_grad():
+                    module.parametrizations.weight.original.copy_(sn.original)
+                    module.parametrizations.weight[0]._u.copy_(sn[0]._u)
+                    module.parametrizations.weight[0]._v.copy_(sn[0]._v)
+            elif not list(module.children()):
+                module.load_state_dict(theirs[name].state_dict())
+        self.g_opt = torch.optim.Adam(self.G.parameters(), lr=config.g_lr, betas=config.g_betas)
+        self.d_opt = torch.optim.Adam(self.D.parameters(), lr=config.discriminator_lr, betas=config.discriminator_betas)
+
+    def losses(self, real_logits, fake_logits):
+        kind, sig = self.config.loss, torch.sigmoid
+        if kind == "ns":
+            return -torch.log(sig(real_logits)).mean() - torch.log(1 - sig(fake_logits)).mean()
+        if kind == "wgan":
+            return fake_logits.mean() - real_logits.mean()
+        if kind == "lsgan":
+            return 0.5 * ((sig(real_logits) - 1) ** 2).mean() + 0.5 * (sig(fake_logits) ** 2).mean()
+        return torch.clamp(1 - real_logits, min=0).mean() + torch.clamp(1 + fake_logits, min=0).mean()
+
+    def penalty(self, real, fake, alpha, seed):
+        from fastgan.reference.gradient_penalty import philox_uniform
+
+        kind = self.config.penalty
+        if kind == "l2":
+            kernels = [m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+                       for m in self.D.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+            return sum(0.5 * (w ** 2).sum() for w in kernels) / len(kernels)
+        if kind == "wgan-gp":
+            point = real + alpha.view(-1, 1, 1, 1) * (fake - real)
+        elif kind == "dragan":
+            noise = philox_uniform(seed, real.numel()).reshape(real.shape).double()
+            point = torch.clamp(real + real.std(correction=0) * (noise - 0.5), 0, 1)  # the batch's population std
+        else:
+            point = real
+        point = point.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.D(point).sum(), point, create_graph=True)
+        squares = (grad ** 2).sum(dim=(1, 2, 3))
+        if kind == "r1":
+            return 0.5 * squares.mean()
+        return ((torch.sqrt(1e-4 + squares) - 1) ** 2).mean()
+
+    def discriminator_step(self, real, z, alpha, seed):
+        with torch.no_grad():
+            fake = self.G(z)
+        logits = self.D(torch.cat([real, fake]))
+        loss = self.losses(logits[: len(real)], logits[len(real):])
+        if self.config.penalty != "none":
+            loss = loss + self.config.penalty_weight * self.penalty(real, fake, alpha, seed)
+        self.d_opt.zero_grad()
+        loss.backward()
+        self.d_opt.step()
+
+    def generator_step(self, z):
+        logits = self.D(self.G(z))
+        loss = {"ns": lambda: -torch.log(torch.sigmoid(logits)).mean(), "lsgan": lambda: 0.5 * ((torch.sigmoid(logits) - 1) ** 2).mean()}
+        loss = loss.get(self.config.loss, lambda: -logits.mean())()
+        self.g_opt.zero_grad()
+        loss.backward()
+        self.g_opt.step()
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_float64_training_equals_a_plain_pytorch_loop(tmp_path, loss, penalty):
+    """10 iterations of a float64 run against the same GAN written plainly: the same
+    parameters to 1e-10 relative, for every loss × penalty (so no float32 cast remains in the
+    steps, and the losses and penalties are compare_gan's). Relative to each model's largest
+    parameter: biases before batch norm have pure round-off gradients, so their own values
+    (~1e-15) carry no relative precision."""
+    trainer = Trainer(tiny_config(tmp_path, "dtype=float64", f"loss={loss}", f"penalty={penalty}", "penalty_weight=1",
+                                  "image_size=8", "width=0.125", "batch_size=4",
+                                  "d_norm=layer" if penalty == "l2" else "d_norm=spectral"))
+    plain = PlainGAN(trainer)
+    draws = torch.Generator()
+    draws.set_state(trainer.random.get_state())
+    reals = [trainer._real_batch() for _ in range(10)]
+    batches = iter(reals)
+    trainer._real_batch = lambda: next(batches)
+    for real in reals:
+        z = draw_latents(4, trainer.config, draws)
+        alpha = torch.rand(4, generator=draws, dtype=torch.float64) if penalty == "wgan-gp" else None
+        seed = int(torch.randint(0, 2**62, (), generator=draws)) if penalty not in ("none", "l2") else None
+        plain.discriminator_step(real, z, alpha, seed)
+        plain.generator_step(draw_latents(4, trainer.config, draws))
+        trainer.train_step()
+    for ours, theirs in ((trainer.G.state_dict(), plain.G.state_dict()), (trainer.D.state_dict(), plain.D.state_dict())):
+        assert ours.keys() == theirs.keys()
+        scale = max(float(v.abs().max()) for v in ours.values() if v.is_floating_point())
+        for key, value in ours.items():
+            assert value.dtype == torch.float64 or not value.is_floating_point(), key
+            if value.is_floating_point():
+                torch.testing.assert_close(value, theirs[key], rtol=0, atol=1e-10 * scale, msg=key)
+            else:
+                assert torch.equal(value, theirs[key]), key
+
+
 def test_amp_steps_are_finite(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "amp=true", "penalty=wgan-gp", "deterministic=false"))
     for _ in range(2):
         assert all(torch.isfinite(v) for v in trainer.train_step().values())
 
 
-def test_uniform_latents_and_n_disc(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "z_distribution=uniform", "n_disc=3"))
+def test_latent_priors_and_steps_count_discriminator_updates(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "n_disc=3", "steps=6"))
     trainer.train_step()
-    assert trainer.batches_drawn == 3 and trainer.step == 1
-    assert trainer.fixed_z.abs().max() <= 1
+    assert trainer.batches_drawn == 3 and trainer.step == 3  # one iteration: 3 D updates, 1 G update
+    z = trainer.fixed_z
+    assert z.abs().max() <= 1 and z.min() < -0.9 and z.max() > 0.9 and abs(float(z.mean())) < 0.1  # U[-1, 1)
+    normal = Trainer(tiny_config(tmp_path, "z_prior=normal", "sample_grid=256", f"out_dir={tmp_path / 'n'}")).fixed_z
+    assert normal.abs().max() > 1.5 and abs(float(normal.std()) - 1) < 0.1
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -225,10 +396,10 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         checkpoint.load(tmp_path / "none.pt")
     (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ValueError, match="not a readable fastgan checkpoint"):
+    with pytest.raises(ValueError, match="not a fastgan checkpoint"):
         checkpoint.load(tmp_path / "cut.pt")
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a fastgan training checkpoint"):
+    with pytest.raises(ValueError, match="not a fastgan checkpoint"):
         checkpoint.load(tmp_path / "other.pt")
 
 
@@ -239,6 +410,9 @@ def test_existing_run_needs_resume_and_same_setup(tmp_path):
     with pytest.raises(ValueError, match="loss: 'ns' -> 'hinge'"):
         Trainer(tiny_config(tmp_path, "steps=2", "loss=hinge"), resume=True)
     assert Trainer(tiny_config(tmp_path, "steps=2"), resume=True).step == 1
+    # other data is another training setup: refused like another loss
+    with pytest.raises(ValueError, match="data_root: None -> "):
+        Trainer(tiny_config(tmp_path, "steps=2", f"data_root={tmp_path}"), resume=True)
 
 
 def test_bad_setups_raise_clearly(tmp_path):
@@ -300,6 +474,58 @@ def test_fid_every_n_steps_tracks_the_best(tmp_path):
     # a finished run, resumed, reports the same and evaluates nothing again
     config = tiny_config(tmp_path, "steps=3", "fid_every=2", "fid_samples=12", "fid_real_samples=12")
     assert Trainer(config, resume=True).fit() == summary
+
+
+class SlowInception(torch.nn.Module):
+    """A stand-in Inception network (random features of ``feature_dim`` = 8) whose ``signal_at``-th call sends
+    SIGTERM to this process, as a cluster's pre-emption would during a long FID evaluation."""
+
+    def __init__(self, signal_at: int) -> None:
+        super().__init__()
+        self.calls, self.signal_at, self.calls_after_signal = 0, signal_at, 0
+        self.feature_dim = 8
+
+    def forward(self, images):
+        self.calls += 1
+        if self.calls == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif self.calls > self.signal_at:
+            self.calls_after_signal += 1
+        return torch.randn(images.shape[0], self.feature_dim, generator=torch.Generator().manual_seed(int(images.sum() * 1e3)))
+
+
+def test_a_stop_signal_during_fid_checkpoints_at_once_and_resume_evaluates_it(tmp_path, monkeypatch):
+    """SIGTERM during the FID at step 2 (the 2nd of 5 chunks of generated features): the run
+    writes its checkpoint before any further chunk and stops, unfinished; --resume evaluates
+    that FID first and ends as an uninterrupted run does."""
+    from fastgan.metrics.inception import InceptionV3
+
+    common = ["steps=2", "fid_every=2", "fid_samples=500", "fid_real_samples=100", "penalty=wgan-gp"]
+    network = SlowInception(signal_at=3)  # call 1: the 100 real images; calls 2-6: the 5 chunks of 100 samples
+    monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: network)
+    summary = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'stopped'}")).fit()
+    assert summary["step"] == 2 and not summary["finished"] and network.calls_after_signal == 0
+    assert checkpoint.load(tmp_path / "stopped" / CHECKPOINT)["fid_pending"]
+
+    network.signal_at = -1  # no more signals
+    resumed = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'stopped'}"), resume=True).fit()
+    straight = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'straight'}")).fit()
+    assert resumed["finished"] and {k: v for k, v in resumed.items() if k != "out_dir"} == \
+        {k: v for k, v in straight.items() if k != "out_dir"}
+    fids = [(r["step"], r["fid"]) for r in map(json.loads, open(tmp_path / "stopped" / "metrics.jsonl")) if "fid" in r]
+    assert [step for step, _ in fids] == [2]
+    for a, b in zip(_final_state(tmp_path / "straight"), _final_state(tmp_path / "stopped")):
+        _assert_identical({"x": a}, {"x": b})
+
+
+def test_the_cli_exits_with_a_distinct_status_when_stopped(tmp_path, monkeypatch, capsys):
+    from fastgan.__main__ import main
+    from fastgan.metrics.inception import InceptionV3
+
+    monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: SlowInception(signal_at=2))
+    run = ["train", *TINY, "steps=4", "fid_every=2", "fid_samples=200", "fid_real_samples=50", f"out_dir={tmp_path / 'run'}"]
+    assert main(run) == EXIT_INTERRUPTED == 75
+    assert "stopped at step 2" in capsys.readouterr().err
 
 
 def test_fid_without_inception_weights_says_how_to_get_them(tmp_path, monkeypatch, capsys):

@@ -21,7 +21,7 @@ _MODELS = {
 }
 ARCHITECTURES = tuple(_MODELS)
 
-__all__ = ["build_models", "ARCHITECTURES", "D_NORMALIZATIONS", "Generator", "Discriminator"]
+__all__ = ["build_models", "check_model_shape", "ARCHITECTURES", "D_NORMALIZATIONS", "Generator", "Discriminator"]
 
 
 def build_models(architecture: str, image_size: int = 32, z_dim: int = 128, d_norm: str = "spectral",
@@ -35,12 +35,19 @@ def build_models(architecture: str, image_size: int = 32, z_dim: int = 128, d_no
     count: 1 (the default) is the paper's model; narrower ones train in minutes on a
     CPU (``make demo``). Raises ValueError otherwise.
     """
+    check_model_shape(architecture, image_size, z_dim)
+    check_normalization(d_norm)
+    generator_class, discriminator_class, _ = _MODELS[architecture]
+    return generator_class(z_dim, image_size, width), discriminator_class(image_size, d_norm, width)
+
+
+def check_model_shape(architecture: str, image_size: int, z_dim: int) -> None:
+    """Raise ValueError unless ``architecture`` exists and takes ``image_size`` and ``z_dim``
+    (what :func:`build_models` checks, without building anything)."""
     if architecture not in _MODELS:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
-    check_normalization(d_norm)
-    generator_class, discriminator_class, multiple = _MODELS[architecture]
+    multiple = _MODELS[architecture][2]
     if not isinstance(image_size, int) or image_size < multiple or image_size % multiple:
         raise ValueError(f"{architecture} needs image_size a positive multiple of {multiple}, got {image_size!r}")
     if not isinstance(z_dim, int) or z_dim < 1:
         raise ValueError(f"z_dim must be an integer of at least 1, got {z_dim!r}")
-    return generator_class(z_dim, image_size, width), discriminator_class(image_size, d_norm, width)

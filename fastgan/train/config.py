@@ -1,9 +1,16 @@
 """The training configuration: one flat, typed dataclass, read from YAML with
 ``key=value`` overrides (``python -m fastgan train --config C.yaml loss=hinge steps=1000``).
 
-Defaults are compare_gan's SNDCGAN CIFAR-10 settings (SPEC.md §4) except for the
-data set (the embedded ``digits``, so a run needs no download). ``configs/`` holds
-the paper's settings, one file each; ``configs/study/`` the study's grids.
+Defaults are compare_gan's SNDCGAN CIFAR-10 settings except for the data set (the
+embedded ``digits``, so a run needs no download). ``configs/`` holds the paper's
+settings, one file each; ``configs/study/`` the study's grids.
+
+Step counting: ``steps`` counts *discriminator* updates, like the paper-era
+compare_gan's ``training_steps``. A training iteration is ``n_disc`` D updates and one
+G update, so a run makes ``steps`` D updates and ``steps / n_disc`` G updates, and
+``steps`` must be a multiple of ``n_disc``; the output frequencies (``log_every``,
+``checkpoint_every``, ...) are in the same D-update steps and fire at the first
+iteration that reaches a multiple of them.
 """
 from __future__ import annotations
 
@@ -15,7 +22,10 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 LOSSES = ("ns", "wgan", "lsgan", "hinge")
 PENALTIES = ("none", "wgan-gp", "dragan", "r1", "l2")
-Z_DISTRIBUTIONS = ("normal", "uniform")
+Z_PRIORS = ("uniform", "normal")
+DTYPES = ("float32", "float64")
+# Keys of older fastgan versions, with their new names.
+RENAMED = {"z_distribution": "z_prior"}
 
 
 @dataclass
@@ -23,12 +33,14 @@ class Config:
     """Every setting of a training run (YAML keys and ``key=value`` overrides have these names).
 
     Model: ``architecture`` (sndcgan | resnet_cifar | resnet19), ``image_size``, ``z_dim``,
-    ``z_distribution`` (normal | uniform), ``d_norm`` (none | batch | layer | spectral), ``width``
-    (channel multiplier). Objective: ``loss`` (ns | wgan | lsgan | hinge), ``penalty``
-    (none | wgan-gp | dragan | r1 | l2) and its weight ``penalty_weight`` (λ). Adam: ``g_lr``,
-    ``g_betas``, ``d_lr`` / ``d_betas`` (None: G's). Schedule: ``steps`` (each n_disc D updates and
-    one G update), ``batch_size`` (global, over all processes), ``n_disc``. Data: ``dataset``
-    (digits | cifar10 | folder), ``data_root``, ``download``. Run: ``seed``, ``deterministic``,
+    ``z_prior`` (uniform: U[-1, 1), compare_gan's and the paper's; normal: N(0, 1)), ``d_norm``
+    (none | batch | layer | spectral), ``width`` (channel multiplier). Objective: ``loss``
+    (ns | wgan | lsgan | hinge), ``penalty`` (none | wgan-gp | dragan | r1 | l2) and its weight
+    ``penalty_weight`` (λ). Adam: ``g_lr``, ``g_betas``, ``d_lr`` / ``d_betas`` (None: G's).
+    Schedule: ``steps`` (D updates, the paper's ``training_steps``; a multiple of ``n_disc``),
+    ``batch_size`` (global, over all processes), ``n_disc`` (D updates per G update). Data:
+    ``dataset`` (digits | cifar10 | folder), ``data_root``, ``download``. Run: ``seed``,
+    ``deterministic``, ``dtype`` (float32 | float64: parameters, data and losses end to end),
     ``amp`` (bfloat16 autocast), ``device`` (auto | cpu | cuda | cuda:N). Outputs: ``out_dir``;
     ``log_every``, ``sample_every``, ``checkpoint_every``, ``fid_every`` in steps (each also at
     the last step; 0 = never, except that the last step is always logged and checkpointed); FID on ``fid_samples`` generated and
@@ -40,7 +52,7 @@ class Config:
     architecture: str = "sndcgan"
     image_size: int = 32
     z_dim: int = 128
-    z_distribution: str = "normal"
+    z_prior: str = "uniform"
     d_norm: str = "spectral"
     width: float = 1.0  # channel multiplier; 1 = the paper's models
     # objective
@@ -52,7 +64,7 @@ class Config:
     d_lr: Optional[float] = None
     g_betas: Tuple[float, float] = (0.5, 0.999)
     d_betas: Optional[Tuple[float, float]] = None
-    # schedule: a step is n_disc D updates and one G update
+    # schedule: steps counts D updates; each n_disc of them are followed by one G update
     steps: int = 200_000
     batch_size: int = 64
     n_disc: int = 1
@@ -63,6 +75,7 @@ class Config:
     # reproducibility and speed
     seed: int = 0
     deterministic: bool = False
+    dtype: str = "float32"
     amp: bool = False
     device: str = "auto"
     # outputs, every N steps (0 = never)
@@ -78,11 +91,11 @@ class Config:
     progress: bool = True
 
     def validate(self) -> "Config":
-        from fastgan.models import ARCHITECTURES, D_NORMALIZATIONS
+        from fastgan.models import ARCHITECTURES, D_NORMALIZATIONS, check_model_shape
         from fastgan.train.data import DATASETS
 
         choices = {"architecture": ARCHITECTURES, "d_norm": D_NORMALIZATIONS, "loss": LOSSES,
-                   "penalty": PENALTIES, "z_distribution": Z_DISTRIBUTIONS, "dataset": DATASETS}
+                   "penalty": PENALTIES, "z_prior": Z_PRIORS, "dtype": DTYPES, "dataset": DATASETS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -105,9 +118,21 @@ class Config:
             raise ValueError(f"width must be > 0, got {self.width}")
         if self.penalty_weight < 0:
             raise ValueError(f"penalty_weight must be >= 0, got {self.penalty_weight}")
+        if self.steps % self.n_disc:
+            raise ValueError(f"steps={self.steps} must be a multiple of n_disc={self.n_disc}: steps counts "
+                             f"discriminator updates (the paper's training_steps), n_disc of them per generator update")
+        if self.amp and self.dtype != "float32":
+            raise ValueError(f"amp (bfloat16 autocast) needs dtype=float32, got dtype={self.dtype}")
+        check_model_shape(self.architecture, self.image_size, self.z_dim)
         if self.dataset == "folder" and not self.data_root:
             raise ValueError("dataset=folder needs data_root=PATH (a folder of images)")
         return self
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def discriminator_lr(self) -> float:
@@ -168,6 +193,9 @@ def _coerce_scalar(key: str, kind: type, value: Any) -> Any:
 
 def from_mapping(values: Mapping[str, Any]) -> Config:
     unknown = sorted(set(values) - set(FIELDS))
+    renamed = [f"{k} is now {RENAMED[k]}" for k in unknown if k in RENAMED]
+    if renamed:
+        raise ValueError(f"renamed config key(s): {', '.join(renamed)}")
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
     return Config(**{k: _coerce(k, v) for k, v in values.items()}).validate()
@@ -214,5 +242,5 @@ def save_config(config: Config, path: str) -> None:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
 
-__all__ = ["Config", "LOSSES", "PENALTIES", "Z_DISTRIBUTIONS", "FIELDS", "from_mapping", "load_config",
+__all__ = ["Config", "DTYPES", "LOSSES", "PENALTIES", "Z_PRIORS", "FIELDS", "from_mapping", "load_config",
            "parse_overrides", "read_yaml", "save_config"]

@@ -1,6 +1,7 @@
 """The reference GAN trainer of "The GAN Landscape", on fastgan's ops.
 
-One step is ``n_disc`` discriminator updates then one generator update (compare_gan).
+One iteration is ``n_disc`` discriminator updates then one generator update (compare_gan);
+``step`` counts discriminator updates, like the paper-era code's ``training_steps``.
 A D update evaluates D once on ``cat(real, fake)`` (compare_gan's convention, which
 also makes D's batch norm see both halves), adds the configured penalty
 (``fastgan.penalties.gradient_penalty`` or L2 on D's weights) and takes an Adam step.
@@ -40,7 +41,7 @@ from fastgan.train import checkpoint
 from fastgan.train.config import Config, from_mapping, save_config
 from fastgan.train.data import load_dataset
 from fastgan.train.files import write_text_atomic
-from fastgan.train.losses import discriminator_loss, generator_loss
+from fastgan.train.losses import discriminator_loss, generator_loss, l2_penalty
 from fastgan.train.outputs import MetricsLog, plot_curves, save_image_grid
 
 CHECKPOINT = "checkpoint.pt"
@@ -48,7 +49,12 @@ BEST = "best.pt"
 SUMMARY = "summary.json"
 # Keys a resumed run may change: they do not alter the trajectory of the parameters.
 RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "fid_every", "fid_samples",
-                     "fid_real_samples", "inception_weights", "sample_grid", "progress", "device", "download", "data_root"}
+                     "fid_real_samples", "inception_weights", "sample_grid", "progress", "device", "download"}
+# Exit status of `python -m fastgan train` when a stop signal ended the run before `steps`
+# (sysexits' EX_TEMPFAIL: "try again later"; --resume continues it). Schedulers can requeue on it.
+EXIT_INTERRUPTED = 75
+# Checkpoints of trainers whose steps or losses meant something else are refused.
+TRAINER_VERSION = 2
 # Offsets that give each stream its own seed, so e.g. a larger sample grid never changes training.
 _FIXED_Z_STREAM, _FID_Z_STREAM, _REAL_SUBSET_STREAM = 1, 2, 3
 
@@ -60,16 +66,22 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 
 
 def draw_latents(count: int, config: Config, generator: torch.Generator) -> Tensor:
-    """(count, z_dim) latents on the CPU: N(0, 1), or U[-1, 1) (compare_gan's other choice)."""
+    """(count, z_dim) latents on the CPU in the config's dtype: ``z_prior`` uniform, U[-1, 1)
+    (compare_gan's and the paper's), or normal, N(0, 1)."""
     shape = (count, config.z_dim)
-    if config.z_distribution == "uniform":
-        return torch.rand(shape, generator=generator) * 2 - 1
-    return torch.randn(shape, generator=generator)
+    if config.z_prior == "uniform":
+        return torch.rand(shape, generator=generator, dtype=config.torch_dtype) * 2 - 1
+    return torch.randn(shape, generator=generator, dtype=config.torch_dtype)
 
 
 def models_for(config: Config):
-    """A freshly initialised (G, D) of the config's architecture, on the CPU."""
-    return build_models(config.architecture, config.image_size, config.z_dim, config.d_norm, config.width)
+    """A freshly initialised (G, D) of the config's architecture, on the CPU in the config's dtype."""
+    models = build_models(config.architecture, config.image_size, config.z_dim, config.d_norm, config.width)
+    return tuple(m.to(config.torch_dtype) for m in models)
+
+
+class Interrupted(Exception):
+    """A stop signal arrived during a long evaluation (the run checkpoints and exits)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,8 +150,9 @@ class Trainer:
         self.d_optimizer = torch.optim.Adam(self.D.parameters(), lr=config.discriminator_lr, betas=config.discriminator_betas)
         self.random = torch.Generator().manual_seed(config.seed)
         self.fixed_z = self._draw_z(config.sample_grid, torch.Generator().manual_seed(config.seed + _FIXED_Z_STREAM))
-        self.step = 0
+        self.step = 0  # discriminator updates so far
         self.batches_drawn = 0
+        self.fid_pending = False  # a stop signal interrupted the FID of this step
         self.best_fid: Optional[float] = None
         self.best_step: Optional[int] = None
         self._epoch_order = (-1, None)
@@ -168,7 +181,11 @@ class Trainer:
             return None
         if not resume:
             raise ValueError(f"{path} exists; pass --resume (resume=True) to continue that run, or choose another out_dir")
-        return checkpoint.load(path)
+        state = checkpoint.load(path)
+        if state.get("trainer_version") != TRAINER_VERSION:
+            raise ValueError(f"{path} was written by an older fastgan trainer (whose steps counted generator updates "
+                             "and whose LSGAN and L2 penalty differed); it cannot be resumed: start a new out_dir")
+        return state
 
     @staticmethod
     def _resumed_config(saved: dict, requested: Config) -> Config:
@@ -184,6 +201,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "format": checkpoint.FORMAT,
+            "trainer_version": TRAINER_VERSION,
             "config": self.config.to_dict(),
             "step": self.step,
             "batches_drawn": self.batches_drawn,
@@ -198,6 +216,7 @@ class Trainer:
             "best_fid": self.best_fid,
             "best_step": self.best_step,
             "last_fid": self.last_fid,
+            "fid_pending": self.fid_pending,
         }
 
     def _load_state(self, state: dict) -> None:
@@ -211,6 +230,7 @@ class Trainer:
         self.step, self.batches_drawn = state["step"], state["batches_drawn"]
         self.best_fid, self.best_step = state["best_fid"], state["best_step"]
         self.last_fid = state["last_fid"]
+        self.fid_pending = state["fid_pending"]
 
     def save_checkpoint(self) -> Path:
         path = self.out_dir / CHECKPOINT
@@ -246,7 +266,7 @@ class Trainer:
             self._epoch_order = (epoch, torch.randperm(len(self.data), generator=torch.Generator().manual_seed(order_seed)))
         self.batches_drawn += 1
         indices = self._epoch_order[1][position * batch : (position + 1) * batch]
-        return self.data.batch(self._rank_share(indices)).to(self.device, non_blocking=True)
+        return self.data.batch(self._rank_share(indices)).to(self.device, self.config.torch_dtype, non_blocking=True)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
@@ -256,19 +276,20 @@ class Trainer:
     def _penalty(self, real: Tensor, fake: Tensor) -> Tensor:
         kind = self.config.penalty
         if kind == "l2":
-            # compare_gan: tf.nn.l2_loss summed over D's kernels (biases and norm scales excluded).
-            return sum(p.square().sum() for p in self.D.parameters() if p.dim() > 1) / 2
-        alpha = self._local(torch.rand(self.config.batch_size, generator=self.random)) if kind == "wgan-gp" else None
+            return l2_penalty(self.D)
+        alpha = None
+        if kind == "wgan-gp":
+            alpha = self._local(torch.rand(self.config.batch_size, generator=self.random, dtype=self.config.torch_dtype))
         seed = int(torch.randint(0, 2**62, (), generator=self.random))
-        return gradient_penalty(self.D_ddp, real.float(), fake.float(), kind, alpha=alpha, generator=seed)
+        return gradient_penalty(self.D_ddp, real, fake, kind, alpha=alpha, generator=seed)
 
     def discriminator_step(self) -> Dict[str, Tensor]:
         real = self._real_batch()
         z = self._local(self._draw_z(self.config.batch_size, self.random))
         with torch.no_grad(), self._autocast():
-            fake = self.G(z)
+            fake = self.G(z).to(real.dtype)
         with self._autocast():
-            logits = self.D_ddp(torch.cat([real, fake.to(real.dtype)])).float()
+            logits = self.D_ddp(torch.cat([real, fake])).to(real.dtype)
         real_logits, fake_logits = logits.chunk(2)
         loss = discriminator_loss(self.config.loss, real_logits, fake_logits)
         total = loss
@@ -288,7 +309,7 @@ class Trainer:
         self.D.requires_grad_(False)
         try:
             with self._autocast():
-                logits = self.D(self.G_ddp(z)).float()
+                logits = self.D(self.G_ddp(z)).to(z.dtype)
             loss = generator_loss(self.config.loss, logits)
             self.g_optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -298,11 +319,12 @@ class Trainer:
         return {"g_loss": loss.detach()}
 
     def train_step(self) -> Dict[str, Tensor]:
-        """One step: ``n_disc`` D updates (the last one's values are reported), one G update."""
+        """One iteration: ``n_disc`` D updates (the last one's values are reported), one G update;
+        ``step`` advances by ``n_disc``."""
         for _ in range(self.config.n_disc):
             out = self.discriminator_step()
         out.update(self.generator_step())
-        self.step += 1
+        self.step += self.config.n_disc
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -337,16 +359,17 @@ class Trainer:
         if self.rank == 0 and not cache.exists():
             order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + _REAL_SUBSET_STREAM))
             statistics = FeatureStatistics()
-            for indices in self._progress(order[:count].split(100), "FID: real features"):
+            for indices in self._progress(order[:count].split(100), "FID: real features", collective=False):
                 statistics.update(network(self.data.batch(indices).to(self.device)).double().cpu())
             statistics.save(str(cache))
         self._barrier()
-        self._fid = FID(network)
+        self._fid = FID(network, feature_dim=getattr(network, "feature_dim", 2048))  # a stand-in network may be narrower
         self._fid.set_real_statistics(FeatureStatistics.load(str(cache)))
         return self._fid
 
     def evaluate_fid(self) -> Optional[float]:
-        """FID of ``fid_samples`` images of G (the same z every time) against the data, or None."""
+        """FID of ``fid_samples`` images of G (the same z every time) against the data, or None.
+        Raises :class:`Interrupted` when a stop signal arrives during the evaluation."""
         metric = self._fid_metric()
         if metric is None:
             return None
@@ -357,18 +380,33 @@ class Trainer:
             metric.update(self.generate(chunk).to(self.device), real=False)
         return metric.compute()
 
-    def _progress(self, iterable, description: str):
+    def _progress(self, iterable, description: str, collective: bool = True):
+        """``iterable`` with a progress bar, checking for a stop request before each item (agreed by
+        every process when ``collective``; only rank 0 computes the real statistics)."""
         from tqdm import tqdm
 
-        return tqdm(iterable, desc=description, leave=False, file=sys.stderr, disable=not self.config.progress or self.rank != 0)
+        for item in tqdm(iterable, desc=description, leave=False, file=sys.stderr, disable=not self.config.progress or self.rank != 0):
+            if self._stop_agreed() if collective else self._stop_requested:
+                raise Interrupted(description)
+            yield item
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes agree, so none waits alone in a collective)."""
+        if self.world == 1:
+            return self._stop_requested
+        flag = torch.tensor([float(self._stop_requested)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_requested = bool(flag.item())
+        return self._stop_requested
 
     # ------------------------------------------------------------------ the run
 
     def fit(self) -> dict:
         """Train to ``config.steps``, writing outputs; returns the run's summary.
 
-        SIGINT/SIGTERM (Ctrl-C, a cluster's pre-emption) finish the current step, write
-        a checkpoint and return; a second Ctrl-C stops at once."""
+        SIGINT/SIGTERM (Ctrl-C, a cluster's pre-emption) finish the current iteration (or abandon
+        a running FID evaluation, which a resumed run repeats first), write a checkpoint and
+        return; a second Ctrl-C stops at once."""
         from tqdm import tqdm
 
         config = self.config
@@ -381,51 +419,69 @@ class Trainer:
                    disable=not config.progress or self.rank != 0, dynamic_ncols=True)
         started, first_step = time.perf_counter(), self.step
         with self._stop_signals(), self._determinism():
-            while self.step < config.steps and not self._stop_requested:
-                out = self.train_step()
-                bar.update(1)
-                self._after_step(out, bar, started, first_step)
+            try:
+                if self.fid_pending and config.fid_every:
+                    self._evaluate_fid_and_record(bar)
+                self.fid_pending = False
+                while self.step < config.steps and not self._stop_agreed():
+                    out = self.train_step()
+                    bar.update(config.n_disc)
+                    self._after_step(out, bar, started, first_step)
+            except Interrupted:
+                self.fid_pending = True
         bar.close()
-        if self.step < config.steps:
+        if self._stop_requested and (self.step < config.steps or self.fid_pending):
             self.save_checkpoint()
             if self.rank == 0:
                 print(f"stopped at step {self.step}; checkpoint written to {self.out_dir / CHECKPOINT} "
                       "(continue with --resume)", file=sys.stderr)
         return self._finish()
 
+    def _due(self, every: int) -> bool:
+        """Whether the last iteration reached a multiple of ``every`` steps (or the last step)."""
+        step = self.step
+        return step == self.config.steps or bool(every) and step // every > (step - self.config.n_disc) // every
+
     def _after_step(self, out: Dict[str, Tensor], bar, started: float, first_step: int) -> None:
         config, step = self.config, self.step
-        last = step == config.steps
-        record = {}
-        if (config.log_every and step % config.log_every == 0) or last:
-            record.update({k: float(v) for k, v in out.items()})
+        if self._due(config.log_every):
+            record = {k: float(v) for k, v in out.items()}
             record["steps_per_s"] = (step - first_step) / (time.perf_counter() - started)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("d_loss", "g_loss", "penalty")})
-        if config.fid_every and (step % config.fid_every == 0 or last):
-            fid = self.evaluate_fid()
-            if fid is not None:
-                record["fid"], self.last_fid = fid, (step, fid)
-                if self.best_fid is None or fid < self.best_fid:
-                    self.best_fid, self.best_step = fid, step
-                    if self.rank == 0:
-                        checkpoint.save_atomic(self.state_dict(), self.out_dir / BEST)
-                record["best_fid"] = self.best_fid
-                bar.write(f"step {step}: FID {fid:.3f} (best {self.best_fid:.3f} at step {self.best_step})")
-        if self.rank == 0:
-            if record:
+            if self.rank == 0:
                 self.log.write(step, record)
-            if config.sample_every and (step % config.sample_every == 0 or last):
-                grid_file = self.out_dir / "samples" / f"step-{step:07d}.png"
-                save_image_grid(self.generate(self.fixed_z), grid_file)
-                shutil.copyfile(grid_file, self.out_dir / "samples.png")
-        if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
+        if self.rank == 0 and config.sample_every and self._due(config.sample_every):
+            grid_file = self.out_dir / "samples" / f"step-{step:07d}.png"
+            save_image_grid(self.generate(self.fixed_z), grid_file)
+            shutil.copyfile(grid_file, self.out_dir / "samples.png")
+        if config.fid_every and self._due(config.fid_every):
+            self.fid_pending = True
+            self._evaluate_fid_and_record(bar)
+        if (config.checkpoint_every and self._due(config.checkpoint_every)) or step == config.steps:
             self.save_checkpoint()
             if self.rank == 0:
                 self.log.flush()
                 plot_curves(self.log.records, self.out_dir / "curves.png")
 
+    def _evaluate_fid_and_record(self, bar) -> None:
+        """FID at this step (``fid_pending``): logged, tracked as best (``best.pt``), then no longer pending."""
+        step = self.step
+        fid = self.evaluate_fid()
+        self.fid_pending = False
+        if fid is None:
+            return
+        self.last_fid = (step, fid)
+        if self.best_fid is None or fid < self.best_fid:
+            self.best_fid, self.best_step = fid, step
+            if self.rank == 0:
+                checkpoint.save_atomic(self.state_dict(), self.out_dir / BEST)
+        if self.rank == 0:
+            self.log.write(step, {"fid": fid, "best_fid": self.best_fid})
+        bar.write(f"step {step}: FID {fid:.3f} (best {self.best_fid:.3f} at step {self.best_step})")
+
     def _finish(self) -> dict:
-        summary = {"step": self.step, "steps": self.config.steps, "finished": self.step >= self.config.steps,
+        finished = self.step >= self.config.steps and not self.fid_pending
+        summary = {"step": self.step, "steps": self.config.steps, "finished": finished,
                    "final_fid": self.last_fid[1] if self.last_fid and self.last_fid[0] == self.step else None,
                    "best_fid": self.best_fid, "best_step": self.best_step, "out_dir": str(self.out_dir)}
         if self.rank == 0:
@@ -483,4 +539,4 @@ def load_generator(path: str, device: str = "auto"):
     return generator.to(resolve_device(device)).eval(), config
 
 
-__all__ = ["Trainer", "draw_latents", "load_generator", "models_for", "resolve_device", "CHECKPOINT", "BEST", "SUMMARY"]
+__all__ = ["EXIT_INTERRUPTED", "Interrupted", "Trainer", "draw_latents", "load_generator", "models_for", "resolve_device", "CHECKPOINT", "BEST", "SUMMARY"]
