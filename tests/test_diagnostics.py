@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastgan
 import fastgan.diagnostics as diagnostics
 from fastgan.models import build_models
 from fastgan.penalties import jacobian_clamping
@@ -108,6 +109,29 @@ def test_train_mode_generator_is_evaluated_in_eval_mode_and_restored():
     assert [m.training for m in G.modules()] == modes
     assert torch.equal(G[3].running_mean, running_mean)
     assert_spectrum_close(got, jacrev_singular_values(G, z))
+
+
+def test_spectral_normalized_generator():
+    """fastgan's SN layers (the grouped launch included) work under the function transforms:
+    eval mode, so no power iteration, and u, v untouched."""
+    torch.manual_seed(13)
+    G = fastgan.nn.apply_spectral_norm(nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 6)).to(F64))
+    buffers = [b.clone() for b in G.buffers()]
+    z = torch.randn(3, 4, dtype=F64)
+    got = diagnostics.jacobian_singular_values(G, z)
+    assert all(torch.equal(a, b) for a, b in zip(G.buffers(), buffers)) and G.training
+    assert_spectrum_close(got, jacrev_singular_values(G, z))
+
+
+@pytest.mark.slow
+def test_compiled_generator():
+    """A torch.compile'd G (compiled in train mode) gives the eager module's eval-mode spectrum."""
+    torch.manual_seed(12)
+    G = mlp_generator(4, 5)
+    compiled = torch.compile(G)
+    compiled(torch.randn(6, 4, dtype=F64))
+    z = torch.randn(3, 4, dtype=F64)
+    assert_spectrum_close(diagnostics.jacobian_singular_values(compiled, z), jacrev_singular_values(G, z))
 
 
 def test_condition_number_and_rank_deficiency():
