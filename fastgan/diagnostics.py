@@ -17,7 +17,9 @@ Evaluation mode: an ``nn.Module`` G is put in eval mode for the call (its modes 
 restored afterwards), so batch norm uses its running statistics and every sample's
 Jacobian is that of G alone. In train mode batch norm couples the samples of a
 batch: ∂G(z)_i/∂z_j ≠ 0 for i ≠ j, so there is no per-sample Jacobian to speak of.
-A plain callable G is used as given; it must treat samples independently.
+A plain callable G is used as given; it must treat samples independently. A
+DistributedDataParallel-wrapped G is evaluated through its module: DDP's forward
+would broadcast buffers, a collective that hangs when one rank logs alone.
 """
 from __future__ import annotations
 
@@ -91,6 +93,8 @@ def jacobian_singular_values(G: Callable[[Tensor], Tensor], z: Tensor, *, chunk_
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{where}: chunk_size must be a positive integer, got {chunk_size!r}")
     batch, n_z = z.shape
+    if isinstance(G, nn.parallel.DistributedDataParallel):
+        G = G.module
     with eval_mode(G), torch.no_grad():
         probe = G(z[:1])
         if not isinstance(probe, Tensor) or probe.dim() < 1 or probe.shape[0] != 1 or probe.numel() == 0:

@@ -123,6 +123,25 @@ def test_spectral_normalized_generator():
     assert_spectrum_close(got, jacrev_singular_values(G, z))
 
 
+def test_ddp_generator_is_evaluated_through_its_module(tmp_path):
+    """DDP's own forward broadcasts buffers (a collective): one rank logging alone would hang."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(14)
+        G = mlp_generator(4, 5)
+        ddp = nn.parallel.DistributedDataParallel(G)
+        wrapper_calls = []
+        ddp.register_forward_pre_hook(lambda *args: wrapper_calls.append(1))
+        z = torch.randn(3, 4, dtype=F64)
+        got = diagnostics.jacobian_singular_values(ddp, z)
+        assert not wrapper_calls
+        assert_spectrum_close(got, jacrev_singular_values(G, z))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_compiled_generator():
     """A torch.compile'd G (compiled in train mode) gives the eager module's eval-mode spectrum."""
