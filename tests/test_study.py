@@ -85,10 +85,13 @@ def test_a_changed_default_or_base_is_a_changed_trial(tmp_path, monkeypatch):
     """The hash covers the resolved config, defaults included: a new default makes a new trial."""
     grid = write_grid(tmp_path / "grid.yaml", ["ns"])
     before = read_study(grid).trials[0]
+    before_hash = before.config_hash
     after = read_study(grid, ["seed=1"]).trials[0]
-    assert before.out_dir != after.out_dir and before.config_hash != after.config_hash
+    assert before.out_dir != after.out_dir and before_hash != after.config_hash
     assert config_hash(before.config.replace(progress=False, log_every=1, sample_every=7, checkpoint_every=9,
-                                             sample_grid=4, download=False)) == before.config_hash
+                                             sample_grid=4, download=False)) == before_hash
+    monkeypatch.setattr(study_module, "TRAINER_VERSION", study_module.TRAINER_VERSION + 1)  # same config, new meaning
+    assert read_study(grid).trials[0].config_hash != before_hash
     assert {"out_dir", "progress"} <= PRESENTATION_KEYS and not {"steps", "loss", "data_root", "fid_samples"} & PRESENTATION_KEYS
 
 

@@ -15,7 +15,7 @@ A trial's identity is its full resolved config (base, settings, overrides and it
 axes' choices, with every default filled in): trial i runs in
 ``out_dir/trial-<hash>``, the hash being that of its config without the keys listed in
 :data:`PRESENTATION_KEYS` (they change what a run writes on the way, never its
-parameters or FIDs). So editing the grid never relabels old results: an unchanged trial
+parameters or FIDs), together with the trainer's ``TRAINER_VERSION``. So editing the grid never relabels old results: an unchanged trial
 finds its folder wherever it moved in the grid, a changed one (another loss, more steps,
 a new default) gets a new folder and runs afresh, and folders of trials no longer in the
 grid are left alone (``--list`` counts them). ``trial.json`` in each folder records the
@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from fastgan.train.config import Config, from_mapping, parse_overrides, read_yaml
 from fastgan.train.files import write_text_atomic
-from fastgan.train.trainer import CHECKPOINT, SUMMARY, Trainer
+from fastgan.train.trainer import CHECKPOINT, SUMMARY, TRAINER_VERSION, Trainer
 
 # Config keys outside a trial's identity: where it writes, progress bars, and how often it logs,
 # saves sample grids and checkpoints. None of them changes the trained parameters or the FIDs.
@@ -49,8 +49,10 @@ _TRIAL_PREFIX = "trial-"
 
 
 def config_hash(config: Config) -> str:
-    """A hex digest of every key of ``config`` except :data:`PRESENTATION_KEYS`."""
+    """A hex digest of every key of ``config`` except :data:`PRESENTATION_KEYS`, and of the
+    trainer's version (bumped when the same config would train differently)."""
     identity = {k: v for k, v in config.to_dict().items() if k not in PRESENTATION_KEYS}
+    identity["trainer_version"] = TRAINER_VERSION
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -104,7 +106,7 @@ class Trial:
         """ValueError when the folder holds a run of another config (copied or edited by hand)."""
         record = self.recorded()
         if record is None:
-            if any(self.out_dir.iterdir()) if self.out_dir.is_dir() else False:
+            if self.out_dir.is_dir() and any(self.out_dir.iterdir()):
                 raise ValueError(f"{self.out_dir} holds files but no {TRIAL_FILE}, so it is not known to be trial "
                                  f"{self.index}'s run; move it away (or delete it) to run the trial")
             return
