@@ -104,6 +104,19 @@ def test_train_three_steps_then_sample(tmp_path, capsys):
     assert "step 4/4" in capsys.readouterr().out
 
 
+def test_a_new_run_removes_stale_partial_writes_and_says_it_starts(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [run / ".checkpoint.pt.0badc0de.part", run / ".best.pt.12345678.part", run / ".summary.json.abcdef01.part"]
+    for path in stale:
+        path.write_bytes(b"left by a kill -9 during a write")
+    (run / "notes.part").write_text("not ours")
+    assert main(["train", "--resume", *TINY_RUN, "steps=1", f"out_dir={run}"]) == 0
+    err = capsys.readouterr().err
+    assert f"starting a new run in {run}" in err and "no checkpoint" not in err
+    assert not any(path.exists() for path in stale) and (run / "notes.part").exists()
+
+
 def test_train_and_sample_errors(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert "config file not found" in capsys.readouterr().err

@@ -40,7 +40,7 @@ from fastgan.penalties import gradient_penalty
 from fastgan.train import checkpoint
 from fastgan.train.config import Config, from_mapping, save_config
 from fastgan.train.data import load_dataset
-from fastgan.train.files import write_text_atomic
+from fastgan.train.files import remove_stale_parts, write_text_atomic
 from fastgan.train.losses import discriminator_loss, generator_loss, l2_penalty
 from fastgan.train.outputs import MetricsLog, plot_curves, save_image_grid
 
@@ -177,7 +177,7 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             if resume and self.rank == 0:
-                print(f"no checkpoint in {self.out_dir}; starting a new run", file=sys.stderr)
+                print(f"starting a new run in {self.out_dir}", file=sys.stderr)
             return None
         if not resume:
             raise ValueError(f"{path} exists; pass --resume (resume=True) to continue that run, or choose another out_dir")
@@ -412,6 +412,8 @@ class Trainer:
         config = self.config
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            for name in (CHECKPOINT, BEST, SUMMARY):  # what killed writes of this process's files left
+                remove_stale_parts(self.out_dir / name)
             save_config(config, str(self.out_dir / "config.yaml"))
             self.log = MetricsLog(self.out_dir, resume_step=self.step)
         self._barrier()
