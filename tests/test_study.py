@@ -150,3 +150,15 @@ def test_base_out_dir_is_ignored_and_the_shipped_grids_read(tmp_path):
         assert len(study.trials) == size
         assert len({t.out_dir for t in study.trials}) == size
         assert all(t.out_dir.parent == study.out_dir for t in study.trials)
+
+
+def test_the_study_command_exits_with_the_interrupted_status(tmp_path, capsys):
+    from fastgan.__main__ import main
+    from fastgan.train.trainer import EXIT_INTERRUPTED
+
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "hinge"])
+    FakeTrainer.stop_after = 10
+    assert main(["study", "--grid", grid]) == EXIT_INTERRUPTED == 75
+    FakeTrainer.stop_after = None
+    assert main(["study", "--grid", grid]) == 0
+    assert "trial 2/2 (index 1): loss=hinge" in capsys.readouterr().out
