@@ -526,7 +526,7 @@ def describe_os_error(error: OSError) -> str:
     paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
     advice = _OS_ERROR_ADVICE.get(error.errno, error.strerror or str(error))
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        advice += " (a training run keeps its last complete checkpoint: --resume continues from it)"
+        advice += " (a training run's last complete checkpoint, if any, is intact: --resume continues from it)"
     return f"{paths}: {advice}" if paths else advice
 
 
