@@ -59,9 +59,9 @@ BENCH_RUN := build/bench/last-run.json
 BENCH_PYTEST = $(PY) -m pytest bench -p no:cacheprovider --benchmark-only --benchmark-columns=median,iqr,rounds $(if $(QUICK),--bench-quick)
 
 bench: $(STAMP)
-	mkdir -p $(dir $(BENCH_RUN)) && rm -f $(BENCH_RUN)
-	$(BENCH_PYTEST) --benchmark-autosave --benchmark-json=$(BENCH_RUN) $(BENCH_ARGS); status=$$?; \
-	$(PY) bench/report.py $(BENCH_RUN) --summary && exit $$status
+	mkdir -p $(dir $(BENCH_RUN)) && rm -f $(BENCH_RUN) $(BENCH_RUN:.json=.xml)
+	$(BENCH_PYTEST) --benchmark-autosave --benchmark-json=$(BENCH_RUN) --junitxml=$(BENCH_RUN:.json=.xml) $(BENCH_ARGS); \
+	status=$$?; $(PY) bench/report.py $(BENCH_RUN) --summary --bench-junit $(BENCH_RUN:.json=.xml) && exit $$status
 
 bench-compare: $(STAMP)
 	$(BENCH_PYTEST) --benchmark-compare --benchmark-compare-fail=$(BENCH_FAIL) $(BENCH_ARGS)

@@ -22,7 +22,7 @@ PY=${1:?usage: bench/gpu_check.sh PYTHON [INSTALL_STAMP]}
 STAMP=${2:-}
 OUT=build/gpu-check
 mkdir -p "$OUT"
-rm -f "$OUT"/*.log "$OUT"/tests.xml "$OUT"/bench.json
+rm -f "$OUT"/*.log "$OUT"/*.xml "$OUT"/bench.json
 : > "$OUT/phases.tsv"
 started=$(date +%s)
 
@@ -65,8 +65,10 @@ has xdist && [ "${GPU_CHECK_WORKERS:-4}" -gt 1 ] && test_args+=(-n "${GPU_CHECK_
 phase tests "${GPU_CHECK_TEST_S:-180}" "$PY" -m pytest tests "${test_args[@]}" ${GPU_CHECK_TEST_ARGS:-}
 
 phase bench "${GPU_CHECK_BENCH_S:-150}" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
-    --bench-quick --bench-device cuda --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
+    --bench-quick --bench-device cuda --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds \
+    --junitxml="$OUT/bench.xml"
 
-"$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests.xml" --phases "$OUT/phases.tsv"
+"$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests.xml" --bench-junit "$OUT/bench.xml" \
+    --phases "$OUT/phases.tsv"
 echo "gpu-check took $(( $(date +%s) - started )) s; logs in $OUT/"
 ! grep -qv $'\tok\t' "$OUT/phases.tsv"

@@ -1,7 +1,7 @@
 """Render pytest-benchmark's JSON into fastgan's result tables, and the gpu-check summary.
 
     python bench/report.py [RUN.json]            # default: the newest run saved under .benchmarks/
-    python bench/report.py RUN.json --summary --junit TESTS.xml [--phases PHASES.tsv]
+    python bench/report.py RUN.json --summary [--junit TESTS.xml] [--bench-junit BENCH.xml] [--phases PHASES.tsv]
 
 For each op (``bench/bench_<op>.py``) it writes ``bench/results/<op>-<device>-<date>.md``
 and ``.json``: the environment (device, driver, torch, triton, date, commit), then one
@@ -11,8 +11,9 @@ the entry must move at least, TFLOP/s from its FLOPs; on an H100 also as a share
 the card's limit) and its check or detail. When an earlier result file of the same op
 and device exists, entries more than REGRESSION slower than there are flagged.
 
-``--summary`` prints one screen: the test suite's pass/fail counts (from a JUnit XML),
-the phases' exit status, and every target of the issues against what was measured.
+``--summary`` prints one screen: the phases' exit status, the test suite's and the
+benchmarks' pass/fail counts (from JUnit XML; failed same-math checks and skipped
+entries by name), and every target of the issues against what was measured.
 """
 from __future__ import annotations
 
@@ -239,41 +240,52 @@ def targets(groups: dict, device_type: str) -> List[Tuple[str, str, Optional[boo
     return out
 
 
-def junit_counts(path: Path) -> Tuple[Dict[str, int], List[str]]:
+def junit_counts(path: Path) -> Tuple[Dict[str, int], List[str], List[str]]:
+    """(counts, failed names, skipped names with reasons) of a JUnit XML report."""
     root = ElementTree.parse(path).getroot()
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    failures = []
+    failures, skips = [], []
     for case in root.iter("testcase"):
-        kinds = {child.tag for child in case}
+        outcome = {child.tag: child for child in case}
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        if "failure" in kinds:
+        if "failure" in outcome:
             counts["failed"] += 1
             failures.append(name)
-        elif "error" in kinds:
+        elif "error" in outcome:
             counts["errors"] += 1
             failures.append(name + " (error)")
-        elif "skipped" in kinds:
+        elif "skipped" in outcome:
             counts["skipped"] += 1
+            skips.append(f"{name}: {outcome['skipped'].get('message', '')}")
         else:
             counts["passed"] += 1
-    return counts, failures
+    return counts, failures, skips
 
 
-def summary(groups: dict, device_type: str, junit: Optional[Path], phases: Optional[Path], paths: List[Path]) -> str:
+def _junit_lines(label: str, path: Optional[Path], show_skips: bool) -> List[str]:
+    if path is None:
+        return []
+    if not path.exists():
+        return [f"{label}: no report at {path} (the phase did not finish)"]
+    counts, failures, skips = junit_counts(path)
+    lines = [f"{label}: " + ", ".join(f"{v} {k}" for k, v in counts.items())]
+    lines += [f"  FAILED {name}" for name in failures[:8]]
+    if len(failures) > 8:
+        lines.append(f"  ... and {len(failures) - 8} more (see the log)")
+    if show_skips:
+        lines += [f"  skipped {text}" for text in skips[:4]]
+    return lines
+
+
+def summary(groups: dict, device_type: str, junit: Optional[Path], bench_junit: Optional[Path], phases: Optional[Path],
+            paths: List[Path]) -> str:
     lines = ["=" * 78, "fastgan gpu-check summary" if device_type == "cuda" else "fastgan benchmark summary", "=" * 78]
     if phases and phases.exists():
         for line in phases.read_text().splitlines():
             name, status, seconds = (line.split("\t") + ["", ""])[:3]
             lines.append(f"phase {name:<12} {status:<24} {seconds} s")
-    if junit:
-        if junit.exists():
-            counts, failures = junit_counts(junit)
-            lines.append("tests: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
-            lines += [f"  FAILED {name}" for name in failures[:8]]
-            if len(failures) > 8:
-                lines.append(f"  ... and {len(failures) - 8} more (see the log)")
-        else:
-            lines.append(f"tests: no report at {junit} (the test phase did not finish)")
+    lines += _junit_lines("tests", junit, show_skips=False)
+    lines += _junit_lines("benchmarks", bench_junit, show_skips=True)
     lines.append("targets:")
     for text, measured, ok in targets(groups, device_type):
         mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[ok]
@@ -288,6 +300,7 @@ def main(argv=None) -> int:
     parser.add_argument("run", nargs="?", type=Path, help="pytest-benchmark JSON (default: the newest saved run)")
     parser.add_argument("--summary", action="store_true", help="print the targets (and test counts) summary")
     parser.add_argument("--junit", type=Path, help="JUnit XML of the test suite, for the summary")
+    parser.add_argument("--bench-junit", type=Path, help="JUnit XML of the benchmark run (failed checks, skips)")
     parser.add_argument("--phases", type=Path, help="tab-separated phase, status, seconds lines, for the summary")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="whose targets the summary lists (default: the run's device)")
     args = parser.parse_args(argv)
@@ -304,7 +317,7 @@ def main(argv=None) -> int:
             device_type = args.device or run.get("machine_info", {}).get("fastgan", {}).get("device_type", "cpu")
             print("written: " + " ".join(str(p.relative_to(ROOT)) for p in paths))
     if args.summary:
-        print(summary(groups, device_type, args.junit, args.phases, paths))
+        print(summary(groups, device_type, args.junit, args.bench_junit, args.phases, paths))
     return 0
 
 
