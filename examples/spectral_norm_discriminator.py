@@ -33,7 +33,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     print("fastgan backends here:")
-    for name, status in fastgan.backends().items():
+    for name, status in fastgan.backends()["backends"].items():
         usable = [d for d in ("cpu", "cuda") if status[d]] or ["-"]
         print(f"  {name:<9} usable on {', '.join(usable)}")
 

@@ -1,4 +1,4 @@
-"""Which kernel runs an op: the one place backends are chosen.
+"""Which kernel runs an op: the per-op backend registry.
 
 Every fastgan op has up to four implementations:
 
@@ -8,25 +8,36 @@ Every fastgan op has up to four implementations:
 * ``cuda``      -- the CUDA C++ kernels of ``fastgan._C``; CUDA tensors.
 * ``cpp``       -- the CPU C++ kernels of ``fastgan._C``; CPU tensors.
 
-The choice is made per call from the tensors' device: CUDA prefers triton, then
-cuda, then reference; CPU prefers cpp, then reference. It is overridden, in order
-of precedence, by the :func:`use_backend` context manager and by the
-``FASTGAN_BACKEND`` environment variable (read at each call). A forced backend
-that cannot run on the tensors' device raises instead of silently falling back.
+Each op declares, in ONE :func:`register` call next to its definition, which of
+these it has and its own order of preference per device type (with the
+measurement that justifies the order, where there is one). Per call, the first
+backend of that order that can run here is used.
+
+Overrides, in order of precedence: the :func:`use_backend` context manager, then
+the ``FASTGAN_BACKEND`` environment variable (read at each call). A forced backend
+that cannot run on the tensors' device at all raises; a forced backend that can
+run there but that this op has no kernel for falls back to the op's own default
+(so ``FASTGAN_BACKEND=triton`` never breaks an op without a Triton kernel).
+:func:`backends` reports, per op and device, what runs and why.
+
+Adding an op touches one place (its ``register`` call); adding a backend touches
+two here (:data:`BACKENDS` and :func:`_status`) plus one entry in the table of each
+op it implements.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import importlib
 import os
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 BACKENDS = ("triton", "cuda", "cpp", "reference")
-_DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+DEVICE_TYPES = ("cpu", "cuda")
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastgan_backend", default=None)
 
@@ -54,19 +65,16 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _status(name: str, device_type: str) -> tuple[bool, str]:
-    """Whether backend ``name`` can run on ``device_type``, and if not, why."""
+def _status(name: str, device_type: str) -> Tuple[bool, str]:
+    """Whether backend ``name`` can run on ``device_type`` at all, and if not, why."""
     if name == "reference":
         return True, ""
     if name == "triton":
-        ok, why = _load_triton()
-        if not ok:
-            return False, why
         if device_type == "cpu" and not triton_interpreted():
             return False, "triton runs on CPU tensors only under TRITON_INTERPRET=1"
-        if device_type not in ("cpu", "cuda"):
+        if device_type not in DEVICE_TYPES:
             return False, f"triton kernels do not support device type {device_type!r}"
-        return True, ""
+        return _load_triton()
     module, why = _load_extension()
     if module is None:
         return False, why
@@ -81,26 +89,98 @@ def _status(name: str, device_type: str) -> tuple[bool, str]:
     return True, ""
 
 
-def backends() -> Dict[str, Dict[str, object]]:
-    """What is built and usable here, per backend and device, with reasons.
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op's backend table: its implementations and its preference per device type."""
 
-    >>> fastgan.backends()["cpp"]
-    {'cpu': True, 'cuda': False, 'why_not': {'cuda': 'the cpp backend runs on CPU tensors; ...'}}
+    name: str
+    impls: Mapping[str, Callable]
+    order: Mapping[str, Tuple[str, ...]]
+    basis: str  # why this order: the measurement it rests on, or that there is none yet
+
+    def choose(self, device_type: str) -> Tuple[str, str]:
+        """(backend, why) for a call on ``device_type`` now; raises when a forced backend cannot run there."""
+        forced = forced_backend()
+        if forced is not None:
+            ok, why = _status(forced, device_type)
+            if not ok:
+                raise RuntimeError(f"fastgan backend {forced!r} was requested but cannot run on {device_type}: {why}")
+            if forced in self.impls:
+                return forced, f"forced ({_forced_source()})"
+            default, why_default = self._default(device_type)
+            return default, f"forced {forced!r} ({_forced_source()}) has no {self.name} kernel; the op's default: {why_default}"
+        return self._default(device_type)
+
+    def _default(self, device_type: str) -> Tuple[str, str]:
+        skipped = []
+        for name in self.order.get(device_type, ()):
+            ok, why = _status(name, device_type)
+            if ok:
+                prefix = f"{'; '.join(skipped)}; " if skipped else ""
+                return name, f"{prefix}first usable of {', '.join(self.order[device_type])} ({self.basis})"
+            skipped.append(f"{name} unusable: {why}")
+        return "reference", f"no kernel backend for {device_type}; plain torch"
+
+    def __call__(self, device: torch.device) -> Callable:
+        """The implementation to run on ``device`` now."""
+        return self.impls[self.choose(device.type)[0]]
+
+
+_REGISTRY: Dict[str, Op] = {}
+
+
+def register(name: str, impls: Mapping[str, Callable], order: Mapping[str, Sequence[str]], basis: str) -> Op:
+    """Declare op ``name``: ``impls`` (backend -> callable, ``reference`` required) and
+    ``order`` (device type -> backends to try, best first), justified by ``basis``."""
+    unknown = set(impls) - set(BACKENDS)
+    if unknown or "reference" not in impls:
+        raise ValueError(f"{name}: implementations must be among {BACKENDS} and include 'reference', got {sorted(impls)}")
+    for device_type, names in order.items():
+        missing = [n for n in names if n not in impls]
+        if device_type not in DEVICE_TYPES or missing:
+            raise ValueError(f"{name}: order for {device_type!r} names backends without an implementation: {missing}")
+    op = Op(name, dict(impls), {d: tuple(n) for d, n in order.items()}, basis)
+    _REGISTRY[name] = op
+    return op
+
+
+def registered() -> Dict[str, Op]:
+    return dict(_REGISTRY)
+
+
+def backends() -> Dict[str, Dict]:
+    """What is built and usable here, and what each op runs on each device, with reasons.
+
+    ``report["backends"][name][device]`` says whether a backend can run on a device
+    (``report["backends"][name]["why_not"]`` why not); ``report["ops"][op][device]``, for
+    each device visible here, is ``{"runs": backend, "why": ...}`` under the current
+    overrides, or ``{"error": ...}`` when a forced backend cannot run there;
+    ``report["forced"]`` is the forced backend or None.
     """
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    report = {}
+    importlib.import_module("fastgan.ops")  # registers every op
+    visible = {"cpu": True, "cuda": torch.cuda.is_available()}
+    report: Dict[str, Dict] = {"backends": {}, "ops": {}, "forced": forced_backend()}
     for name in BACKENDS:
         entry: Dict[str, object] = {}
         reasons = {}
-        for dev in ("cpu", "cuda"):
+        for dev in DEVICE_TYPES:
             ok, why = _status(name, dev)
-            if dev not in devices and ok:
+            if ok and not visible[dev]:
                 ok, why = False, "no CUDA device visible to torch"
             entry[dev] = ok
             if not ok:
                 reasons[dev] = why
         entry["why_not"] = reasons
-        report[name] = entry
+        report["backends"][name] = entry
+    for op_name, op in sorted(_REGISTRY.items()):
+        per_device = {}
+        for dev in (d for d in DEVICE_TYPES if visible[d]):
+            try:
+                runs, why = op.choose(dev)
+                per_device[dev] = {"runs": runs, "why": why}
+            except RuntimeError as exc:
+                per_device[dev] = {"error": str(exc)}
+        report["ops"][op_name] = per_device
     return report
 
 
@@ -113,8 +193,9 @@ def _validate_name(name: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force every fastgan op in this context onto backend ``name``
-    (``None`` restores automatic choice). Takes precedence over FASTGAN_BACKEND."""
+    """Force every fastgan op in this context onto backend ``name`` where the op has it
+    (others keep their default); ``None`` restores automatic choice. Takes precedence
+    over FASTGAN_BACKEND."""
     token = _forced.set(None if name is None else _validate_name(name))
     try:
         yield
@@ -130,26 +211,16 @@ def forced_backend() -> Optional[str]:
     return name
 
 
-def select(device: torch.device, implemented=BACKENDS) -> str:
-    """The backend that runs an op with kernels for ``implemented`` on ``device`` now."""
-    device_type = device.type
-    forced = forced_backend()
-    if forced is not None:
-        ok, why = _status(forced, device_type)
-        if not ok:
-            raise RuntimeError(f"fastgan backend {forced!r} was requested but cannot run on {device_type}: {why}")
-        if forced not in implemented:
-            raise RuntimeError(f"fastgan backend {forced!r} was requested but this op only has {', '.join(implemented)}")
-        return forced
-    for name in _DEFAULT_ORDER.get(device_type, ()):
-        if name in implemented and _status(name, device_type)[0]:
-            return name
-    return "reference"
+def _forced_source() -> str:
+    return "use_backend" if _forced.get() is not None else "FASTGAN_BACKEND"
 
 
-def dispatch(impls: Dict[str, Callable], device: torch.device) -> Callable:
-    """The implementation of one op (``impls``: backend name -> callable) to run on ``device``."""
-    return impls[select(device, tuple(impls))]
+def memory_order(tensor: torch.Tensor) -> Optional[Tuple[int, ...]]:
+    """The permutation P with ``tensor.permute(P)`` contiguous -- the order of its dims in
+    memory, outermost first -- or None when the tensor is not dense (overlapping or gapped,
+    e.g. a slice). Channels-last tensors are dense; kernels read them in place through it."""
+    order = tuple(sorted(range(tensor.dim()), key=lambda i: (-tensor.stride(i), i)))
+    return order if tensor.permute(order).is_contiguous() else None
 
 
 def triton_kernel(module: str, name: str) -> Callable:
@@ -163,7 +234,7 @@ def triton_kernel(module: str, name: str) -> Callable:
 
 
 def extension_op(name: str) -> Callable:
-    """``torch.ops.fastgan_C.<name>``, looked up at call time (after :func:`select` loaded the library)."""
+    """``torch.ops.fastgan_C.<name>``, looked up at call time (after the backend check loaded the library)."""
 
     def call(*args):
         return getattr(torch.ops.fastgan_C, name)(*args)

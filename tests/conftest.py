@@ -16,9 +16,17 @@ import fastgan  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
-# Kernel backends that must run on each device; a missing one fails the suite
-# instead of being skipped (test_backends.py checks they are all usable).
-KERNEL_BACKENDS = {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")}
+
+
+def kernel_backends(triton_interpreted):
+    """Kernel backends that must run on each device: triton runs CPU tensors only
+    through its interpreter (on a GPU machine without TRITON_INTERPRET=1 it does not)."""
+    return {"cpu": ("cpp", "triton") if triton_interpreted else ("cpp",), "cuda": ("cuda", "triton")}
+
+
+# A missing backend fails the suite instead of being skipped (test_backends.py checks
+# they are all usable).
+KERNEL_BACKENDS = kernel_backends(fastgan._backend.triton_interpreted())
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -39,6 +47,16 @@ def device_backends(include_reference=False):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """IEEE float32 convolutions and matmuls on GPUs: TF32's 10-bit mantissa would break
+    the 1e-5 comparisons of the CUDA module tests (cuDNN allows it by default)."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def exit_worker():

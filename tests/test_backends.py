@@ -1,50 +1,126 @@
-"""Backend selection: what is built, the defaults per device, and the overrides."""
+"""Backend selection: what is built, each op's own defaults per device, and the overrides."""
 import pytest
 import torch
 
 import fastgan
 from fastgan import _backend
-from conftest import HAS_CUDA, KERNEL_BACKENDS
+from conftest import HAS_CUDA, KERNEL_BACKENDS, kernel_backends
+
+OPS = (
+    "spectral_norm_power_iteration", "spectral_norm_power_iteration_multi", "gp_interpolate", "dragan_perturb",
+    "gp_penalty", "newton_schulz_steps", "feature_moments",
+)
 
 
 def test_every_kernel_backend_is_usable_here():
-    report = fastgan.backends()
+    report = fastgan.backends()["backends"]
     devices = ["cpu"] + (["cuda"] if HAS_CUDA else [])
     for device in devices:
         for name in KERNEL_BACKENDS[device]:
             assert report[name][device], f"{name} on {device} unusable: {report[name]['why_not'].get(device)}"
 
 
+def test_triton_is_a_cpu_test_backend_only_under_the_interpreter():
+    """On a GPU machine without TRITON_INTERPRET=1 no cpu-triton case may be generated."""
+    assert "triton" not in kernel_backends(triton_interpreted=False)["cpu"]
+    assert "triton" in kernel_backends(triton_interpreted=True)["cpu"]
+    assert KERNEL_BACKENDS["cpu"] == kernel_backends(_backend.triton_interpreted())["cpu"]
+
+
 def test_report_explains_what_is_missing():
     report = fastgan.backends()
-    assert set(report) == set(fastgan.BACKENDS)
-    assert report["reference"]["cpu"]
-    assert "CPU" in report["cpp"]["why_not"]["cuda"] or "CUDA" in report["cpp"]["why_not"]["cuda"]
+    assert set(report["backends"]) == set(fastgan.BACKENDS)
+    assert report["backends"]["reference"]["cpu"]
+    assert "CPU" in report["backends"]["cpp"]["why_not"]["cuda"] or "CUDA" in report["backends"]["cpp"]["why_not"]["cuda"]
 
 
-def test_default_choice_per_device():
-    assert _backend.select(torch.device("cpu")) == "cpp"
-    assert _backend.select(torch.device("cpu"), ("reference", "triton")) == "reference"
+def test_report_says_per_op_what_runs_where_and_why():
+    report = fastgan.backends()
+    assert set(OPS) <= set(report["ops"])
+    assert report["forced"] is None
+    for op in OPS:
+        choice = report["ops"][op]["cpu"]
+        assert choice["runs"] == "cpp"
+        assert "bench/results" in choice["why"] or "not measured" in choice["why"], choice
+    if not HAS_CUDA:
+        assert "cuda" not in report["ops"]["gp_penalty"]
+
+
+def test_each_op_has_its_own_order_per_device():
+    ops = _backend.registered()
+    for name in OPS:
+        op = ops[name]
+        assert op.order["cpu"][0] == "cpp" and op.order["cpu"][-1] == "reference"
+        assert "reference" in op.order["cuda"]
+    # FID's float64 products prefer cuBLAS to the untuned float64 Triton matmul.
+    assert ops["newton_schulz_steps"].order["cuda"].index("cuda") < ops["newton_schulz_steps"].order["cuda"].index("triton")
+    assert "triton" not in ops["feature_moments"].impls
+    assert ops["spectral_norm_power_iteration"].choose("cpu")[0] == "cpp"
+
+
+def test_register_rejects_an_order_without_an_implementation():
+    with pytest.raises(ValueError, match="without an implementation"):
+        _backend.register("bogus_op", {"reference": abs}, {"cuda": ("triton", "reference")}, "test")
+    with pytest.raises(ValueError, match="include 'reference'"):
+        _backend.register("bogus_op", {"cpp": abs}, {"cpu": ("cpp",)}, "test")
+    assert "bogus_op" not in _backend.registered()
 
 
 def test_context_manager_overrides_environment(monkeypatch):
+    op = _backend.registered()["gp_penalty"]
     monkeypatch.setenv("FASTGAN_BACKEND", "reference")
-    assert _backend.select(torch.device("cpu")) == "reference"
-    with fastgan.use_backend("triton"):
-        assert _backend.select(torch.device("cpu")) == "triton"
+    assert op.choose("cpu")[0] == "reference"
+    with fastgan.use_backend("cpp"):
+        assert op.choose("cpu") == ("cpp", "forced (use_backend)")
         with fastgan.use_backend(None):
-            assert _backend.select(torch.device("cpu")) == "reference"
+            assert op.choose("cpu")[0] == "reference"
+
+
+@pytest.mark.skipif(not _backend.triton_interpreted(), reason="triton must be able to run on the CPU here")
+def test_forcing_a_backend_an_op_lacks_falls_back_to_its_default(monkeypatch):
+    monkeypatch.setenv("FASTGAN_BACKEND", "triton")
+    backend, why = _backend.registered()["feature_moments"].choose("cpu")
+    assert backend == "cpp" and "has no feature_moments kernel" in why
+    report = fastgan.backends()
+    assert report["forced"] == "triton"
+    assert report["ops"]["feature_moments"]["cpu"]["runs"] == "cpp"
+    assert report["ops"]["gp_penalty"]["cpu"]["runs"] == "triton"
+    # The op itself runs (this crashed FeatureStatistics.update, i.e. a training run's first FID).
+    features = torch.randn(7, 5, dtype=torch.float64)
+    total, outer = torch.ops.fastgan.feature_moments(features)
+    torch.testing.assert_close(outer, features.T @ features, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not _backend.triton_interpreted(), reason="triton must be able to run on the CPU here")
+def test_feature_statistics_update_under_a_forced_backend_it_lacks(monkeypatch):
+    from fastgan.metrics.fid import FeatureStatistics
+
+    monkeypatch.setenv("FASTGAN_BACKEND", "triton")
+    features = torch.randn(9, 6)
+    stats = FeatureStatistics().update(features)
+    torch.testing.assert_close(stats.mean.double(), features.double().mean(0), rtol=1e-6, atol=1e-6)
 
 
 def test_forcing_a_backend_that_cannot_run_raises(monkeypatch):
-    with fastgan.use_backend("cuda"), pytest.raises(RuntimeError, match="cannot run on cpu"):
-        _backend.select(torch.device("cpu"))
+    for op in ("gp_penalty", "feature_moments"):  # has a cuda kernel / has none: raises either way
+        with fastgan.use_backend("cuda"), pytest.raises(RuntimeError, match="cannot run on cpu"):
+            _backend.registered()[op].choose("cpu")
+    with fastgan.use_backend("cuda"):
+        assert "error" in fastgan.backends()["ops"]["gp_penalty"]["cpu"]
     monkeypatch.setenv("FASTGAN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown fastgan backend 'bogus'"):
-        _backend.select(torch.device("cpu"))
+        _backend.registered()["gp_penalty"].choose("cpu")
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ok, why = _backend._status("triton", "cpu")
     assert not ok and "TRITON_INTERPRET=1" in why
+    assert _backend.registered()["gp_penalty"].choose("cpu")[0] == "cpp"
+
+
+def test_memory_order_reads_dense_layouts_and_rejects_gaps():
+    x = torch.empty(4, 3, 5, 6).to(memory_format=torch.channels_last)
+    assert _backend.memory_order(x) == (0, 2, 3, 1)
+    assert _backend.memory_order(torch.empty(4, 3)) == (0, 1)
+    assert _backend.memory_order(torch.empty(4, 6)[:, ::2]) is None

@@ -5,13 +5,17 @@
   drawn inside the kernel from ``seed`` (fastgan's Philox stream, identical on every
   backend). Differentiable w.r.t. real, fake and a given alpha.
 * ``fastgan::dragan_perturb(real, seed) -> x_hat``: clip(real + std(real)·(U − ½), 0, 1)
-  with the uniforms drawn inside the kernel. Not differentiable: x̂ is a point at
-  which D's input gradient is taken, not a function to backprop through.
+  with the uniforms drawn inside the kernel; std is the biased (population) standard
+  deviation of the whole batch, compare_gan's, so a one-element batch gives std 0.
+  Not differentiable: x̂ is a point at which D's input gradient is taken, not a
+  function to backprop through.
 * ``fastgan::gp_penalty(grad, squared_norm, center, eps, one_sided) -> (penalty, sq)``:
   per-sample Σ g² (``sq``, float32 or float64) and the penalty from it, fused;
   differentiable w.r.t. ``grad`` to any order (its backward is plain torch).
 
-Formulas and conventions: :mod:`fastgan.reference.gradient_penalty`.
+Formulas and conventions: :mod:`fastgan.reference.gradient_penalty`. Dense inputs
+with the samples outermost in memory (channels-last included) are read in place by
+gp_interpolate and gp_penalty; dragan_perturb reads a contiguous copy of others.
 """
 from __future__ import annotations
 
@@ -55,31 +59,49 @@ def _seed_value(seed: int) -> int:
     return seed
 
 
-def _impls(name, reference_fn):
-    return {
-        "reference": reference_fn,
-        "triton": _backend.triton_kernel("gradient_penalty", name),
-        "cpp": _backend.extension_op(name),
-        "cuda": _backend.extension_op(name),
-    }
+def _register(name, reference_fn):
+    return _backend.register(
+        name,
+        {
+            "reference": reference_fn,
+            "triton": _backend.triton_kernel("gradient_penalty", name),
+            "cpp": _backend.extension_op(name),
+            "cuda": _backend.extension_op(name),
+        },
+        {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")},
+        "CPU: bench/results/gradient_penalty-cpu-2026-11-23.md, a D step is convolution-bound (cpp 1.04x, "
+        "reference 1.05x: equal within noise), cpp first as it reads the images once; CUDA: not measured yet "
+        "(make gpu-check), the CUDA C++ kernels first for their 16-byte vector loads and device-sized grids",
+    )
 
 
-_INTERPOLATE = _impls("gp_interpolate", reference.interpolate)
-_DRAGAN = _impls("dragan_perturb", reference.dragan_perturb)
-_PENALTY = _impls("gp_penalty", reference.penalty)
+_INTERPOLATE = _register("gp_interpolate", reference.interpolate)
+_DRAGAN = _register("dragan_perturb", reference.dragan_perturb)
+_PENALTY = _register("gp_penalty", reference.penalty)
+
+
+def _batch_major(*xs: Tensor) -> Tuple[Tensor, ...]:
+    """The tensors themselves when the kernels can read them in place -- dense with the
+    samples outermost in memory (contiguous, channels-last, ...) and all laid out alike --
+    else contiguous copies. The elementwise and per-sample kernels walk memory linearly, so
+    only the sample boundaries matter, not the order of the elements within a sample."""
+    orders = [_backend.memory_order(x) for x in xs]
+    in_place = all(o is not None and (x.shape[0] == 1 or o[0] == 0) for x, o in zip(xs, orders))
+    in_place = in_place and all(x.stride() == xs[0].stride() for x in xs)
+    return xs if in_place else tuple(x.contiguous() for x in xs)
 
 
 @torch.library.custom_op("fastgan::gp_interpolate", mutates_args=())
 def gp_interpolate(real: Tensor, fake: Tensor, alpha: Optional[Tensor], seed: int) -> Tuple[Tensor, Tensor]:
     _check_interpolate(real, fake, alpha)
-    impl = _backend.dispatch(_INTERPOLATE, real.device)
-    return impl(real.contiguous(), fake.contiguous(), None if alpha is None else alpha.contiguous(), _seed_value(seed))
+    real, fake = _batch_major(real, fake)
+    return _INTERPOLATE(real.device)(real, fake, None if alpha is None else alpha.contiguous(), _seed_value(seed))
 
 
 @gp_interpolate.register_fake
 def _(real, fake, alpha, seed):
     _check_interpolate(real, fake, alpha)
-    return torch.empty_like(real), real.new_empty((real.shape[0],))
+    return torch.empty_like(_batch_major(real, fake)[0]), real.new_empty((real.shape[0],))
 
 
 def _interpolate_setup_context(ctx, inputs, output):
@@ -107,16 +129,15 @@ gp_interpolate.register_autograd(_interpolate_backward, setup_context=_interpola
 @torch.library.custom_op("fastgan::dragan_perturb", mutates_args=())
 def dragan_perturb(real: Tensor, seed: int) -> Tensor:
     _check_batch(real, "real")
-    if real.numel() < 2:
-        raise ValueError("DRAGAN needs at least 2 elements in the batch to estimate its standard deviation")
-    impl = _backend.dispatch(_DRAGAN, real.device)
-    return impl(real.contiguous(), _seed_value(seed))
+    # Contiguous, unlike the other ops: element i draws the i-th uniform in logical order,
+    # which a kernel walking a channels-last tensor in memory order would not.
+    return _DRAGAN(real.device)(real.contiguous(), _seed_value(seed))
 
 
 @dragan_perturb.register_fake
 def _(real, seed):
     _check_batch(real, "real")
-    return torch.empty_like(real)
+    return real.new_empty(real.shape)
 
 
 @torch.library.custom_op("fastgan::gp_penalty", mutates_args=())
@@ -124,8 +145,8 @@ def gp_penalty(grad: Tensor, squared_norm: bool, center: float, eps: float, one_
     _check_batch(grad, "the gradient of D")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    impl = _backend.dispatch(_PENALTY, grad.device)
-    return impl(grad.contiguous(), squared_norm, center, eps, one_sided)
+    (grad,) = _batch_major(grad)
+    return _PENALTY(grad.device)(grad, squared_norm, center, eps, one_sided)
 
 
 @gp_penalty.register_fake

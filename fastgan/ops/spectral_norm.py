@@ -15,6 +15,7 @@ ops run on the backend :mod:`fastgan._backend` picks; they are not differentiabl
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence, Tuple
 
 import torch
@@ -85,18 +86,83 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
     return checked
 
 
-_POWER_ITERATION = {
-    "reference": reference.power_iteration,
-    "triton": _backend.triton_kernel("spectral_norm", "power_iteration"),
-    "cpp": _backend.extension_op("spectral_norm_power_iteration"),
-    "cuda": _backend.extension_op("spectral_norm_power_iteration"),
-}
-_POWER_ITERATION_MULTI = {
-    "reference": reference.power_iteration_multi,
-    "triton": _backend.triton_kernel("spectral_norm", "power_iteration_multi"),
-    "cpp": _backend.extension_op("spectral_norm_power_iteration_multi"),
-    "cuda": _backend.extension_op("spectral_norm_power_iteration_multi"),
-}
+_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+_BASIS = (
+    "CPU: bench/results/spectral_norm-cpu-2026-11-23.md, SNDCGAN D refresh cpp 3.24x torch, reference 0.86x; "
+    "CUDA: not measured yet (make gpu-check), the CUDA C++ kernel first for its 16-byte vector loads"
+)
+_POWER_ITERATION = _backend.register(
+    "spectral_norm_power_iteration",
+    {
+        "reference": reference.power_iteration,
+        "triton": _backend.triton_kernel("spectral_norm", "power_iteration"),
+        "cpp": _backend.extension_op("spectral_norm_power_iteration"),
+        "cuda": _backend.extension_op("spectral_norm_power_iteration"),
+    },
+    _ORDER,
+    _BASIS,
+)
+_POWER_ITERATION_MULTI = _backend.register(
+    "spectral_norm_power_iteration_multi",
+    {
+        "reference": reference.power_iteration_multi,
+        "triton": _backend.triton_kernel("spectral_norm", "power_iteration_multi"),
+        "cpp": _backend.extension_op("spectral_norm_power_iteration_multi"),
+        "cuda": _backend.extension_op("spectral_norm_power_iteration_multi"),
+    },
+    _ORDER,
+    _BASIS,
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(shape: Tuple[int, ...], stride: Tuple[int, ...], dim: int, device: torch.device):
+    """How the kernels read a weight of this layout in place: (permutation P of its dims with
+    W.permute(P) contiguous, the dim's position in it, and the column permutation (K,) with
+    W.permute(P)'s matrix = W_mat[:, perm], or None when the columns keep their order);
+    None when the weight is not dense and must be copied. Cached per layout, kept on the device."""
+    probe = torch.empty_strided(shape, stride, device="meta")
+    order = _backend.memory_order(probe)
+    if order is None:
+        return None
+    others = [i for i in range(len(shape)) if i != dim]
+    others_in_memory = [i for i in order if i != dim]
+    perm = None
+    if others_in_memory != others:
+        columns = torch.arange(probe.numel() // shape[dim], device=device).reshape([shape[i] for i in others])
+        perm = columns.permute([others.index(i) for i in others_in_memory]).reshape(-1)
+        perm = (perm, torch.argsort(perm))
+    return order, order.index(dim), perm
+
+
+def _in_place(weights: Sequence[Tensor], vs: Sequence[Tensor], dims: Sequence[int]):
+    """The kernels' view of each layer (contiguous, read in place -- channels-last and other
+    dense layouts included), v in that view's column order, and the column permutations to
+    undo. Only non-dense weights (slices with gaps) are copied: the kernels read rows as
+    runs of a dense (A, M, B) block."""
+    views, v_views, perms, new_dims = [], [], [], []
+    for w, v, d in zip(weights, vs, dims):
+        layout = _layout(tuple(w.shape), tuple(w.stride()), d, w.device)
+        if layout is None:
+            views.append(w.contiguous())
+            v_views.append(v)
+            perms.append(None)
+            new_dims.append(d)
+            continue
+        order, dim_in_view, perm = layout
+        views.append(w.permute(order))
+        new_dims.append(dim_in_view)
+        perms.append(perm)
+        v_views.append(v if perm is None else v[perm[0]])
+    return views, v_views, new_dims, perms
+
+
+def _columns_back(v_out: Tensor, perms, sizes: Sequence[int]) -> Tensor:
+    """Undo the column permutations of :func:`_in_place` on the concatenated v."""
+    if all(p is None for p in perms):
+        return v_out
+    parts = v_out.split(list(sizes))
+    return torch.cat([part if p is None else part[p[1]] for part, p in zip(parts, perms)])
 
 
 @torch.library.custom_op("fastgan::spectral_norm_power_iteration", mutates_args=())
@@ -105,8 +171,13 @@ def spectral_norm_power_iteration(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dim = check_layer(weight, u, v, dim, "spectral_norm_power_iteration")
     _check_iteration(n_power_iterations, eps)
-    impl = _backend.dispatch(_POWER_ITERATION, weight.device)
-    return impl(weight.contiguous(), u.contiguous(), v.contiguous(), dim, n_power_iterations, eps, u_first)
+    backend = _POWER_ITERATION.choose(weight.device.type)[0]
+    impl = _POWER_ITERATION.impls[backend]
+    if backend == "reference":  # plain torch reads any layout
+        return impl(weight, u, v, dim, n_power_iterations, eps, u_first)
+    (view,), (v_view,), (view_dim,), perms = _in_place([weight], [v.contiguous()], [dim])
+    u_out, v_out, sigma = impl(view, u.contiguous(), v_view, view_dim, n_power_iterations, eps, u_first)
+    return u_out, _columns_back(v_out, perms, [v.numel()]), sigma
 
 
 @spectral_norm_power_iteration.register_fake
@@ -128,16 +199,15 @@ def spectral_norm_power_iteration_multi(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dims = _check_multi(weights, us, vs, dims)
     _check_iteration(n_power_iterations, eps)
-    impl = _backend.dispatch(_POWER_ITERATION_MULTI, weights[0].device)
-    return impl(
-        [w.contiguous() for w in weights],
-        [u.contiguous() for u in us],
-        [v.contiguous() for v in vs],
-        dims,
-        n_power_iterations,
-        eps,
-        u_first,
-    )
+    backend = _POWER_ITERATION_MULTI.choose(weights[0].device.type)[0]
+    impl = _POWER_ITERATION_MULTI.impls[backend]
+    us = [u.contiguous() for u in us]
+    vs = [v.contiguous() for v in vs]
+    if backend == "reference":  # plain torch reads any layout
+        return impl(weights, us, vs, dims, n_power_iterations, eps, u_first)
+    views, v_views, view_dims, perms = _in_place(weights, vs, dims)
+    u_out, v_out, sigma = impl(views, us, v_views, view_dims, n_power_iterations, eps, u_first)
+    return u_out, _columns_back(v_out, perms, [v.numel() for v in vs]), sigma
 
 
 @spectral_norm_power_iteration_multi.register_fake
