@@ -114,8 +114,9 @@ def test_trace_sqrt_product(benchmark, stats, name):
     assert error <= 1e-3 + 1e-6 * abs(exact), f"{name}: |ΔFID| {error:.1e} against scipy exceeds FID's bound (FID {exact:.3f})"
     slow = name in SLOW_REFERENCES
     timing.measure(benchmark, fn, name, baseline=name == SCIPY, group=f"fid: trace_sqrt_product d={D}",
-                   detail=f"|ΔFID| {error:.1e} (FID {exact:.3f})", warmup=0 if slow else 2,
-                   rounds=timing.budget(3, 1) if slow else None, seconds=timing.budget(3.0, 0.5))
+                   detail=f"|ΔFID| {error:.1e} (FID {exact:.3f})", warmup=0 if slow else 1,
+                   rounds=timing.budget(3, 1) if slow else None, seconds=timing.budget(3.0, 0.5),
+                   min_rounds=timing.budget(3, 2))
 
 
 # --------------------------------------------------------------------------- Inception throughput

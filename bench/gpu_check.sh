@@ -15,7 +15,7 @@
 # Logs and the raw JSON stay in build/gpu-check/.
 #
 # Budgets (seconds) and knobs: GPU_CHECK_BUILD_S (120), GPU_CHECK_TEST_S (180),
-# GPU_CHECK_BENCH_S (150), GPU_CHECK_TEST_TIMEOUT (per test, 120), GPU_CHECK_WORKERS (4),
+# GPU_CHECK_BENCH_S (180), GPU_CHECK_TEST_TIMEOUT (per test, 120), GPU_CHECK_WORKERS (4),
 # GPU_CHECK_TEST_ARGS (extra pytest arguments for the suite, e.g. "-k spectral").
 set -u
 PY=${1:?usage: bench/gpu_check.sh PYTHON [INSTALL_STAMP]}
@@ -64,7 +64,7 @@ has xdist && [ "${GPU_CHECK_WORKERS:-4}" -gt 1 ] && test_args+=(-n "${GPU_CHECK_
 # shellcheck disable=SC2086
 phase tests "${GPU_CHECK_TEST_S:-180}" "$PY" -m pytest tests "${test_args[@]}" ${GPU_CHECK_TEST_ARGS:-}
 
-phase bench "${GPU_CHECK_BENCH_S:-150}" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
+phase bench "${GPU_CHECK_BENCH_S:-180}" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
     --bench-quick --bench-device cuda --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds \
     --junitxml="$OUT/bench.xml"
 

@@ -148,10 +148,15 @@ def measure(
         benchmark.extra_info["detail"] = detail
     seconds = budget(1.0, 0.2) if seconds is None else seconds
     min_rounds = budget(5, 3) if min_rounds is None else min_rounds
-    for _ in range(warmup):  # compilation, autotuning, allocator, caches
-        fn()
+    once, warm = None, 0.0
+    for _ in range(warmup):  # compilation, autotuning, allocator, caches; no more than the budget's worth
+        once = _seconds(fn, 1)
+        warm += once
+        if warm > seconds:
+            break
     fixed = rounds is not None
-    once = None if fixed else _seconds(fn, 1)
+    if once is None and not fixed:
+        once = _seconds(fn, 1)
     if DEVICE.type != "cuda":
         iterations = 1 if fixed else max(1, int(0.01 / max(once, 1e-9)))
         rounds = rounds or max(min_rounds, int(seconds / max(once * iterations, 1e-9)))
