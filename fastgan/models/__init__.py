@@ -7,11 +7,13 @@ normalization picked by ``d_norm`` (see :data:`D_NORMALIZATIONS`).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 from fastgan.models.layers import D_NORMALIZATIONS, Discriminator, Generator, check_normalization
+from fastgan.models.lens import Lens
 from fastgan.models.resnet import ResNet19Discriminator, ResNet19Generator, ResNetCifarDiscriminator, ResNetCifarGenerator
 from fastgan.models.sndcgan import SNDCGANDiscriminator, SNDCGANGenerator
+from fastgan.models.symmetric import SymmetricDiscriminator, make_symmetric
 
 # architecture -> (generator class, discriminator class, image_size must be a multiple of this)
 _MODELS = {
@@ -21,11 +23,12 @@ _MODELS = {
 }
 ARCHITECTURES = tuple(_MODELS)
 
-__all__ = ["build_models", "check_model_shape", "ARCHITECTURES", "D_NORMALIZATIONS", "Generator", "Discriminator"]
+__all__ = ["build_models", "check_model_shape", "ARCHITECTURES", "D_NORMALIZATIONS", "Generator", "Discriminator",
+           "Lens", "SymmetricDiscriminator", "make_symmetric"]
 
 
 def build_models(architecture: str, image_size: int = 32, z_dim: int = 128, d_norm: str = "spectral",
-                 width: float = 1.0) -> Tuple[Generator, Discriminator]:
+                 width: float = 1.0, symmetric: bool = False) -> Tuple[Generator, Union[Discriminator, SymmetricDiscriminator]]:
     """A freshly initialised (G, D) pair of ``architecture`` for image_size × image_size RGB images.
 
     image_size must be a positive multiple of 8 for "sndcgan" and "resnet_cifar"
@@ -33,12 +36,14 @@ def build_models(architecture: str, image_size: int = 32, z_dim: int = 128, d_no
     is image_size/32 square, 4×4 at 128, and D halves the size six times).
     ``d_norm`` is one of :data:`D_NORMALIZATIONS`. ``width`` multiplies every channel
     count: 1 (the default) is the paper's model; narrower ones train in minutes on a
-    CPU (``make demo``). Raises ValueError otherwise.
+    CPU (``make demo``). ``symmetric`` gives D as a permutation-invariant discriminator of
+    mixed batches (:func:`make_symmetric`: one logit per batch). Raises ValueError otherwise.
     """
     check_model_shape(architecture, image_size, z_dim)
     check_normalization(d_norm)
     generator_class, discriminator_class, _ = _MODELS[architecture]
-    return generator_class(z_dim, image_size, width), discriminator_class(image_size, d_norm, width)
+    generator, discriminator = generator_class(z_dim, image_size, width), discriminator_class(image_size, d_norm, width)
+    return generator, make_symmetric(discriminator) if symmetric else discriminator
 
 
 def check_model_shape(architecture: str, image_size: int, z_dim: int) -> None:
