@@ -32,8 +32,6 @@ from typing import TYPE_CHECKING, Iterator, List
 if TYPE_CHECKING:
     import torch
 
-DOCS = "docs/README.md"
-
 
 def image_files(folder: str) -> List[Path]:
     from fastgan.train.data import image_files as images_below
