@@ -148,9 +148,9 @@ class PlainGAN:
 
 def fastgan_trainer(config: Config, real: Tensor) -> Trainer:
     """The trainer for ``config``, fed the pre-made ``real`` batch at every D step."""
-    trainer = Trainer(config)
-    trainer._real_batch = lambda: real
-    return trainer
+    from fastgan.train.stream import RepeatedBatch
+
+    return Trainer(config, stream=RepeatedBatch(real))
 
 
 def same_math_check(trainer: Trainer, plain: PlainGAN) -> Dict[str, float]:

@@ -142,24 +142,24 @@ def command_kid(args) -> None:
 
 
 def command_train(args) -> int:
-    import torch.distributed as dist
-
     from fastgan.train.config import load_config
-    from fastgan.train.trainer import EXIT_INTERRUPTED, Trainer
+    from fastgan.train.runtime import EXIT_INTERRUPTED, Runtime
+    from fastgan.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
+    runtime = Runtime.from_environment(config.device)  # joins torchrun's process group, if any
     try:
-        trainer = Trainer(config, resume=args.resume)
+        trainer = Trainer(config, resume=args.resume, runtime=runtime)
         summary = trainer.fit()
     except OSError as error:
         if error.filename is not None or error.errno is None:
             raise
         # Writes that name no file (a log line, a sample grid on a full disk) are the run's own, in out_dir.
         raise type(error)(error.errno, error.strerror, config.out_dir) from error
-    if trainer.rank == 0:
+    finally:
+        runtime.close()
+    if runtime.rank == 0:
         _print_run_outputs(summary)
-    if dist.is_initialized():  # joined from torchrun's environment by the trainer
-        dist.destroy_process_group()
     # A stop signal ended the run early (checkpointed): a distinct status, so schedulers can requeue.
     return 0 if summary["finished"] else EXIT_INTERRUPTED
 

@@ -21,7 +21,9 @@ from fastgan.train import checkpoint
 from fastgan.train.config import LOSSES, PENALTIES, Config, load_config, parse_overrides
 from fastgan.train.losses import discriminator_loss, generator_loss, l2_penalty
 from fastgan.train.outputs import MetricsLog, plot_curves, save_image_grid
-from fastgan.train.trainer import BEST, CHECKPOINT, EXIT_INTERRUPTED, SUMMARY, Trainer, draw_latents
+from fastgan.train.callbacks import Callback
+from fastgan.train.step import GANStep
+from fastgan.train.trainer import BEST, CHECKPOINT, EXIT_INTERRUPTED, SUMMARY, Trainer, draw_latents, models_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=0", "checkpoint_every=0",
@@ -146,12 +148,12 @@ def test_configs_reproduce_the_papers_budgets_in_discriminator_updates():
 
 def test_the_data_set_is_not_read_before_the_config_is_valid(tmp_path, monkeypatch):
     """A wrong image_size for the architecture fails before a folder is decoded."""
-    import fastgan.train.trainer as trainer_module
+    import fastgan.train.data as data
 
     def must_not_decode(*args, **kwargs):
         raise AssertionError("the data set was read before the config was validated")
 
-    monkeypatch.setattr(trainer_module, "load_dataset", must_not_decode)
+    monkeypatch.setattr(data, "load_dataset", must_not_decode)
     config = Config(architecture="resnet19", image_size=64, dataset="folder", data_root=str(tmp_path))
     config.image_size = 96  # e.g. a config edited in code after loading
     with pytest.raises(ValueError, match="multiple of 64"):
@@ -159,14 +161,6 @@ def test_the_data_set_is_not_read_before_the_config_is_valid(tmp_path, monkeypat
 
 
 # ------------------------------------------------------------------ every loss × penalty
-
-
-def _fix_inputs(trainer: Trainer) -> None:
-    """Same real batch and same z at every draw: D's loss is then a function of D alone."""
-    real = trainer._real_batch()
-    z = trainer._draw_z(trainer.config.batch_size, torch.Generator().manual_seed(1))
-    trainer._real_batch = lambda: real
-    trainer._draw_z = lambda count, generator: z[:count]
 
 
 @pytest.mark.parametrize("penalty", PENALTIES)
@@ -178,9 +172,12 @@ def test_every_loss_and_penalty_trains(tmp_path, loss, penalty):
         out = trainer.train_step()
         assert all(torch.isfinite(v) for v in out.values()), out
         assert ("penalty" in out) == (penalty != "none")
-    trainer = Trainer(trainer.config.replace(seed=1, out_dir=str(tmp_path / "fixed")))
-    _fix_inputs(trainer)
-    losses = [float(trainer.discriminator_step()["d_loss"]) for _ in range(10)]
+    # Same real batch, z, α and seed at every D update: D's loss is then a function of D alone.
+    config = trainer.config
+    step = GANStep(*models_for(config), config)
+    real, z = trainer.stream.next(), draw_latents(config.batch_size, config, torch.Generator().manual_seed(1))
+    alpha = torch.rand(config.batch_size) if penalty == "wgan-gp" else None
+    losses = [float(step.discriminator_update(real, z, alpha, seed=5)["d_loss"]) for _ in range(10)]
     assert all(map(lambda v: v == v and abs(v) < 1e6, losses))
     assert sum(losses[-3:]) / 3 < losses[0], losses
 
@@ -189,15 +186,15 @@ class PlainGAN:
     """The trainer's math written plainly in float64 PyTorch: torch's own spectral norm,
     autograd gradient penalties, compare_gan's formulas, torch.optim.Adam."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, config: Config, G: torch.nn.Module, D: torch.nn.Module) -> None:
         from fastgan.models import build_models
 
-        config = self.config = trainer.config
+        self.config = config
         self.G, self.D = (m.double() for m in build_models(config.architecture, config.image_size, config.z_dim,
                                                               "none" if config.d_norm == "spectral" else config.d_norm,
                                                               config.width))
-        self.G.load_state_dict(trainer.G.state_dict())
-        theirs = dict(trainer.D.named_modules())
+        self.G.load_state_dict(G.state_dict())
+        theirs = dict(D.named_modules())
         for name, module in self.D.named_modules():
             if config.d_norm == "spectral" and isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
                 sn = theirs[name].parametrizations.weight
@@ -266,28 +263,28 @@ class PlainGAN:
 @pytest.mark.parametrize("penalty", PENALTIES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_float64_training_equals_a_plain_pytorch_loop(tmp_path, loss, penalty):
-    """10 iterations of a float64 run against the same GAN written plainly: the same
-    parameters to 1e-10 relative, for every loss × penalty (so no float32 cast remains in the
-    steps, and the losses and penalties are compare_gan's). Relative to each model's largest
-    parameter: biases before batch norm have pure round-off gradients, so their own values
-    (~1e-15) carry no relative precision."""
-    trainer = Trainer(tiny_config(tmp_path, "dtype=float64", f"loss={loss}", f"penalty={penalty}", "penalty_weight=1",
-                                  "image_size=8", "width=0.125", "batch_size=4",
-                                  "d_norm=layer" if penalty == "l2" else "d_norm=spectral"))
-    plain = PlainGAN(trainer)
-    draws = torch.Generator()
-    draws.set_state(trainer.random.get_state())
-    reals = [trainer._real_batch() for _ in range(10)]
-    batches = iter(reals)
-    trainer._real_batch = lambda: next(batches)
-    for real in reals:
-        z = draw_latents(4, trainer.config, draws)
+    """10 iterations (D then G update) of fastgan's float64 step against the same GAN written
+    plainly, from the same state and inputs: the same parameters to 1e-10 relative, for every
+    loss × penalty (so no float32 cast remains in the step, and the losses and penalties are
+    compare_gan's). Relative to each model's largest parameter: biases before batch norm have
+    pure round-off gradients, so their own values (~1e-15) carry no relative precision."""
+    config = tiny_config(tmp_path, "dtype=float64", f"loss={loss}", f"penalty={penalty}", "penalty_weight=1",
+                         "image_size=8", "width=0.125", "batch_size=4", "d_norm=layer" if penalty == "l2" else "d_norm=spectral")
+    G, D = models_for(config)
+    step, plain = GANStep(G, D, config), PlainGAN(config, G, D)
+    draws = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        real = torch.rand(4, 3, 8, 8, generator=draws, dtype=torch.float64)
+        z = draw_latents(4, config, draws)
         alpha = torch.rand(4, generator=draws, dtype=torch.float64) if penalty == "wgan-gp" else None
-        seed = int(torch.randint(0, 2**62, (), generator=draws)) if penalty not in ("none", "l2") else None
+        seed = int(torch.randint(0, 2**62, (), generator=draws))
+        out = step.discriminator_update(real, z, alpha, seed)
         plain.discriminator_step(real, z, alpha, seed)
-        plain.generator_step(draw_latents(4, trainer.config, draws))
-        trainer.train_step()
-    for ours, theirs in ((trainer.G.state_dict(), plain.G.state_dict()), (trainer.D.state_dict(), plain.D.state_dict())):
+        z = draw_latents(4, config, draws)
+        out.update(step.generator_update(z))
+        plain.generator_step(z)
+        assert all(v.dtype == torch.float64 for v in out.values()), out
+    for ours, theirs in ((G.state_dict(), plain.G.state_dict()), (D.state_dict(), plain.D.state_dict())):
         assert ours.keys() == theirs.keys()
         scale = max(float(v.abs().max()) for v in ours.values() if v.is_floating_point())
         for key, value in ours.items():
@@ -304,10 +301,17 @@ def test_amp_steps_are_finite(tmp_path):
         assert all(torch.isfinite(v) for v in trainer.train_step().values())
 
 
+def test_a_float64_run_keeps_float64_everywhere(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "dtype=float64", "penalty=wgan-gp", "steps=2"))
+    assert trainer.stream.next().dtype == trainer.fixed_z.dtype == torch.float64
+    assert all(v.dtype == torch.float64 for v in trainer.train_step().values())
+    assert {p.dtype for m in (trainer.G, trainer.D) for p in m.parameters()} == {torch.float64}
+
+
 def test_latent_priors_and_steps_count_discriminator_updates(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "n_disc=3", "steps=6"))
     trainer.train_step()
-    assert trainer.batches_drawn == 3 and trainer.step == 3  # one iteration: 3 D updates, 1 G update
+    assert trainer.stream.batches_drawn == 3 and trainer.step == 3  # one iteration: 3 D updates, 1 G update
     z = trainer.fixed_z
     assert z.abs().max() <= 1 and z.min() < -0.9 and z.max() > 0.9 and abs(float(z.mean())) < 0.1  # U[-1, 1)
     normal = Trainer(tiny_config(tmp_path, "z_prior=normal", "sample_grid=256", f"out_dir={tmp_path / 'n'}")).fixed_z
@@ -347,24 +351,27 @@ def test_resume_continues_bit_for_bit(tmp_path):
     expected = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 7))
     for r, e in zip(records, expected):
-        assert {k: v for k, v in r.items() if k != "steps_per_s"} == {k: v for k, v in e.items() if k != "steps_per_s"}
+        rates = ("steps_per_s", "images_per_s")
+        assert {k: v for k, v in r.items() if k not in rates} == {k: v for k, v in e.items() if k not in rates}
 
 
-def test_sigterm_checkpoints_and_resume_matches(tmp_path, monkeypatch):
+class SignalAt(Callback):
+    """Sends SIGTERM to this process after the iteration that ends at ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after(self, trainer, out) -> None:
+        if trainer.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_checkpoints_and_resume_matches(tmp_path):
     """A pre-empted run (SIGTERM mid-run) stops after the current step with a checkpoint;
     resuming reaches the same parameters as an uninterrupted run."""
     common = ["steps=5", "penalty=r1"]
     Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'straight'}")).fit()
-    trainer = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'killed'}"))
-    step = trainer.train_step
-
-    def step_then_signal():
-        out = step()
-        if trainer.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    trainer = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'killed'}"), callbacks=[SignalAt(2)])
     summary = trainer.fit()
     assert summary["step"] == 2 and not summary["finished"]
     assert not (tmp_path / "killed" / SUMMARY).exists()

@@ -41,7 +41,11 @@ class Config:
     ``batch_size`` (global, over all processes), ``n_disc`` (D updates per G update). Data:
     ``dataset`` (digits | cifar10 | folder), ``data_root``, ``download``. Run: ``seed``,
     ``deterministic``, ``dtype`` (float32 | float64: parameters, data and losses end to end),
-    ``amp`` (bfloat16 autocast), ``device`` (auto | cpu | cuda | cuda:N). Outputs: ``out_dir``;
+    ``device`` (auto | cpu | cuda | cuda:N). GPU speed (README, "Training at GPU speed"):
+    ``cuda_graphs`` (D and G updates captured and replayed as CUDA graphs), ``channels_last``
+    (NHWC models and batches), ``tf32`` (TensorFloat-32 matmuls and convolutions; off = full
+    float32), ``amp`` (bfloat16 autocast of G and D; the penalty's gradient norm stays float32),
+    ``compile`` (torch.compile of G and of D's first-order forwards). Outputs: ``out_dir``;
     ``log_every``, ``sample_every``, ``checkpoint_every``, ``fid_every`` in steps (each also at
     the last step; 0 = never, except that the last step is always logged and checkpointed); FID on ``fid_samples`` generated and
     ``fid_real_samples`` data images with ``inception_weights`` (None: found as
@@ -76,7 +80,12 @@ class Config:
     seed: int = 0
     deterministic: bool = False
     dtype: str = "float32"
+    # speed on GPUs (each changes the numbers only as documented in the README)
+    cuda_graphs: bool = False
+    channels_last: bool = False
+    tf32: bool = False
     amp: bool = False
+    compile: bool = False
     device: str = "auto"
     # outputs, every N steps (0 = never)
     out_dir: str = "runs/default"
@@ -121,6 +130,9 @@ class Config:
         if self.steps % self.n_disc:
             raise ValueError(f"steps={self.steps} must be a multiple of n_disc={self.n_disc}: steps counts "
                              f"discriminator updates (the paper's training_steps), n_disc of them per generator update")
+        if self.compile and self.cuda_graphs:
+            raise ValueError("compile=true and cuda_graphs=true cannot be combined (torch.compile brings its own CUDA "
+                             "graphs with mode='reduce-overhead'); choose one")
         if self.amp and self.dtype != "float32":
             raise ValueError(f"amp (bfloat16 autocast) needs dtype=float32, got dtype={self.dtype}")
         check_model_shape(self.architecture, self.image_size, self.z_dim)

@@ -1,0 +1,166 @@
+"""What happens between training iterations: progress, logging, samples, FID, checkpoints.
+
+A :class:`Callback` has three hooks, each given the :class:`~fastgan.train.trainer.Trainer`:
+``start`` (before the first iteration of this process, after any resume), ``after``
+(after every iteration, with that iteration's outputs: 0-d tensors) and ``end`` (after
+the last, also when a stop signal ended the run). The trainer runs
+:func:`default_callbacks` in order (progress, metrics, samples, FID, checkpoint), then
+any the caller passes (``Trainer(config, callbacks=[...])``).
+
+Frequencies are in steps (discriminator updates): :func:`due` is true when the last
+iteration reached a multiple of ``every`` (an iteration is ``n_disc`` steps), and at the
+run's last step.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import TYPE_CHECKING, Dict, List
+
+import torch
+from torch import Tensor
+
+from fastgan.train.outputs import plot_curves, save_image_grid
+
+if TYPE_CHECKING:
+    from fastgan.train.trainer import Trainer
+
+Outputs = Dict[str, Tensor]
+
+
+def due(trainer: "Trainer", every: int) -> bool:
+    """Whether the iteration that just ended reached a multiple of ``every`` steps, or the last step."""
+    step, n_disc = trainer.step, trainer.config.n_disc
+    return step == trainer.config.steps or (every > 0 and step // every > (step - n_disc) // every)
+
+
+class Callback:
+    def start(self, trainer: "Trainer") -> None:
+        pass
+
+    def after(self, trainer: "Trainer", out: Outputs) -> None:
+        pass
+
+    def end(self, trainer: "Trainer") -> None:
+        pass
+
+
+class Progress(Callback):
+    """A progress bar (rank 0, ``progress``): steps, losses at each log step, images/s and, on a
+    GPU, the peak memory allocated; the same numbers go to the metrics as ``steps_per_s`` and
+    ``images_per_s`` (through :attr:`rates`)."""
+
+    def start(self, trainer: "Trainer") -> None:
+        from tqdm import tqdm
+
+        config = trainer.config
+        self.bar = tqdm(total=config.steps, initial=trainer.step, desc="training", unit="step", file=sys.stderr,
+                        disable=not config.progress or trainer.runtime.rank != 0, dynamic_ncols=True)
+        self.started, self.first_step = time.perf_counter(), trainer.step
+        self.postfix: Dict[str, str] = {}
+
+    def rates(self, trainer: "Trainer") -> Dict[str, float]:
+        steps_per_s = (trainer.step - self.first_step) / max(time.perf_counter() - self.started, 1e-9)
+        return {"steps_per_s": steps_per_s, "images_per_s": steps_per_s * trainer.config.batch_size}
+
+    def after(self, trainer: "Trainer", out: Outputs) -> None:
+        self.bar.update(trainer.step - self.bar.n)
+        if self.bar.disable:
+            return
+        self.postfix["img/s"] = f"{self.rates(trainer)['images_per_s']:.0f}"
+        device = trainer.runtime.device
+        if device.type == "cuda":
+            self.postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB"
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+    def show_losses(self, record: Dict[str, float]) -> None:
+        self.postfix.update({k: f"{v:.3f}" for k, v in record.items() if k in ("d_loss", "g_loss", "penalty")})
+
+    def write(self, line: str) -> None:
+        self.bar.write(line, file=sys.stderr)
+
+    def end(self, trainer: "Trainer") -> None:
+        self.bar.close()
+
+
+class Metrics(Callback):
+    """Every ``log_every`` steps: the iteration's outputs (the last D update's and the G update's)
+    and the rates, to ``metrics.jsonl`` / TensorBoard (rank 0) and the progress bar."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def after(self, trainer: "Trainer", out: Outputs) -> None:
+        if not due(trainer, trainer.config.log_every):
+            return
+        record = {k: float(v) for k, v in out.items()}
+        self.progress.show_losses(record)
+        record.update(self.progress.rates(trainer))
+        if trainer.log is not None:
+            trainer.log.write(trainer.step, record)
+
+
+class Samples(Callback):
+    """Every ``sample_every`` steps (rank 0): a grid of G's images from the fixed z to
+    ``samples/step-NNNNNNN.png``, copied to ``samples.png``."""
+
+    def after(self, trainer: "Trainer", out: Outputs) -> None:
+        if trainer.runtime.rank != 0 or not trainer.config.sample_every or not due(trainer, trainer.config.sample_every):
+            return
+        grid_file = trainer.out_dir / "samples" / f"step-{trainer.step:07d}.png"
+        save_image_grid(trainer.generate(trainer.fixed_z), grid_file)
+        shutil.copyfile(grid_file, trainer.out_dir / "samples.png")
+
+
+class FIDTracking(Callback):
+    """Every ``fid_every`` steps: FID (a separate metrics record), the best one kept in ``best.pt``.
+    An evaluation that a stop signal interrupted stays pending in the checkpoint and runs first
+    when the run resumes."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def start(self, trainer: "Trainer") -> None:
+        if trainer.fid_pending and trainer.config.fid_every:
+            self._evaluate(trainer)
+        trainer.fid_pending = False
+
+    def after(self, trainer: "Trainer", out: Outputs) -> None:
+        if trainer.config.fid_every and due(trainer, trainer.config.fid_every):
+            trainer.fid_pending = True
+            self._evaluate(trainer)
+
+    def _evaluate(self, trainer: "Trainer") -> None:
+        step = trainer.step
+        fid = trainer.evaluate_fid()  # raises Interrupted on a stop request, leaving fid_pending set
+        trainer.fid_pending = False
+        if fid is None:
+            return
+        trainer.last_fid = (step, fid)
+        if trainer.best_fid is None or fid < trainer.best_fid:
+            trainer.best_fid, trainer.best_step = fid, step
+            trainer.save_checkpoint(best=True)
+        if trainer.log is not None:
+            trainer.log.write(step, {"fid": fid, "best_fid": trainer.best_fid})
+        self.progress.write(f"step {step}: FID {fid:.3f} (best {trainer.best_fid:.3f} at step {trainer.best_step})")
+
+
+class Checkpoints(Callback):
+    """Every ``checkpoint_every`` steps and at the last step: ``checkpoint.pt`` (atomic), the
+    metrics flushed and ``curves.png`` redrawn (rank 0)."""
+
+    def after(self, trainer: "Trainer", out: Outputs) -> None:
+        if trainer.step == trainer.config.steps or (trainer.config.checkpoint_every and due(trainer, trainer.config.checkpoint_every)):
+            trainer.save_checkpoint()
+            if trainer.log is not None:
+                trainer.log.flush()
+                plot_curves(trainer.log.records, trainer.out_dir / "curves.png")
+
+
+def default_callbacks() -> List[Callback]:
+    progress = Progress()
+    return [progress, Metrics(progress), Samples(), FIDTracking(progress), Checkpoints()]
+
+
+__all__ = ["Callback", "Checkpoints", "FIDTracking", "Metrics", "Progress", "Samples", "default_callbacks", "due"]

@@ -1,0 +1,152 @@
+"""Where a training run executes: its process group, device, numerics switches and stop signals.
+
+:class:`Runtime` is made once per process by whoever starts training (the CLI, a test,
+a notebook): ``Runtime.from_environment(config.device)`` joins the process group that
+``torchrun`` describes in the environment (nccl on GPUs, gloo otherwise) and picks the
+device (``cuda:LOCAL_RANK`` under torchrun). Everything else in ``fastgan.train`` takes
+the runtime instead of reading the environment itself.
+
+:class:`StopRequest` turns SIGINT / SIGTERM (Ctrl-C, a cluster's pre-emption) into a flag
+that the training loop and long evaluations poll; a second Ctrl-C raises
+KeyboardInterrupt at once. :data:`EXIT_INTERRUPTED` is the exit status of
+``python -m fastgan train`` for a run that a signal stopped (after its checkpoint).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# sysexits' EX_TEMPFAIL ("temporary failure, try again"): the run stopped early on a signal,
+# wrote its checkpoint and continues with --resume; schedulers can requeue on this status.
+EXIT_INTERRUPTED = 75
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when visible, else cpu), ``cpu``, ``cuda`` or ``cuda:N``; errors when no GPU is visible."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but no GPU is visible (use device=cpu or device=auto)")
+    return device
+
+
+@dataclass
+class Runtime:
+    """This process's place in a (possibly single-process) run: ``rank`` of ``world`` on ``device``."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_process_group: bool = False  # joined by from_environment, so close() leaves it
+
+    @classmethod
+    def from_environment(cls, device: str = "auto") -> "Runtime":
+        """Join ``torchrun``'s process group (if WORLD_SIZE > 1 and none is joined yet) and pick the device."""
+        joined = False
+        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            joined = True
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        resolved = resolve_device(device)
+        if resolved.type == "cuda" and world > 1 and resolved.index is None:
+            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        return cls(rank, world, resolved, joined)
+
+    @property
+    def backend(self) -> Optional[str]:
+        """The process group's backend (nccl, gloo), or None in a single process."""
+        return dist.get_backend() if self.world > 1 and dist.is_initialized() else None
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def rank_share(self, global_batch: Tensor) -> Tensor:
+        """This rank's contiguous slice of a tensor drawn for the global batch."""
+        share = global_batch.shape[0] // self.world
+        return global_batch[self.rank * share : (self.rank + 1) * share]
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (so no process waits alone in a collective)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device if self.backend == "nccl" else "cpu")
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def close(self) -> None:
+        """Leave the process group this runtime joined (one passed in by the caller is the caller's)."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_process_group = False
+
+    @contextlib.contextmanager
+    def numerics(self, *, deterministic: bool, tf32: bool) -> Iterator[None]:
+        """torch's switches for the run, restored afterwards.
+
+        ``deterministic``: torch's deterministic algorithms, cuDNN without autotuning and, on
+        GPUs, fastgan's reference ops (its GPU kernels reduce with atomics: last-bit run-to-run
+        differences). ``tf32``: TensorFloat-32 matmuls and convolutions on Ampere and newer GPUs
+        (10-bit mantissa products, ~1e-3 relative; much faster); off means full float32 for both
+        (PyTorch's own default allows TF32 in cuDNN convolutions)."""
+        import fastgan
+
+        saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        reference = deterministic and self.device.type == "cuda"
+        try:
+            with fastgan.use_backend("reference") if reference else contextlib.nullcontext():
+                yield
+        finally:
+            torch.use_deterministic_algorithms(saved[0])
+            (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32) = saved[1:]
+
+
+class StopRequest:
+    """SIGINT / SIGTERM set :attr:`requested` (handlers installed for the ``with`` block, then
+    restored); a second SIGINT raises KeyboardInterrupt. Outside the main thread, where Python
+    cannot install signal handlers, only :meth:`request` sets it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def request(self) -> None:
+        self.requested = True
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+__all__ = ["EXIT_INTERRUPTED", "Runtime", "StopRequest", "resolve_device"]

@@ -1,0 +1,245 @@
+"""The GAN step: discriminator and generator updates as pure tensor functions (no I/O, no randomness).
+
+:class:`GANStep` holds G, D (and their DDP wrappers), the two Adam optimizers and the
+objective of a config. ``discriminator_update(real, z, alpha, seed)`` evaluates D once on
+``cat(real, G(z))`` (compare_gan's convention, which also makes D's batch norm see both
+halves), adds ``penalty_weight`` × the configured penalty and takes an Adam step;
+``generator_update(z)`` takes G's step. Every random input is an argument: the caller
+draws it (the trainer from its own generator, for the global batch).
+
+:class:`CapturedStep` runs the same updates as CUDA graphs: the first update of each
+kind runs eagerly (it also creates Adam's state), the second is captured (D: G's forward,
+D's forward on real and fake, the double-backward penalty, fused spectral norm,
+capturable Adam; G: its forward and backward through D, Adam) into static buffers, and
+every update from then on copies its inputs into those buffers and replays the graph:
+a few launches per update instead of hundreds. :func:`why_not_capturable` says when a
+setup cannot be captured; :func:`build_step` falls back to eager with that one line.
+
+Numbers: the captured and eager updates run the same kernels on the same values; they
+agree to float32 round-off (the GPU test compares N steps of each from the same state).
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastgan.penalties import gradient_penalty
+from fastgan.train.config import Config
+from fastgan.train.losses import discriminator_loss, generator_loss, l2_penalty
+from fastgan.train.runtime import Runtime
+
+Outputs = Dict[str, Tensor]
+
+# torch >= 2.14 renamed DDP's per-forward buffer broadcast switch (and warns on the old name).
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+
+
+class GANStep:
+    """The updates of one training iteration for ``config``'s objective, on G and D as given
+    (already on the runtime's device, in the config's dtype)."""
+
+    def __init__(self, G: nn.Module, D: nn.Module, config: Config, runtime: Runtime = Runtime(), *,
+                 capturable: bool = False) -> None:
+        self.G, self.D, self.config = G, D, config
+        if runtime.world > 1:
+            # Buffers (SN's u, v; batch-norm statistics) evolve identically on every rank, so none is broadcast.
+            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.G_ddp = nn.parallel.DistributedDataParallel(G, device_ids=ids, **_NO_BUFFER_SYNC)
+            self.D_ddp = nn.parallel.DistributedDataParallel(D, device_ids=ids, **_NO_BUFFER_SYNC)
+        else:
+            self.G_ddp, self.D_ddp = G, D
+        # torch.compile (config.compile) for the forwards whose backward is first-order; the gradient
+        # penalty double-backwards through the eager D (same parameters).
+        compiled = torch.compile if config.compile else (lambda module: module)
+        self.G_fast, self.D_fast = compiled(self.G_ddp), compiled(self.D_ddp)
+        # G's update calls D directly, not through DDP: D's gradients are not wanted there.
+        self.D_for_G = self.D_fast if self.D_ddp is D else compiled(D)
+        adam = {"capturable": True} if capturable else {}
+        self.g_optimizer = torch.optim.Adam(G.parameters(), lr=config.g_lr, betas=config.g_betas, **adam)
+        self.d_optimizer = torch.optim.Adam(D.parameters(), lr=config.discriminator_lr, betas=config.discriminator_betas, **adam)
+        self.device_type = next(G.parameters()).device.type
+        self.autocast_cache = True  # autocast's weight-cast cache must be off inside CUDA graph capture
+
+    def _autocast(self):
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.config.amp,
+                              cache_enabled=self.autocast_cache)
+
+    def discriminator_update(self, real: Tensor, z: Tensor, alpha: Optional[Tensor] = None,
+                             seed: Optional[int] = None) -> Outputs:
+        """One D update on ``real`` and ``G(z)``; ``alpha`` (WGAN-GP's per-sample weights) and
+        ``seed`` (DRAGAN's noise) feed the penalty. Returns 0-d tensors: d_loss, real_logit,
+        fake_logit (batch means) and the unweighted penalty."""
+        config = self.config
+        with torch.no_grad(), self._autocast():
+            fake = self.G_fast(z).to(real.dtype)
+        with self._autocast():
+            logits = self.D_fast(torch.cat([real, fake])).to(real.dtype)
+            real_logits, fake_logits = logits.chunk(2)
+            loss = discriminator_loss(config.loss, real_logits, fake_logits)
+            out = {"d_loss": loss.detach(), "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
+            if config.penalty != "none":
+                # Under amp the penalty's D runs in bfloat16 too; its input gradient and norm stay in real's dtype.
+                penalty = (l2_penalty(self.D) if config.penalty == "l2" else
+                           gradient_penalty(self.D_ddp, real, fake, config.penalty, alpha=alpha,
+                                            generator=0 if seed is None else seed))
+                loss = loss + config.penalty_weight * penalty.to(loss.dtype)
+                out["penalty"] = penalty.detach()
+        self.d_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.d_optimizer.step()
+        return out
+
+    def generator_update(self, z: Tensor) -> Outputs:
+        """One G update through D (whose parameters get no gradient). Returns g_loss."""
+        self.D.requires_grad_(False)
+        try:
+            with self._autocast():
+                logits = self.D_for_G(self.G_fast(z)).to(z.dtype)
+            loss = generator_loss(self.config.loss, logits)
+            self.g_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        finally:
+            self.D.requires_grad_(True)
+        self.g_optimizer.step()
+        return {"g_loss": loss.detach()}
+
+    def state_dict(self) -> dict:
+        return {"g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+
+
+class CapturedStep:
+    """:class:`GANStep`'s updates replayed from CUDA graphs (same interface, same numbers).
+
+    Outputs are the graphs' static tensors: valid until the next update of the same kind."""
+
+    def __init__(self, step: GANStep) -> None:
+        self.step = step
+        self._d = None  # (graph, static inputs, static outputs)
+        self._g = None
+        self._d_updates = self._g_updates = 0
+
+    # the optimizers, models and state of the wrapped step
+    def __getattr__(self, name):
+        return getattr(self.step, name)
+
+    def discriminator_update(self, real: Tensor, z: Tensor, alpha: Optional[Tensor] = None,
+                             seed: Optional[int] = None) -> Outputs:
+        inputs = {"real": real, "z": z, **({"alpha": alpha} if alpha is not None else {})}
+        self._d_updates += 1
+        if self._d_updates == 1:
+            return _on_side_stream(lambda: self.step.discriminator_update(real, z, alpha, seed))
+        if self._d is None:
+            self._d = self._capture(lambda static: self.step.discriminator_update(
+                static["real"], static["z"], static.get("alpha"), seed), inputs, self.step.d_optimizer)
+        return self._replay(self._d, inputs)
+
+    def generator_update(self, z: Tensor) -> Outputs:
+        self._g_updates += 1
+        if self._g_updates == 1:
+            return _on_side_stream(lambda: self.step.generator_update(z))
+        if self._g is None:
+            self._g = self._capture(lambda static: self.step.generator_update(static["z"]), {"z": z}, self.step.g_optimizer)
+        return self._replay(self._g, {"z": z})
+
+    def _capture(self, update, inputs: Dict[str, Tensor], optimizer):
+        static = {k: v.detach().clone() for k, v in inputs.items()}
+        optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        self.step.autocast_cache = False
+        try:
+            # Each graph has its own memory pool: D's replays (n_disc of them per G replay) then never
+            # write over memory that G's graph keeps, whatever the order of replays.
+            with torch.cuda.graph(graph):
+                outputs = update(static)
+        finally:
+            self.step.autocast_cache = True
+        return graph, static, outputs
+
+    @staticmethod
+    def _replay(captured, inputs: Dict[str, Tensor]) -> Outputs:
+        graph, static, outputs = captured
+        for key, value in inputs.items():
+            static[key].copy_(value, non_blocking=True)
+        graph.replay()
+        return outputs
+
+    def state_dict(self) -> dict:
+        return self.step.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._d is not None or self._g is not None:
+            raise RuntimeError("load the optimizers' state before the first captured update (graphs hold their tensors)")
+        self.step.load_state_dict(state)
+
+
+def _on_side_stream(update):
+    """Warm-up updates run on a side stream, as torch's CUDA-graph recipe asks (lazy
+    initialisations then happen outside the default stream the capture later uses)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = update()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def _user_hooks(model: nn.Module) -> Optional[str]:
+    """The first module of ``model`` with a forward/backward hook that is not fastgan's own."""
+    for name, module in model.named_modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_hooks,
+                      getattr(module, "_backward_pre_hooks", {})):
+            for hook in hooks.values():
+                owner = getattr(hook, "__self__", hook)
+                if not type(owner).__module__.startswith("fastgan.") and not getattr(owner, "__module__", "").startswith("fastgan."):
+                    return f"{type(model).__name__}.{name or '(model)'} has a user hook ({getattr(hook, '__name__', hook)!r})"
+    return None
+
+
+def why_not_capturable(config: Config, runtime: Runtime, G: nn.Module, D: nn.Module) -> Optional[str]:
+    """Why ``config``'s updates cannot run as CUDA graphs here, or None when they can."""
+    if runtime.device.type != "cuda":
+        return f"CUDA graphs need a GPU; the device is {runtime.device}"
+    if runtime.world > 1:
+        return (f"multi-process runs ({runtime.backend}, {runtime.world} processes) are not captured: "
+                "DDP's gradient all-reduce runs outside the graph here")
+    if config.penalty == "dragan":
+        return "DRAGAN's noise is drawn inside the kernel from a host seed, which a graph would freeze"
+    hooked = _user_hooks(G) or _user_hooks(D)
+    if hooked:
+        return hooked
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return "a global module hook is registered"
+    return None
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def build_step(G: nn.Module, D: nn.Module, config: Config, runtime: Runtime = Runtime(), *, cuda_graphs: Optional[bool] = None,
+               announce=_say):
+    """The step for ``config``: :class:`CapturedStep` when ``cuda_graphs`` (default: the config's
+    ``cuda_graphs``) and the setup allows it, else :class:`GANStep`, announcing (one line, on
+    ``announce``, rank 0 only) why a requested capture fell back to eager."""
+    wanted = config.cuda_graphs if cuda_graphs is None else cuda_graphs
+    reason = why_not_capturable(config, runtime, G, D) if wanted else None
+    if wanted and reason:
+        if runtime.rank == 0:
+            announce(f"cuda_graphs: running eagerly: {reason}")
+        wanted = False
+    step = GANStep(G, D, config, runtime, capturable=wanted)
+    return CapturedStep(step) if wanted else step
+
+
+__all__ = ["CapturedStep", "GANStep", "build_step", "why_not_capturable"]

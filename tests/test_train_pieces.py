@@ -1,0 +1,210 @@
+"""The trainer's pieces through their public seams: the data stream, the runtime's switches,
+the step builder's CUDA-graph fallback, the callbacks' schedule, the GPU-speed options on CPU.
+
+CUDA-graph capture itself needs a GPU: tests/test_train_graphs.py (marked cuda)."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fastgan.train.callbacks import Callback
+from fastgan.train.config import load_config
+from fastgan.train.data import ImageData
+from fastgan.train.runtime import Runtime
+from fastgan.train.step import CapturedStep, GANStep, build_step, why_not_capturable
+from fastgan.train.stream import BatchStream, RepeatedBatch
+from fastgan.train.trainer import Trainer, models_for
+
+TINY = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=0", "checkpoint_every=0",
+        "log_every=1", "progress=false"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(None, TINY + [f"out_dir={tmp_path / 'run'}", *overrides])
+
+
+def random_images(count=37, size=6, seed=0):
+    return ImageData(np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8), "random")
+
+
+# ------------------------------------------------------------------ the data stream
+
+
+def test_stream_batches_are_the_data_sets_images_in_a_seeded_epoch_order():
+    data = random_images()
+    stream = BatchStream(data, batch_size=8, seed=3, runtime=Runtime())
+    assert len(stream) == 4  # 37 // 8, the last partial batch dropped
+    seen = []
+    for position in range(4):
+        batch = stream.next()
+        indices = stream.indices(position)
+        assert batch.dtype == torch.float32 and batch.shape == (8, 3, 6, 6)
+        assert torch.equal(batch, data.batch(indices))  # x / 255, the same values ImageData serves
+        seen += indices.tolist()
+    assert len(set(seen)) == 32  # one epoch: no image twice
+    assert not torch.equal(stream.indices(4), stream.indices(0))  # the next epoch is reshuffled
+    again = BatchStream(data, batch_size=8, seed=3, runtime=Runtime())
+    assert torch.equal(again.indices(2), stream.indices(2))
+
+
+def test_stream_resident_gathered_float64_channels_last_and_resume_agree():
+    data = random_images()
+    gathered = BatchStream(data, 8, 0, Runtime(), resident=False)
+    resident = BatchStream(data, 8, 0, Runtime(), resident=True)  # the whole uint8 set as one tensor
+    wide = BatchStream(data, 8, 0, Runtime(), torch.float64, channels_last=True)
+    for _ in range(6):
+        a, b, c = gathered.next(), resident.next(), wide.next()
+        assert torch.equal(a, b)
+        assert c.dtype == torch.float64 and c.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(c, a.double(), rtol=0, atol=1e-7)  # float32 rounding of x / 255
+    resumed = BatchStream(data, 8, 0, Runtime())
+    resumed.load_state_dict(gathered.state_dict())
+    assert torch.equal(resumed.next(), gathered.next())
+
+
+def test_stream_serves_each_rank_its_share_of_the_global_batch():
+    data = random_images()
+    whole = BatchStream(data, 8, 0, Runtime()).next()
+    halves = [BatchStream(data, 8, 0, Runtime(rank=r, world=2)).next() for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), whole)
+
+
+def test_stream_refuses_a_batch_larger_than_the_data_set():
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        BatchStream(random_images(5), 8, 0, Runtime())
+
+
+# ------------------------------------------------------------------ the runtime
+
+
+def test_numerics_set_tf32_and_determinism_for_the_run_and_restore_them():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              torch.are_deterministic_algorithms_enabled())
+    with Runtime().numerics(deterministic=True, tf32=True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.are_deterministic_algorithms_enabled()
+    with Runtime().numerics(deterministic=False, tf32=False):
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.are_deterministic_algorithms_enabled()) == before
+
+
+def test_runtime_slices_and_agrees_in_one_process():
+    assert Runtime().any(True) and not Runtime().any(False)
+    assert torch.equal(Runtime(rank=2, world=3).rank_share(torch.arange(6)), torch.tensor([4, 5]))
+
+
+# ------------------------------------------------------------------ CUDA graphs: when they fall back
+
+
+def test_why_a_setup_is_not_captured(tmp_path):
+    config = tiny_config(tmp_path, "cuda_graphs=true")
+    G, D = models_for(config)
+    assert "need a GPU" in why_not_capturable(config, Runtime(), G, D)
+    gpu = Runtime(device=torch.device("cuda"))  # only the device type is looked at
+    assert why_not_capturable(config, gpu, G, D) is None
+    assert "multi-process" in why_not_capturable(config, Runtime(rank=0, world=2, device=torch.device("cuda")), G, D)
+    assert "DRAGAN" in why_not_capturable(config.replace(penalty="dragan"), gpu, G, D)
+    handle = D.layers[3].register_forward_hook(lambda module, inputs, output: None)
+    assert re.search(r"SNDCGANDiscriminator\.layers\.3 has a user hook", why_not_capturable(config, gpu, G, D))
+    handle.remove()
+    assert why_not_capturable(config, gpu, G, D) is None  # spectral norm's own hooks are fastgan's
+
+
+def test_cuda_graphs_on_the_cpu_train_eagerly_and_say_why_in_one_line(tmp_path, capsys):
+    trainer = Trainer(tiny_config(tmp_path, "cuda_graphs=true", "steps=2"))
+    assert isinstance(trainer.updates, GANStep) and not isinstance(trainer.updates, CapturedStep)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "cuda_graphs" in line]
+    assert lines == ["cuda_graphs: running eagerly: CUDA graphs need a GPU; the device is cpu"]
+    assert trainer.fit()["finished"]
+    config = tiny_config(tmp_path, "cuda_graphs=true")
+    said = []
+    assert isinstance(build_step(*models_for(config), config, announce=said.append), GANStep) and len(said) == 1
+    assert build_step(*models_for(config), config, cuda_graphs=False, announce=said.append) and len(said) == 1
+
+
+def test_compile_and_cuda_graphs_are_not_combined():
+    with pytest.raises(ValueError, match="compile=true and cuda_graphs=true cannot be combined"):
+        load_config(None, ["compile=true", "cuda_graphs=true"])
+
+
+# ------------------------------------------------------------------ options on the CPU
+
+
+def _parameters_after(tmp_path, name, *overrides, steps=2):
+    torch.manual_seed(0)
+    trainer = Trainer(tiny_config(tmp_path, f"steps={steps}", f"out_dir={tmp_path / name}", *overrides))
+    trainer.fit()
+    return {f"{m}.{k}": v for m, module in (("G", trainer.G), ("D", trainer.D)) for k, v in module.state_dict().items()}
+
+
+def _assert_same_training(a, b):
+    """To round-off, in float64: in float32, Adam turns the pure round-off gradients of biases
+    before batch norm into ±lr steps, so two summation orders part at ~lr."""
+    scale = max(float(v.abs().max()) for v in a.values() if v.is_floating_point())
+    for key, value in a.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(b[key], value, rtol=0, atol=1e-10 * scale, msg=key)
+
+
+def test_channels_last_gives_the_same_training(tmp_path):
+    _assert_same_training(_parameters_after(tmp_path, "nchw", "penalty=wgan-gp", "dtype=float64"),
+                          _parameters_after(tmp_path, "nhwc", "penalty=wgan-gp", "dtype=float64", "channels_last=true"))
+
+
+@pytest.mark.slow
+def test_compiled_forwards_give_the_same_training(tmp_path, monkeypatch):
+    """torch.compile of G and of D's first-order forwards (the penalty double-backwards
+    through the eager D): the same parameters as eager after two iterations. Compiled with
+    the aot_eager backend: dynamo's capture (spectral norm's hooks included) and AOTAutograd's
+    forward/backward split are what the trainer relies on; inductor's code generation would
+    take minutes of this CPU for tiny models."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    _assert_same_training(_parameters_after(tmp_path, "eager", "penalty=wgan-gp", "dtype=float64"),
+                          _parameters_after(tmp_path, "compiled", "penalty=wgan-gp", "dtype=float64", "compile=true"))
+
+
+# ------------------------------------------------------------------ the loop's seams
+
+
+class Record(Callback):
+    def __init__(self):
+        self.events = []
+
+    def start(self, trainer):
+        self.events.append(("start", trainer.step))
+
+    def after(self, trainer, out):
+        self.events.append(("after", trainer.step, sorted(out)))
+
+    def end(self, trainer):
+        self.events.append(("end", trainer.step))
+
+
+def test_callbacks_see_every_iteration_and_frequencies_count_discriminator_updates(tmp_path):
+    record = Record()
+    real = torch.rand(8, 3, 16, 16)
+    trainer = Trainer(tiny_config(tmp_path, "n_disc=3", "steps=12", "log_every=4"), stream=RepeatedBatch(real),
+                      callbacks=[record])
+    trainer.fit()
+    keys = ["d_loss", "fake_logit", "g_loss", "real_logit"]
+    assert record.events == [("start", 0), *[("after", s, keys) for s in (3, 6, 9, 12)], ("end", 12)]
+    assert trainer.stream.batches_drawn == 12  # the repeated batch stands in for the data
+    # log_every=4 with 3 steps per iteration: logged when an iteration reaches 4, 8, 12
+    assert [r["step"] for r in trainer.log.records] == [6, 9, 12]
+
+
+def test_the_progress_bar_shows_images_per_second(tmp_path, capsys):
+    Trainer(tiny_config(tmp_path, "steps=3", "progress=true")).fit()
+    assert re.search(r"img/s=\d+", capsys.readouterr().err)
