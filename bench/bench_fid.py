@@ -105,6 +105,16 @@ def frechet_fn(name: str, a, b, s1, s2) -> Callable[[], object]:
     return lambda: ops.trace_sqrt_product(a.covariance, b.covariance, method)
 
 
+def convergence_note(name: str, a, b) -> str:
+    """For an iterative method: whether it converged here, or its time includes the symmetric fallback."""
+    if not name.startswith("fastgan newton-schulz"):
+        return ""
+    method, backend = name[len("fastgan "):-1].split(" [")
+    with fastgan.use_backend(backend):
+        converged = ops.ITERATIVE_METHODS[method](a.covariance, b.covariance)[1]
+    return "; converged" if converged else "; did not converge: time includes the symmetric fallback"
+
+
 @pytest.mark.parametrize("name", FRECHET)
 def test_trace_sqrt_product(benchmark, stats, name):
     a, b, s1, s2, exact_trace = stats
@@ -114,7 +124,7 @@ def test_trace_sqrt_product(benchmark, stats, name):
     assert error <= 1e-3 + 1e-6 * abs(exact), f"{name}: |ΔFID| {error:.1e} against scipy exceeds FID's bound (FID {exact:.3f})"
     slow = name in SLOW_REFERENCES
     timing.measure(benchmark, fn, name, baseline=name == SCIPY, group=f"fid: trace_sqrt_product d={D}",
-                   detail=f"|ΔFID| {error:.1e} (FID {exact:.3f})", warmup=0 if slow else 1,
+                   detail=f"|ΔFID| {error:.1e} (FID {exact:.3f}){convergence_note(name, a, b)}", warmup=0 if slow else 1,
                    rounds=timing.budget(3, 1) if slow else None, seconds=timing.budget(3.0, 0.5),
                    min_rounds=timing.budget(3, 2))
 

@@ -1,8 +1,12 @@
-"""The Fréchet distance against the pytorch-fid formula (scipy sqrtm, float64).
+"""The Fréchet distance against the pytorch-fid formula (scipy sqrtm, float64) and closed forms.
 
 Bound: |ΔFID| ≤ 1e-3 + 1e-6·FID, on full-rank, singular (N < d) and ill-conditioned
-covariances, d ∈ {16, 64, 256, 2048}. Newton–Schulz must meet it wherever it claims
-convergence (reference on CPU; Triton under the interpreter at small d).
+covariances, d ∈ {16, 64, 256, 2048}, and on constructed statistics whose FID is known
+without a matrix square root: commuting covariances with Σ1 Σ2 conditioned at 1e12,
+exactly singular ones, and covariances of condition 1e12 in general position (d = 512).
+Every method meets the bound or reports that it did not converge (and the op falls
+back); the iterative ones must meet it wherever they claim convergence, on every
+backend (Triton under the interpreter at small d).
 """
 import os
 
@@ -12,7 +16,7 @@ import scipy.linalg
 import torch
 
 import fastgan
-from fastgan.metrics import FeatureStatistics, frechet_distance
+from fastgan.metrics import FID, FeatureStatistics, frechet_distance
 from fastgan.ops import frechet as ops
 from fastgan.reference import frechet as reference
 from conftest import DEVICES, device_backends, exit_worker
@@ -69,28 +73,236 @@ def test_symmetric_method_matches_pytorch_fid(d, n, kind):
     assert got >= 0
 
 
+@pytest.mark.parametrize("method", sorted(ops.ITERATIVE_METHODS))
 @pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
 @pytest.mark.parametrize("d,n,kind", [(16, 64, "full-rank"), (64, 256, "full-rank"), (64, 32, "singular"), (37, 200, "ill-conditioned")])
-def test_newton_schulz_meets_the_bound_where_it_converges(device, backend, d, n, kind):
+def test_newton_schulz_meets_the_bound_where_it_converges(device, backend, d, n, kind, method):
     a, b = statistics_pair(n, d, kind, seed=n)
     expected = pytorch_fid_formula(*(t.numpy() for t in (a.mean, a.covariance, b.mean, b.covariance)))
     exact_trace = float(reference.trace_sqrt_product_symmetric(a.covariance, b.covariance))
     moved = [t.to(device) for t in (a.mean, a.covariance, b.mean, b.covariance)]
     with fastgan.use_backend(backend):
-        value, converged = ops.newton_schulz(moved[1], moved[3])
-        fid = float(ops.frechet_distance(*moved, "newton-schulz"))  # falls back when not converged
+        value, converged = ops.ITERATIVE_METHODS[method](moved[1], moved[3])
+        fid = float(ops.frechet_distance(*moved, method))  # falls back when not converged
     if converged:
         assert abs(2 * (float(value) - exact_trace)) <= bound(expected)
     assert abs(fid - expected) <= bound(expected)
-    if kind == "full-rank":
+    if kind == "full-rank" and method == "newton-schulz":
         assert converged, "Newton–Schulz should converge on well-conditioned full-rank statistics"
+    if kind == "singular":
+        assert not converged, "a singular Σ1 Σ2 leaves the gap ‖I − ZY‖ open"
 
 
-def test_results_are_real_and_never_negative():
+# ------------------------------------------- constructed statistics with a known FID
+
+
+def random_orthogonal(d, generator):
+    q, r = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=generator))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def from_eigen(q, eigenvalues):
+    sigma = (q * eigenvalues) @ q.T
+    return (sigma + sigma.T) / 2
+
+
+def constructed_case(kind, d, seed=0):
+    """(mu1, sigma1, mu2, sigma2, exact FID) in float64.
+
+    * ``commuting``: Σ1 = Q diag(a) Qᵀ, Σ2 = Q diag(b) Qᵀ with the eigenvalues a·b of
+      Σ1 Σ2 spread over 12 decades (condition 1e12) and b/a in [0.5, 2], so that FID is
+      moderate (~40) and small eigenvalues weigh: tr sqrt(Σ1 Σ2) = Σ sqrt(a b).
+    * ``singular``: the same with half of a exactly 0 (rank d/2).
+    * ``condition-1e12``: Σ1 = U diag(a) Uᵀ and Σ2 = V diag(c) Vᵀ, each of condition
+      1e12, in general position (Σ1 Σ2 near 1e24). With the factor R = U diag(√a) of Σ1
+      (not the Cholesky factor fastgan uses), tr sqrt(Σ1 Σ2) = Σ sqrt(eig(Rᵀ Σ2 R)).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    q = random_orthogonal(d, generator)
+    t = torch.linspace(0, 1, d, dtype=torch.float64)
+    mu1 = torch.randn(d, dtype=torch.float64, generator=generator) * 0.1
+    mu2 = mu1 + torch.randn(d, dtype=torch.float64, generator=generator) * 0.05
+    if kind == "condition-1e12":
+        a = 4.0 * 10 ** (-12 * t)
+        v = random_orthogonal(d, generator)
+        c = 3.0 * 10 ** (-12 * torch.rand(d, dtype=torch.float64, generator=generator))
+        c[0], c[1] = 3.0, 3e-12
+        sigma1, sigma2 = from_eigen(q, a), from_eigen(v, c)
+        factor = q * a.sqrt()
+        trace_sqrt = torch.linalg.eigvalsh(factor.T @ sigma2 @ factor).clamp(min=0).sqrt().sum()
+    else:
+        a = 40.0 * 10 ** (-6 * t)  # a·b, the eigenvalues of Σ1 Σ2, over 12 decades
+        b = a * (0.5 + 1.5 * torch.rand(d, dtype=torch.float64, generator=generator))
+        if kind == "singular":
+            a = torch.where(torch.arange(d) % 2 == 0, a, torch.zeros_like(a))
+        sigma1, sigma2 = from_eigen(q, a), from_eigen(q, b)
+        trace_sqrt = (a * b).sqrt().sum()
+    exact = float((mu1 - mu2) @ (mu1 - mu2) + torch.trace(sigma1) + torch.trace(sigma2) - 2 * trace_sqrt)
+    return mu1, sigma1, mu2, sigma2, exact
+
+
+@pytest.fixture(scope="module")
+def constructed():
+    # d = 512 where the old convergence check failed; 256 for the cases that only have to be detected
+    return {kind: constructed_case(kind, d) for kind, d in (("commuting", 512), ("singular", 256), ("condition-1e12", 256))}
+
+
+@pytest.mark.parametrize("method", ops.METHODS)
+@pytest.mark.parametrize("kind", ["commuting", "singular", "condition-1e12"])
+def test_every_method_meets_the_bound_on_constructed_statistics(constructed, kind, method):
+    mu1, sigma1, mu2, sigma2, exact = constructed[kind]
+    if method in ops.ITERATIVE_METHODS:  # what the iteration claims, before the op's fallback
+        value, converged = ops.ITERATIVE_METHODS[method](sigma1, sigma2)
+        fid_if_converged = exact + 2 * (float(constructed_trace(constructed[kind])) - float(value))
+        assert not converged or abs(fid_if_converged - exact) <= bound(exact), (method, fid_if_converged, exact)
+        if kind == "commuting" and method == "newton-schulz":
+            assert converged, "float64 Newton–Schulz does converge at condition 1e12 (in ~40 iterations)"
+        if kind != "commuting":
+            assert not converged
+        if not converged:
+            method = "symmetric"  # what the op falls back to (checked at small d on every backend above)
+    fid = float(ops.frechet_distance(mu1, sigma1, mu2, sigma2, method))
+    assert abs(fid - exact) <= bound(exact), (fid, exact)
+
+
+def constructed_trace(case):
+    mu1, sigma1, mu2, sigma2, exact = case
+    return ((mu1 - mu2) @ (mu1 - mu2) + torch.trace(sigma1) + torch.trace(sigma2) - exact) / 2
+
+
+def test_newton_schulz_gap_bounds_the_trace_error_at_every_check(constructed):
+    """The gap ‖I − Z Y‖_F bounds the relative error of tr Y at every stage of the
+    iteration (up to round-off), while the old residual ‖Y² − A‖ / ‖A‖ already read
+    below 1e-10 when the trace was still far off (ΔFID > the bound)."""
+    mu1, sigma1, mu2, sigma2, exact = constructed["commuting"]
+    true_trace = float(constructed_trace(constructed["commuting"]))
+    normalized, scale, y = reference.newton_schulz_start(sigma1, sigma2)
+    y, z = normalized, y
+    misleading_residual = False
+    for _ in range(0, ops.NEWTON_SCHULZ_MAX_ITERATIONS, 5):
+        y, z = reference.newton_schulz_steps(y, z, 5)
+        trace = float(scale.sqrt() * torch.trace(y))
+        gap = float(reference.newton_schulz_gap(y, z))
+        assert abs(trace - true_trace) <= (gap + 1e-9) * true_trace
+        residual = float(torch.linalg.matrix_norm(y @ y - normalized) / torch.linalg.matrix_norm(normalized))
+        misleading_residual |= residual <= 1e-10 and 2 * abs(trace - true_trace) > bound(exact)
+        if gap <= ops.NEWTON_SCHULZ_TOLERANCE:
+            break
+    assert gap <= ops.NEWTON_SCHULZ_TOLERANCE and misleading_residual
+
+
+def test_identical_statistics_give_exactly_zero_with_a_zero_gradient():
     a = FeatureStatistics().update(torch.rand(40, 64, dtype=torch.float64))
-    assert frechet_distance(a, a) == 0.0  # identical statistics: round-off negatives clamp to 0
+    for method in ops.METHODS:
+        assert frechet_distance(a, a, method) == 0.0
     value = ops.trace_sqrt_product(a.covariance, a.covariance)
     assert value.dtype == torch.float64 and not value.is_complex()
+    mu2, sigma2 = a.mean.clone().requires_grad_(), a.covariance.clone().requires_grad_()
+    fid = ops.frechet_distance(a.mean, a.covariance, mu2, sigma2)
+    fid.backward()  # the minimum of FID: its gradient is 0 there
+    assert float(fid.detach()) == 0.0 and not mu2.grad.any() and not sigma2.grad.any()
+
+
+def _valid(d=6, seed=0):
+    x = torch.randn(40, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return x.mean(0), torch.cov(x.T)
+
+
+def _antisymmetric(d):
+    noise = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    return noise - noise.T
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda mu, sigma: (mu, sigma + 0.1 * _antisymmetric(len(mu))), r"covariance is not symmetric \(max \|Σ − Σᵀ\|"),
+    (lambda mu, sigma: (mu, -torch.eye(len(mu), dtype=torch.float64)), r"not positive semi-definite \(eigenvalues from -1 to -1\)"),
+    (lambda mu, sigma: (mu, sigma - 2 * sigma.diagonal().max() * torch.outer(mu, mu) / (mu @ mu)), "not positive semi-definite"),
+    (lambda mu, sigma: (mu, sigma.index_put((torch.tensor([1]), torch.tensor([2])), torch.tensor(float("nan"), dtype=torch.float64))), "the covariance contains NaN or Inf"),
+    (lambda mu, sigma: (mu.index_put((torch.tensor([0]),), torch.tensor(float("inf"), dtype=torch.float64)), sigma), "the mean contains NaN or Inf"),
+], ids=["asymmetric", "negative-identity", "indefinite", "nan-sigma", "inf-mu"])
+def test_invalid_statistics_are_refused_naming_the_side(corrupt, message):
+    mu, sigma = _valid()
+    bad_mu, bad_sigma = corrupt(mu, sigma)
+    for method in ("symmetric", "newton-schulz"):
+        with pytest.raises(ValueError, match="the second statistics: .*" + message):
+            ops.frechet_distance(mu, sigma, bad_mu, bad_sigma, method)
+        with pytest.raises(ValueError, match="the first statistics: .*" + message):
+            ops.frechet_distance(bad_mu, bad_sigma, bad_mu, bad_sigma, method)  # not "identical, hence 0"
+
+
+def test_round_off_asymmetry_and_negativity_are_accepted():
+    mu, sigma = _valid()
+    nearly = sigma + 1e-9 * float(sigma.abs().max()) * _antisymmetric(len(mu)) / 10
+    eigenvalues, vectors = torch.linalg.eigh(sigma)
+    eigenvalues[0] = -1e-9 * float(eigenvalues[-1])  # a round-off negative eigenvalue
+    semidefinite = (vectors * eigenvalues) @ vectors.T
+    semidefinite = (semidefinite + semidefinite.T) / 2
+    for accepted in (nearly, semidefinite):
+        expected = float(ops.frechet_distance(mu, accepted, mu + 0.1, sigma, validate=False))
+        assert float(ops.frechet_distance(mu, accepted, mu + 0.1, sigma)) == expected > 0
+
+
+def test_asymmetric_statistics_no_longer_give_a_silent_value():
+    mu, sigma = _valid()
+    skewed = sigma + 0.05 * _antisymmetric(len(mu))
+    with pytest.raises(ValueError, match="not symmetric"):
+        ops.frechet_distance(mu, skewed, mu.clone(), skewed.clone())
+    # the op itself (no validation) treats both sides alike: it uses the symmetric part of each
+    assert float(ops.trace_sqrt_product(skewed, skewed.clone(), "symmetric")) == pytest.approx(float(torch.trace(sigma)), rel=1e-12)
+
+
+@pytest.mark.parametrize("excess, raises", [(1e-9, False), (1e-4, True)])
+def test_only_round_off_negatives_are_clamped(monkeypatch, excess, raises):
+    mu, sigma = _valid()
+
+    def too_large(sigma1, sigma2, method, factor1):  # FID = −excess · (tr Σ1 + tr Σ2) with μ1 = μ2
+        return (torch.trace(sigma1) + torch.trace(sigma2)) / 2 * (1 + excess)
+
+    monkeypatch.setattr(ops, "trace_sqrt_product", too_large)
+    if raises:
+        with pytest.raises(RuntimeError, match="more negative than round-off explains"):
+            ops.frechet_distance(mu, sigma, mu, sigma * 1.0000001)
+    else:
+        assert float(ops.frechet_distance(mu, sigma, mu, sigma * 1.0000001)) == 0.0
+
+
+def test_different_dimensions_are_refused_before_any_arithmetic(tmp_path):
+    (mu5, sigma5), (mu6, sigma6) = _valid(5), _valid(6)
+    with pytest.raises(ValueError, match=r"of different dimensions: covariances \(5, 5\) and \(6, 6\)"):
+        ops.frechet_distance(mu5, sigma5, mu6, sigma6)
+    FeatureStatistics(mu5, sigma5).save(str(tmp_path / "five.npz"))
+    FeatureStatistics(mu6, sigma6).save(str(tmp_path / "six.npz"))
+    a, b = FeatureStatistics.load(str(tmp_path / "five.npz")), FeatureStatistics.load(str(tmp_path / "six.npz"))
+    with pytest.raises(ValueError, match=r"statistics of .*five.npz have dimension 5 and those of .*six.npz 6"):
+        frechet_distance(a, b)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    mu, sigma = _valid()
+    bad = sigma.clone()
+    bad[0, 0] = float("nan")
+    np.savez(tmp_path / "nan.npz", mu=mu.numpy(), sigma=bad.numpy())
+    FeatureStatistics(mu, sigma).save(str(tmp_path / "good.npz"))
+    with pytest.raises(ValueError, match=r"the statistics of .*nan.npz: the covariance contains NaN or Inf"):
+        frechet_distance(FeatureStatistics.load(str(tmp_path / "good.npz")), FeatureStatistics.load(str(tmp_path / "nan.npz")))
+    (tmp_path / "garbage.npz").write_bytes(b"this is not numpy data at all")
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:100])
+    np.savez(tmp_path / "pickled.npz", mu=np.array([object()]), sigma=np.zeros((1, 1)))
+    for name in ("garbage.npz", "truncated.npz", "pickled.npz"):
+        with pytest.raises(ValueError, match=f"{name} is not an FID statistics file"):
+            FeatureStatistics.load(str(tmp_path / name))
+    with pytest.raises(FileNotFoundError, match="the folder .*missing does not exist"):
+        FeatureStatistics(mu, sigma).save(str(tmp_path / "missing" / "stats.npz"))
+
+
+def test_statistics_of_different_resize_conventions_are_refused(tmp_path):
+    mu, sigma = _valid()
+    FeatureStatistics(mu, sigma, resize="pil-bicubic").save(str(tmp_path / "clean.npz"))
+    loaded = FeatureStatistics.load(str(tmp_path / "clean.npz"))
+    assert loaded.resize == "pil-bicubic" and loaded.source == str(tmp_path / "clean.npz")
+    with pytest.raises(ValueError, match="resize='pil-bicubic' and those of .* with resize='torch-bilinear'"):
+        frechet_distance(loaded, FeatureStatistics(mu, sigma, source="folder", resize="torch-bilinear"))
+    assert frechet_distance(loaded, FeatureStatistics(mu + 0.1, sigma)) > 0  # an unknown convention is not refused
 
 
 def test_cached_factor_gives_the_same_distance():
@@ -167,8 +379,6 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_fid_metric_object():
-    from fastgan.metrics import FID
-
     real, fake = torch.rand(120, 16), torch.rand(90, 16) * 1.3
     metric = FID(feature_dim=16)
     for batch in real.split(50):
@@ -186,8 +396,6 @@ def test_fid_metric_object():
 def _fid_worker(rank, world, init_file, real, fake, result_file):
     import torch.distributed as dist
 
-    from fastgan.metrics import FID
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     metric = FID(feature_dim=real.shape[1])
     metric.update(real[rank::world], real=True)
@@ -202,8 +410,6 @@ def _fid_worker(rank, world, init_file, real, fake, result_file):
 def test_fid_reduces_across_processes(tmp_path):
     import torch.multiprocessing as mp
 
-    from fastgan.metrics import FID
-
     real, fake = torch.rand(41, 9), torch.rand(30, 9) * 1.2
     single = FID(feature_dim=9)
     single.update(real, real=True)
@@ -211,3 +417,27 @@ def test_fid_reduces_across_processes(tmp_path):
     result = str(tmp_path / "fid.pt")
     mp.spawn(_fid_worker, args=(2, str(tmp_path / "init"), real, fake, result), nprocs=2)
     assert torch.load(result) == pytest.approx(single.compute(), rel=1e-10)
+
+
+@pytest.mark.parametrize("name", fastgan._backend.BACKENDS)
+def test_a_forced_backend_never_breaks_feature_statistics_or_fid(name, monkeypatch):
+    """FASTGAN_BACKEND=<any backend> at a training run's FID evaluation: ops without that
+    backend (feature_moments has no Triton kernel) run their default; a backend that
+    cannot run on this device at all still raises, naming itself."""
+    features = torch.rand(64, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 1
+    real = FeatureStatistics().update(features)
+    fids = {method: frechet_distance(real, FeatureStatistics().update(features * 1.1 + 0.2), method)
+            for method in ("symmetric", "newton-schulz", "newton-schulz-mixed")}
+    monkeypatch.setenv("FASTGAN_BACKEND", name)
+    if not fastgan.backends()["backends"][name]["cpu"]:
+        with pytest.raises(RuntimeError, match=f"backend '{name}' was requested but cannot run on cpu"):
+            FeatureStatistics().update(features)
+        return
+    forced = FeatureStatistics().update(features)
+    torch.testing.assert_close(forced.covariance, torch.cov(features.T), rtol=1e-10, atol=1e-12)
+    metric = FID(feature_dim=10)
+    metric.update(features, real=True)
+    metric.update(features * 1.1 + 0.2, real=False)
+    assert metric.compute() == pytest.approx(fids["symmetric"], rel=1e-9)
+    for method, expected in fids.items():
+        assert frechet_distance(forced, FeatureStatistics().update(features * 1.1 + 0.2), method) == pytest.approx(expected, rel=1e-9)

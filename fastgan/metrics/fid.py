@@ -4,7 +4,11 @@
 (mergeable by addition, across batches and processes), gives μ and the unbiased Σ,
 caches the factor of Σ used by the symmetric square root (reference statistics are
 reused across evaluations), and saves/loads pytorch-fid-compatible ``.npz`` files
-(keys ``mu`` and ``sigma``).
+(keys ``mu`` and ``sigma``; fastgan adds ``count`` and, when known, ``resize``: the
+preprocessing convention of :mod:`fastgan.metrics.images` the features were made with).
+Each statistics object has a ``source`` (its file, folder, or what it was made from)
+that error messages name; :func:`frechet_distance` refuses statistics of different
+dimensions or conventions, and invalid ones (NaN, asymmetric, not positive semi-definite).
 
 :class:`FID` is a metric object (``update`` / ``compute`` / ``reset``, reduced across
 processes): ``update(features, real=...)`` with Inception pool features (N, 2048), or
@@ -13,6 +17,7 @@ images when it was built with a feature extractor.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,9 +32,13 @@ from fastgan.reference import frechet as reference
 class FeatureStatistics:
     """μ and Σ of a feature set, accumulated batch by batch."""
 
-    def __init__(self, mean: Optional[Tensor] = None, covariance: Optional[Tensor] = None, count: int = 0) -> None:
+    def __init__(self, mean: Optional[Tensor] = None, covariance: Optional[Tensor] = None, count: int = 0,
+                 source: str = "features", resize: Optional[str] = None) -> None:
         self.count = count
         self.batches = 0
+        self.source = source  # named in error messages: a file, a folder, "real features"...
+        self.resize = resize  # the preprocessing convention of the images, when known
+        self._checked = False
         self._total: Optional[Tensor] = None
         self._outer: Optional[Tensor] = None
         self._mean, self._covariance = mean, covariance
@@ -49,11 +58,12 @@ class FeatureStatistics:
         self.count += features.shape[0]
         self.batches += 1
         self._mean = self._covariance = self._factor = None
+        self._checked = False
         return self
 
     def merge(self, other: "FeatureStatistics") -> "FeatureStatistics":
         """Add another accumulator's batches (e.g. another process's) to this one."""
-        merged = FeatureStatistics()
+        merged = FeatureStatistics(source=self.source, resize=self.resize)
         merged.count, merged.batches = self.count + other.count, self.batches + other.batches
         merged._total, merged._outer = self._total + other._total, self._outer + other._outer
         return merged
@@ -68,6 +78,21 @@ class FeatureStatistics:
         self._materialize()
         return self._covariance
 
+    @property
+    def dim(self) -> int:
+        """The feature dimension d."""
+        known = self._mean if self._mean is not None else self._outer
+        if known is None:
+            raise ValueError(f"the statistics of {self.source} are empty: update() them with features first")
+        return known.shape[0]
+
+    def check(self) -> None:
+        """Raise ValueError naming :attr:`source` unless μ and Σ are valid FID statistics
+        (finite; Σ symmetric and positive semi-definite up to round-off); checked once."""
+        if not self._checked:
+            ops.check_statistics(self.mean, self.covariance, f"the statistics of {self.source}")
+            self._checked = True
+
     def factor(self) -> Tensor:
         """R with R Rᵀ = Σ, computed once and reused by every FID against these statistics."""
         if self._factor is None:
@@ -81,30 +106,61 @@ class FeatureStatistics:
             raise ValueError(f"FID statistics need at least 2 feature vectors, got {self.count}")
         self._mean, self._covariance = reference.statistics_from_moments(self.count, self._total, self._outer)
 
+    @staticmethod
+    def check_destination(path: str) -> None:
+        """Raise FileNotFoundError naming the folder when ``path`` cannot be created there
+        (called before the features are computed, so no work is lost)."""
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
+
     def save(self, path: str) -> None:
-        """Write ``mu`` and ``sigma`` (float64) to ``path`` (.npz), atomically."""
+        """Write ``mu`` and ``sigma`` (float64), ``count`` and ``resize`` to ``path`` (.npz), atomically."""
+        self.check_destination(path)
+        extra = {} if self.resize is None else {"resize": np.array(self.resize)}
         tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, mu=self.mean.cpu().numpy(), sigma=self.covariance.cpu().numpy(), count=self.count)
+        np.savez(tmp, mu=self.mean.cpu().numpy(), sigma=self.covariance.cpu().numpy(), count=self.count, **extra)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "FeatureStatistics":
         if not os.path.exists(path):
             raise FileNotFoundError(f"no statistics file at {path}")
-        with np.load(path) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"{path} is not an FID statistics file: it needs arrays 'mu' and 'sigma', has {list(data.keys())}")
-            mean, covariance = torch.from_numpy(data["mu"]).double(), torch.from_numpy(data["sigma"]).double()
-            count = int(data["count"]) if "count" in data else 0
+        try:
+            with np.load(path) as data:  # allow_pickle=False: a pickle is refused, never run
+                arrays = {key: data[key] for key in data.keys()}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # not a zip, truncated, a pickle...
+            raise ValueError(f"{path} is not an FID statistics file (an .npz with arrays 'mu' and 'sigma'): "
+                             f"{type(error).__name__}: {error}") from error
+        if "mu" not in arrays or "sigma" not in arrays:
+            raise ValueError(f"{path} is not an FID statistics file: it needs arrays 'mu' and 'sigma', has {sorted(arrays)}")
+        if not all(arrays[key].dtype.kind in "fiu" for key in ("mu", "sigma")):
+            raise ValueError(f"{path}: 'mu' and 'sigma' must be numeric arrays, got {arrays['mu'].dtype} and {arrays['sigma'].dtype}")
+        mean, covariance = torch.from_numpy(arrays["mu"]).double(), torch.from_numpy(arrays["sigma"]).double()
+        count = int(arrays["count"]) if "count" in arrays else 0
+        resize = str(arrays["resize"]) if "resize" in arrays else None
         if mean.dim() != 1 or covariance.shape != (mean.shape[0], mean.shape[0]):
             raise ValueError(f"{path}: mu {tuple(mean.shape)} and sigma {tuple(covariance.shape)} do not fit together")
-        return cls(mean, covariance, count)
+        return cls(mean, covariance, count, source=path, resize=resize)
 
 
 def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, method: str = "auto") -> float:
-    """FID between two statistics objects (``a`` is the reference; its factor is cached)."""
+    """FID between two statistics objects (``a`` is the reference; its factor is cached).
+
+    Checked first, naming each side's :attr:`~FeatureStatistics.source`: the same
+    dimension, the same preprocessing convention when both are known, valid statistics."""
+    if a.dim != b.dim:
+        raise ValueError(f"the statistics of {a.source} have dimension {a.dim} and those of {b.source} {b.dim}: "
+                         "FID compares features of the same network layer")
+    if a.resize is not None and b.resize is not None and a.resize != b.resize:
+        raise ValueError(f"the statistics of {a.source} were computed with resize={a.resize!r} and those of {b.source} "
+                         f"with resize={b.resize!r}: FIDs across preprocessing conventions are not comparable")
+    a.check()
+    b.check()
     factor = a.factor() if method in ("auto", "symmetric") and a.mean.device.type == "cpu" else None
-    return float(ops.frechet_distance(a.mean, a.covariance, b.mean, b.covariance, method, factor))
+    return float(ops.frechet_distance(a.mean, a.covariance, b.mean, b.covariance, method, factor,
+                                      names=(f"the statistics of {a.source}", f"the statistics of {b.source}"),
+                                      validate=False))
 
 
 class FID(Metric):
@@ -142,7 +198,7 @@ class FID(Metric):
         self._batches += 1
 
     def _statistics(self, states, side: str) -> FeatureStatistics:
-        stats = FeatureStatistics()
+        stats = FeatureStatistics(source=f"the {side} features")
         stats.count = int(states[f"{side}_count"])
         stats._total, stats._outer = states[f"{side}_total"], states[f"{side}_outer"]
         return stats

@@ -6,25 +6,47 @@
 * ``fastgan::feature_moments(features) -> (Σx, Σ x xᵀ)`` in float64, the sums a
   streaming mean/covariance accumulator adds across batches and processes.
 
-Methods (math in :mod:`fastgan.reference.frechet`):
+Methods (math in :mod:`fastgan.reference.frechet`); each meets FID's accuracy bound
+(|ΔFID| ≤ 1e-3 + 1e-6·FID against scipy in float64, tests/test_frechet.py) or notices
+that it cannot and falls back to ``"symmetric"``:
 
-* ``"symmetric"``: float64 Cholesky (or eigh for singular Σ1) + eigvalsh; exact for
-  singular covariances; the CPU default. ``factor1`` (a cached factor of Σ1, see
+* ``"symmetric"``: float64 Cholesky of Σ1 (eigh when Σ1 is singular), the congruence
+  Rᵀ Σ2 R, and its eigvalsh -- LAPACK on the CPU, cuSOLVER on CUDA. Exact for singular
+  and ill-conditioned covariances (5e-11 of FID at condition 1e12); never falls back.
+  ``factor1`` (a cached factor of Σ1, see
   :func:`fastgan.reference.frechet.symmetric_factor`) skips the factorization.
-* ``"newton-schulz"``: the coupled iteration in float64 (in float32 it stalls near a
-  relative residual of 1e-5, far from FID's 1e-3 accuracy), run in chunks of 10
-  iterations with one residual check per chunk (one host sync per chunk, none per
-  iteration); when the residual has not reached 1e-10 after 50 iterations -- as happens
-  for singular covariances -- it falls back to ``"symmetric"``. The CUDA default.
-  Kernels: Triton (``fastgan.kernels.frechet``), C++ (``csrc/frechet.cpp``: the
-  iteration folded into BLAS/cuBLAS GEMM epilogues, CPU and CUDA) or the torch reference.
-* ``"auto"``: ``"newton-schulz"`` on CUDA, ``"symmetric"`` elsewhere.
+* ``"newton-schulz"``: the coupled iteration in float64, run in chunks of 10 iterations
+  with one convergence check per chunk (one host sync per chunk, none per iteration).
+  The check is the gap ‖I − Z Y‖_F ≤ 1e-8, which bounds the relative error of the
+  trace for every eigenvalue (the residual ‖Y² − A‖ used before did not, and reported
+  convergence 2e-2 of FID off at condition 1e12). When the gap is not closed after 50
+  iterations -- singular covariances, or Σ1 Σ2 conditioned beyond ~1e13 -- it falls back.
+  Kernels by the op's backend table below: cuBLAS on CUDA (C++ or torch), BLAS on the
+  CPU, Triton (float64 ``tl.dot``, untuned) only when forced.
+* ``"newton-schulz-mixed"``: the same iteration in IEEE float32 (TF32 is switched off
+  for it: with TF32's 10-bit mantissa the iteration diverges before it converges), then
+  float64 steps until Y and Z are float64 inverses of each other, and one Newton
+  correction of the trace, tr Y − ½ tr(Z (Y² − A)) = ½ (tr Y + tr(Z A)) (no product
+  needed). The correction's size estimates the float32 error left; the result is
+  accepted when 2·|correction| ≤ 1e-7·(tr Σ1 + tr Σ2) in FID units, else it falls back.
+  Worth it only where float32 products are much faster than float64 ones.
+* ``"auto"``: the per-device default of :data:`AUTO_METHOD`: ``"symmetric"`` on the CPU
+  (measured: bench/results/fid-cpu-*.md), ``"newton-schulz"`` on CUDA (a choice by
+  operation count, to be confirmed on an H100 by bench/bench_fid.py, which times every
+  method at d = 2048).
 
-Results are never complex; an FID that is negative only by round-off is clamped to 0.
+:func:`frechet_distance` validates the statistics first (finite, symmetric and positive
+semi-definite within :data:`SYMMETRY_TOLERANCE` / :data:`PSD_TOLERANCE`), returns
+exactly 0 for identical statistics, clamps at 0 only a negative result that round-off
+and the methods' accepted error explain (|FID| ≤ :data:`ROUND_OFF` · (‖μ1 − μ2‖² +
+tr Σ1 + tr Σ2)) and raises on a more negative one. Results are never complex.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
+
+import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -32,10 +54,20 @@ from torch import Tensor
 from fastgan import _backend
 from fastgan.reference import frechet as reference
 
-METHODS = ("auto", "symmetric", "newton-schulz")
+METHODS = ("auto", "symmetric", "newton-schulz", "newton-schulz-mixed")
+AUTO_METHOD = {"cpu": "symmetric", "cuda": "newton-schulz"}
 NEWTON_SCHULZ_CHUNK = 10
 NEWTON_SCHULZ_MAX_ITERATIONS = 50
-NEWTON_SCHULZ_TOLERANCE = 1e-10
+NEWTON_SCHULZ_TOLERANCE = 1e-8  # on ‖I − Z Y‖_F; float64 stalls near 3e-10 at condition 1e12
+MIXED_FLOAT32_CHUNK = 5
+MIXED_FLOAT32_MAX_ITERATIONS = 50
+MIXED_FLOAT32_GAP = 1e-3  # switch to float64 here (float32 stalls near 1e-4 at d = 256)
+MIXED_REFINEMENT_CHUNK = 2
+MIXED_REFINEMENT_MAX_STEPS = 6
+MIXED_TOLERANCE = 1e-7  # accepted |Newton correction| in FID, relative to tr Σ1 + tr Σ2
+SYMMETRY_TOLERANCE = 1e-6  # max |Σ − Σᵀ| relative to max |Σ|
+PSD_TOLERANCE = 1e-6  # most negative eigenvalue accepted, relative to the largest variance max Σ_ii
+ROUND_OFF = 1e-6  # negative FID clamped to 0 up to this, relative to ‖μ1 − μ2‖² + tr Σ1 + tr Σ2
 
 
 def _check_covariances(sigma1: Tensor, sigma2: Tensor, method: str) -> None:
@@ -48,39 +80,100 @@ def _check_covariances(sigma1: Tensor, sigma2: Tensor, method: str) -> None:
         raise ValueError(f"sigma1 {tuple(sigma1.shape)} on {sigma1.device} and sigma2 {tuple(sigma2.shape)} on {sigma2.device} must match")
 
 
-_NEWTON_SCHULZ = {  # (steps, matmul for the residual)
-    "reference": (reference.newton_schulz_steps, torch.matmul),
-    "triton": (_backend.triton_kernel("frechet", "newton_schulz_steps"), _backend.triton_kernel("frechet", "matmul")),
-    "cpp": (_backend.extension_op("newton_schulz_steps"), torch.matmul),
-    "cuda": (_backend.extension_op("newton_schulz_steps"), torch.matmul),
-}
-_FEATURE_MOMENTS = {
-    "reference": reference.feature_moments,
-    "cpp": _backend.extension_op("feature_moments"),
-    "cuda": _backend.extension_op("feature_moments"),
-}
+_NEWTON_SCHULZ = _backend.register(  # (steps, matmul for the residual)
+    "newton_schulz_steps",
+    {
+        "reference": (reference.newton_schulz_steps, torch.matmul),
+        "triton": (_backend.triton_kernel("frechet", "newton_schulz_steps"), _backend.triton_kernel("frechet", "matmul")),
+        "cpp": (_backend.extension_op("newton_schulz_steps"), torch.matmul),
+        "cuda": (_backend.extension_op("newton_schulz_steps"), torch.matmul),
+    },
+    {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference", "triton")},
+    "CPU: bench/results/fid-cpu-2026-11-23.md, d=2048 cpp 0.91x scipy, reference 0.84x; CUDA: not measured "
+    "yet, cuBLAS (cuda, reference) before the untuned float64 Triton matmul",
+)
+_FEATURE_MOMENTS = _backend.register(
+    "feature_moments",
+    {
+        "reference": reference.feature_moments,
+        "cpp": _backend.extension_op("feature_moments"),
+        "cuda": _backend.extension_op("feature_moments"),
+    },
+    {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
+    "not measured; the C++ op is one float64 ATen product, the same work as the reference in one call",
+)
+
+
+def _iterate(steps, matmul, y: Tensor, z: Tensor, chunk: int, max_iterations: int, tolerance: float):
+    """Coupled steps in chunks until the gap ‖I − Z Y‖_F ≤ ``tolerance``: (Y, Z, gap, closed).
+    A chunk that ends non-finite (the iteration diverges once round-off dominates, as it
+    does for singular or too ill-conditioned input) is discarded and ends the loop."""
+    gap = math.inf
+    for _ in range(0, max_iterations, chunk):
+        y_next, z_next = steps(y, z, chunk)
+        next_gap = float(reference.newton_schulz_gap(y_next, z_next, matmul))
+        if not math.isfinite(next_gap):
+            break
+        y, z, gap = y_next, z_next, next_gap
+        if gap <= tolerance:
+            return y, z, gap, True
+    return y, z, gap, False
 
 
 def newton_schulz(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, bool]:
-    """(tr sqrt(Σ1 Σ2), converged) by float64 Newton–Schulz on the selected backend."""
-    steps, matmul = _backend.dispatch(_NEWTON_SCHULZ, sigma1.device)
-    normalized, scale, z = reference.newton_schulz_start(sigma1.double(), sigma2.double())
-    y = normalized
-    for _ in range(0, NEWTON_SCHULZ_MAX_ITERATIONS, NEWTON_SCHULZ_CHUNK):
-        y, z = steps(y, z, NEWTON_SCHULZ_CHUNK)
-        residual = reference.newton_schulz_residual(y, normalized, matmul)
-        if float(residual) <= NEWTON_SCHULZ_TOLERANCE:
-            return scale.sqrt() * torch.trace(y), True
-    return scale.sqrt() * torch.trace(y), False
+    """(tr sqrt(Σ1 Σ2), converged) by float64 Newton–Schulz on the selected backend;
+    ``converged`` means the gap ‖I − Z Y‖_F reached :data:`NEWTON_SCHULZ_TOLERANCE`."""
+    steps, matmul = _NEWTON_SCHULZ(sigma1.device)
+    normalized, scale, eye = reference.newton_schulz_start(sigma1.double(), sigma2.double())
+    y, _, _, converged = _iterate(steps, matmul, normalized, eye, NEWTON_SCHULZ_CHUNK,
+                                  NEWTON_SCHULZ_MAX_ITERATIONS, NEWTON_SCHULZ_TOLERANCE)
+    return scale.sqrt() * torch.trace(y), converged
+
+
+@contextlib.contextmanager
+def _ieee_float32(device: torch.device):
+    """float32 products in full IEEE precision on CUDA (no TF32), whatever the user set."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def newton_schulz_mixed(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, bool]:
+    """(tr sqrt(Σ1 Σ2), converged) by float32 Newton–Schulz, float64 refinement steps and a
+    Newton correction of the trace (see the module docstring); ``converged`` means the
+    float64 steps closed the gap and the correction is within :data:`MIXED_TOLERANCE`."""
+    steps, matmul = _NEWTON_SCHULZ(sigma1.device)
+    normalized, scale, eye = reference.newton_schulz_start(sigma1.double(), sigma2.double())
+    with _ieee_float32(sigma1.device):
+        y, z, _, _ = _iterate(steps, matmul, normalized.float(), eye.float(), MIXED_FLOAT32_CHUNK,
+                              MIXED_FLOAT32_MAX_ITERATIONS, MIXED_FLOAT32_GAP)
+    # In float64 the steps make Y and Z exact inverses, but of a square root of a float32
+    # neighbour of A (the iteration keeps any fixed point with Z Y = I): hence the correction.
+    y, z, _, closed = _iterate(steps, matmul, y.double(), z.double(), MIXED_REFINEMENT_CHUNK,
+                               MIXED_REFINEMENT_MAX_STEPS, NEWTON_SCHULZ_TOLERANCE)
+    trace_y = torch.trace(y)
+    correction = 0.5 * (trace_y - (z * normalized.T).sum())  # ½ tr(Z (Y² − A)) with Z = Y⁻¹
+    value = scale.sqrt() * (trace_y - correction)
+    allowed = MIXED_TOLERANCE * float(torch.trace(sigma1.double()) + torch.trace(sigma2.double()))
+    return value, closed and 2 * float(scale.sqrt() * correction.abs()) <= allowed
+
+
+ITERATIVE_METHODS = {"newton-schulz": newton_schulz, "newton-schulz-mixed": newton_schulz_mixed}
 
 
 @torch.library.custom_op("fastgan::trace_sqrt_product", mutates_args=())
 def trace_sqrt_product(sigma1: Tensor, sigma2: Tensor, method: str = "auto", factor1: Optional[Tensor] = None) -> Tensor:
     _check_covariances(sigma1, sigma2, method)
     if method == "auto":
-        method = "newton-schulz" if sigma1.device.type == "cuda" else "symmetric"
-    if method == "newton-schulz" and factor1 is None:
-        value, converged = newton_schulz(sigma1, sigma2)
+        method = AUTO_METHOD.get(sigma1.device.type, "symmetric")
+    if method in ITERATIVE_METHODS and factor1 is None:
+        value, converged = ITERATIVE_METHODS[method](sigma1, sigma2)
         if converged:
             return value
     return reference.trace_sqrt_product_symmetric(sigma1, sigma2, factor1)
@@ -120,23 +213,72 @@ def _trace_backward(ctx, grad):
 trace_sqrt_product.register_autograd(_trace_backward, setup_context=_trace_setup_context)
 
 
+def check_statistics(mean: Tensor, sigma: Tensor, name: str = "statistics") -> None:
+    """Raise ValueError, naming ``name``, unless (μ, Σ) are finite FID statistics: μ of
+    shape (d,), Σ (d, d), symmetric within :data:`SYMMETRY_TOLERANCE` (relative to the
+    largest |Σ_ij|) and positive semi-definite within :data:`PSD_TOLERANCE` (no eigenvalue
+    below −PSD_TOLERANCE · max Σ_ii). Costs one Cholesky factorization."""
+    if sigma.dim() != 2 or sigma.shape[0] != sigma.shape[1] or sigma.shape[0] == 0:
+        raise ValueError(f"{name}: the covariance must be a non-empty square matrix, got shape {tuple(sigma.shape)}")
+    if mean.shape != (sigma.shape[0],):
+        raise ValueError(f"{name}: the mean has shape {tuple(mean.shape)}, the covariance {tuple(sigma.shape)}")
+    with torch.no_grad():
+        mean, sigma = mean.detach().double(), sigma.detach().double()
+        for what, value in (("mean", mean), ("covariance", sigma)):
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name}: the {what} contains NaN or Inf")
+        largest = float(sigma.abs().max())
+        asymmetry = float((sigma - sigma.T).abs().max())
+        if asymmetry > SYMMETRY_TOLERANCE * largest:
+            raise ValueError(f"{name}: the covariance is not symmetric (max |Σ − Σᵀ| = {asymmetry:.3g}, "
+                             f"max |Σ| = {largest:.3g}); a covariance matrix is symmetric")
+        # Σ + ε·max Σ_ii·I is positive definite (Cholesky succeeds) iff no eigenvalue of Σ is
+        # below −ε·max Σ_ii: one Cholesky instead of an eigendecomposition for singular Σ
+        shift = PSD_TOLERANCE * float(sigma.diagonal().max().clamp(min=0))
+        shifted = (sigma + sigma.T) / 2 + shift * torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+        if int(torch.linalg.cholesky_ex(shifted)[1]) != 0:
+            eigenvalues = torch.linalg.eigvalsh((sigma + sigma.T) / 2)  # only to say what is wrong
+            raise ValueError(f"{name}: the covariance is not positive semi-definite (eigenvalues from "
+                             f"{float(eigenvalues[0]):.3g} to {float(eigenvalues[-1]):.3g}); a covariance matrix "
+                             "has none below 0 beyond round-off")
+
+
 def frechet_distance(
-    mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor, method: str = "auto", factor1: Optional[Tensor] = None
+    mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor, method: str = "auto", factor1: Optional[Tensor] = None,
+    *, names: Tuple[str, str] = ("the first statistics", "the second statistics"), validate: bool = True,
 ) -> Tensor:
     """FID = ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr sqrt(Σ1 Σ2) as a 0-d float64 tensor,
-    differentiable w.r.t. (μ2, Σ2); round-off negatives are clamped to 0."""
-    if mu1.shape != (sigma1.shape[0],) or mu2.shape != (sigma2.shape[0],):
+    differentiable w.r.t. (μ2, Σ2).
+
+    Both sides are checked first (:func:`check_statistics`; ``names`` name them in the
+    errors; ``validate=False`` skips the check for callers that made it already).
+    Identical statistics give exactly 0; a negative result within :data:`ROUND_OFF` is
+    clamped to 0, a more negative one raises RuntimeError."""
+    if sigma1.shape != sigma2.shape:
+        raise ValueError(f"{names[0]} and {names[1]} are of different dimensions: covariances "
+                         f"{tuple(sigma1.shape)} and {tuple(sigma2.shape)}; FID compares statistics of the same features")
+    if validate:
+        check_statistics(mu1, sigma1, names[0])
+        check_statistics(mu2, sigma2, names[1])
+    elif mu1.shape != (sigma1.shape[0],) or mu2.shape != (sigma2.shape[0],):
         raise ValueError(f"means must match the covariances: mu1 {tuple(mu1.shape)}, sigma1 {tuple(sigma1.shape)}, mu2 {tuple(mu2.shape)}, sigma2 {tuple(sigma2.shape)}")
     diff = mu1.double() - mu2.double()
-    distance = diff @ diff + torch.trace(sigma1.double()) + torch.trace(sigma2.double())
-    return (distance - 2 * trace_sqrt_product(sigma1, sigma2, method, factor1)).clamp(min=0)
+    terms = diff @ diff + torch.trace(sigma1.double()) + torch.trace(sigma2.double())
+    if torch.equal(mu1, mu2) and torch.equal(sigma1, sigma2):
+        return 0 * terms  # exactly 0, still connected to (μ2, Σ2) for autograd (the gradient is 0 there)
+    distance = terms - 2 * trace_sqrt_product(sigma1, sigma2, method, factor1)
+    allowed = ROUND_OFF * float(terms.detach())
+    if float(distance.detach()) < -allowed:
+        raise RuntimeError(f"FID between {names[0]} and {names[1]} came out at {float(distance.detach()):.6g}, more negative "
+                           f"than round-off explains ({-allowed:.3g}); this is a bug, please report it with the statistics")
+    return distance.clamp(min=0)
 
 
 @torch.library.custom_op("fastgan::feature_moments", mutates_args=())
 def feature_moments(features: Tensor) -> Tuple[Tensor, Tensor]:
     if not features.is_floating_point() or features.dim() != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be a non-empty (N, d) floating-point batch, got {tuple(features.shape)} {features.dtype}")
-    return _backend.dispatch(_FEATURE_MOMENTS, features.device)(features.contiguous())
+    return _FEATURE_MOMENTS(features.device)(features.contiguous())
 
 
 @feature_moments.register_fake
