@@ -109,6 +109,20 @@ def test_workers_give_identical_results():
     assert torch.equal(one, two)
 
 
+def test_distance_table_in_chunks_gives_the_same_rlts(monkeypatch):
+    """Past DISTANCE_TABLE_BYTES the table is computed chunk by chunk of landmark sets."""
+    import fastgan.metrics.geometry_score as module
+
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(200, 3, generator=generator, dtype=torch.float64)
+    sets = draw_landmarks(200, 7, 16, generator)
+    whole = relative_living_times(x, landmarks=sets, gamma=0.1, workers=1)
+    monkeypatch.setattr(module, "DISTANCE_TABLE_BYTES", 200 * 16 * 8 * 2)  # two sets' columns per chunk
+    assert len(list(module._distance_blocks(x, sets))) == 4
+    assert torch.equal(relative_living_times(x, landmarks=sets, gamma=0.1, workers=1), whole)
+    assert torch.equal(relative_living_times(x, landmarks=sets, gamma=0.1, workers=2), whole)
+
+
 def test_known_topology():
     """A circle has one long-lived hole, two circles two, a Gaussian blob none."""
     generator = torch.Generator().manual_seed(0)
