@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import exit_worker
+from conftest import DEVICES, exit_worker
 from fastgan.metrics import GeometryScore
 from fastgan.metrics.geometry_score import (default_gamma, draw_landmarks, geometry_score, h1_intervals,
                                             mean_relative_living_times, nearest_landmarks, relative_living_times,
@@ -49,6 +49,18 @@ def test_rlt_equals_paper_oracle_on_same_landmarks(num_points, dim, L_0, gamma):
     assert one.shape == (50,)
     np.testing.assert_allclose(one.numpy(), expected[2], rtol=0, atol=ATOL)
     assert relative_living_times(x.float(), landmarks=sets[0], gamma=gamma, i_max=50).shape == (50,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_points_on_any_device_give_the_oracles_rlt(device):
+    """The distance table is computed where the points are (a GPU's cdist included)."""
+    generator = torch.Generator().manual_seed(21)
+    x = torch.randn(333, 6, generator=generator, dtype=torch.float64)
+    sets = draw_landmarks(333, 5, 29, generator)
+    got = relative_living_times(x.to(device), landmarks=sets.to(device), gamma=0.06, workers=1)
+    expected = reference.relative_living_times_of_sets(x.numpy(), sets.numpy(), gamma=0.06)
+    assert got.device.type == "cpu"
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=ATOL)
 
 
 def test_rlt_has_holes_to_count():
