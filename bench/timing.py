@@ -146,6 +146,8 @@ def measure(
         benchmark.extra_info["flops"] = float(flops)
     if detail:
         benchmark.extra_info["detail"] = detail
+    if getattr(benchmark, "disabled", False):  # --benchmark-disable: a smoke test, one untimed call
+        return fn()
     seconds = budget(1.0, 0.2) if seconds is None else seconds
     min_rounds = budget(5, 3) if min_rounds is None else min_rounds
     once, warm = None, 0.0
@@ -221,7 +223,8 @@ def environment(device: torch.device) -> Dict[str, object]:
                    l2_mb=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
                    cudnn_tf32=torch.backends.cudnn.allow_tf32, matmul_tf32=torch.backends.cuda.matmul.allow_tf32)
     else:
-        env.update(device=f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        threads = torch.get_num_threads()
+        env.update(device=f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' if threads != 1 else ''}",
                    driver="n/a", load_average=" ".join(f"{x:.1f}" for x in os.getloadavg()))
     try:
         commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
