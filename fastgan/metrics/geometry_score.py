@@ -192,8 +192,10 @@ def _simplex_keys(vertices: np.ndarray, num_landmarks: int) -> np.ndarray:
 def witness_complex(order: np.ndarray, values: np.ndarray, alpha_max: float,
                     num_landmarks: int) -> List[Tuple[np.ndarray, np.ndarray]]:
     """The relaxed witness complex (up to triangles) that gudhi's ``WitnessComplex``
-    builds from this nearest-landmark table, as [(simplices (m, k+1) of sorted landmark
-    positions, filtration values (m,)) for k = 0, 1, 2] (see the module docstring)."""
+    builds from this nearest-landmark table (as :func:`nearest_landmarks` returns it),
+    as [(simplices (m, k+1) of sorted landmark positions, filtration values (m,)) for
+    k = 0, 1, 2] (see the module docstring). Every landmark must also be a witness (as
+    when landmarks are points of the witness set): vertices enter at 0."""
     num_witnesses, width = values.shape
     # near[g][w]: how many positions after g a witness reaches from position g
     near = [((values[:, g + 1:] - alpha_max) <= values[:, g:g + 1]).sum(axis=1) for g in range(COMPLEX_DIMENSION + 1)
