@@ -177,10 +177,10 @@ def test_inception_score_reset():
 
 
 def test_kid_whole_sets_matches_numpy():
-    # subset_size above both counts: each side is capped at its own size, every subset is the whole set
-    real = torch.randn(23, 67, dtype=torch.float64) + 0.2
+    # subset_size equal to both counts: every subset is the whole set (in some order)
+    real = torch.randn(19, 67, dtype=torch.float64) + 0.2
     fake = torch.randn(19, 67, dtype=torch.float64) * 1.3
-    metric = KID(subsets=3, subset_size=1000)
+    metric = KID(subsets=3, subset_size=19)
     metric.update(real_features=real[:10])
     metric.update(real_features=real[10:], fake_features=fake[:7])
     metric.update(fake_features=fake[7:])
@@ -188,6 +188,13 @@ def test_kid_whole_sets_matches_numpy():
     assert mean.dtype == torch.float64
     assert_close(mean, mmd2_unbiased_numpy(real.numpy(), fake.numpy()))
     assert_close(std, 0.0)
+
+
+def test_kid_refuses_a_subset_larger_than_a_side():
+    metric = KID(subsets=3, subset_size=20)
+    metric.update(real_features=torch.randn(23, 5, dtype=torch.float64), fake_features=torch.randn(19, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"subset_size=20 exceeds the samples available \(23 real, 19 fake\).*<= 19"):
+        metric.compute()
 
 
 def test_kid_random_subsets_match_numpy():

@@ -11,8 +11,10 @@ torch-fidelity and torchmetrics):
   estimate MMD^2 = sum_{i!=j} k(r_i, r_j) / (m(m-1)) + sum_{i!=j} k(f_i, f_j) / (n(n-1))
   - 2 mean_{i,j} k(r_i, f_j) (the cross term keeps its "diagonal", as the authors' code);
   it can be negative when the two distributions are close;
-- m = min(subset_size, N_real) and n = min(subset_size, N_fake) (each capped on its own
-  side); fewer than 2 samples on either side raises ValueError;
+- m = n = subset_size samples per side and subset; a side with fewer samples than
+  ``subset_size`` raises ValueError (as torch-fidelity and torchmetrics do) rather
+  than silently using the whole set in every subset, which makes all subsets identical
+  and the reported std 0; pass ``subset_size`` <= the smaller side explicitly;
 - the draws: ``g = torch.Generator().manual_seed(seed)`` is created afresh in every
   ``compute()``, and for each subset ``torch.randperm(N_real, generator=g)[:m]`` then
   ``torch.randperm(N_fake, generator=g)[:n]``; the generator is on the CPU, so the
@@ -107,7 +109,12 @@ class KID(Metric):
         if real.shape[1] != fake.shape[1]:
             raise ValueError(f"real features have {real.shape[1]} dimensions, fake features {fake.shape[1]}")
         num_real, num_fake = real.shape[0], fake.shape[0]
-        m, n = min(self.subset_size, num_real), min(self.subset_size, num_fake)
+        if self.subset_size > min(num_real, num_fake):
+            raise ValueError(
+                f"KID subset_size={self.subset_size} exceeds the samples available ({num_real} real, {num_fake} fake): "
+                f"every subset would hold the whole set and the std would be 0; use subset_size <= "
+                f"{min(num_real, num_fake)} (CLI: --subset-size), or more samples")
+        m = n = self.subset_size
         generator = torch.Generator().manual_seed(self.seed)
         estimates = []
         for _ in range(self.subsets):
