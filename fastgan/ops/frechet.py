@@ -170,6 +170,9 @@ ITERATIVE_METHODS = {"newton-schulz": newton_schulz, "newton-schulz-mixed": newt
 @torch.library.custom_op("fastgan::trace_sqrt_product", mutates_args=())
 def trace_sqrt_product(sigma1: Tensor, sigma2: Tensor, method: str = "auto", factor1: Optional[Tensor] = None) -> Tensor:
     _check_covariances(sigma1, sigma2, method)
+    for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):  # else LAPACK reports "failed to converge"
+        if not bool(torch.isfinite(sigma).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
     if method == "auto":
         method = AUTO_METHOD.get(sigma1.device.type, "symmetric")
     if method in ITERATIVE_METHODS and factor1 is None:
