@@ -9,14 +9,21 @@ Options (each also an environment variable, for ``make``):
 * ``--bench-device cpu|cuda`` / ``FASTGAN_BENCH_DEVICE``: default cuda when torch sees a GPU;
 * ``--bench-threads N``: torch's CPU threads (default: torch's own choice). On a shared
   machine, ``--bench-threads 1 --benchmark-timer time.process_time`` measures CPU time
-  of one thread, which other processes' load does not inflate.
+  of one thread, which other processes' load does not inflate;
+* ``--bench-budget S``: entries that would start more than S seconds into the run are
+  skipped (with that reason), so a run under a time limit still ends normally and
+  writes its results (``make gpu-check`` uses it).
+
+The ops with targets run first (spectral norm, gradient penalty, FID, training), then the rest.
 
 Triton is not put in interpreter mode here: interpreted kernels are a test tool, and
 the benchmarks time only backends that run natively on the device.
 """
 import importlib.util
 import os
+import time
 
+import pytest
 import torch
 
 import timing
@@ -33,6 +40,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-device", default=None,
                     help=f"cpu or cuda (also {timing.DEVICE_ENV}; default cuda when a GPU is visible)")
     group.addoption("--bench-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.addoption("--bench-budget", type=float, default=None,
+                    help="skip entries that would start more than this many seconds into the run")
 
 
 def pytest_configure(config):
@@ -42,6 +51,21 @@ def pytest_configure(config):
         torch.set_num_threads(config.getoption("bench_threads"))
     if timing.QUICK:
         os.environ[timing.QUICK_ENV] = "1"
+
+
+FIRST = ("bench_spectral_norm.py", "bench_gradient_penalty.py", "bench_fid.py", "bench_training.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: file order kept within a module
+    config._bench_started = time.monotonic()
+
+
+def pytest_runtest_setup(item):
+    budget = item.config.getoption("bench_budget")
+    if budget is not None and time.monotonic() - item.config._bench_started > budget:
+        pytest.skip(f"the run's time budget of {budget:.0f} s was spent before this entry started (--bench-budget)")
 
 
 def pytest_report_header(config):
