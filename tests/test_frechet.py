@@ -9,6 +9,8 @@ back); the iterative ones must meet it wherever they claim convergence, on every
 backend (Triton under the interpreter at small d).
 """
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -444,3 +446,26 @@ def test_a_forced_backend_never_breaks_feature_statistics_or_fid(name, monkeypat
     assert metric.compute() == pytest.approx(fids["symmetric"], rel=1e-9)
     for method, expected in fids.items():
         assert frechet_distance(forced, FeatureStatistics().update(features * 1.1 + 0.2), method) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("user_setting", [
+    "torch.backends.cuda.matmul.allow_tf32 = True",
+    "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "torch.set_float32_matmul_precision('high')",
+])
+def test_mixed_method_switches_tf32_off_and_back_in_the_users_api(user_setting):
+    """The float32 phase runs with TF32 off (it diverges with TF32), then the user's setting is
+    back, readable through the same API as before (torch refuses reads across its two APIs).
+    A fresh interpreter, as these flags are process-wide; the flags exist without a GPU."""
+    script = f"""
+import torch
+from fastgan.ops import frechet
+{user_setting}
+matmul = torch.backends.cuda.matmul
+with frechet._ieee_float32(torch.device("cuda")):
+    inside = matmul.fp32_precision
+new_api = "fp32_precision" in {user_setting!r}  # then the legacy flag is unreadable, before and after
+print(inside, matmul.fp32_precision, "-" if new_api else matmul.allow_tf32)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["ieee", "tf32"] and out[2] in ("True", "-")

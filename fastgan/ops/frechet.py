@@ -132,16 +132,24 @@ def newton_schulz(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, bool]:
 
 @contextlib.contextmanager
 def _ieee_float32(device: torch.device):
-    """float32 products in full IEEE precision on CUDA (no TF32), whatever the user set."""
+    """float32 products in full IEEE precision on CUDA (no TF32), whatever the user set.
+
+    torch has two APIs for this flag and raises when code reads one after the other was
+    set, so the flag is switched through the family the user's setting is readable in
+    (the legacy ``allow_tf32`` unless the new ``fp32_precision`` was used) and restored there."""
     if device.type != "cuda":
         yield
         return
-    previous = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    matmul = torch.backends.cuda.matmul
+    try:
+        name, previous, ieee = "allow_tf32", matmul.allow_tf32, False
+    except RuntimeError:  # the user set the new API: reading the legacy flag is refused
+        name, previous, ieee = "fp32_precision", matmul.fp32_precision, "ieee"
+    setattr(matmul, name, ieee)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision = previous
+        setattr(matmul, name, previous)
 
 
 def newton_schulz_mixed(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, bool]:
