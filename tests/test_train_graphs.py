@@ -5,12 +5,18 @@ give from the same state and inputs, to float32 round-off, for the two benchmark
 
 Parameters are compared to 1e-3 absolute: Adam moves a weight by about ±lr (2e-4) whatever
 its gradient's size, so the pure round-off gradients of biases before batch norm can
-differ by a few lr between any two summation orders; losses to 1e-3 relative."""
+differ by a few lr between any two summation orders; losses to 1e-3 relative.
+
+Also here: the data stream's two GPU paths (the uint8 set resident on the device, and
+pinned host batches prefetched by a thread) serve exactly the CPU's batches."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
+from fastgan.train.data import ImageData
+from fastgan.train.stream import BatchStream
 from fastgan.train.config import load_config
 from fastgan.train.runtime import Runtime
 from fastgan.train.step import CapturedStep, GANStep, build_step
@@ -72,3 +78,17 @@ def test_a_captured_run_resumes_like_an_eager_one(tmp_path):
     for key, value in run.G.state_dict().items():
         if value.is_floating_point():
             torch.testing.assert_close(resumed.G.state_dict()[key], value, rtol=1e-3, atol=1e-3, msg=key)
+
+
+def test_the_streams_gpu_paths_serve_the_cpus_batches():
+    data = ImageData(np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8), "random")
+    gpu = Runtime(device=torch.device("cuda"))
+    cpu = BatchStream(data, 16, 0, Runtime())
+    resident = BatchStream(data, 16, 0, gpu)  # 9.6 kB: resident by size
+    prefetched = BatchStream(data, 16, 0, gpu, resident=False)
+    assert resident.resident and not prefetched.resident
+    for _ in range(7):  # over two epochs
+        expected = cpu.next()
+        assert torch.equal(resident.next().cpu(), expected)
+        assert torch.equal(prefetched.next().cpu(), expected)
+    prefetched.close()

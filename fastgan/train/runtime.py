@@ -139,6 +139,7 @@ class StopRequest:
         self.requested = True
 
     def __enter__(self) -> "StopRequest":
+        self.requested = False
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
