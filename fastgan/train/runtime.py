@@ -78,6 +78,13 @@ class Runtime:
         share = global_batch.shape[0] // self.world
         return global_batch[self.rank * share : (self.rank + 1) * share]
 
+    def to_device(self, tensor: Tensor) -> Tensor:
+        """A CPU tensor on the device without stalling the host: on a GPU through pinned memory
+        (a copy from pageable memory would wait for every kernel queued before it)."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on any (so no process waits alone in a collective)."""
         if self.world == 1:

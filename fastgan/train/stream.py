@@ -72,7 +72,7 @@ class BatchStream:
         position = self.batches_drawn
         self.batches_drawn += 1
         if self.resident:
-            pixels = self._images[self.indices(position).to(self.runtime.device)]
+            pixels = self._images[self.runtime.to_device(self.indices(position))]
         elif self._prefetch is not None:
             pixels = self._host_batch(position).to(self.runtime.device, non_blocking=True)
             self._pending = (self.batches_drawn, self._prefetch.submit(self._gather, self.batches_drawn, True))

@@ -194,7 +194,7 @@ class Trainer:
         return self.updates.generator_update(self._local(draw_latents(self.config.batch_size, self.config, self.random)))
 
     def _local(self, global_batch: Tensor) -> Tensor:
-        return self.runtime.rank_share(global_batch).to(self.runtime.device, non_blocking=True)
+        return self.runtime.to_device(self.runtime.rank_share(global_batch))
 
     def _stop_agreed(self) -> bool:
         if self.runtime.world > 1 and (self.step // self.config.n_disc) % _STOP_CHECK_EVERY:
