@@ -597,3 +597,37 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
             else:
                 assert torch.equal(got[name][key], value), f"{name}.{key}"
     assert moved > 2e-5
+
+
+class SignalOnRankZeroAt(SignalAt):
+    def after(self, trainer, out) -> None:
+        if trainer.rank == 0:
+            super().after(trainer, out)
+
+
+def _stopping_worker(rank, world, init_file, overrides, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    summary = Trainer(load_config(None, overrides), callbacks=[SignalOnRankZeroAt(2)]).fit()
+    torch.save(summary, f"{result_file}.{rank}")
+    exit_worker()
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """Under torchrun a pre-emption signal may reach one rank first: the ranks agree (every
+    10 iterations) and all stop at that step with one checkpoint, instead of one rank waiting
+    forever in a collective."""
+    overrides = TINY + ["steps=20", "log_every=0", f"out_dir={tmp_path / 'run'}"]
+    result = str(tmp_path / "summary")
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = mp.spawn(_stopping_worker, args=(2, os.path.join(tmp, "init"), overrides, result), nprocs=2, join=False)
+        for _ in range(30):  # at most 10 minutes, so a hang fails instead of stalling the suite
+            if workers.join(timeout=20):
+                break
+        else:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the processes did not stop together")
+    summaries = [torch.load(f"{result}.{rank}") for rank in (0, 1)]
+    assert [s["step"] for s in summaries] == [10, 10] and not any(s["finished"] for s in summaries)
+    assert checkpoint.load(tmp_path / "run" / CHECKPOINT)["step"] == 10

@@ -108,8 +108,10 @@ class Trainer:
                                  download=config.download and runtime.rank == 0)
         if runtime.rank == 0:
             runtime.barrier()
-        self.stream = stream or BatchStream(self.data, config.batch_size, config.seed, runtime, config.torch_dtype,
-                                            channels_last=config.channels_last)
+        if stream is None:
+            stream = BatchStream(self.data, config.batch_size, config.seed, runtime, config.torch_dtype,
+                                 channels_last=config.channels_last)
+        self.stream = stream
 
         memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         self.G, self.D = (m.to(runtime.device, memory_format=memory_format) for m in models_for(config))
@@ -159,8 +161,9 @@ class Trainer:
                     out = self.train_step()
                     for callback in self.callbacks:
                         callback.after(self, out)
-            except Interrupted:
+            except Interrupted:  # agreed by every process, like the loop's own check
                 self.fid_pending = True
+                self.stop.request()
             stopped = self.stop.requested and (self.step < config.steps or self.fid_pending)
             if stopped:
                 self.save_checkpoint()
@@ -197,9 +200,12 @@ class Trainer:
         return self.runtime.to_device(self.runtime.rank_share(global_batch))
 
     def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop; then every process stops (and checkpoints) together."""
         if self.runtime.world > 1 and (self.step // self.config.n_disc) % _STOP_CHECK_EVERY:
             return False
-        return self.runtime.any(self.stop.requested)
+        if self.runtime.any(self.stop.requested):
+            self.stop.request()
+        return self.stop.requested
 
     # ------------------------------------------------------------------ evaluation
 
