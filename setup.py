@@ -5,7 +5,8 @@ compiled in as well when a CUDA toolkit (``nvcc`` via ``CUDA_HOME``) and a
 CUDA-enabled torch are both present; set ``FASTGAN_BUILD_CUDA=0`` to skip them
 and ``FASTGAN_BUILD_CPP=0`` to skip the extension entirely (fastgan then runs
 on its Triton and reference paths). ``TORCH_CUDA_ARCH_LIST`` picks the GPU
-architectures; with no GPU visible at build time it defaults to ``9.0`` (H100).
+architectures; by default the visible GPUs', or Hopper when none is visible, with
+Hopper built as ``9.0a`` (sm_90a: H100/H200).
 
 Install with ``pip install --no-build-isolation -e .`` so the extension is
 compiled against the torch that is already installed.
@@ -33,6 +34,13 @@ def _pip_cuda_include_dirs():
     return dirs[:1]
 
 
+def _default_cuda_archs(torch):
+    """The visible GPUs' architectures, else Hopper; Hopper as sm_90a (its arch-specific
+    SASS, which the resource-usage check in tests/test_hopper_compile.py reads)."""
+    archs = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(a + "a" if a == "9.0" else a for a in archs or ["9.0"])
+
+
 def _extensions():
     if not _flag("FASTGAN_BUILD_CPP"):
         return [], {}
@@ -49,8 +57,8 @@ def _extensions():
         and cpp_extension.CUDA_HOME is not None
     )
     if build_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_cuda_archs(torch)
         ext = cpp_extension.CUDAExtension(
             "fastgan._C",
             sources + cuda_sources,

@@ -2,87 +2,105 @@
 
 What they compute (conventions: ``fastgan/reference/gradient_penalty.py``):
 
-* interpolation  x̂ = real + α_b (fake − real), α_b drawn in-kernel (Philox, counter b)
-  or read from a given tensor; reads real and fake once, writes x̂ once (3 x numel).
-* DRAGAN         x̂ = clip(real + std·(U_i − ½), 0, 1), U_i drawn in-kernel (counter i);
-  std is one torch reduction beforehand (kept on the device, no sync); reads real
-  once, writes x̂ once, and never materialises the noise tensor.
-* penalty        one program per sample: sq_b = Σ g², then its share of the mean
-  (½ sq_b or (sqrt(eps + sq_b) − center)², optionally one-sided) added atomically
-  to the penalty; reads the gradient once.
+* interpolation  x̂ = real + α_b (fake − real). One program per (sample, chunk): α_b is
+  drawn (Philox) or loaded once per program, so no element pays for a random draw or
+  a division by the sample size. Reads real and fake once, writes x̂ once.
+* DRAGAN         x̂ = clip(real + std·(U_i − ½), 0, 1); one Philox evaluation gives the
+  uniforms of four consecutive elements. std (biased) is one torch reduction
+  beforehand, kept on the device (no sync); reads real once more, writes x̂ once,
+  and never materialises the noise tensor.
+* penalty        one program per sample writes sq_b = Σ g² (reads the gradient once);
+  a one-program second pass adds the batch's terms (½ sq_b or (sqrt(eps + sq_b) −
+  center)², optionally one-sided) in sample order. No atomics: bit-reproducible.
 
-Random numbers: fastgan's Philox-4x32-10 stream, the same on every backend, so a
-seed gives the same α and noise on CPU, CUDA, Triton and the reference.
-The launchers run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+Loads are converted to the accumulator type (float32, float64 for float64) before
+any arithmetic: half and bfloat16 inputs compute in float32 (the interpreter's own
+bfloat16 arithmetic is not IEEE). Inputs are dense with the samples outermost in
+memory (contiguous or channels-last, see fastgan/ops/gradient_penalty.py); the
+kernels walk them linearly. Random numbers: fastgan's Philox stream
+(``tl.randint4x``), the same on every backend. Launch configurations are the tables
+below, read by the launchers and by the Hopper compile check. The launchers run on
+CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-_BLOCK = 1024
+from fastgan.kernels import device_guard, triton_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    block: int           # elements per program of the elementwise kernels (a multiple of 4)
+    block_sq_max: int    # widest tile of the per-sample sum; the launcher uses min(this, next_pow2(sample)) >= 16
+    block_batch: int     # tile of the batch reduction
+    max_chunks: int      # programs per sample along grid axis 1 (CUDA's limit is 65535)
+    num_warps: int
+
+
+GPU = LaunchConfig(block=1024, block_sq_max=2048, block_batch=1024, max_chunks=65535, num_warps=4)
+INTERPRETER = LaunchConfig(block=1024, block_sq_max=1024, block_batch=1024, max_chunks=65535, num_warps=4)
+MIN_BLOCK_SQ = 16
+IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ALPHA_DTYPES = IMAGE_DTYPES  # a given alpha may have any floating dtype
 
 
 @triton.jit
-def _philox_uniform(seed_lo, seed_hi, index):
-    """The index-th uniform in [0, 1) of the stream (seed_hi << 32 | seed_lo), as float32."""
-    c0 = index.to(tl.uint32)
-    c1 = tl.zeros_like(c0)
-    c2 = tl.zeros_like(c0)
-    c3 = tl.zeros_like(c0)
-    k0 = tl.zeros_like(c0) + seed_lo.to(tl.uint32)
-    k1 = tl.zeros_like(c0) + seed_hi.to(tl.uint32)
-    for _ in tl.static_range(10):
-        round_b = tl.full(c0.shape, 0xCD9E8D57, tl.uint32)
-        round_a = tl.full(c0.shape, 0xD2511F53, tl.uint32)
-        n0 = tl.umulhi(round_b, c2) ^ c1 ^ k0
-        n2 = tl.umulhi(round_a, c0) ^ c3 ^ k1
-        c1 = round_b * c2
-        c3 = round_a * c0
-        c0 = n0
-        c2 = n2
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    return (c0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
+def _uniform(word):
+    """A Philox output word as a uniform in [0, 1): its top 24 bits, exact in float32."""
+    return (word.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
 @triton.jit
 def _interpolate_kernel(
-    real_ptr, fake_ptr, alpha_ptr, out_ptr, alpha_out_ptr, numel, per_sample, seed_lo, seed_hi,
+    real_ptr, fake_ptr, alpha_ptr, out_ptr, alpha_out_ptr, per_sample, seed,
     RANDOM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    sample = offs // per_sample
+    sample = tl.program_id(0)
     if RANDOM:
-        alpha = _philox_uniform(seed_lo, seed_hi, sample).to(alpha_out_ptr.dtype.element_ty)
-        tl.store(alpha_out_ptr + sample, alpha, mask=mask & (offs % per_sample == 0))
+        w0, w1, w2, w3 = tl.randint4x(seed, (sample // 4).to(tl.uint32))
+        j = sample % 4
+        alpha = _uniform(tl.where(j == 0, w0, tl.where(j == 1, w1, tl.where(j == 2, w2, w3))))
+        alpha = alpha.to(alpha_out_ptr.dtype.element_ty)
+        if tl.program_id(1) == 0:
+            tl.store(alpha_out_ptr + sample, alpha)
     else:
-        alpha = tl.load(alpha_ptr + sample, mask=mask, other=0.0)
-    real = tl.load(real_ptr + offs, mask=mask, other=0.0).to(ACC)
-    fake = tl.load(fake_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(out_ptr + offs, real + alpha.to(ACC) * (fake - real), mask=mask)
+        alpha = tl.load(alpha_ptr + sample)
+    alpha = alpha.to(ACC)
+    base = sample.to(tl.int64) * per_sample
+    for i0 in range(tl.program_id(1) * BLOCK, per_sample, tl.num_programs(1) * BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        mask = offs < per_sample
+        real = tl.load(real_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+        fake = tl.load(fake_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(out_ptr + base + offs, real + alpha * (fake - real), mask=mask)
 
 
 @triton.jit
-def _dragan_kernel(real_ptr, std_ptr, out_ptr, numel, seed_lo, seed_hi, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _dragan_kernel(real_ptr, std_ptr, out_ptr, numel, seed, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    noise = _philox_uniform(seed_lo, seed_hi, offs).to(out_ptr.dtype.element_ty).to(ACC)
+    counters = (start // 4).to(tl.uint32) + tl.arange(0, BLOCK // 4).to(tl.uint32)
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    # Element 4c + j takes word j of counter c.
+    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+    noise = _uniform(words).to(out_ptr.dtype.element_ty).to(ACC)  # rounded to real's dtype, as the reference
     std = tl.load(std_ptr).to(ACC)
     real = tl.load(real_ptr + offs, mask=mask, other=0.0).to(ACC)
-    perturbed = tl.minimum(tl.maximum(real + std * (noise - 0.5), 0.0), 1.0)
+    perturbed = real + std * (noise - 0.5)
+    # Comparisons, not min/max, so that NaN passes through as torch.clamp lets it.
+    perturbed = tl.where(perturbed < 0.0, 0.0, tl.where(perturbed > 1.0, 1.0, perturbed))
     tl.store(out_ptr + offs, perturbed, mask=mask)
 
 
 @triton.jit
-def _penalty_kernel(
-    grad_ptr, sq_ptr, penalty_ptr, per_sample, batch, center, eps,
-    SQUARED_NORM: tl.constexpr, ONE_SIDED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _squared_norm_kernel(grad_ptr, sq_ptr, per_sample, ACC: tl.constexpr, BLOCK: tl.constexpr):
     sample = tl.program_id(0)
     base = grad_ptr + sample.to(tl.int64) * per_sample
     total = tl.zeros([BLOCK], dtype=ACC)
@@ -90,57 +108,114 @@ def _penalty_kernel(
         offs = i0 + tl.arange(0, BLOCK)
         g = tl.load(base + offs, mask=offs < per_sample, other=0.0).to(ACC)
         total += g * g
-    sq = tl.sum(total, axis=0)
-    tl.store(sq_ptr + sample, sq)
+    tl.store(sq_ptr + sample, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _penalty_kernel(
+    sq_ptr, penalty_ptr, batch, center, eps,
+    SQUARED_NORM: tl.constexpr, ONE_SIDED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: the mean over the batch of each sample's term, in a fixed order."""
+    total = tl.zeros([BLOCK], dtype=ACC)
+    for i0 in range(0, batch, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        mask = offs < batch
+        sq = tl.load(sq_ptr + offs, mask=mask, other=0.0)
+        if SQUARED_NORM:
+            term = sq
+        else:
+            gap = tl.sqrt(eps + sq) - center
+            if ONE_SIDED:
+                gap = tl.where(gap < 0.0, 0.0, gap)  # clamp(min=0); NaN stays NaN
+            term = gap * gap
+        total += tl.where(mask, term, 0.0)
+    mean = tl.sum(total, axis=0) / batch
     if SQUARED_NORM:
-        term = 0.5 * sq
-    else:
-        gap = tl.sqrt(eps + sq) - center
-        if ONE_SIDED:
-            gap = tl.maximum(gap, 0.0)
-        term = gap * gap
-    tl.atomic_add(penalty_ptr, term / batch)
+        mean = 0.5 * mean
+    tl.store(penalty_ptr, mean)
 
 
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+def config_for(device: torch.device) -> LaunchConfig:
+    return INTERPRETER if device.type == "cpu" else GPU
 
 
-def _seed_words(seed: int) -> Tuple[int, int]:
-    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+def block_sq_for(config: LaunchConfig, per_sample: int) -> int:
+    return max(MIN_BLOCK_SQ, min(config.block_sq_max, triton.next_power_of_2(per_sample)))
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def gp_interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch.Tensor], seed: int):
-    out = torch.empty_like(real)
+    config = config_for(real.device)
     batch = real.shape[0]
-    alpha_out = torch.empty(batch, dtype=real.dtype, device=real.device) if alpha is None else alpha.to(real.dtype, copy=True)
-    seed_lo, seed_hi = _seed_words(seed)
-    acc, _ = _acc(real.dtype)
-    _interpolate_kernel[(triton.cdiv(real.numel(), _BLOCK),)](
-        real, fake, alpha_out, out, alpha_out, real.numel(), real.numel() // batch, seed_lo, seed_hi,
-        RANDOM=alpha is None, ACC=acc, BLOCK=_BLOCK,
-    )
+    per_sample = real.numel() // batch
+    with device_guard(real):
+        out = torch.empty_like(real)
+        alpha_out = torch.empty(batch, dtype=real.dtype, device=real.device) if alpha is None else alpha.to(real.dtype, copy=True)
+        chunks = max(1, min(config.max_chunks, triton.cdiv(per_sample, config.block)))
+        _interpolate_kernel[(batch, chunks)](
+            real, fake, alpha_out, out, alpha_out, per_sample, seed,
+            RANDOM=alpha is None, ACC=triton_dtype(_acc(real.dtype)), BLOCK=config.block, num_warps=config.num_warps,
+        )
     return out, alpha_out
 
 
 def dragan_perturb(real: torch.Tensor, seed: int) -> torch.Tensor:
-    out = torch.empty_like(real)
-    seed_lo, seed_hi = _seed_words(seed)
-    acc, _ = _acc(real.dtype)
-    _dragan_kernel[(triton.cdiv(real.numel(), _BLOCK),)](
-        real, real.std(), out, real.numel(), seed_lo, seed_hi, ACC=acc, BLOCK=_BLOCK
-    )
+    config = config_for(real.device)
+    with device_guard(real):
+        out = torch.empty_like(real)
+        _dragan_kernel[(triton.cdiv(real.numel(), config.block),)](
+            real, real.std(correction=0), out, real.numel(), seed,
+            ACC=triton_dtype(_acc(real.dtype)), BLOCK=config.block, num_warps=config.num_warps,
+        )
     return out
 
 
 def gp_penalty(grad: torch.Tensor, squared_norm: bool, center: float, eps: float, one_sided: bool):
+    config = config_for(grad.device)
     batch = grad.shape[0]
-    acc, acc_dtype = _acc(grad.dtype)
-    sq = torch.empty(batch, dtype=acc_dtype, device=grad.device)
-    penalty = torch.zeros((), dtype=acc_dtype, device=grad.device)
-    block = min(_BLOCK, triton.next_power_of_2(max(grad.numel() // batch, 16)))
-    _penalty_kernel[(batch,)](
-        grad, sq, penalty, grad.numel() // batch, batch, center, eps,
-        SQUARED_NORM=squared_norm, ONE_SIDED=one_sided, ACC=acc, BLOCK=block,
-    )
-    return penalty.to(grad.dtype), sq
+    per_sample = grad.numel() // batch
+    acc = triton_dtype(_acc(grad.dtype))
+    with device_guard(grad):
+        sq = torch.empty(batch, dtype=_acc(grad.dtype), device=grad.device)
+        penalty = torch.empty((), dtype=grad.dtype, device=grad.device)
+        _squared_norm_kernel[(batch,)](
+            grad, sq, per_sample, ACC=acc, BLOCK=block_sq_for(config, per_sample), num_warps=config.num_warps
+        )
+        _penalty_kernel[(1,)](
+            sq, penalty, batch, center, eps,
+            SQUARED_NORM=squared_norm, ONE_SIDED=one_sided, ACC=acc, BLOCK=config.block_batch, num_warps=config.num_warps,
+        )
+    return penalty, sq
+
+
+def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, object], int]]:
+    """Every (kernel, signature, constexprs, num_warps) the launchers above can emit on a GPU,
+    derived from :data:`GPU` and :func:`block_sq_for` (for the Hopper compile check)."""
+    block_sqs = sorted({block_sq_for(GPU, 1 << i) for i in range(24)})
+    for dtype in IMAGE_DTYPES:
+        x, a = triton_dtype(dtype).name, triton_dtype(_acc(dtype)).name
+        acc = triton_dtype(_acc(dtype))
+        for random, alpha_dtypes in ((True, (dtype,)), (False, ALPHA_DTYPES)):
+            for alpha_dtype in alpha_dtypes:
+                yield _interpolate_kernel, {
+                    "real_ptr": f"*{x}", "fake_ptr": f"*{x}", "alpha_ptr": f"*{triton_dtype(alpha_dtype).name}",
+                    "out_ptr": f"*{x}", "alpha_out_ptr": f"*{x}", "per_sample": "i32", "seed": "i64",
+                    "RANDOM": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
+                }, dict(RANDOM=random, ACC=acc, BLOCK=GPU.block), GPU.num_warps
+        yield _dragan_kernel, {
+            "real_ptr": f"*{x}", "std_ptr": f"*{x}", "out_ptr": f"*{x}", "numel": "i64", "seed": "i64",
+            "ACC": "constexpr", "BLOCK": "constexpr",
+        }, dict(ACC=acc, BLOCK=GPU.block), GPU.num_warps
+        for block in block_sqs:
+            yield _squared_norm_kernel, {
+                "grad_ptr": f"*{x}", "sq_ptr": f"*{a}", "per_sample": "i32", "ACC": "constexpr", "BLOCK": "constexpr",
+            }, dict(ACC=acc, BLOCK=block), GPU.num_warps
+        for squared_norm, one_sided in ((True, False), (False, False), (False, True)):
+            yield _penalty_kernel, {
+                "sq_ptr": f"*{a}", "penalty_ptr": f"*{x}", "batch": "i32", "center": "fp32", "eps": "fp32",
+                "SQUARED_NORM": "constexpr", "ONE_SIDED": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
+            }, dict(SQUARED_NORM=squared_norm, ONE_SIDED=one_sided, ACC=acc, BLOCK=GPU.block_batch), GPU.num_warps

@@ -1,4 +1,4 @@
-"""Spectral-norm power iteration in Triton: one layer, or every layer of a model in one launch.
+"""Spectral-norm power iteration in Triton: every layer of a model (or one layer) per launch.
 
 What it computes (the schedule of ``csrc/spectral_norm.h``, shared by every backend):
 a weight W is read in place as the matrix W_mat (M x K) with rows along ``dim`` --
@@ -6,65 +6,98 @@ the contiguous tensor viewed as (A, M, B), W_mat[m, a*B + b] = W[a, m, b]. A *ro
 pass* reads each row once and computes
 
     DOT:    t[m]  = W_mat[m, :] . x                (x = v)
-    ACCUM:  s[k] += W_mat[m, k] * y[m]             (y = t after DOT, else y = u)
+    ACCUM:  s[k]  = sum_m W_mat[m, k] * y[m]       (y = t after DOT, else y = u)
 
-so one pass yields both W v and W^T (W v). A *finalize* per layer turns t and s
-into u = t/max(|t|, eps), v = (W^T u)/max(|W^T u|, eps) and sigma = u^T W v
+so one pass yields both W v and W^T (W v). W^T y is summed without atomics, in a
+fixed order: each row block of BLOCK_M rows writes its partial row
+sum_{m in block} W_mat[m, :] y[m] to its own slot, and a *reduce* pass adds a
+layer's partial rows in block order (Triton tutorial 05's scheme). So results are
+bit-identical from run to run. A *finalize* per layer turns t and s into
+u = t/max(|t|, eps), v = (W^T u)/max(|W^T u|, eps) and sigma = u^T W v
 (|W^T u|, or |W v| for the hook order, or u . t in eval mode).
 
-Bytes moved: each pass reads W once (the ACCUM half re-reads the same rows from
-L1/L2), plus O(M + K) for the vectors. One power iteration of the parametrization
-is one pass; the hook order needs one extra pass at the start. The SNDCGAN
-discriminator (23 MB of fp32 weights) therefore needs ~23 MB of DRAM reads per
-refresh, versus ~46 MB (two matrix-vector products) for torch.
+Bytes moved per pass: W once (the ACCUM half re-reads the block's rows from L1/L2),
+numel/BLOCK_M partial sums written and read once (1/16 of W's bytes in fp32 on a
+GPU), plus O(M + K) for the vectors. One power iteration of the parametrization is
+one pass; the hook order needs one extra pass at the start.
 
-Kernels: ``_row_pass_kernel`` / ``_finalize_kernel`` take one layer's pointers;
-``_row_pass_multi_kernel`` / ``_finalize_multi_kernel`` read per-layer pointers and
-shapes from a device table, so all layers of a model share one launch per step.
-Both pairs use the same ``@triton.jit`` block routines. The launchers below work on
-CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
-
-Block sizes are fixed, not autotuned; sums of W^T y use atomics, so results may
-differ in the last bits from run to run on a GPU.
+Per-layer pointers and shapes live in a small int64 device table, built once per
+set of weights (keyed by their storage pointers, shapes and strides) and cached:
+a call with the same weights does no host->device copy, so it can be captured in a
+CUDA graph. The launch configurations are the tables below; the launchers and the
+Hopper compile check (``tests/test_hopper_compile.py``) both read them. The
+launchers work on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence, Tuple
+import collections
+import dataclasses
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from fastgan.kernels import device_guard, triton_dtype
+
 # Finalize kinds, as in csrc/spectral_norm.h.
 FINALIZE_UV, FINALIZE_V, FINALIZE_U, FINALIZE_EVAL = 0, 1, 2, 3
-_META_COLUMNS = 6  # weight pointer, A, M, B, row offset, column offset
+# Device table columns: per layer, then per row block, then per column block.
+LAYER_COLS = 8  # weight pointer, A, M, B, row offset, column offset, partial-row offset, row blocks
+BLOCK_COLS = 2  # layer, first row (row blocks) or first column (column blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int        # rows per row-pass program
+    block_b_max: int    # widest column tile; the launcher uses min(this, next_pow2(max B)) >= 16
+    block_k: int        # columns per reduce program
+    block_final: int    # vector tile of the finalize programs
+    num_warps: int
+
+
+# The interpreter favours big tiles (fewer Python steps); a GPU favours many small
+# row blocks (all SMs busy) whose tiles stay in registers.
+GPU = LaunchConfig(block_m=16, block_b_max=256, block_k=256, block_final=1024, num_warps=4)
+INTERPRETER = LaunchConfig(block_m=32, block_b_max=1024, block_k=1024, block_final=1024, num_warps=4)
+MIN_BLOCK_B = 16
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
-def _load_rows(w_ptr, a, M, B, b0, offs_m, mask_m, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
-    """The (BLOCK_M, BLOCK_B) tile of W_mat rows offs_m, columns a*B + b0 ..., as ACC."""
-    offs_b = b0 + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    w = tl.load(
-        w_ptr + a * M * B + offs_m[:, None] * B + offs_b[None, :],
-        mask=mask_m[:, None] & mask_b[None, :], other=0.0,
-    ).to(ACC)
-    return w, offs_b, mask_b
-
-
-@triton.jit
-def _row_pass_block(
-    w_ptr, A, M, B, row_off, col_off, m0,
-    x_ptr, y_ptr, t_ptr, s_ptr,
+def _row_pass_kernel(
+    meta_ptr, blocks_ptr, w_typed_ptr, x_ptr, y_ptr, t_ptr, part_ptr,
     DOT: tl.constexpr, ACCUM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    """One row block: t = W_mat[rows] x (DOT) and this block's partial row of W_mat^T y (ACCUM)."""
+    pid = tl.program_id(0)
+    layer = tl.load(blocks_ptr + 2 * pid)
+    m0 = tl.load(blocks_ptr + 2 * pid + 1)
+    row = meta_ptr + layer * 8
+    w_ptr = tl.load(row).to(w_typed_ptr.dtype)
+    # 32-bit sizes and offsets (a weight has < 2^31 elements, see _table): 64-bit ones
+    # cost registers, and ptxas spilled them in some tile shapes.
+    A = tl.load(row + 1).to(tl.int32)
+    M = tl.load(row + 2).to(tl.int32)
+    B = tl.load(row + 3).to(tl.int32)
+    row_off = tl.load(row + 4)
+    col_off = tl.load(row + 5)
+    m0 = m0.to(tl.int32)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    # The (BLOCK_M, BLOCK_B) tile of W_mat rows offs_m, columns a*B + b0 + [0, BLOCK_B) is
+    # w_ptr + a*M*B + offs_m*B + b0 + [0, BLOCK_B): loaded as ACC in both loops below (written
+    # out twice: a @triton.jit helper costs the interpreter a re-patch per call).
     if DOT:
         t = tl.zeros([BLOCK_M], dtype=ACC)
         for a in range(0, A):
             for b0 in range(0, B, BLOCK_B):
-                w, offs_b, mask_b = _load_rows(w_ptr, a, M, B, b0, offs_m, mask_m, ACC, BLOCK_B)
+                offs_b = b0 + tl.arange(0, BLOCK_B)
+                mask_b = offs_b < B
+                w = tl.load(
+                    w_ptr + a * M * B + offs_m[:, None] * B + offs_b[None, :],
+                    mask=mask_m[:, None] & mask_b[None, :], other=0.0,
+                ).to(ACC)
                 x = tl.load(x_ptr + col_off + a * B + offs_b, mask=mask_b, other=0.0).to(ACC)
                 t += tl.sum(w * x[None, :], axis=1)
         tl.store(t_ptr + row_off + offs_m, t, mask=mask_m)
@@ -72,10 +105,35 @@ def _row_pass_block(
     else:
         y = tl.load(y_ptr + row_off + offs_m, mask=mask_m, other=0.0).to(ACC)
     if ACCUM:
+        # This block's slot: partial row (m0 / BLOCK_M) of the layer's (row blocks x K) partials.
+        part = part_ptr + tl.load(row + 6) + (m0 // BLOCK_M) * (A * B)
         for a in range(0, A):
             for b0 in range(0, B, BLOCK_B):
-                w, offs_b, mask_b = _load_rows(w_ptr, a, M, B, b0, offs_m, mask_m, ACC, BLOCK_B)
-                tl.atomic_add(s_ptr + col_off + a * B + offs_b, tl.sum(w * y[:, None], axis=0), mask=mask_b)
+                offs_b = b0 + tl.arange(0, BLOCK_B)
+                mask_b = offs_b < B
+                w = tl.load(
+                    w_ptr + a * M * B + offs_m[:, None] * B + offs_b[None, :],
+                    mask=mask_m[:, None] & mask_b[None, :], other=0.0,
+                ).to(ACC)
+                tl.store(part + a * B + offs_b, tl.sum(w * y[:, None], axis=0), mask=mask_b)
+
+
+@triton.jit
+def _reduce_kernel(meta_ptr, blocks_ptr, part_ptr, s_ptr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """s[k] = sum over the layer's row blocks, in block order, of the partial rows (one column block)."""
+    pid = tl.program_id(0)
+    layer = tl.load(blocks_ptr + 2 * pid)
+    k0 = tl.load(blocks_ptr + 2 * pid + 1)
+    row = meta_ptr + layer * 8
+    K = tl.load(row + 1) * tl.load(row + 3)
+    part = part_ptr + tl.load(row + 6)
+    n_blocks = tl.load(row + 7)
+    offs = k0 + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    total = tl.zeros([BLOCK_K], dtype=ACC)
+    for j in range(0, n_blocks):
+        total += tl.load(part + j * K + offs, mask=mask, other=0.0)
+    tl.store(s_ptr + tl.load(row + 5) + offs, total, mask=mask)
 
 
 @triton.jit
@@ -89,11 +147,16 @@ def _squared_norm(ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _finalize_layer(
-    M, K, row_off, col_off, layer, eps,
-    t_ptr, s_ptr, u_ptr, v_ptr, sigma_ptr,
-    KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+def _finalize_kernel(
+    meta_ptr, eps, t_ptr, s_ptr, u_ptr, v_ptr, sigma_ptr, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
+    """One layer: u, v and sigma from the pass results t, s (formulas: csrc/spectral_norm.h)."""
+    layer = tl.program_id(0)
+    row = meta_ptr + layer * 8
+    M = tl.load(row + 2)
+    K = tl.load(row + 1) * tl.load(row + 3)
+    row_off = tl.load(row + 4)
+    col_off = tl.load(row + 5)
     t_ptr += row_off
     u_ptr += row_off
     s_ptr += col_off
@@ -127,52 +190,6 @@ def _finalize_layer(
             tl.store(sigma_ptr + layer, r_exact * r_exact / r_norm)
 
 
-@triton.jit
-def _row_pass_kernel(
-    w_ptr, A, M, B, x_ptr, y_ptr, t_ptr, s_ptr,
-    DOT: tl.constexpr, ACCUM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    m0 = tl.program_id(0) * BLOCK_M
-    _row_pass_block(w_ptr, A, M, B, 0, 0, m0, x_ptr, y_ptr, t_ptr, s_ptr, DOT, ACCUM, ACC, BLOCK_M, BLOCK_B)
-
-
-@triton.jit
-def _finalize_kernel(
-    M, K, eps, t_ptr, s_ptr, u_ptr, v_ptr, sigma_ptr, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
-):
-    _finalize_layer(M, K, 0, 0, 0, eps, t_ptr, s_ptr, u_ptr, v_ptr, sigma_ptr, KIND, ACC, BLOCK)
-
-
-@triton.jit
-def _row_pass_multi_kernel(
-    meta_ptr, blocks_ptr, w_typed_ptr, x_ptr, y_ptr, t_ptr, s_ptr,
-    DOT: tl.constexpr, ACCUM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    layer = tl.load(blocks_ptr + 2 * pid)
-    m0 = tl.load(blocks_ptr + 2 * pid + 1)
-    row = meta_ptr + layer * 6
-    w_ptr = tl.load(row).to(w_typed_ptr.dtype)
-    A = tl.load(row + 1)
-    M = tl.load(row + 2)
-    B = tl.load(row + 3)
-    _row_pass_block(
-        w_ptr, A, M, B, tl.load(row + 4), tl.load(row + 5), m0,
-        x_ptr, y_ptr, t_ptr, s_ptr, DOT, ACCUM, ACC, BLOCK_M, BLOCK_B,
-    )
-
-
-@triton.jit
-def _finalize_multi_kernel(
-    meta_ptr, eps, t_ptr, s_ptr, u_ptr, v_ptr, sigma_ptr, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
-):
-    layer = tl.program_id(0)
-    row = meta_ptr + layer * 6
-    M = tl.load(row + 2)
-    K = tl.load(row + 1) * tl.load(row + 3)
-    _finalize_layer(M, K, tl.load(row + 4), tl.load(row + 5), layer, eps, t_ptr, s_ptr, u_ptr, v_ptr, sigma_ptr, KIND, ACC, BLOCK)
-
-
 def schedule(n_power_iterations: int, u_first: bool) -> Iterator[Tuple[bool, bool, int]]:
     """The (DOT, ACCUM, finalize kind) steps of one refresh, as in csrc/spectral_norm.h."""
     if n_power_iterations == 0:
@@ -187,41 +204,84 @@ def schedule(n_power_iterations: int, u_first: bool) -> Iterator[Tuple[bool, boo
             yield True, not last, FINALIZE_U if last else FINALIZE_UV
 
 
-def _view3(weight: torch.Tensor, dim: int) -> Tuple[int, int, int]:
-    shape = weight.shape
+def config_for(device: torch.device) -> LaunchConfig:
+    return INTERPRETER if device.type == "cpu" else GPU
+
+
+def block_b_for(config: LaunchConfig, max_b: int) -> int:
+    """The column tile for layers whose widest contiguous run is ``max_b`` elements."""
+    return max(MIN_BLOCK_B, min(config.block_b_max, triton.next_power_of_2(max_b)))
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    """The device table of one set of weights, and the sizes the launches need."""
+
+    table: torch.Tensor
+    meta: torch.Tensor
+    row_blocks: torch.Tensor
+    col_blocks: torch.Tensor
+    rows: int
+    cols: int
+    partials: int
+    block_b: int
+
+
+_TABLES: "collections.OrderedDict[tuple, _Table]" = collections.OrderedDict()
+_TABLE_CACHE_SIZE = 16
+
+
+def _view3(shape: torch.Size, dim: int) -> Tuple[int, int, int]:
     return shape[:dim].numel(), shape[dim], shape[dim + 1:].numel()
 
 
-def _launch_config(weight: torch.Tensor, max_b: int):
-    """(accumulator dtype, BLOCK_M, BLOCK_B, finalize BLOCK). The interpreter favours
-    big blocks (fewer Python steps); a GPU favours many small row blocks."""
-    acc = tl.float64 if weight.dtype == torch.float64 else tl.float32
-    interpreted = weight.device.type == "cpu"
-    block_m = 32 if interpreted else 8
-    block_b = min(128 if interpreted else 256, triton.next_power_of_2(max_b))
-    return acc, block_m, max(block_b, 16), 1024
-
-
-def _scratch_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
-
-
-def power_iteration(
-    weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int, n_power_iterations: int, eps: float, u_first: bool
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer; returns (u, v, sigma) like ``fastgan.reference.spectral_norm.power_iteration``."""
-    A, M, B = _view3(weight, dim)
-    acc, block_m, block_b, block = _launch_config(weight, B)
-    u_out, v_out = u.clone(), v.clone()
-    t = torch.empty(M, dtype=_scratch_dtype(weight), device=weight.device)
-    sigma = torch.empty((), dtype=weight.dtype, device=weight.device)
-    for dot, accum, kind in schedule(n_power_iterations, u_first):
-        s = torch.zeros(A * B if accum else 1, dtype=t.dtype, device=weight.device)
-        _row_pass_kernel[(triton.cdiv(M, block_m),)](
-            weight, A, M, B, v_out, u_out, t, s, DOT=dot, ACCUM=accum, ACC=acc, BLOCK_M=block_m, BLOCK_B=block_b
+def _table(weights: Sequence[torch.Tensor], dims: Sequence[int], config: LaunchConfig) -> _Table:
+    """The cached table for these weights; built (one host->device copy) only for weights not seen
+    recently. The key holds everything the table is made of, so a hit can never be stale."""
+    first = weights[0]
+    key = (first.device, first.dtype, config) + tuple(
+        (w.data_ptr(), tuple(w.shape), tuple(w.stride()), d) for w, d in zip(weights, dims)
+    )
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    if first.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "spectral norm: first call with these weights inside CUDA graph capture; run the model once before "
+            "capturing (the layer table is built and copied to the device on a first call)"
         )
-        _finalize_kernel[(1,)](M, A * B, eps, t, s, u_out, v_out, sigma, KIND=kind, ACC=acc, BLOCK=block)
-    return u_out, v_out, sigma
+    views = [_view3(w.shape, d) for w, d in zip(weights, dims)]
+    block_b = block_b_for(config, max(b for _, _, b in views))
+    meta: List[int] = []
+    row_blocks: List[int] = []
+    col_blocks: List[int] = []
+    rows = cols = partials = 0
+    for layer, (w, (A, M, B)) in enumerate(zip(weights, views)):
+        if w.numel() >= 2**31:
+            raise ValueError(f"spectral norm: layer {layer} has {w.numel()} elements; the Triton kernels index weights with 32 bits")
+        n_row_blocks = triton.cdiv(M, config.block_m)
+        meta += [w.data_ptr(), A, M, B, rows, cols, partials, n_row_blocks]
+        for m0 in range(0, M, config.block_m):
+            row_blocks += [layer, m0]
+        for k0 in range(0, A * B, config.block_k):
+            col_blocks += [layer, k0]
+        rows += M
+        cols += A * B
+        partials += n_row_blocks * A * B
+    table = torch.tensor(meta + row_blocks + col_blocks, dtype=torch.int64).to(first.device)
+    n_meta, n_rows = len(meta), len(row_blocks)
+    entry = _Table(
+        table, table[:n_meta], table[n_meta:n_meta + n_rows], table[n_meta + n_rows:], rows, cols, partials, block_b
+    )
+    _TABLES[key] = entry
+    if len(_TABLES) > _TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return entry
 
 
 def power_iteration_multi(
@@ -233,29 +293,65 @@ def power_iteration_multi(
     eps: float,
     u_first: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All layers at once; returns (cat of u's, cat of v's, sigma per layer)."""
+    """All layers at once; returns (cat of u's, cat of v's, sigma per layer).
+    Each weight must be contiguous (the op layer passes permuted views, see fastgan/ops/spectral_norm.py)."""
     first = weights[0]
-    views = [_view3(w, d) for w, d in zip(weights, dims)]
-    acc, block_m, block_b, block = _launch_config(first, max(b for _, _, b in views))
-    meta: List[int] = []
-    blocks: List[int] = []
-    rows = cols = 0
-    for layer, (w, (A, M, B)) in enumerate(zip(weights, views)):
-        meta += [w.data_ptr(), A, M, B, rows, cols]
-        for m0 in range(0, M, block_m):
-            blocks += [layer, m0]
-        rows += M
-        cols += A * B
-    table = torch.tensor(meta + blocks, dtype=torch.int64).to(first.device, non_blocking=True)
-    meta_t, blocks_t = table[: len(meta)], table[len(meta):]
-    u_out, v_out = torch.cat(list(us)), torch.cat(list(vs))
-    t = torch.empty(rows, dtype=_scratch_dtype(first), device=first.device)
-    sigma = torch.empty(len(weights), dtype=first.dtype, device=first.device)
-    for dot, accum, kind in schedule(n_power_iterations, u_first):
-        s = torch.zeros(cols if accum else 1, dtype=t.dtype, device=first.device)
-        _row_pass_multi_kernel[(len(blocks) // 2,)](
-            meta_t, blocks_t, first, v_out, u_out, t, s,
-            DOT=dot, ACCUM=accum, ACC=acc, BLOCK_M=block_m, BLOCK_B=block_b,
-        )
-        _finalize_multi_kernel[(len(weights),)](meta_t, eps, t, s, u_out, v_out, sigma, KIND=kind, ACC=acc, BLOCK=block)
+    config = config_for(first.device)
+    with device_guard(first):
+        tab = _table(weights, dims, config)
+        acc = triton_dtype(_acc(first.dtype))
+        u_out, v_out = torch.cat(list(us)), torch.cat(list(vs))
+        t = torch.empty(tab.rows, dtype=_acc(first.dtype), device=first.device)
+        s = torch.empty(tab.cols, dtype=t.dtype, device=first.device)
+        part = torch.empty(max(tab.partials, 1), dtype=t.dtype, device=first.device)
+        sigma = torch.empty(len(weights), dtype=first.dtype, device=first.device)
+        n_row_blocks = tab.row_blocks.numel() // BLOCK_COLS
+        n_col_blocks = tab.col_blocks.numel() // BLOCK_COLS
+        for dot, accum, kind in schedule(n_power_iterations, u_first):
+            _row_pass_kernel[(n_row_blocks,)](
+                tab.meta, tab.row_blocks, first, v_out, u_out, t, part,
+                DOT=dot, ACCUM=accum, ACC=acc, BLOCK_M=config.block_m, BLOCK_B=tab.block_b, num_warps=config.num_warps,
+            )
+            if accum:
+                _reduce_kernel[(n_col_blocks,)](
+                    tab.meta, tab.col_blocks, part, s, ACC=acc, BLOCK_K=config.block_k, num_warps=config.num_warps
+                )
+            _finalize_kernel[(len(weights),)](
+                tab.meta, eps, t, s, u_out, v_out, sigma,
+                KIND=kind, ACC=acc, BLOCK=config.block_final, num_warps=config.num_warps,
+            )
     return u_out, v_out, sigma
+
+
+def power_iteration(
+    weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int, n_power_iterations: int, eps: float, u_first: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer; returns (u, v, sigma) like ``fastgan.reference.spectral_norm.power_iteration``."""
+    u_out, v_out, sigma = power_iteration_multi([weight], [u], [v], [dim], n_power_iterations, eps, u_first)
+    return u_out, v_out, sigma.reshape(())
+
+
+def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, object], int]]:
+    """Every (kernel, signature, constexprs, num_warps) the launchers above can emit on a GPU,
+    derived from :data:`GPU`, :func:`block_b_for` and :func:`schedule` (for the Hopper compile check)."""
+    steps = {step for n in (0, 1, 2) for u_first in (True, False) for step in schedule(n, u_first)}
+    block_bs = sorted({block_b_for(GPU, b) for b in (1 << i for i in range(16))})
+    for dtype in WEIGHT_DTYPES:
+        w, a = triton_dtype(dtype).name, triton_dtype(_acc(dtype)).name
+        for dot, accum in sorted({(d, c) for d, c, _ in steps}):
+            for block_b in block_bs:
+                yield _row_pass_kernel, {
+                    "meta_ptr": "*i64", "blocks_ptr": "*i64", "w_typed_ptr": f"*{w}", "x_ptr": f"*{w}",
+                    "y_ptr": f"*{w}", "t_ptr": f"*{a}", "part_ptr": f"*{a}",
+                    "DOT": "constexpr", "ACCUM": "constexpr", "ACC": "constexpr", "BLOCK_M": "constexpr",
+                    "BLOCK_B": "constexpr",
+                }, dict(DOT=dot, ACCUM=accum, ACC=triton_dtype(_acc(dtype)), BLOCK_M=GPU.block_m, BLOCK_B=block_b), GPU.num_warps
+        yield _reduce_kernel, {
+            "meta_ptr": "*i64", "blocks_ptr": "*i64", "part_ptr": f"*{a}", "s_ptr": f"*{a}",
+            "ACC": "constexpr", "BLOCK_K": "constexpr",
+        }, dict(ACC=triton_dtype(_acc(dtype)), BLOCK_K=GPU.block_k), GPU.num_warps
+        for kind in sorted({k for _, _, k in steps}):
+            yield _finalize_kernel, {
+                "meta_ptr": "*i64", "eps": "fp32", "t_ptr": f"*{a}", "s_ptr": f"*{a}", "u_ptr": f"*{w}",
+                "v_ptr": f"*{w}", "sigma_ptr": f"*{w}", "KIND": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
+            }, dict(KIND=kind, ACC=triton_dtype(_acc(dtype)), BLOCK=GPU.block_final), GPU.num_warps

@@ -2,10 +2,14 @@
 
 Tolerances: float64 to 1e-9, float32 to 1e-5, on the penalty and on the gradient
 of λ·penalty w.r.t. every discriminator parameter (the double-backward path).
+float16 / bfloat16 images (float32 arithmetic) against float64 from the same rounded
+inputs: 2e-3 / 1.6e-2, two units in the last place (the interpreter rounds float32
+-> bfloat16 by truncation).
 """
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,9 +21,19 @@ from fastgan.penalties import gradient_penalty
 from fastgan.reference import gradient_penalty as reference
 from conftest import device_backends, exit_worker
 
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
 OPS = torch.ops.fastgan
 SHAPES = [(5, 3, 7, 9), (1, 11), (13,)]
+# Large and odd: samples past the Triton tile (1024-2048) and the CPU block (8192), and
+# on a GPU the CUDA penalty's multi-chunk path (a sample of 20011 float32 is split in
+# 4096-element chunks on any GPU with > 15 SMs) beside its several-samples-per-block
+# path (SHAPES).
+LARGE_SHAPES = [(3, 20011), (7, 3, 33, 35)]
 LAMBDA = 10.0
 
 
@@ -44,20 +58,26 @@ def param_grads(loss, module):
 
 
 def test_philox_stream_is_tritons_philox():
-    """fastgan's uniforms are the top 24 bits of Philox-4x32-10's first word, as triton computes it."""
+    """fastgan's uniform i is the top 24 bits of word i % 4 of Philox-4x32-10 at counter
+    i // 4, as triton's randint4x computes it: all four words are used."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def first_words(out_ptr, seed, N: tl.constexpr):
+    def four_words(out_ptr, seed, N: tl.constexpr):
         offs = tl.arange(0, N)
-        tl.store(out_ptr + offs, tl.randint(seed, offs))
+        w0, w1, w2, w3 = tl.randint4x(seed, offs)
+        tl.store(out_ptr + 4 * offs, w0)
+        tl.store(out_ptr + 4 * offs + 1, w1)
+        tl.store(out_ptr + 4 * offs + 2, w2)
+        tl.store(out_ptr + 4 * offs + 3, w3)
 
     for seed in (0, 12345, 2**33 + 17):
-        words = torch.empty(64, dtype=torch.int32)
-        first_words[(1,)](words, seed, N=64)
+        words = torch.empty(4 * 16, dtype=torch.int32)
+        four_words[(1,)](words, seed, N=16)
         expected = ((words.to(torch.int64) & 0xFFFFFFFF) >> 8).to(torch.float32) * 2.0**-24
         assert torch.equal(reference.philox_uniform(seed, 64), expected)
+        assert torch.equal(reference.philox_uniform(seed, 61), expected[:61])
 
 
 # ---------------------------------------------------------------- ops vs reference
@@ -104,6 +124,103 @@ def test_penalty_matches_reference(device, backend, dtype, squared_norm, one_sid
         torch.testing.assert_close(sq, exp_sq, **TOL[dtype])
 
 
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+def test_dragan_scale_is_the_population_std(device, backend):
+    """compare_gan's scale: the biased std of the whole batch (numpy's default ddof=0);
+    a one-element batch has std 0 and is only clipped, never NaN."""
+    real = torch.rand(4, 3, 5, 5, dtype=torch.float64, device=device) * 0.6 + 0.2  # no clipping
+    noise = reference.philox_uniform(5, real.numel(), device).reshape(real.shape).double()
+    with fastgan.use_backend(backend):
+        x_hat = OPS.dragan_perturb(real, 5)
+    scale = ((x_hat - real) / (noise - 0.5)).flatten()
+    torch.testing.assert_close(scale, torch.full_like(scale, float(np.std(real.cpu().numpy()))), rtol=1e-9, atol=1e-9)
+    for one in (torch.tensor([1.7], device=device), torch.full((1, 1, 1, 1), 0.3, device=device)):
+        with fastgan.use_backend(backend):
+            assert torch.equal(OPS.dragan_perturb(one, 5), one.clamp(0, 1))
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_every_dtype_and_block_path_matches_float64(device, backend, dtype):
+    for shape in LARGE_SHAPES + SHAPES:
+        real = torch.rand(shape, device=device).to(dtype)
+        fake = torch.rand(shape, device=device).to(dtype)
+        grad = (torch.randn(shape, device=device) * 0.02).to(dtype)
+        alpha = torch.rand(shape[0], device=device)
+        with fastgan.use_backend(backend):
+            drawn, alpha_drawn = OPS.gp_interpolate(real, fake, None, 11)
+            given, _ = OPS.gp_interpolate(real, fake, alpha, 11)
+            perturbed = OPS.dragan_perturb(real, 11)
+            penalties = [OPS.gp_penalty(grad, sq, 1.0, 1e-4, one_sided) for sq, one_sided in ((True, False), (False, True))]
+        r64, f64, g64 = real.double(), fake.double(), grad.double()
+        drawn_exact = reference.philox_uniform(11, shape[0], device)
+        if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+            # The interpreter rounds float32 -> bfloat16 toward zero (GPUs round to nearest): 1 ulp.
+            torch.testing.assert_close(alpha_drawn.float(), drawn_exact, rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(alpha_drawn, drawn_exact.to(dtype))
+        for got, a in ((drawn, alpha_drawn), (given, alpha.to(dtype))):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), reference.interpolate(r64, f64, a.double(), 0)[0], **TOL[dtype])
+        # The noise and the std are rounded to the image dtype, as the op does.
+        noise = reference.philox_uniform(11, real.numel(), device).reshape(shape).to(dtype).double()
+        expected = (r64 + real.std(correction=0).double() * (noise - 0.5)).clamp(0, 1)
+        torch.testing.assert_close(perturbed.double(), expected, **TOL[dtype])
+        for (penalty, sq), (squared, one_sided) in zip(penalties, ((True, False), (False, True))):
+            exp_penalty, exp_sq = reference.penalty(g64, squared, 1.0, 1e-4, one_sided)
+            assert penalty.dtype == dtype and sq.dtype == reference.accumulator_dtype(dtype)
+            torch.testing.assert_close(sq.double(), exp_sq, **TOL[torch.float32 if dtype != torch.float64 else dtype])
+            torch.testing.assert_close(penalty.double(), exp_penalty, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_gpu_launch_configuration_in_the_interpreter(dtype, monkeypatch):
+    """The tiles a GPU launch uses (per-sample sums up to 2048 wide), run by the interpreter."""
+    import importlib
+
+    from conftest import KERNEL_BACKENDS
+
+    if "triton" not in KERNEL_BACKENDS["cpu"]:
+        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
+    kernels = importlib.import_module("fastgan.kernels.gradient_penalty")
+    monkeypatch.setattr(kernels, "config_for", lambda device: kernels.GPU)
+    for shape in LARGE_SHAPES:
+        grad = (torch.randn(shape) * 0.02).to(dtype)
+        real, fake = torch.rand(shape).to(dtype), torch.rand(shape).to(dtype)
+        with fastgan.use_backend("triton"):
+            penalty, sq = OPS.gp_penalty(grad, False, 1.0, 1e-4, False)
+            x_hat, alpha = OPS.gp_interpolate(real, fake, None, 5)
+        exp_penalty, exp_sq = reference.penalty(grad.double(), False, 1.0, 1e-4, False)
+        torch.testing.assert_close(sq.double(), exp_sq, **TOL[torch.float32])
+        torch.testing.assert_close(penalty.double(), exp_penalty, **TOL[dtype])
+        torch.testing.assert_close(x_hat.double(), reference.interpolate(real.double(), fake.double(), alpha.double(), 0)[0], **TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_channels_last_images_are_read_in_place(device, backend, monkeypatch):
+    """Interpolation and penalty take channels-last batches as they are (no copy) and
+    keep the layout; DRAGAN's noise follows the logical element order on any layout."""
+    real = torch.rand(5, 3, 9, 11, device=device).to(memory_format=torch.channels_last)
+    fake = torch.rand(5, 3, 9, 11, device=device).to(memory_format=torch.channels_last)
+    grad = torch.randn(5, 3, 9, 11, device=device).to(memory_format=torch.channels_last)
+    seen = []
+    for op_name in ("gp_interpolate", "gp_penalty"):
+        op = fastgan._backend.registered()[op_name]
+        kernel = op.impls[backend]
+        monkeypatch.setitem(op.impls, backend, lambda x, *rest, kernel=kernel: seen.append(x) or kernel(x, *rest))
+    with fastgan.use_backend(backend):
+        x_hat, _ = OPS.gp_interpolate(real, fake, None, 3)
+        penalty, sq = OPS.gp_penalty(grad, False, 1.0, 1e-4, False)
+        perturbed = OPS.dragan_perturb(real, 3)
+    assert [t.data_ptr() for t in seen] == [real.data_ptr(), grad.data_ptr()]
+    assert x_hat.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x_hat, reference.interpolate(real, fake, None, 3)[0], **TOL[torch.float32])
+    exp_penalty, exp_sq = reference.penalty(grad, False, 1.0, 1e-4, False)
+    torch.testing.assert_close(penalty, exp_penalty, **TOL[torch.float32])
+    torch.testing.assert_close(sq, exp_sq, **TOL[torch.float32])
+    torch.testing.assert_close(perturbed, reference.dragan_perturb(real.contiguous(), 3), **TOL[torch.float32])
+
+
 # ---------------------------------------------------------------- the API vs plain autograd
 
 
@@ -113,7 +230,7 @@ def plain_autograd_penalty(d, real, fake, kind, alpha=None, noise=None, center=1
         a = alpha.reshape(-1, 1, 1, 1).to(real.dtype)
         point = real + a * (fake - real)
     elif kind == "dragan":
-        point = (real + real.std() * (noise.to(real.dtype) - 0.5)).clamp(0, 1)
+        point = (real + real.std(correction=0) * (noise.to(real.dtype) - 0.5)).clamp(0, 1)
     else:
         point = real if kind == "r1" else fake
     point = point.detach().requires_grad_(True)

@@ -2,7 +2,11 @@
 
 Tolerances: float64 to 1e-9, float32 to 1e-5 (relative and absolute), on outputs,
 sigma, u, v and the gradient of a random projection of the output w.r.t. the
-original weight. Triton runs through the interpreter on CPU tensors.
+original weight. float16 / bfloat16 weights (float32 accumulation, u and v rounded
+to the weight dtype after each step as torch's buffers are) against float64 from the
+same rounded inputs: 5e-3 / 4e-2 (a few units in the last place of each rounding;
+the interpreter rounds float32 -> bfloat16 by truncation). Triton runs through the
+interpreter on CPU tensors; tests marked cuda repeat everything on a GPU.
 """
 import copy
 
@@ -14,11 +18,16 @@ from torch import nn
 import fastgan
 import importlib
 from fastgan.reference import spectral_norm as reference
-from conftest import device_backends
+from conftest import KERNEL_BACKENDS, device_backends
 
 fsn = importlib.import_module("fastgan.nn.spectral_norm")  # the module; fastgan.nn.spectral_norm is the function
 
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
+}
 OPS = torch.ops.fastgan
 
 
@@ -33,6 +42,11 @@ def _layer_inputs(shape, dim, dtype, device):
 
 
 LAYER_SHAPES = [((37, 3, 3, 3), 0), ((1, 8192), 0), ((5, 11, 4, 4), 1), ((3, 7, 5), 2), ((19, 1), 0)]
+# Large and odd enough for every block path: several row blocks with a ragged last one
+# (Triton BLOCK_M 16/32, CUDA 1-8 rows per block), column tiles past 256 with a tail,
+# reduce blocks past 1024, finalize loops past 1024 rows, a row over 64 KB (one row per
+# CUDA block), the strided (dim != 0) read, and > 65536 weights (several CPU ranges).
+LARGE_LAYER_SHAPES = [((67, 1200), 0), ((1030, 3, 3, 3), 0), ((3, 17001), 0), ((5, 37, 4, 4), 1)]
 
 
 # ---------------------------------------------------------------- ops vs reference
@@ -70,16 +84,103 @@ def test_multi_tensor_matches_layer_by_layer(device, backend, dtype, n_power_ite
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_half_precision_weights(device, backend):
-    """fp16 weights accumulate in fp32; u, v, sigma are fp16 like torch's buffers."""
-    weight, u, v = _layer_inputs((29, 6, 3, 3), 0, torch.float32, device)
-    args = [x.half() for x in (weight, u, v)]
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n_power_iterations,u_first", [(1, True), (2, False), (0, True)])
+def test_every_dtype_and_block_path_matches_float64(device, backend, dtype, n_power_iterations, u_first):
+    """Low-precision weights accumulate in float32; u, v, sigma come back in the weight dtype like
+    torch's buffers. One multi-layer call and one single-layer call per shape."""
+    layers = [[x.to(dtype) for x in _layer_inputs(shape, dim, torch.float32, device)] for shape, dim in LARGE_LAYER_SHAPES]
+    weights, us, vs = (list(x) for x in zip(*layers))
+    dims = [dim for _, dim in LARGE_LAYER_SHAPES]
+    as64 = lambda xs: [x.double() for x in xs]  # noqa: E731
     with fastgan.use_backend(backend):
-        u1, v1, sigma = OPS.spectral_norm_power_iteration(*args, 0, 2, 1e-12, True)
-    exp = reference.power_iteration(*[x.double() for x in args], 0, 2, 1e-12, True)
-    assert u1.dtype == v1.dtype == sigma.dtype == torch.float16
-    for a, e in zip((u1, v1, sigma), exp):
-        torch.testing.assert_close(a.double(), e, rtol=4e-3, atol=2e-3)
+        got = OPS.spectral_norm_power_iteration_multi(weights, us, vs, dims, n_power_iterations, 1e-12, u_first)
+        single = OPS.spectral_norm_power_iteration(weights[2], us[2], vs[2], dims[2], n_power_iterations, 1e-12, u_first)
+    expected = reference.power_iteration_multi(as64(weights), as64(us), as64(vs), dims, n_power_iterations, 1e-12, u_first)
+    for a, e in zip(got, expected):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), e, **TOL[dtype])
+    expected = reference.power_iteration(*as64([weights[2], us[2], vs[2]]), dims[2], n_power_iterations, 1e-12, u_first)
+    for a, e in zip(single, expected):
+        torch.testing.assert_close(a.double(), e, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_gpu_launch_configuration_in_the_interpreter(dtype, monkeypatch):
+    """The tiles a GPU launch uses (BLOCK_M 16, column tiles up to 256, reduce blocks of 256),
+    run by the interpreter on the large shapes: the GPU's code paths, checked without a GPU."""
+    if "triton" not in KERNEL_BACKENDS["cpu"]:
+        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
+    kernels = importlib.import_module("fastgan.kernels.spectral_norm")
+    monkeypatch.setattr(kernels, "config_for", lambda device: kernels.GPU)
+    layers = [[x.to(dtype) for x in _layer_inputs(shape, dim, torch.float32, "cpu")] for shape, dim in LARGE_LAYER_SHAPES]
+    weights, us, vs = (list(x) for x in zip(*layers))
+    dims = [dim for _, dim in LARGE_LAYER_SHAPES]
+    with fastgan.use_backend("triton"):
+        got = OPS.spectral_norm_power_iteration_multi(weights, us, vs, dims, 1, 1e-12, True)
+    as64 = lambda xs: [x.double() for x in xs]  # noqa: E731
+    expected = reference.power_iteration_multi(as64(weights), as64(us), as64(vs), dims, 1, 1e-12, True)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.double(), e, **TOL[dtype])
+
+
+def _strided_layers(device):
+    """(weight, dim, dense) laid out as users' models have them: channels-last conv and
+    transposed-conv kernels, a transposed matrix, and a non-dense slice."""
+    conv = torch.randn(37, 5, 3, 3, device=device).to(memory_format=torch.channels_last)
+    conv_t = torch.randn(5, 11, 4, 4, device=device).to(memory_format=torch.channels_last)
+    return [(conv, 0, True), (conv_t, 1, True), (torch.randn(30, 41, device=device).t(), 0, True),
+            (torch.randn(20, 30, device=device)[:, ::2], 0, False)]
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_strided_weights_are_read_in_place(device, backend, monkeypatch):
+    """Channels-last and other dense layouts reach the kernels as views of the same
+    memory (no silent .contiguous() copy) and give the reference's u, v, sigma."""
+    layers = _strided_layers(device)
+    weights = [w for w, _, _ in layers]
+    dims = [d for _, d, _ in layers]
+    us = [_unit(w.shape[d], w.dtype, device) for w, d, _ in layers]
+    vs = [_unit(w.numel() // w.shape[d], w.dtype, device) for w, d, _ in layers]
+    seen = []
+    op = fastgan._backend.registered()["spectral_norm_power_iteration_multi"]
+    kernel = op.impls[backend]
+    monkeypatch.setitem(op.impls, backend, lambda ws, *rest: seen.append(list(ws)) or kernel(ws, *rest))
+    with fastgan.use_backend(backend):
+        got = OPS.spectral_norm_power_iteration_multi(weights, us, vs, dims, 2, 1e-12, True)
+    expected = reference.power_iteration_multi(weights, us, vs, dims, 2, 1e-12, True)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, **TOL[torch.float32])
+    for passed, (w, _, dense) in zip(seen[0], layers):
+        assert passed.is_contiguous()
+        assert (passed.data_ptr() == w.data_ptr()) == dense, "a dense weight was copied (or a slice was not)"
+
+
+def test_triton_layer_table_is_built_once_per_set_of_weights():
+    """No host->device table copy on a repeated call (CUDA-graph capture needs that);
+    a new storage for a weight builds a new table."""
+    if "triton" not in KERNEL_BACKENDS["cpu"]:
+        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
+    kernels = importlib.import_module("fastgan.kernels.spectral_norm")
+    layers = [_layer_inputs(shape, dim, torch.float32, "cpu") for shape, dim in LAYER_SHAPES]
+    weights, us, vs = (list(x) for x in zip(*layers))
+    dims = [dim for _, dim in LAYER_SHAPES]
+    config = kernels.config_for(torch.device("cpu"))
+    first = kernels._table(weights, dims, config)
+    assert kernels._table(weights, dims, config) is first
+    built = []
+    tensor = torch.tensor
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels.torch, "tensor", lambda *a, **k: built.append(1) or tensor(*a, **k))
+        with fastgan.use_backend("triton"):
+            for _ in range(2):
+                OPS.spectral_norm_power_iteration_multi(weights, us, vs, dims, 1, 1e-12, True)
+        assert len(built) <= 1  # at most the first call of this test's op (its table may already be cached)
+        built.clear()
+        weights[0] = weights[0].clone()
+        with fastgan.use_backend("triton"):
+            OPS.spectral_norm_power_iteration_multi(weights, us, vs, dims, 1, 1e-12, True)
+        assert len(built) == 1
 
 
 # ---------------------------------------------------------------- modules vs torch

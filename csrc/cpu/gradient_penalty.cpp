@@ -3,8 +3,9 @@
 //   gp_interpolate  x_hat = real + a_b (fake - real), a_b given or philox_uniform(seed, b);
 //                   reads real and fake once, writes x_hat: 3 * numel * sizeof(T).
 //   dragan_perturb  x_hat = clamp(real + std(real) (philox_uniform(seed, i) - 0.5), 0, 1),
-//                   std unbiased over all elements, two-pass in double: reads real three
-//                   times (mean, variance, output) and writes once: 4 * numel * sizeof(T).
+//                   std biased (population) over all elements, two-pass in double: reads
+//                   real three times (mean, variance, output) and writes once:
+//                   4 * numel * sizeof(T); one Philox evaluation per four elements.
 //   gp_penalty      sq_b = sum of g^2 over sample b (float, double for double), then
 //                   0.5 mean_b sq_b, or mean_b gap_b^2 with gap_b = sqrt(eps + sq_b) - center
 //                   (clamped at 0 when one-sided): reads grad once, numel * sizeof(T),
@@ -14,6 +15,7 @@
 // are combined in a fixed order, so results do not depend on the thread count.
 // Random numbers are Philox (../philox.h), a pure function of (seed, index), so
 // every thread draws its own elements and the values match the reference exactly.
+// Batches are read in place when dense with the samples outermost (../batch_layout.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,8 +26,10 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <vector>
 
+#include "../batch_layout.h"
 #include "../philox.h"
 
 namespace fastgan {
@@ -51,8 +55,6 @@ int64_t grain_in_blocks(int64_t block_elems) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(block_elems, 1));
 }
 
-// Philox's counter is 32 bits wide: index i and i + 2^32 would draw the same number.
-constexpr int64_t kMaxPhiloxIndex = int64_t(1) << 32;
 
 template <typename acc_t, typename scalar_t>
 FASTGAN_MULTIVERSION acc_t sum_squares(const scalar_t* x, int64_t n) {
@@ -126,10 +128,11 @@ FASTGAN_MULTIVERSION FASTGAN_NO_FMA void interpolate_segment(const scalar_t* rea
 template <typename scalar_t, typename acc_t>
 FASTGAN_MULTIVERSION FASTGAN_NO_FMA void perturb_range(const scalar_t* real, scalar_t* out, int64_t begin,
                                                        int64_t end, uint64_t seed, acc_t std_dev) {
+  PhiloxWords words = philox4(seed, static_cast<uint32_t>(begin >> 2));
   for (int64_t i = begin; i < end; ++i) {
+    if ((i & 3) == 0 && i != begin) words = philox4(seed, static_cast<uint32_t>(i >> 2));
     // The reference casts the noise to real's dtype before subtracting 0.5.
-    const acc_t noise =
-        static_cast<acc_t>(static_cast<scalar_t>(philox_uniform(seed, static_cast<uint32_t>(i))));
+    const acc_t noise = static_cast<acc_t>(static_cast<scalar_t>(uniform_from_word(philox_word(words, i & 3))));
     const acc_t shift = std_dev * (noise - acc_t(0.5));
     const acc_t y = static_cast<acc_t>(real[i]) + shift;
     // max/min with y first keep a NaN, as torch's clamp does.
@@ -155,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> gp_interpolate_cpu(const at::Tensor& real_in,
               fake_in.scalar_type());
   const int64_t batch = real_in.size(0);
   TORCH_CHECK(batch >= 1, "gp_interpolate: the batch (size(0)) must be at least 1");
-  const at::Tensor real = real_in.contiguous(), fake = fake_in.contiguous();
+  at::Tensor real, fake;
+  std::tie(real, fake) = batch_major_pair(real_in, fake_in);
 
   at::Tensor alpha;
   if (alpha_in.has_value() && alpha_in->defined()) {
@@ -165,19 +169,18 @@ std::tuple<at::Tensor, at::Tensor> gp_interpolate_cpu(const at::Tensor& real_in,
     // Always a fresh tensor: alpha_used must not alias the caller's alpha.
     alpha = alpha_in->to(real.scalar_type(), /*non_blocking=*/false, /*copy=*/true).contiguous();
   } else {
-    TORCH_CHECK(batch <= kMaxPhiloxIndex, "gp_interpolate: at most 2^32 samples can draw a random alpha, got ",
+    TORCH_CHECK(batch <= kMaxPhiloxDraws, "gp_interpolate: at most 2^34 samples can draw a random alpha, got ",
                 batch);
     alpha = at::empty({batch}, real.options());
   }
-  at::Tensor x_hat = at::empty(real.sizes(), real.options());
+  at::Tensor x_hat = at::empty_like(real);
   const int64_t numel = real.numel(), per_sample = numel / batch;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, real.scalar_type(), "gp_interpolate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* a = alpha.data_ptr<scalar_t>();
     if (!(alpha_in.has_value() && alpha_in->defined()))
-      for (int64_t b = 0; b < batch; ++b)
-        a[b] = static_cast<scalar_t>(philox_uniform(static_cast<uint64_t>(seed), static_cast<uint32_t>(b)));
+      for (int64_t b = 0; b < batch; ++b) a[b] = static_cast<scalar_t>(philox_uniform(static_cast<uint64_t>(seed), b));
     if (numel == 0) return;
     const scalar_t* r = real.data_ptr<scalar_t>();
     const scalar_t* f = fake.data_ptr<scalar_t>();
@@ -198,8 +201,9 @@ std::tuple<at::Tensor, at::Tensor> gp_interpolate_cpu(const at::Tensor& real_in,
 at::Tensor dragan_perturb_cpu(const at::Tensor& real_in, int64_t seed) {
   check_floating_cpu(real_in, "dragan_perturb", "real");
   const int64_t numel = real_in.numel();
-  TORCH_CHECK(numel >= 2, "dragan_perturb: real needs at least 2 elements for an unbiased std, got ", numel);
-  TORCH_CHECK(numel <= kMaxPhiloxIndex, "dragan_perturb: at most 2^32 elements are supported, got ", numel);
+  TORCH_CHECK(numel >= 1, "dragan_perturb: real must not be empty");
+  TORCH_CHECK(numel <= kMaxPhiloxDraws, "dragan_perturb: at most 2^34 elements are supported, got ", numel);
+  // Contiguous: element i draws the i-th uniform in logical order.
   const at::Tensor real = real_in.contiguous();
   at::Tensor out = at::empty(real.sizes(), real.options());
 
@@ -215,7 +219,7 @@ at::Tensor dragan_perturb_cpu(const at::Tensor& real_in, int64_t seed) {
         blocked_sum(x, numel, [mean](const scalar_t* p, int64_t n) { return sum_double(p, n, mean, true); });
     // The reference's std is a tensor of real's dtype: round to it.
     const acc_t std_dev =
-        static_cast<acc_t>(static_cast<scalar_t>(std::sqrt(m2 / static_cast<double>(numel - 1))));
+        static_cast<acc_t>(static_cast<scalar_t>(std::sqrt(m2 / static_cast<double>(numel))));
     scalar_t* y = out.data_ptr<scalar_t>();
     at::parallel_for(0, numel, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
       perturb_range<scalar_t, acc_t>(x, y, begin, end, static_cast<uint64_t>(seed), std_dev);
@@ -230,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> gp_penalty_cpu(const at::Tensor& grad_in, boo
   TORCH_CHECK(grad_in.dim() >= 1, "gp_penalty: grad must have a batch dimension, got a 0-d tensor");
   const int64_t batch = grad_in.size(0);
   TORCH_CHECK(batch >= 1, "gp_penalty: the batch (size(0)) must be at least 1");
-  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor grad = batch_major_or_copy(grad_in);
   const int64_t per_sample = grad.numel() / batch;
   at::Tensor penalty = at::empty({}, grad.options());
   at::Tensor sq;

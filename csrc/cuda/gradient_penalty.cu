@@ -6,11 +6,11 @@
 //   b-th Philox uniform, cast to real's dtype; alpha_used = those a_b. One grid-stride
 //   launch, 16-byte loads and stores: reads 2 n s, writes n s (+ B alpha values).
 // * dragan_perturb: x_hat = clamp(real + std (noise_i - 1/2), 0, 1), noise_i the i-th
-//   Philox uniform in real's dtype. std is at::std (the reference's own reduction, so
-//   the same value, rounded to real's dtype as there), left on the device and read by
-//   the elementwise kernel: no host sync. Reads 2 n s (std pass + perturb pass),
-//   writes n s. Philox costs ~10 integer multiply rounds per element, so on fast
-//   memory this op is bound by integer throughput rather than bandwidth.
+//   Philox uniform in real's dtype. std is at::std, biased (the reference's own
+//   reduction, so the same value, rounded to real's dtype as there), left on the device
+//   and read by the elementwise kernel: no host sync. Reads 2 n s (std pass + perturb
+//   pass), writes n s. One Philox evaluation (~10 integer multiply rounds) serves four
+//   elements.
 // * gp_penalty: sq_b = sum g_b^2 (opmath accumulation) and the penalty from it, in ONE
 //   launch: each block sums a chunk of one sample (or a few whole small samples) into
 //   a partial, and the last block to finish (atomic ticket) adds each sample's
@@ -20,7 +20,9 @@
 // Accumulation is float for float/half/bfloat16 and double for double. The build uses
 // --use_fast_math, so the division and square root of the penalty go through the
 // IEEE round-to-nearest intrinsics. Random numbers: ../philox.h, bit-identical to the
-// reference; its counter is 32 bits, so at most 2^32 draws per call.
+// reference; its counter is 32 bits, so at most 2^34 draws per call. Batches are read
+// in place when dense with the samples outermost (../batch_layout.h), channels-last
+// included; every launch goes to the tensors' device (CUDAGuard) on its current stream.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -37,6 +39,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../batch_layout.h"
 #include "../philox.h"
 #include "device_math.cuh"
 
@@ -47,7 +50,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kUnroll = 4;         // 16-byte loads in flight per thread in the penalty loop
 constexpr int kMaxRowsPerBlock = 8;  // small samples per penalty block: one warp each at most
-constexpr int64_t kMaxPhiloxDraws = int64_t{1} << 32;
 
 // Where alpha comes from: drawn in the kernel, or read from a tensor of this dtype.
 enum AlphaKind : int { kAlphaPhilox, kAlphaFloat, kAlphaDouble, kAlphaHalf, kAlphaBFloat16 };
@@ -87,7 +89,7 @@ __device__ __forceinline__ scalar_t sample_alpha(const void* alpha, int kind, ui
     case kAlphaHalf: return static_cast<scalar_t>(static_cast<float>(static_cast<const at::Half*>(alpha)[b]));
     case kAlphaBFloat16:
       return static_cast<scalar_t>(static_cast<float>(static_cast<const at::BFloat16*>(alpha)[b]));
-    default: return static_cast<scalar_t>(philox_uniform(seed, static_cast<uint32_t>(b)));
+    default: return static_cast<scalar_t>(philox_uniform(seed, b));
   }
 }
 
@@ -231,18 +233,19 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t>
-__device__ __forceinline__ scalar_t dragan_element(scalar_t x, at::opmath_type<scalar_t> std_dev, uint64_t seed,
-                                                   int64_t i) {
+__device__ __forceinline__ scalar_t dragan_element(scalar_t x, at::opmath_type<scalar_t> std_dev, float uniform) {
   using acc_t = at::opmath_type<scalar_t>;
   // Rounded to real's dtype before the shift, as the reference's .to(real.dtype).
-  const acc_t noise = static_cast<acc_t>(static_cast<scalar_t>(philox_uniform(seed, static_cast<uint32_t>(i))));
+  const acc_t noise = static_cast<acc_t>(static_cast<scalar_t>(uniform));
   const acc_t y = static_cast<acc_t>(x) + std_dev * (noise - acc_t(0.5));
   // Written with comparisons so that NaN passes through, as torch.clamp lets it.
   return static_cast<scalar_t>(y < acc_t(0) ? acc_t(0) : (y > acc_t(1) ? acc_t(1) : y));
 }
 
 // x_hat = clamp(real + std (noise_i - 1/2), 0, 1) over VEC-element packs; std is the
-// 0-d device tensor from at::std, in real's dtype.
+// 0-d device tensor from at::std, in real's dtype. A pack of VEC >= 4 elements starts
+// at a multiple of 4 and takes all four words of each of its VEC / 4 Philox
+// evaluations; a pack of 2 takes half of one; the scalar tail draws per element.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     dragan_kernel(const scalar_t* __restrict__ real, const scalar_t* __restrict__ std_dev, uint64_t seed,
@@ -258,11 +261,26 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t v = tid; v < nvec; v += nthreads) {
     const P x = rv[v];
     P o;
+    const int64_t first = v * VEC;
+    if constexpr (VEC >= 4) {
 #pragma unroll
-    for (int q = 0; q < VEC; ++q) o.v[q] = dragan_element(x.v[q], sd, seed, v * VEC + q);
+      for (int g = 0; g < VEC / 4; ++g) {
+        const PhiloxWords words = philox4(seed, static_cast<uint32_t>((first >> 2) + g));
+#pragma unroll
+        for (int q = 0; q < 4; ++q) o.v[4 * g + q] = dragan_element(x.v[4 * g + q], sd, uniform_from_word(words.w[q]));
+      }
+    } else if constexpr (VEC == 2) {
+      const PhiloxWords words = philox4(seed, static_cast<uint32_t>(first >> 2));
+#pragma unroll
+      for (int q = 0; q < 2; ++q) o.v[q] = dragan_element(x.v[q], sd, uniform_from_word(philox_word(words, (first & 3) + q)));
+    } else {
+      o.v[0] = dragan_element(x.v[0], sd, philox_uniform(seed, first));
+    }
     ov[v] = o;
   }
-  for (int64_t i = nvec * VEC + tid; i < numel; i += nthreads) out[i] = dragan_element(real[i], sd, seed, i);
+  for (int64_t i = nvec * VEC + tid; i < numel; i += nthreads) {
+    out[i] = dragan_element(real[i], sd, philox_uniform(seed, i));
+  }
 }
 
 // Block j covers chunk c = j % chunks of samples [rows * (j / chunks), + rows): with
@@ -371,7 +389,8 @@ std::tuple<at::Tensor, at::Tensor> gp_interpolate_cuda(const at::Tensor& real_in
   const int64_t batch = real_in.size(0);
 
   const c10::cuda::CUDAGuard guard(real_in.device());
-  const at::Tensor real = real_in.contiguous(), fake = fake_in.contiguous();
+  at::Tensor real, fake;
+  std::tie(real, fake) = batch_major_pair(real_in, fake_in);
   at::Tensor alpha;
   int alpha_kind = kAlphaPhilox;
   if (alpha_in.has_value()) {
@@ -390,13 +409,13 @@ std::tuple<at::Tensor, at::Tensor> gp_interpolate_cuda(const at::Tensor& real_in
                     alpha.scalar_type());
     }
   } else {
-    TORCH_CHECK(batch <= kMaxPhiloxDraws, "gp_interpolate: drawing alpha supports at most 2^32 samples, got ", batch);
+    TORCH_CHECK(batch <= kMaxPhiloxDraws, "gp_interpolate: drawing alpha supports at most 2^34 samples, got ", batch);
   }
 
   const int64_t numel = real.numel();
   // Any positive value will do for an empty batch: no element is visited.
   const int64_t per_sample = numel == 0 ? 1 : numel / batch;
-  at::Tensor x_hat = at::empty(real.sizes(), real.options());
+  at::Tensor x_hat = at::empty_like(real);
   at::Tensor alpha_used = at::empty({batch}, real.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const void* alpha_ptr = alpha.defined() ? alpha.const_data_ptr() : nullptr;
@@ -425,14 +444,14 @@ std::tuple<at::Tensor, at::Tensor> gp_interpolate_cuda(const at::Tensor& real_in
 at::Tensor dragan_perturb_cuda(const at::Tensor& real_in, int64_t seed) {
   check_batch(real_in, "dragan_perturb", "real");
   const int64_t numel = real_in.numel();
-  TORCH_CHECK(numel >= 2, "dragan_perturb: needs at least 2 elements to estimate the standard deviation, got ", numel);
-  TORCH_CHECK(numel <= kMaxPhiloxDraws, "dragan_perturb: supports at most 2^32 elements (one Philox counter each), got ",
+  TORCH_CHECK(numel <= kMaxPhiloxDraws, "dragan_perturb: supports at most 2^34 elements (four per Philox counter), got ",
               numel);
 
   const c10::cuda::CUDAGuard guard(real_in.device());
+  // Contiguous: element i draws the i-th uniform in logical order.
   const at::Tensor real = real_in.contiguous();
   // The reference's real.std(): same reduction, same rounding to real's dtype.
-  const at::Tensor std_dev = at::std(real, /*unbiased=*/true);
+  const at::Tensor std_dev = at::std(real, /*unbiased=*/false);  // biased, as compare_gan
   at::Tensor x_hat = at::empty(real.sizes(), real.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -482,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor> gp_penalty_cuda(const at::Tensor& grad_in, bo
                                                    double eps, bool one_sided) {
   check_batch(grad_in, "gp_penalty", "grad");
   const c10::cuda::CUDAGuard guard(grad_in.device());
-  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor grad = batch_major_or_copy(grad_in);
   const int64_t batch = grad.size(0);
   const int64_t per_sample = grad.numel() / batch;
   const auto acc_type = at::toOpMathType(grad.scalar_type());

@@ -4,19 +4,28 @@
 // row passes t = W_mat x (DOT) and s = W_mat^T y (ACCUM), each followed by a
 // per-layer finalize that normalizes into u, v and sigma -- for ALL layers of a
 // model at once: each pass is one launch of `row_pass_kernel` over the row blocks
-// of every layer, and each finalize one launch of `finalize_kernel` with one block
-// per layer. Layer shapes and pointers live in a small int64 table copied to the
-// device once per call.
+// of every layer (plus one of `reduce_kernel` over their columns when the pass sums
+// W^T y), and each finalize one launch of `finalize_kernel` with one block per layer.
+//
+// W^T y without atomics: each row block writes its partial row sum_r W_mat[r, :] y[r]
+// to its own slot, and `reduce_kernel` adds a layer's partial rows in block order. So
+// s is summed in a fixed order and results are bit-identical from run to run.
+//
+// Layer shapes, pointers and the block lists live in a small int64 device table,
+// built once per set of weights and cached (keyed by the weights' pointers and
+// shapes, everything the table holds, so a hit is never stale): a call with the same
+// weights does no host->device copy and can be captured in a CUDA graph.
 //
 // Bytes moved per pass: W is read once from DRAM by the DOT half; the ACCUM half
 // re-reads the block's own rows right after, which hits L1/L2 (rows per block are
 // capped so a block's rows stay small: kBlockBytes). On top of that O(rows + cols)
-// for t, u, v and one float atomic per (column, row block) for s, i.e. numel / R
-// atomics with R rows per block. The parametrization refresh (u_first, one
-// iteration) is therefore about sizeof(W) of DRAM traffic, ~23 MB for the SNDCGAN
-// discriminator, in memset + row pass + finalize (plus the two cats of u and v).
+// for t, u, v, and numel / R partial sums written and read back once (R rows per
+// block, 1 to 8 as kBlockBytes allows: for float weights 1/8 of W's bytes with rows up
+// to 16 KB, 1/4 for SNDCGAN's 18 KB rows (512 x 4608); only layers with rows over 64 KB
+// and many of them pay a full extra W). The parametrization refresh (u_first, one
+// iteration) is therefore about 1.2-1.5 x sizeof(W) of DRAM traffic (~23 MB of weights
+// for the SNDCGAN discriminator) in row pass + reduce + finalize, plus the cats of u, v.
 //
-// Sums of s use atomics, so results may differ in the last bits from run to run.
 // Everything else follows the CPU file: float accumulation (double for double),
 // u and v rounded to the weight dtype after each normalization, and the finalize
 // arithmetic done with IEEE round-to-nearest division and square root (the build
@@ -25,6 +34,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -33,6 +43,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <list>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../spectral_norm.h"
@@ -45,14 +58,16 @@ constexpr int kRowWarps = 8;  // also the most rows one row-pass block handles
 constexpr int kRowThreads = kRowWarps * kWarpSize;
 constexpr int kFinalizeThreads = 512;
 // A row block covers at most this many bytes of W (unless one row is larger):
-// small enough that the ACCUM re-read finds the rows in L1 and that blocks spread
-// evenly over the SMs, large enough that s gets few atomics (one per R rows).
-constexpr int64_t kBlockBytes = 64 * 1024;
+// small enough that the ACCUM re-read finds the rows in L1/L2 and that blocks spread
+// evenly over the SMs, large enough that few partial rows are written (one per R rows).
+constexpr int64_t kBlockBytes = 128 * 1024;
+constexpr int kReduceThreads = 256;  // columns per reduce block
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread in the DOT loop
 
-// Device table, int64: per layer {weight pointer, A, M, B, row_offset,
-// col_offset, rows per block}, then per row block {layer, first row}.
-constexpr int kLayerCols = 7;
+// Device table, int64: per layer {weight pointer, A, M, B, row_offset, col_offset,
+// rows per block, partial-row offset, row blocks}, then per row block {layer, first
+// row}, then per reduce block {layer, first column}.
+constexpr int kLayerCols = 9;
 constexpr int kBlockCols = 2;
 
 
@@ -156,14 +171,14 @@ __device__ __forceinline__ acc_t dot_strided(const scalar_t* __restrict__ w, con
 // One row block of one layer: R rows (R = rows per block of the layer, a power of
 // two dividing kRowWarps), each read by a group of kRowWarps / R warps.
 //   DOT:   t[row] = W_mat[row, :] . v            (group reduction)
-//   ACCUM: s[k] += sum_r W_mat[m0 + r, k] y[r]   (y = t, or u without DOT)
-// ACCUM runs over columns with the whole block and sums the block's rows before
-// its one atomic per column, so s sees numel / R atomics rather than numel.
+//   ACCUM: p[k] = sum_r W_mat[m0 + r, k] y[r]    (y = t, or u without DOT)
+// ACCUM runs over columns with the whole block and writes the block's partial row p
+// to its own slot of `partials` (reduce_kernel sums them in block order).
 template <typename scalar_t, typename acc_t, bool DOT, bool ACCUM>
 __global__ void __launch_bounds__(kRowThreads)
     row_pass_kernel(const int64_t* __restrict__ layers, const int64_t* __restrict__ blocks,
                     const scalar_t* __restrict__ v_all, const scalar_t* __restrict__ u_all, acc_t* __restrict__ t_all,
-                    acc_t* __restrict__ s_all) {
+                    acc_t* __restrict__ partials) {
   __shared__ acc_t partial[kRowWarps];
   __shared__ acc_t y[kRowWarps];
 
@@ -207,7 +222,7 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
   for (int r = 0; r < kRowWarps; ++r) yr[r] = r < rows ? y[r] : acc_t(0);
   const scalar_t* __restrict__ wblock = w + m0 * B;
-  acc_t* __restrict__ s = s_all + col_off;
+  acc_t* __restrict__ part = partials + entry[7] + (m0 / rows_per_block) * K;
   int64_t a = tid / B, b = tid - (tid / B) * B;
   const int64_t da = kRowThreads / B, db = kRowThreads - da * B;
   for (int64_t k = tid; k < K; k += kRowThreads) {
@@ -218,7 +233,7 @@ __global__ void __launch_bounds__(kRowThreads)
     acc_t sum = 0;
 #pragma unroll
     for (int r = 0; r < kRowWarps; ++r) sum += wr[r] * yr[r];
-    atomicAdd(s + k, sum);
+    part[k] = sum;
     a += da;
     b += db;
     if (b >= B) {
@@ -226,6 +241,23 @@ __global__ void __launch_bounds__(kRowThreads)
       ++a;
     }
   }
+}
+
+// s[k] = sum of the layer's partial rows at column k, in row-block order; one thread
+// per column, kReduceThreads columns of one layer per block.
+template <typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_kernel(const int64_t* __restrict__ layers, const int64_t* __restrict__ blocks,
+                  const acc_t* __restrict__ partials, acc_t* __restrict__ s_all) {
+  const int64_t layer = blocks[kBlockCols * static_cast<int64_t>(blockIdx.x)];
+  const int64_t k = blocks[kBlockCols * static_cast<int64_t>(blockIdx.x) + 1] + threadIdx.x;
+  const int64_t* entry = layers + layer * kLayerCols;
+  const int64_t K = entry[1] * entry[3], n_blocks = entry[8];
+  if (k >= K) return;
+  const acc_t* __restrict__ p = partials + entry[7] + k;
+  acc_t total = 0;
+  for (int64_t j = 0; j < n_blocks; ++j) total += p[j * K];
+  s_all[entry[5] + k] = total;
 }
 
 // One block per layer: turns the pass results t, s into u, v and sigma, with the
@@ -291,33 +323,44 @@ int rows_per_block(const SpectralNormLayerShape& shape, int64_t element_size) {
   return r;
 }
 
+// The device table of one set of weights (see kLayerCols) and the sizes the launches need.
+struct DeviceTable {
+  at::Tensor table;
+  int64_t num_row_blocks = 0, num_reduce_blocks = 0, partials = 0;
+};
+
 template <typename scalar_t>
 struct PowerIteration {
   using acc_t = at::opmath_type<scalar_t>;
 
   cudaStream_t stream;
-  int64_t num_layers, num_blocks, cols;
+  int64_t num_layers, num_row_blocks, num_reduce_blocks;
   double eps;
   const int64_t* layers;  // device table
-  const int64_t* blocks;
+  const int64_t* row_blocks;
+  const int64_t* reduce_blocks;
   scalar_t *u, *v, *sigma;  // outputs, in the weight dtype: the rounding the schedule asks for
-  acc_t *t, *s;             // raw pass results
+  acc_t *t, *s, *partials;  // raw pass results
 
   template <bool DOT, bool ACCUM>
   void launch_pass() {
     row_pass_kernel<scalar_t, acc_t, DOT, ACCUM>
-        <<<static_cast<unsigned>(num_blocks), kRowThreads, 0, stream>>>(layers, blocks, v, u, t, s);
+        <<<static_cast<unsigned>(num_row_blocks), kRowThreads, 0, stream>>>(layers, row_blocks, v, u, t, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   void pass(bool do_dot, bool do_accum) {
-    if (do_accum) C10_CUDA_CHECK(cudaMemsetAsync(s, 0, cols * sizeof(acc_t), stream));
     if (do_dot && do_accum) {
       launch_pass<true, true>();
     } else if (do_dot) {
       launch_pass<true, false>();
     } else {
       launch_pass<false, true>();
+    }
+    if (do_accum) {
+      reduce_kernel<acc_t><<<static_cast<unsigned>(num_reduce_blocks), kReduceThreads, 0, stream>>>(
+          layers, reduce_blocks, partials, s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
 
@@ -336,30 +379,32 @@ struct PowerIteration {
       case Finalize::Eval: launch_finalize<Finalize::Eval>(); break;
     }
   }
-
 };
 
-// Builds the layer/block table in pinned memory and copies it to the device with
-// one asynchronous H2D copy on the current stream (the caching host allocator
-// keeps the pinned buffer alive until that copy has run).
-at::Tensor device_table(const std::vector<at::Tensor>& weights, const std::vector<SpectralNormLayerShape>& shapes,
-                        int64_t& num_blocks) {
+// Builds the layer/block table in pinned memory and copies it to the device with one
+// asynchronous H2D copy on the current stream (the caching host allocator keeps the
+// pinned buffer alive until that copy has run).
+DeviceTable build_table(const std::vector<at::Tensor>& weights, const std::vector<SpectralNormLayerShape>& shapes) {
   const int64_t element_size = weights[0].element_size();
-  std::vector<int> rpb;
-  num_blocks = 0;
+  DeviceTable out;
+  std::vector<int64_t> rpb;
   for (const auto& sh : shapes) {
     rpb.push_back(rows_per_block(sh, element_size));
-    num_blocks += (sh.M + rpb.back() - 1) / rpb.back();
+    out.num_row_blocks += (sh.M + rpb.back() - 1) / rpb.back();
+    out.num_reduce_blocks += (sh.K() + kReduceThreads - 1) / kReduceThreads;
   }
-  TORCH_CHECK(num_blocks <= std::numeric_limits<int32_t>::max(), "spectral norm: too many rows (", num_blocks,
-              " row blocks) for one launch");
+  TORCH_CHECK(out.num_row_blocks <= std::numeric_limits<int32_t>::max() &&
+                  out.num_reduce_blocks <= std::numeric_limits<int32_t>::max(),
+              "spectral norm: too many rows or columns for one launch");
   const int64_t layers_size = static_cast<int64_t>(shapes.size()) * kLayerCols;
-  at::Tensor host = at::empty({layers_size + num_blocks * kBlockCols},
+  at::Tensor host = at::empty({layers_size + (out.num_row_blocks + out.num_reduce_blocks) * kBlockCols},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* p = host.data_ptr<int64_t>();
   int64_t* q = p + layers_size;
+  int64_t* c = q + out.num_row_blocks * kBlockCols;
   for (size_t l = 0; l < shapes.size(); ++l) {
     const auto& sh = shapes[l];
+    const int64_t n_blocks = (sh.M + rpb[l] - 1) / rpb[l];
     int64_t* e = p + l * kLayerCols;
     e[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(weights[l].const_data_ptr()));
     e[1] = sh.A;
@@ -368,14 +413,49 @@ at::Tensor device_table(const std::vector<at::Tensor>& weights, const std::vecto
     e[4] = sh.row_offset;
     e[5] = sh.col_offset;
     e[6] = rpb[l];
+    e[7] = out.partials;
+    e[8] = n_blocks;
+    out.partials += n_blocks * sh.K();
     for (int64_t m0 = 0; m0 < sh.M; m0 += rpb[l]) {
       *q++ = static_cast<int64_t>(l);
       *q++ = m0;
     }
+    for (int64_t k0 = 0; k0 < sh.K(); k0 += kReduceThreads) {
+      *c++ = static_cast<int64_t>(l);
+      *c++ = k0;
+    }
   }
-  at::Tensor device = at::empty({host.numel()}, weights[0].options().dtype(at::kLong));
-  device.copy_(host, /*non_blocking=*/true);
-  return device;
+  out.table = at::empty({host.numel()}, weights[0].options().dtype(at::kLong));
+  out.table.copy_(host, /*non_blocking=*/true);
+  return out;
+}
+
+// The cached table of these weights: a table holds nothing but what its key holds
+// (pointers, shapes, dtype, device), so a hit is never stale; a miss builds it. A
+// small LRU, leaked on purpose (no device frees during interpreter teardown).
+const DeviceTable& cached_table(const std::vector<at::Tensor>& weights,
+                                const std::vector<SpectralNormLayerShape>& shapes) {
+  constexpr size_t kCacheSize = 16;
+  static auto* mutex = new std::mutex;
+  static auto* cache = new std::list<std::pair<std::vector<int64_t>, DeviceTable>>;
+  std::vector<int64_t> key{weights[0].get_device(), static_cast<int64_t>(weights[0].scalar_type())};
+  for (size_t l = 0; l < shapes.size(); ++l) {
+    key.insert(key.end(), {static_cast<int64_t>(reinterpret_cast<intptr_t>(weights[l].const_data_ptr())),
+                           shapes[l].A, shapes[l].M, shapes[l].B});
+  }
+  const std::lock_guard<std::mutex> lock(*mutex);
+  for (auto it = cache->begin(); it != cache->end(); ++it) {
+    if (it->first == key) {
+      cache->splice(cache->begin(), *cache, it);
+      return cache->front().second;
+    }
+  }
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "spectral norm: first call with these weights inside CUDA graph capture; run the model once "
+              "before capturing (the layer table is built and copied to the device on a first call)");
+  cache->emplace_front(std::move(key), build_table(weights, shapes));
+  if (cache->size() > kCacheSize) cache->pop_back();
+  return cache->front().second;
 }
 
 // Both ops: the single-layer op is this with one layer and a 0-d sigma.
@@ -384,6 +464,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(at::TensorLi
                                                                     int64_t n_power_iterations, double eps,
                                                                     bool u_first, bool scalar_sigma) {
   std::vector<at::Tensor> weights, us(us_in.begin(), us_in.end()), vs(vs_in.begin(), vs_in.end());
+  // The Python op passes contiguous views of any dense layout (channels-last included),
+  // so this copies only when called directly with a non-dense weight.
   for (const auto& w : weights_in) weights.push_back(w.contiguous());
   const auto shapes = spectral_norm_layer_shapes(weights, std::vector<int64_t>(dims_in.begin(), dims_in.end()));
   check_spectral_norm_vectors(shapes, weights, us, vs);
@@ -398,25 +480,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(at::TensorLi
   // The inputs are left alone: the iteration works in place on these copies.
   at::Tensor u_out = at::cat(us), v_out = at::cat(vs);
   at::Tensor sigma_out = scalar_sigma ? at::empty({}, options) : at::empty({num_layers}, options);
-  int64_t num_blocks = 0;
-  const at::Tensor table = device_table(weights, shapes, num_blocks);
-  at::Tensor scratch = at::empty({rows + cols}, options.dtype(at::toOpMathType(weights[0].scalar_type())));
+  const DeviceTable& table = cached_table(weights, shapes);
+  at::Tensor scratch =
+      at::empty({rows + cols + table.partials}, options.dtype(at::toOpMathType(weights[0].scalar_type())));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "spectral_norm_power_iteration", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     PowerIteration<scalar_t> it;
     it.stream = at::cuda::getCurrentCUDAStream();
     it.num_layers = num_layers;
-    it.num_blocks = num_blocks;
-    it.cols = cols;
+    it.num_row_blocks = table.num_row_blocks;
+    it.num_reduce_blocks = table.num_reduce_blocks;
     it.eps = eps;
-    it.layers = table.const_data_ptr<int64_t>();
-    it.blocks = it.layers + num_layers * kLayerCols;
+    it.layers = table.table.const_data_ptr<int64_t>();
+    it.row_blocks = it.layers + num_layers * kLayerCols;
+    it.reduce_blocks = it.row_blocks + table.num_row_blocks * kBlockCols;
     it.u = u_out.mutable_data_ptr<scalar_t>();
     it.v = v_out.mutable_data_ptr<scalar_t>();
     it.sigma = sigma_out.mutable_data_ptr<scalar_t>();
     it.t = scratch.mutable_data_ptr<acc_t>();
     it.s = it.t + rows;
+    it.partials = it.s + cols;
     run_power_iteration(it, n_power_iterations, u_first);
   });
   return {u_out, v_out, sigma_out};

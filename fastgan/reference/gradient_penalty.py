@@ -4,7 +4,9 @@ Conventions (compare_gan; docs/losses.md):
 
 * WGAN-GP interpolation: x̂ = x + α (x_fake − x), one α ~ U[0, 1) per sample;
 * DRAGAN perturbation: x̂ = clip(x + std(x) · (U[0, 1) − 0.5), 0, 1), std over the
-  whole batch (unbiased), one uniform per element;
+  whole batch, biased (population: divided by the element count, as compare_gan's
+  ``tf.nn.moments``), so a one-element batch gives std 0 and x̂ = clip(x, 0, 1);
+  one uniform per element;
 * norm penalties (wgan-gp, dragan): slope_b = sqrt(eps + Σ g_b²),
   penalty = mean_b (slope_b − center)², or mean_b max(0, slope_b − center)² one-sided;
 * squared-norm penalties (r1, r2): penalty = ½ mean_b Σ g_b², so λ·penalty is
@@ -12,8 +14,10 @@ Conventions (compare_gan; docs/losses.md):
 
 Random numbers come from a counter-based generator that every backend computes
 identically: Philox-4x32-10 with key (seed low 32 bits, seed high 32 bits) and
-counter (i, 0, 0, 0); the i-th uniform is (first output word >> 8) · 2⁻²⁴, exact in
-float32. So α and the DRAGAN noise depend only on the seed, never on the backend.
+counter (c, 0, 0, 0) -- triton's ``tl.randint4x(seed, c)``; the i-th uniform is
+(word i mod 4 of counter i div 4) >> 8 · 2⁻²⁴, exact in float32. So α and the DRAGAN
+noise depend only on the seed, never on the backend; counters are 32 bits wide, so
+one call draws at most 2³⁴ numbers.
 """
 from __future__ import annotations
 
@@ -41,8 +45,10 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox_uniform(seed: int, n: int, device=None) -> torch.Tensor:
-    """The first ``n`` uniforms in [0, 1) (float32) of the stream named by ``seed``."""
-    c0 = torch.arange(n, dtype=torch.int64, device=device)
+    """The first ``n`` uniforms in [0, 1) (float32) of the stream named by ``seed``:
+    uniform i is output word i mod 4 of Philox(counter i div 4), so one Philox
+    evaluation serves four consecutive draws."""
+    c0 = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -52,7 +58,8 @@ def philox_uniform(seed: int, n: int, device=None) -> torch.Tensor:
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    return (c0 >> 8).to(torch.float32) * 2.0**-24
+    words = torch.stack((c0, c1, c2, c3), dim=1).reshape(-1)[:n]
+    return (words >> 8).to(torch.float32) * 2.0**-24
 
 
 def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch.Tensor], seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +74,7 @@ def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch.Te
 
 def dragan_perturb(real: torch.Tensor, seed: int) -> torch.Tensor:
     noise = philox_uniform(seed, real.numel(), real.device).reshape(real.shape).to(real.dtype)
-    return (real + real.std() * (noise - 0.5)).clamp(0, 1)
+    return (real + real.std(correction=0) * (noise - 0.5)).clamp(0, 1)
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
