@@ -103,13 +103,11 @@ class Runtime:
     def numerics(self, *, deterministic: bool, tf32: bool) -> Iterator[None]:
         """torch's switches for the run, restored afterwards.
 
-        ``deterministic``: torch's deterministic algorithms, cuDNN without autotuning and, on
-        GPUs, fastgan's reference ops (its GPU kernels reduce with atomics: last-bit run-to-run
-        differences). ``tf32``: TensorFloat-32 matmuls and convolutions on Ampere and newer GPUs
+        ``deterministic``: torch's deterministic algorithms and cuDNN without autotuning
+        (fastgan's own kernels reduce in a fixed order on every backend -- no floating-point
+        atomics -- so they stay on). ``tf32``: TensorFloat-32 matmuls and convolutions on Ampere and newer GPUs
         (10-bit mantissa products, ~1e-3 relative; much faster); off means full float32 for both
         (PyTorch's own default allows TF32 in cuDNN convolutions)."""
-        import fastgan
-
         saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
                  torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         if deterministic:
@@ -118,10 +116,8 @@ class Runtime:
             torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-        reference = deterministic and self.device.type == "cuda"
         try:
-            with fastgan.use_backend("reference") if reference else contextlib.nullcontext():
-                yield
+            yield
         finally:
             torch.use_deterministic_algorithms(saved[0])
             (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
