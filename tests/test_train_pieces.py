@@ -118,6 +118,11 @@ def test_why_a_setup_is_not_captured(tmp_path):
     assert re.search(r"SNDCGANDiscriminator\.layers\.3 has a user hook", why_not_capturable(config, gpu, G, D))
     handle.remove()
     assert why_not_capturable(config, gpu, G, D) is None  # spectral norm's own hooks are fastgan's
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: None)
+    try:
+        assert "global module hook" in why_not_capturable(config, gpu, G, D)
+    finally:
+        handle.remove()
 
 
 def test_cuda_graphs_on_the_cpu_train_eagerly_and_say_why_in_one_line(tmp_path, capsys):

@@ -218,8 +218,10 @@ def why_not_capturable(config: Config, runtime: Runtime, G: nn.Module, D: nn.Mod
     hooked = _user_hooks(G) or _user_hooks(D)
     if hooked:
         return hooked
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return "a global module hook is registered"
+    module = nn.modules.module
+    if any(getattr(module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                     "_global_backward_hooks", "_global_backward_pre_hooks")):
+        return "a global module hook is registered (torch.nn.modules.module.register_module_*_hook)"
     return None
 
 
