@@ -20,7 +20,7 @@ the real data as it is.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 from torch import Tensor
 
@@ -46,16 +46,21 @@ def reconstruction_error(lensed: Tensor, real: Tensor) -> Tensor:
     return (lensed - real.detach()).square().flatten(1).sum(1).mean()
 
 
-def lens_loss(discriminator_loss: Optional[Tensor], lensed: Tensor, real: Tensor, adversarial_weight: float) -> Tensor:
+def lens_loss(discriminator_loss: Optional[Tensor], lensed: Tensor, real: Tensor,
+              adversarial_weight: Union[float, Tensor]) -> Tensor:
     """The lens's loss: −adversarial_weight · ``discriminator_loss`` (D's loss on a batch whose
     real part is ``lensed`` = L(real), still attached to the lens) plus the reconstruction
-    error. Once the weight is 0 (past the schedule) ``discriminator_loss`` may be None: D's
-    forward on the lensed reals is then not needed for the lens."""
-    if adversarial_weight < 0:
-        raise ValueError(f"adversarial_weight must be >= 0, got {adversarial_weight!r}")
+    error. A float weight of 0 (past the schedule) lets ``discriminator_loss`` be None: D's
+    forward on the lensed reals is then not needed for the lens. A 0-d tensor weight (a
+    CUDA graph's input, updated in place) always takes D's loss: no branch on its value."""
     reconstruction = reconstruction_error(lensed, real)
-    if adversarial_weight == 0:
-        return reconstruction
+    if not isinstance(adversarial_weight, Tensor):
+        if not adversarial_weight >= 0:
+            raise ValueError(f"adversarial_weight must be >= 0, got {adversarial_weight!r}")
+        if adversarial_weight == 0:
+            return reconstruction
+    elif adversarial_weight.dim() != 0:
+        raise ValueError(f"a tensor adversarial_weight must be 0-d, got shape {tuple(adversarial_weight.shape)}")
     if discriminator_loss is None or discriminator_loss.dim() != 0:
         got = "None" if discriminator_loss is None else f"shape {tuple(discriminator_loss.shape)}"
         raise ValueError(f"discriminator_loss must be D's scalar (0-d) loss while adversarial_weight > 0, got {got}")

@@ -52,6 +52,10 @@ def test_the_loss_is_the_reconstruction_minus_the_weighted_d_loss():
     torch.testing.assert_close(reconstruction_error(lensed, real), reconstruction, rtol=1e-14, atol=0)
     torch.testing.assert_close(lens_loss(d_loss, lensed, real, 0.25), reconstruction - 0.25 * 1.3, rtol=1e-14, atol=0)
     assert torch.equal(lens_loss(None, lensed, real, 0.0), reconstruction_error(lensed, real))
+    weight = torch.tensor(0.25, dtype=torch.float64)  # as a CUDA graph's static input
+    assert torch.equal(lens_loss(d_loss, lensed, real, weight), lens_loss(d_loss, lensed, real, 0.25))
+    with pytest.raises(ValueError, match="adversarial_weight must be >= 0"):
+        lens_loss(d_loss, lensed, real, -0.5)
     with pytest.raises(ValueError, match="discriminator_loss must be D's scalar"):
         lens_loss(None, lensed, real, 0.5)
     with pytest.raises(ValueError, match="same shape"):

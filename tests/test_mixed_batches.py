@@ -246,3 +246,16 @@ def test_bad_conversions_are_refused():
         make_symmetric(torch.nn.Conv2d(3, 3, 3))
     with pytest.raises(ValueError, match="expects images"):
         D(_images(2)[:, :2])
+
+
+def test_the_collapse_example_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "mixed_batches_collapse.py"
+    spec = importlib.util.spec_from_file_location("mixed_batches_collapse", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--steps", "2", "--batch", "4", "--eval-batches", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["per-sample D", "symmetric D"]
