@@ -76,27 +76,33 @@ def test_context_manager_overrides_environment(monkeypatch):
             assert op.choose("cpu")[0] == "reference"
 
 
-@pytest.mark.skipif(not _backend.triton_interpreted(), reason="triton must be able to run on the CPU here")
+# Where triton runs here: CPU tensors under the interpreter, else a GPU.
+TRITON_DEVICE = "cpu" if _backend.triton_interpreted() else ("cuda" if HAS_CUDA else None)
+needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="triton cannot run here (no GPU, no TRITON_INTERPRET=1)")
+
+
+@needs_triton
 def test_forcing_a_backend_an_op_lacks_falls_back_to_its_default(monkeypatch):
     monkeypatch.setenv("FASTGAN_BACKEND", "triton")
-    backend, why = _backend.registered()["feature_moments"].choose("cpu")
-    assert backend == "cpp" and "has no feature_moments kernel" in why
+    default = "cpp" if TRITON_DEVICE == "cpu" else "cuda"
+    backend, why = _backend.registered()["feature_moments"].choose(TRITON_DEVICE)
+    assert backend == default and "has no feature_moments kernel" in why
     report = fastgan.backends()
     assert report["forced"] == "triton"
-    assert report["ops"]["feature_moments"]["cpu"]["runs"] == "cpp"
-    assert report["ops"]["gp_penalty"]["cpu"]["runs"] == "triton"
+    assert report["ops"]["feature_moments"][TRITON_DEVICE]["runs"] == default
+    assert report["ops"]["gp_penalty"][TRITON_DEVICE]["runs"] == "triton"
     # The op itself runs (this crashed FeatureStatistics.update, i.e. a training run's first FID).
-    features = torch.randn(7, 5, dtype=torch.float64)
+    features = torch.randn(7, 5, dtype=torch.float64, device=TRITON_DEVICE)
     total, outer = torch.ops.fastgan.feature_moments(features)
     torch.testing.assert_close(outer, features.T @ features, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.skipif(not _backend.triton_interpreted(), reason="triton must be able to run on the CPU here")
+@needs_triton
 def test_feature_statistics_update_under_a_forced_backend_it_lacks(monkeypatch):
     from fastgan.metrics.fid import FeatureStatistics
 
     monkeypatch.setenv("FASTGAN_BACKEND", "triton")
-    features = torch.randn(9, 6)
+    features = torch.randn(9, 6, device=TRITON_DEVICE)
     stats = FeatureStatistics().update(features)
     torch.testing.assert_close(stats.mean.double(), features.double().mean(0), rtol=1e-6, atol=1e-6)
 
