@@ -35,8 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgan.train.config import LOSSES
-
 MIXED_BATCH_LOSSES = ("ns", "lsgan")
 
 
@@ -53,6 +51,9 @@ def check_loss(kind: str) -> None:
     """Raise ValueError unless mixed batches apply to the GAN loss ``kind`` (config key ``loss``)."""
     if kind in MIXED_BATCH_LOSSES:
         return
+    # Imported here: the trainer's step imports this module, and fastgan.train's package imports the trainer.
+    from fastgan.train.config import LOSSES
+
     if kind in LOSSES:
         raise ValueError(
             f"loss={kind!r} does not apply to mixed batches (mixed_batches=true): D predicts the proportion of real "

@@ -259,3 +259,46 @@ def test_the_collapse_example_runs(capsys):
     example.main(["--steps", "2", "--batch", "4", "--eval-batches", "2"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["per-sample D", "symmetric D"]
+
+
+@pytest.mark.parametrize("kind", mb.MIXED_BATCH_LOSSES)
+def test_a_gan_iteration_on_mixed_batches_with_a_lens(kind):
+    """The pieces in the order the trainer's step uses them (see docs/icml2018.md): a D update on a
+    mixed batch of lensed reals, then G's and the lens's updates through the frozen D."""
+    from fastgan.models import Lens
+    from fastgan.tempered import lens_loss, lens_weight
+
+    G, D = build_models("sndcgan", SIZE, 16, "spectral", WIDTH, symmetric=True)
+    lens = Lens(hidden=4)
+    models = {"G": G, "D": D, "lens": lens}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+    before = {name: copy.deepcopy(m.state_dict()) for name, m in models.items()}
+    generator = torch.Generator().manual_seed(0)
+    real, z = _images(8, torch.float32, generator), torch.rand(8, 16, generator=generator) * 2 - 1
+    mask = mb.draw_mask(8, generator=generator)
+
+    with torch.no_grad():
+        fake, lensed = G(z), lens(real)
+    batch = mb.mix(lensed, fake, mask)
+    d_loss = mb.discriminator_loss(kind, D(batch.images), batch.target)
+    optimizers["D"].zero_grad()
+    d_loss.backward()
+    optimizers["D"].step()
+
+    D.requires_grad_(False)
+    g_loss = mb.generator_loss(kind, D(G(z)))
+    lensed = lens(real)
+    lensed_batch = mb.mix(lensed, fake, mask)
+    lens_objective = lens_loss(mb.discriminator_loss(kind, D(lensed_batch.images), lensed_batch.target), lensed, real,
+                               lens_weight(0, 100))
+    for name, loss in (("G", g_loss), ("lens", lens_objective)):
+        optimizers[name].zero_grad()
+        loss.backward()
+        optimizers[name].step()
+    D.requires_grad_(True)
+
+    assert all(torch.isfinite(loss) for loss in (d_loss, g_loss, lens_objective))
+    for name, model in models.items():
+        changed = [key for key, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.equal(value, before[name][key])]
+        assert changed, f"{name} did not move"
