@@ -149,10 +149,13 @@ def constructed():
     return {kind: constructed_case(kind, d) for kind, d in (("commuting", 512), ("singular", 256), ("condition-1e12", 256))}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ops.METHODS)
 @pytest.mark.parametrize("kind", ["commuting", "singular", "condition-1e12"])
-def test_every_method_meets_the_bound_on_constructed_statistics(constructed, kind, method):
-    mu1, sigma1, mu2, sigma2, exact = constructed[kind]
+def test_every_method_meets_the_bound_on_constructed_statistics(constructed, kind, method, device):
+    """On each device with its default backends ("auto": the device's default method)."""
+    *statistics, exact = constructed[kind]
+    mu1, sigma1, mu2, sigma2 = (t.to(device) for t in statistics)
     if method in ops.ITERATIVE_METHODS:  # what the iteration claims, before the op's fallback
         value, converged = ops.ITERATIVE_METHODS[method](sigma1, sigma2)
         fid_if_converged = exact + 2 * (float(constructed_trace(constructed[kind])) - float(value))
