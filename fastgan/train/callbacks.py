@@ -4,7 +4,7 @@ A :class:`Callback` has three hooks, each given the :class:`~fastgan.train.train
 ``start`` (before the first iteration of this process, after any resume), ``after``
 (after every iteration, with that iteration's outputs: 0-d tensors) and ``end`` (after
 the last, also when a stop signal ended the run). The trainer runs
-:func:`default_callbacks` in order (progress, metrics, samples, FID, checkpoint), then
+:func:`default_callbacks` in order (progress, metrics, samples, FID, conditioning, checkpoint), then
 any the caller passes (``Trainer(config, callbacks=[...])``).
 
 Frequencies are in steps (discriminator updates): :func:`due` is true when the last
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Dict, List
 import torch
 from torch import Tensor
 
-from fastgan.train.outputs import plot_curves, save_image_grid
+from fastgan.train.outputs import CONDITIONING_KEY, plot_conditioning, plot_curves, save_image_grid
 
 if TYPE_CHECKING:
     from fastgan.train.trainer import Trainer
@@ -103,7 +103,9 @@ class Metrics(Callback):
 
 class Samples(Callback):
     """Every ``sample_every`` steps (rank 0): a grid of G's images from the fixed z to
-    ``samples/step-NNNNNNN.png``, copied to ``samples.png``."""
+    ``samples/step-NNNNNNN.png``, copied to ``samples.png``; with a lens also
+    ``samples/lens_NNNNNN.png`` (rows of fixed real images alternating with the same images
+    through the lens), copied to ``lens.png``."""
 
     def after(self, trainer: "Trainer", out: Outputs) -> None:
         if trainer.runtime.rank != 0 or not trainer.config.sample_every or not due(trainer, trainer.config.sample_every):
@@ -111,6 +113,11 @@ class Samples(Callback):
         grid_file = trainer.out_dir / "samples" / f"step-{trainer.step:07d}.png"
         save_image_grid(trainer.generate(trainer.fixed_z), grid_file)
         shutil.copyfile(grid_file, trainer.out_dir / "samples.png")
+        if trainer.lens is not None:
+            lens_file = trainer.out_dir / "samples" / f"lens_{trainer.step:06d}.png"
+            images, columns = trainer.lens_pairs()
+            save_image_grid(images, lens_file, columns=columns)
+            shutil.copyfile(lens_file, trainer.out_dir / "lens.png")
 
 
 class FIDTracking(Callback):
@@ -146,9 +153,23 @@ class FIDTracking(Callback):
         self.progress.write(f"step {step}: FID {fid:.3f} (best {trainer.best_fid:.3f} at step {trainer.best_step})")
 
 
+class Conditioning(Callback):
+    """Every ``diagnostics_condition_number_every`` steps (rank 0): the conditioning of G's
+    Jacobian at the run's fixed z (:meth:`Trainer.conditioning`: mean and std of log σ_max/σ_min,
+    quantiles of log σ) as a separate metrics record."""
+
+    def after(self, trainer: "Trainer", out: Outputs) -> None:
+        every = trainer.config.diagnostics_condition_number_every
+        if not every or trainer.runtime.rank != 0 or not due(trainer, every):
+            return
+        summary = trainer.conditioning()
+        if trainer.log is not None:
+            trainer.log.write(trainer.step, summary)
+
+
 class Checkpoints(Callback):
     """Every ``checkpoint_every`` steps and at the last step: ``checkpoint.pt`` (atomic), the
-    metrics flushed and ``curves.png`` redrawn (rank 0)."""
+    metrics flushed and ``curves.png`` (and with conditioning records ``conditioning.png``) redrawn (rank 0)."""
 
     def after(self, trainer: "Trainer", out: Outputs) -> None:
         if trainer.step == trainer.config.steps or (trainer.config.checkpoint_every and due(trainer, trainer.config.checkpoint_every)):
@@ -156,11 +177,13 @@ class Checkpoints(Callback):
             if trainer.log is not None:
                 trainer.log.flush()
                 plot_curves(trainer.log.records, trainer.out_dir / "curves.png")
+                if any(CONDITIONING_KEY in r for r in trainer.log.records):
+                    plot_conditioning(trainer.log.records, trainer.out_dir / "conditioning.png")
 
 
 def default_callbacks() -> List[Callback]:
     progress = Progress()
-    return [progress, Metrics(progress), Samples(), FIDTracking(progress), Checkpoints()]
+    return [progress, Metrics(progress), Samples(), FIDTracking(progress), Conditioning(), Checkpoints()]
 
 
-__all__ = ["Callback", "Checkpoints", "FIDTracking", "Metrics", "Progress", "Samples", "default_callbacks", "due"]
+__all__ = ["Callback", "Checkpoints", "Conditioning", "FIDTracking", "Metrics", "Progress", "Samples", "default_callbacks", "due"]

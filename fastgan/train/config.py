@@ -15,6 +15,7 @@ iteration that reaches a multiple of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,12 @@ LOSSES = ("ns", "wgan", "lsgan", "hinge")
 PENALTIES = ("none", "wgan-gp", "dragan", "r1", "l2")
 Z_PRIORS = ("uniform", "normal")
 DTYPES = ("float32", "float64")
+MODELS = ("gan", "vae")
+MIXED_BATCH_LOSSES = ("pooled", "ensemble")  # how a symmetric D's per-element logits meet the proportion
+# Keys that only a GAN (G and D) has, refused with model: vae when set to anything but their default.
+GAN_ONLY = ("architecture", "d_norm", "loss", "penalty", "penalty_weight", "d_lr", "d_betas", "n_disc", "z_prior",
+            "generator_jacobian_clamping_weight", "cuda_graphs", "compile", "amp", "mixed_batches", "lens_steps")
+VAE_ONLY = ("beta", "vae_likelihood", "vae_marginal", "vae_components")
 # Keys of older fastgan versions, with their new names.
 RENAMED = {"z_distribution": "z_prior"}
 
@@ -50,6 +57,19 @@ class Config:
     the last step; 0 = never, except that the last step is always logged and checkpointed); FID on ``fid_samples`` generated and
     ``fid_real_samples`` data images with ``inception_weights`` (None: found as
     ``fastgan.metrics.inception`` says); ``sample_grid`` images per grid; ``progress`` bars.
+    Generator conditioning: ``diagnostics_condition_number_every`` (steps; 0 = never) and
+    ``diagnostics_condition_number_samples`` (the fixed z batch); Jacobian clamping of G,
+    ``generator_jacobian_clamping_{weight,eps,lambda_min,lambda_max}`` (weight 0 = off).
+    What is trained: ``model`` (gan | vae); a VAE's ``beta`` (objective D + β·R),
+    ``vae_likelihood``, ``vae_marginal``, ``vae_components``. Mixed batches (Lucas et al. 2018,
+    :mod:`fastgan.mixed_batches`): ``mixed_batches`` (a symmetric D predicts each batch's proportion
+    of real images), ``batch_smoothing`` (p ~ U[0, 1]; off: pure batches), ``mixed_batch_loss``
+    (pooled: one logit per batch; ensemble: the loss on each element's logit, averaged). The
+    lens of tempered GANs (Sajjadi et al. 2018, :mod:`fastgan.tempered`): ``lens_steps`` (K, the
+    schedule's length in D updates; 0 = no lens), ``lens_weight`` (λ0), ``lens_lr`` / ``lens_betas``
+    (None: G's), ``lens_hidden``, ``lens_depth``. A key written ``a_b`` may also be
+    given as a section, ``a: {b: ...}`` in YAML or ``a.b=...`` as an override (e.g.
+    ``generator: {jacobian_clamping: {weight: 1}}``, ``vae.marginal=vamp``).
     """
 
     # model (fastgan.models)
@@ -98,28 +118,58 @@ class Config:
     inception_weights: Optional[str] = None
     sample_grid: int = 64
     progress: bool = True
+    # generator conditioning (fastgan.diagnostics): YAML ``diagnostics: {condition_number_every, condition_number_samples}``
+    diagnostics_condition_number_every: int = 0  # 0 = never
+    diagnostics_condition_number_samples: int = 16
+    # Jacobian clamping of G (fastgan.penalties.jacobian_clamping), Odena et al.'s defaults;
+    # YAML ``generator: {jacobian_clamping: {weight, eps, lambda_min, lambda_max}}``
+    generator_jacobian_clamping_weight: float = 0.0  # 0 = off
+    generator_jacobian_clamping_eps: float = 1.0
+    generator_jacobian_clamping_lambda_min: float = 1.0
+    generator_jacobian_clamping_lambda_max: float = 20.0
+    # what is trained: a GAN (G and D) or a β-VAE (fastgan.models.vae; YAML ``vae: {likelihood, marginal, components}``)
+    model: str = "gan"
+    beta: float = 1.0
+    vae_likelihood: str = "logistic"
+    vae_marginal: str = "gaussian"
+    vae_components: int = 16
+    # mixed batches and a symmetric D (fastgan.mixed_batches)
+    mixed_batches: bool = False
+    batch_smoothing: bool = True
+    mixed_batch_loss: str = "pooled"
+    # the lens of tempered adversarial networks (fastgan.tempered); YAML ``lens: {steps, weight, ...}``
+    lens_steps: int = 0  # K; 0 = no lens
+    lens_weight: float = 1.0
+    lens_lr: Optional[float] = None
+    lens_betas: Optional[Tuple[float, float]] = None
+    lens_hidden: int = 32
+    lens_depth: int = 3
 
     def validate(self) -> "Config":
         from fastgan.models import ARCHITECTURES, D_NORMALIZATIONS, check_model_shape
+        from fastgan.models.vae import LIKELIHOODS, MARGINALS
         from fastgan.train.data import DATASETS
 
         choices = {"architecture": ARCHITECTURES, "d_norm": D_NORMALIZATIONS, "loss": LOSSES,
-                   "penalty": PENALTIES, "z_prior": Z_PRIORS, "dtype": DTYPES, "dataset": DATASETS}
+                   "penalty": PENALTIES, "z_prior": Z_PRIORS, "dtype": DTYPES, "dataset": DATASETS, "model": MODELS,
+                   "vae_likelihood": LIKELIHOODS, "vae_marginal": MARGINALS,
+                   "mixed_batch_loss": MIXED_BATCH_LOSSES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("image_size", "z_dim", "steps", "batch_size", "n_disc", "fid_samples", "fid_real_samples", "sample_grid")
+        positive = ("image_size", "z_dim", "steps", "batch_size", "n_disc", "fid_samples", "fid_real_samples", "sample_grid",
+                    "diagnostics_condition_number_samples", "vae_components")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("log_every", "sample_every", "checkpoint_every", "fid_every"):
+        for key in ("log_every", "sample_every", "checkpoint_every", "fid_every", "diagnostics_condition_number_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0 (0 = never), got {getattr(self, key)}")
-        for key in ("g_lr", "d_lr"):
+        for key in ("g_lr", "d_lr", "lens_lr"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ValueError(f"{key} must be > 0, got {value}")
-        for key in ("g_betas", "d_betas"):
+        for key in ("g_betas", "d_betas", "lens_betas"):
             value = getattr(self, key)
             if value is not None and not all(0 <= b < 1 for b in value):
                 raise ValueError(f"{key} must be two numbers in [0, 1), got {value}")
@@ -127,6 +177,9 @@ class Config:
             raise ValueError(f"width must be > 0, got {self.width}")
         if self.penalty_weight < 0:
             raise ValueError(f"penalty_weight must be >= 0, got {self.penalty_weight}")
+        self._validate_jacobian_clamping()
+        self._validate_model()
+        self._validate_mixed_batches_and_lens()
         if self.steps % self.n_disc:
             raise ValueError(f"steps={self.steps} must be a multiple of n_disc={self.n_disc}: steps counts "
                              f"discriminator updates (the paper's training_steps), n_disc of them per generator update")
@@ -139,6 +192,46 @@ class Config:
         if self.dataset == "folder" and not self.data_root:
             raise ValueError("dataset=folder needs data_root=PATH (a folder of images)")
         return self
+
+    def _validate_jacobian_clamping(self) -> None:
+        prefix = "generator_jacobian_clamping_"
+        weight, eps = self.generator_jacobian_clamping_weight, self.generator_jacobian_clamping_eps
+        low, high = self.generator_jacobian_clamping_lambda_min, self.generator_jacobian_clamping_lambda_max
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{prefix}weight (generator.jacobian_clamping.weight) must be a finite number >= 0 "
+                             f"(0 = off), got {weight}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"{prefix}eps (generator.jacobian_clamping.eps, the norm of the perturbation of z) "
+                             f"must be > 0, got {eps}")
+        if not (0 <= low <= high and math.isfinite(high)):
+            raise ValueError(f"{prefix}lambda_min and {prefix}lambda_max (generator.jacobian_clamping.lambda_min, "
+                             f".lambda_max) need 0 <= lambda_min <= lambda_max < inf, got {low} and {high}")
+
+    def _validate_model(self) -> None:
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta (the weight of the rate in the beta-VAE objective D + beta*R) must be > 0, got {self.beta}")
+        defaults = Config.__dataclass_fields__
+        other = {"gan": VAE_ONLY, "vae": GAN_ONLY}[self.model]
+        stray = [k for k in other if getattr(self, k) != defaults[k].default]
+        if stray:
+            kind = "a GAN's (G and D)" if self.model == "vae" else "the VAE's"
+            raise ValueError(f"model={self.model} does not use {', '.join(stray)} ({kind} keys); remove them "
+                             f"or set model={'gan' if self.model == 'vae' else 'vae'}")
+
+    def _validate_mixed_batches_and_lens(self) -> None:
+        if self.mixed_batches:
+            from fastgan.mixed_batches import check_loss
+
+            check_loss(self.loss)
+            if self.penalty in ("wgan-gp", "dragan", "r1"):
+                raise ValueError(f"penalty={self.penalty} needs one D output per sample; with mixed_batches=true D gives "
+                                 f"one per batch: use penalty=none or l2")
+        for key, least in (("lens_steps", 0), ("lens_hidden", 1), ("lens_depth", 2)):
+            if getattr(self, key) < least:
+                raise ValueError(f"{key} must be >= {least}, got {getattr(self, key)}")
+        if not (math.isfinite(self.lens_weight) and self.lens_weight >= 0):
+            raise ValueError(f"lens_weight (λ0, the lens's initial adversarial weight) must be a finite number >= 0, "
+                             f"got {self.lens_weight}")
 
     @property
     def torch_dtype(self):
@@ -153,6 +246,14 @@ class Config:
     @property
     def discriminator_betas(self) -> Tuple[float, float]:
         return self.g_betas if self.d_betas is None else self.d_betas
+
+    @property
+    def lens_learning_rate(self) -> float:
+        return self.g_lr if self.lens_lr is None else self.lens_lr
+
+    @property
+    def lens_adam_betas(self) -> Tuple[float, float]:
+        return self.g_betas if self.lens_betas is None else self.lens_betas
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
@@ -203,7 +304,21 @@ def _coerce_scalar(key: str, kind: type, value: Any) -> Any:
     raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
 
 
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Sections as flat keys: ``{"vae": {"marginal": "vamp"}}`` and ``{"vae.marginal": "vamp"}``
+    (the form of a ``key=value`` override) both give ``{"vae_marginal": "vamp"}``; later entries win."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{str(key).replace('.', '_')}"
+        if isinstance(value, Mapping) and name not in FIELDS:
+            flat.update(_flatten(value, f"{name}_"))
+        else:
+            flat[name] = value
+    return flat
+
+
 def from_mapping(values: Mapping[str, Any]) -> Config:
+    values = _flatten(values)
     unknown = sorted(set(values) - set(FIELDS))
     renamed = [f"{k} is now {RENAMED[k]}" for k in unknown if k in RENAMED]
     if renamed:
@@ -244,7 +359,7 @@ def parse_overrides(pairs: Iterable[str]) -> Dict[str, Any]:
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
     """The config of ``path`` (YAML; None = the defaults) with ``key=value`` overrides."""
     values = read_yaml(path) if path else {}
-    return from_mapping({**values, **parse_overrides(overrides)})
+    return from_mapping({**_flatten(values), **_flatten(parse_overrides(overrides))})
 
 
 def save_config(config: Config, path: str) -> None:
@@ -254,5 +369,5 @@ def save_config(config: Config, path: str) -> None:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
 
-__all__ = ["Config", "DTYPES", "LOSSES", "PENALTIES", "Z_PRIORS", "FIELDS", "from_mapping", "load_config",
+__all__ = ["Config", "DTYPES", "LOSSES", "MIXED_BATCH_LOSSES", "PENALTIES", "Z_PRIORS", "FIELDS", "from_mapping", "load_config",
            "parse_overrides", "read_yaml", "save_config"]

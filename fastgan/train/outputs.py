@@ -140,4 +140,31 @@ def plot_curves(records: List[dict], path: Path) -> None:
     plt.close(figure)
 
 
-__all__ = ["MetricsLog", "curves_figure", "plot_curves", "read_records", "save_image_grid"]
+CONDITIONING_KEY = "log_condition_number_mean"
+
+
+def plot_conditioning(records: List[dict], path: Path) -> None:
+    """Mean log condition number of G's Jacobian against step, ± one standard deviation over
+    the fixed z (Odena et al.'s figure of log-CN over training), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["step"], r[CONDITIONING_KEY], r.get("log_condition_number_std", 0.0)) for r in records if CONDITIONING_KEY in r]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    if points:
+        steps, mean, std = (torch.tensor(column, dtype=torch.float64) for column in zip(*points))
+        axis.plot(steps, mean, marker="o", color="tab:purple", label="mean over the fixed z")
+        axis.fill_between(steps, mean - std, mean + std, color="tab:purple", alpha=0.2, label="± 1 std")
+        axis.legend()
+    axis.set_title("conditioning of G's Jacobian")
+    axis.set_xlabel("step (D updates)")
+    axis.set_ylabel("log(σ_max / σ_min)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+__all__ = ["CONDITIONING_KEY", "MetricsLog", "curves_figure", "plot_conditioning", "plot_curves", "read_records",
+           "save_image_grid"]

@@ -15,6 +15,13 @@ every update from then on copies its inputs into those buffers and replays the g
 a few launches per update instead of hundreds. :func:`why_not_capturable` says when a
 setup cannot be captured; :func:`build_step` falls back to eager with that one line.
 
+Mixed batches (``mixed_batches``, :mod:`fastgan.mixed_batches`): D's update reads one mixed
+batch ``mix(real, G(z), mask)`` (never ``cat(real, fake)``) and predicts its proportion of real
+images; G's loss asks D to call a batch of G's samples all real. The lens (``lens_steps`` > 0,
+:mod:`fastgan.tempered`): D sees L(real) in place of real; L is trained in the G update, through
+the frozen D, on the last D update's real batch (and mask), with one backward for G's and L's
+losses. The mask and the lens weight λ(t) are inputs like z (graph inputs under capture).
+
 Numbers: the captured and eager updates run the same kernels on the same values; they
 agree to float32 round-off (the GPU test compares N steps of each from the same state).
 """
@@ -27,9 +34,11 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from fastgan.penalties import gradient_penalty
+from fastgan import mixed_batches
+from fastgan.penalties import gradient_penalty, jacobian_clamping
 from fastgan.train.config import Config
 from fastgan.train.losses import discriminator_loss, generator_loss, l2_penalty
+from fastgan.tempered import lens_loss, reconstruction_error
 from fastgan.train.runtime import Runtime
 
 Outputs = Dict[str, Tensor]
@@ -42,18 +51,21 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 
 class GANStep:
     """The updates of one training iteration for ``config``'s objective, on G and D as given
-    (already on the runtime's device, in the config's dtype)."""
+    (already on the runtime's device, in the config's dtype), and the ``lens`` when the config has one."""
 
     def __init__(self, G: nn.Module, D: nn.Module, config: Config, runtime: Runtime = Runtime(), *,
-                 capturable: bool = False) -> None:
-        self.G, self.D, self.config = G, D, config
+                 capturable: bool = False, lens: Optional[nn.Module] = None) -> None:
+        if (lens is None) != (config.lens_steps == 0):
+            raise ValueError(f"lens_steps={config.lens_steps}: the step needs a lens exactly when lens_steps > 0")
+        self.G, self.D, self.config, self.lens = G, D, config, lens
         if runtime.world > 1:
             # Buffers (SN's u, v; batch-norm statistics) evolve identically on every rank, so none is broadcast.
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.G_ddp = nn.parallel.DistributedDataParallel(G, device_ids=ids, **_NO_BUFFER_SYNC)
             self.D_ddp = nn.parallel.DistributedDataParallel(D, device_ids=ids, **_NO_BUFFER_SYNC)
+            self.lens_ddp = nn.parallel.DistributedDataParallel(lens, device_ids=ids) if lens is not None else None
         else:
-            self.G_ddp, self.D_ddp = G, D
+            self.G_ddp, self.D_ddp, self.lens_ddp = G, D, lens
         # torch.compile (config.compile) for the forwards whose backward is first-order; the gradient
         # penalty double-backwards through the eager D (same parameters).
         compiled = torch.compile if config.compile else (lambda module: module)
@@ -63,6 +75,10 @@ class GANStep:
         adam = {"capturable": True} if capturable else {}
         self.g_optimizer = torch.optim.Adam(G.parameters(), lr=config.g_lr, betas=config.g_betas, **adam)
         self.d_optimizer = torch.optim.Adam(D.parameters(), lr=config.discriminator_lr, betas=config.discriminator_betas, **adam)
+        self.lens_optimizer = (torch.optim.Adam(lens.parameters(), lr=config.lens_learning_rate,
+                                                betas=config.lens_adam_betas, **adam) if lens is not None else None)
+        # A symmetric D gives one logit per batch (pooled) or the per-element logits (ensemble).
+        self.d_kwargs = {"pool": config.mixed_batch_loss == "pooled"} if config.mixed_batches else {}
         self.device_type = next(G.parameters()).device.type
         self.autocast_cache = True  # autocast's weight-cast cache must be off inside CUDA graph capture
 
@@ -71,13 +87,20 @@ class GANStep:
                               cache_enabled=self.autocast_cache)
 
     def discriminator_update(self, real: Tensor, z: Tensor, alpha: Optional[Tensor] = None,
-                             seed: Optional[int] = None) -> Outputs:
-        """One D update on ``real`` and ``G(z)``; ``alpha`` (WGAN-GP's per-sample weights) and
-        ``seed`` (DRAGAN's noise) feed the penalty. Returns 0-d tensors: d_loss, real_logit,
-        fake_logit (batch means) and the unweighted penalty."""
+                             seed: Optional[int] = None, mask: Optional[Tensor] = None) -> Outputs:
+        """One D update on ``real`` (through the lens, when there is one) and ``G(z)``; ``alpha``
+        (WGAN-GP's per-sample weights) and ``seed`` (DRAGAN's noise) feed the penalty; ``mask``
+        (bool (B,), needed with mixed batches) says which elements of the mixed batch are real.
+        Returns 0-d tensors: d_loss, real_logit, fake_logit (batch means) and the unweighted
+        penalty; with mixed batches d_loss, d_target (the proportion of reals) and d_prediction
+        (D's, σ of its logit(s), averaged)."""
         config = self.config
         with torch.no_grad(), self._autocast():
             fake = self.G_fast(z).to(real.dtype)
+            if self.lens is not None:
+                real = self.lens(real).to(fake.dtype)
+        if config.mixed_batches:
+            return self._mixed_discriminator_update(real, fake, mask)
         with self._autocast():
             logits = self.D_fast(torch.cat([real, fake])).to(real.dtype)
             real_logits, fake_logits = logits.chunk(2)
@@ -95,26 +118,99 @@ class GANStep:
         self.d_optimizer.step()
         return out
 
-    def generator_update(self, z: Tensor) -> Outputs:
-        """One G update through D (whose parameters get no gradient). Returns g_loss."""
+    def _mixed_discriminator_update(self, real: Tensor, fake: Tensor, mask: Optional[Tensor]) -> Outputs:
+        config = self.config
+        if mask is None:
+            raise ValueError("mixed_batches=true: discriminator_update needs mask, which elements of the batch are real")
+        batch = mixed_batches.mix(real, fake, mask)
+        with self._autocast():
+            logits = self.D_fast(batch.images, **self.d_kwargs).to(real.dtype)
+            loss = mixed_batches.discriminator_loss(config.loss, logits, batch.target)
+            out = {"d_loss": loss.detach(), "d_target": batch.target, "d_prediction": logits.detach().sigmoid().mean()}
+            if config.penalty == "l2":  # the only penalty config allows here: it needs no per-sample output
+                penalty = l2_penalty(self.D)
+                loss = loss + config.penalty_weight * penalty.to(loss.dtype)
+                out["penalty"] = penalty.detach()
+        self.d_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.d_optimizer.step()
+        return out
+
+    def _lens_adversarial_loss(self, lensed: Tensor, fake: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """D's loss (D frozen) on the batch of the last D update with its reals lensed: what the
+        lens ascends. G's samples enter detached: only the lens gets this gradient."""
+        config = self.config
+        if config.mixed_batches:
+            batch = mixed_batches.mix(lensed, fake.detach(), mask)
+            logits = self.D_for_G(batch.images, **self.d_kwargs).to(lensed.dtype)
+            return mixed_batches.discriminator_loss(config.loss, logits, batch.target)
+        # One forward of both halves, as in the D update (batch-norm D's statistics see both).
+        real_logits, fake_logits = self.D_for_G(torch.cat([lensed, fake.detach()])).to(lensed.dtype).chunk(2)
+        return discriminator_loss(config.loss, real_logits, fake_logits.detach())
+
+    def generator_update(self, z: Tensor, delta: Optional[Tensor] = None, real: Optional[Tensor] = None,
+                         mask: Optional[Tensor] = None, lens_weight: Optional[Tensor] = None) -> Outputs:
+        """One G update through D (whose parameters get no gradient). Returns g_loss (the whole
+        loss G descends) and, with Jacobian clamping (``delta``: its perturbations of z, needed
+        then), the unweighted ``jacobian_clamping`` term.
+
+        With a lens, the same backward also takes the lens's step on ``real`` (the last D
+        update's real batch, and its ``mask`` with mixed batches) with adversarial weight
+        ``lens_weight`` (0-d tensor, λ(t)); it adds lens_weight, lens_reconstruction (‖L(x) − x‖²)
+        and lens_adversarial (D's loss on the lensed batch, which the lens ascends)."""
+        config = self.config
+        clamping_weight = config.generator_jacobian_clamping_weight
+        if clamping_weight and delta is None:
+            raise ValueError("generator_jacobian_clamping_weight > 0: generator_update needs delta, the perturbations of z")
+        if self.lens is not None and (real is None or lens_weight is None):
+            raise ValueError("lens_steps > 0: generator_update needs real (the last D update's batch) and lens_weight")
+        if config.mixed_batches and self.lens is not None and mask is None:
+            raise ValueError("mixed_batches=true with a lens: generator_update needs the last D update's mask")
+        out = {}
         self.D.requires_grad_(False)
         try:
             with self._autocast():
-                logits = self.D_for_G(self.G_fast(z)).to(z.dtype)
-            loss = generator_loss(self.config.loss, logits)
+                fake = self.G_fast(z)
+                logits = self.D_for_G(fake, **self.d_kwargs).to(z.dtype)
+                if clamping_weight:
+                    # G(z + δ) in train mode like G(z), whose output is reused (Odena et al., Algorithm 1).
+                    clamping = jacobian_clamping(self.G_fast, z, config.generator_jacobian_clamping_eps,
+                                                 config.generator_jacobian_clamping_lambda_min,
+                                                 config.generator_jacobian_clamping_lambda_max, delta=delta,
+                                                 output=fake).to(z.dtype)
+                    out["jacobian_clamping"] = clamping.detach()
+            loss = (mixed_batches.generator_loss if config.mixed_batches else generator_loss)(config.loss, logits)
+            if clamping_weight:
+                loss = loss + clamping_weight * clamping
+            total = loss
+            if self.lens is not None:
+                with self._autocast():
+                    lensed = self.lens_ddp(real).to(real.dtype)
+                    adversarial = self._lens_adversarial_loss(lensed, fake.to(real.dtype), mask)
+                total = loss + lens_loss(adversarial, lensed, real, lens_weight)
+                out.update(lens_weight=lens_weight.detach().clone(), lens_adversarial=adversarial.detach(),
+                           lens_reconstruction=reconstruction_error(lensed.detach(), real))
+                self.lens_optimizer.zero_grad(set_to_none=True)
             self.g_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
         finally:
             self.D.requires_grad_(True)
         self.g_optimizer.step()
-        return {"g_loss": loss.detach()}
+        if self.lens is not None:
+            self.lens_optimizer.step()
+        return {"g_loss": loss.detach(), **out}
 
     def state_dict(self) -> dict:
-        return {"g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict()}
+        state = {"g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict()}
+        if self.lens_optimizer is not None:
+            state["lens_optimizer"] = self.lens_optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.g_optimizer.load_state_dict(state["g_optimizer"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
+        if self.lens_optimizer is not None:
+            self.lens_optimizer.load_state_dict(state["lens_optimizer"])
 
 
 class CapturedStep:
@@ -133,27 +229,34 @@ class CapturedStep:
         return getattr(self.step, name)
 
     def discriminator_update(self, real: Tensor, z: Tensor, alpha: Optional[Tensor] = None,
-                             seed: Optional[int] = None) -> Outputs:
-        inputs = {"real": real, "z": z, **({"alpha": alpha} if alpha is not None else {})}
+                             seed: Optional[int] = None, mask: Optional[Tensor] = None) -> Outputs:
+        inputs = _present(real=real, z=z, alpha=alpha, mask=mask)
         self._d_updates += 1
         if self._d_updates == 1:
-            return _on_side_stream(lambda: self.step.discriminator_update(real, z, alpha, seed))
+            return _on_side_stream(lambda: self.step.discriminator_update(real, z, alpha, seed, mask))
         if self._d is None:
             self._d = self._capture(lambda static: self.step.discriminator_update(
-                static["real"], static["z"], static.get("alpha"), seed), inputs, self.step.d_optimizer)
+                static["real"], static["z"], static.get("alpha"), seed, static.get("mask")), inputs, self.step.d_optimizer)
         return self._replay(self._d, inputs)
 
-    def generator_update(self, z: Tensor) -> Outputs:
+    def generator_update(self, z: Tensor, delta: Optional[Tensor] = None, real: Optional[Tensor] = None,
+                         mask: Optional[Tensor] = None, lens_weight: Optional[Tensor] = None) -> Outputs:
+        if delta is not None:
+            raise ValueError("Jacobian clamping is not captured (why_not_capturable says why)")
+        inputs = _present(z=z, real=real, mask=mask, lens_weight=lens_weight)
         self._g_updates += 1
         if self._g_updates == 1:
-            return _on_side_stream(lambda: self.step.generator_update(z))
+            return _on_side_stream(lambda: self.step.generator_update(z, None, real, mask, lens_weight))
         if self._g is None:
-            self._g = self._capture(lambda static: self.step.generator_update(static["z"]), {"z": z}, self.step.g_optimizer)
-        return self._replay(self._g, {"z": z})
+            optimizers = [o for o in (self.step.g_optimizer, self.step.lens_optimizer) if o is not None]
+            self._g = self._capture(lambda static: self.step.generator_update(
+                static["z"], None, static.get("real"), static.get("mask"), static.get("lens_weight")), inputs, *optimizers)
+        return self._replay(self._g, inputs)
 
-    def _capture(self, update, inputs: Dict[str, Tensor], optimizer):
+    def _capture(self, update, inputs: Dict[str, Tensor], *optimizers):
         static = {k: v.detach().clone() for k, v in inputs.items()}
-        optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         self.step.autocast_cache = False
@@ -183,6 +286,11 @@ class CapturedStep:
         self.step.load_state_dict(state)
 
 
+def _present(**inputs: Optional[Tensor]) -> Dict[str, Tensor]:
+    """The inputs that are given (the graph's static inputs)."""
+    return {k: v for k, v in inputs.items() if v is not None}
+
+
 def _on_side_stream(update):
     """Warm-up updates run on a side stream, as torch's CUDA-graph recipe asks (lazy
     initialisations then happen outside the default stream the capture later uses)."""
@@ -206,8 +314,10 @@ def _user_hooks(model: nn.Module) -> Optional[str]:
     return None
 
 
-def why_not_capturable(config: Config, runtime: Runtime, G: nn.Module, D: nn.Module) -> Optional[str]:
-    """Why ``config``'s updates cannot run as CUDA graphs here, or None when they can."""
+def why_not_capturable(config: Config, runtime: Runtime, G: nn.Module, D: nn.Module,
+                       lens: Optional[nn.Module] = None) -> Optional[str]:
+    """Why ``config``'s updates cannot run as CUDA graphs here, or None when they can. Mixed
+    batches and the lens are capturable: their mask and λ(t) are graph inputs, copied in per update."""
     if runtime.device.type != "cuda":
         return f"CUDA graphs need a GPU; the device is {runtime.device}"
     if runtime.world > 1:
@@ -215,7 +325,10 @@ def why_not_capturable(config: Config, runtime: Runtime, G: nn.Module, D: nn.Mod
                 "DDP's gradient all-reduce runs outside the graph here")
     if config.penalty == "dragan":
         return "DRAGAN's noise is drawn inside the kernel from a host seed, which a graph would freeze"
-    hooked = _user_hooks(G) or _user_hooks(D)
+    if config.generator_jacobian_clamping_weight:
+        return ("Jacobian clamping checks z and its perturbations for finite values on the host, a device-to-host "
+                "sync that graph capture forbids")
+    hooked = _user_hooks(G) or _user_hooks(D) or (_user_hooks(lens) if lens is not None else None)
     if hooked:
         return hooked
     module = nn.modules.module
@@ -230,17 +343,17 @@ def _say(line: str) -> None:
 
 
 def build_step(G: nn.Module, D: nn.Module, config: Config, runtime: Runtime = Runtime(), *, cuda_graphs: Optional[bool] = None,
-               announce=_say):
-    """The step for ``config``: :class:`CapturedStep` when ``cuda_graphs`` (default: the config's
+               announce=_say, lens: Optional[nn.Module] = None):
+    """The step for ``config`` (with its ``lens`` when ``lens_steps`` > 0): :class:`CapturedStep` when ``cuda_graphs`` (default: the config's
     ``cuda_graphs``) and the setup allows it, else :class:`GANStep`, announcing (one line, on
     ``announce``, rank 0 only) why a requested capture fell back to eager."""
     wanted = config.cuda_graphs if cuda_graphs is None else cuda_graphs
-    reason = why_not_capturable(config, runtime, G, D) if wanted else None
+    reason = why_not_capturable(config, runtime, G, D, lens) if wanted else None
     if wanted and reason:
         if runtime.rank == 0:
             announce(f"cuda_graphs: running eagerly: {reason}")
         wanted = False
-    step = GANStep(G, D, config, runtime, capturable=wanted)
+    step = GANStep(G, D, config, runtime, capturable=wanted, lens=lens)
     return CapturedStep(step) if wanted else step
 
 

@@ -17,7 +17,11 @@ from the trainer's own generator, drawn for the *global* batch and sliced per ra
 run under ``torchrun`` with W processes therefore computes what one process computes on
 the combined batch (batch norm is cross-process); checkpoints hold that generator's
 state, so ``resume`` continues bit-for-bit on CPU (GPU too with ``deterministic``).
-Exception: DRAGAN's noise scale is the std of each rank's own batch.
+Exception: DRAGAN's noise scale is the std of each rank's own batch. With ``mixed_batches``
+each process mixes its own share (a symmetric D judges that batch as one set): one mask per
+process, all drawn from the run's generator in rank order.
+
+The lens (``lens_steps`` > 0) follows λ(t) with t the D updates made before the iteration.
 
 Images are in [0, 1] everywhere (G's output, D's input, the data).
 """
@@ -31,7 +35,9 @@ from typing import Iterable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastgan.mixed_batches import draw_mask
 from fastgan.models import build_models
+from fastgan.models.lens import Lens
 from fastgan.nn import convert_batch_norm
 from fastgan.train import checkpoint
 from fastgan.train.callbacks import Callback, default_callbacks
@@ -40,6 +46,7 @@ from fastgan.train.evaluator import FIDEvaluator, Interrupted
 from fastgan.train.files import remove_stale_parts, write_text_atomic
 from fastgan.train.outputs import MetricsLog
 from fastgan.train.runtime import EXIT_INTERRUPTED, Runtime, StopRequest, resolve_device
+from fastgan.tempered import lens_weight
 from fastgan.train.step import build_step
 from fastgan.train.stream import BatchStream
 
@@ -48,11 +55,14 @@ BEST = "best.pt"
 SUMMARY = "summary.json"
 # Keys a resumed run may change: they do not alter the trajectory of the parameters.
 RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "fid_every", "fid_samples",
-                     "fid_real_samples", "inception_weights", "sample_grid", "progress", "device", "download"}
+                     "fid_real_samples", "inception_weights", "sample_grid", "progress", "device", "download",
+                     "diagnostics_condition_number_every"}
 # Checkpoints of trainers whose steps or losses meant something else are refused.
 TRAINER_VERSION = 2
 # Offsets that give each stream its own seed, so e.g. a larger sample grid never changes training.
-_FIXED_Z_STREAM, _FID_Z_STREAM = 1, 2
+_FIXED_Z_STREAM, _FID_Z_STREAM, _CONDITIONING_Z_STREAM = 1, 2, 4  # (3 is the FID's real subset)
+_LENS_REAL_STREAM = 5  # the fixed real images of the lens grids
+_LENS_GRID_COLUMNS = 8
 # Multi-process runs agree on a stop request every this many iterations (an all-reduce, a host sync).
 _STOP_CHECK_EVERY = 10
 
@@ -66,9 +76,17 @@ def draw_latents(count: int, config: Config, generator: torch.Generator) -> Tens
     return torch.randn(shape, generator=generator, dtype=config.torch_dtype)
 
 
+def draw_perturbations(z: Tensor, config: Config, generator: torch.Generator) -> Tensor:
+    """Jacobian clamping's δ for each latent of ``z``: N(0, I) rescaled to norm
+    ``generator_jacobian_clamping_eps`` per sample (Odena et al., Algorithm 1), drawn on the CPU."""
+    direction = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    return config.generator_jacobian_clamping_eps * direction / direction.norm(dim=1, keepdim=True)
+
+
 def models_for(config: Config):
     """A freshly initialised (G, D) of the config's architecture, on the CPU in the config's dtype."""
-    models = build_models(config.architecture, config.image_size, config.z_dim, config.d_norm, config.width)
+    models = build_models(config.architecture, config.image_size, config.z_dim, config.d_norm, config.width,
+                          symmetric=config.mixed_batches)
     return tuple(m.to(config.torch_dtype) for m in models)
 
 
@@ -92,6 +110,9 @@ class Trainer:
         self.runtime = runtime = runtime or Runtime.from_environment(config.device)
         if config.batch_size % runtime.world:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({runtime.world})")
+        if config.mixed_batches and config.batch_size // runtime.world < 2:
+            raise ValueError(f"mixed_batches=true needs at least 2 images per process to mix (batch_size={config.batch_size} "
+                             f"over {runtime.world} process(es))")
         self.out_dir = Path(config.out_dir)
         if config.fid_every and config.inception_weights and not Path(config.inception_weights).is_file():
             raise FileNotFoundError(f"Inception weight file not found: {config.inception_weights}")
@@ -117,8 +138,16 @@ class Trainer:
         self.G, self.D = (m.to(runtime.device, memory_format=memory_format) for m in models_for(config))
         if runtime.world > 1:
             self.G, self.D = (convert_batch_norm(m) for m in (self.G, self.D))
+        # Built after G and D, so their initial weights do not depend on whether a lens exists.
+        self.lens = (Lens(3, config.lens_hidden, config.lens_depth).to(config.torch_dtype)
+                     .to(runtime.device, memory_format=memory_format) if config.lens_steps else None)
+        self.lens_real = self._lens_real_images() if self.lens is not None else None
+        self.last_real = self.last_mask = None  # the last D update's inputs, which the lens's update reuses
         self.random = torch.Generator().manual_seed(config.seed)
         self.fixed_z = draw_latents(config.sample_grid, config, torch.Generator().manual_seed(config.seed + _FIXED_Z_STREAM))
+        # The z at which G's Jacobian is monitored: one batch for the whole run (in checkpoints).
+        self.conditioning_z = draw_latents(config.diagnostics_condition_number_samples, config,
+                                           torch.Generator().manual_seed(config.seed + _CONDITIONING_Z_STREAM))
         self.step = 0  # discriminator updates so far
         self.best_fid: Optional[float] = None
         self.best_step: Optional[int] = None
@@ -127,7 +156,7 @@ class Trainer:
         optimizers = None
         if saved is not None:
             optimizers = self._load_state(saved)
-        self.updates = build_step(self.G, self.D, config, runtime)
+        self.updates = build_step(self.G, self.D, config, runtime, lens=self.lens)
         if optimizers is not None:
             self.updates.load_state_dict(optimizers)
         self.evaluator = FIDEvaluator(config, runtime, self.data, self.out_dir)
@@ -191,10 +220,46 @@ class Trainer:
         alpha = self._local(torch.rand(config.batch_size, generator=self.random, dtype=config.torch_dtype)) \
             if config.penalty == "wgan-gp" else None
         seed = int(torch.randint(0, 2**62, (), generator=self.random)) if config.penalty not in ("none", "l2") else None
-        return self.updates.discriminator_update(real, z, alpha, seed)
+        mask = None
+        if config.mixed_batches:  # every process draws every process's mask, keeping the generators in step
+            masks = [draw_mask(config.batch_size // self.runtime.world, config.batch_smoothing, generator=self.random)
+                     for _ in range(self.runtime.world)]
+            mask = self.runtime.to_device(masks[self.runtime.rank])
+        self.last_real, self.last_mask = real, mask
+        return self.updates.discriminator_update(real, z, alpha, seed, mask)
 
     def generator_step(self) -> dict:
-        return self.updates.generator_update(self._local(draw_latents(self.config.batch_size, self.config, self.random)))
+        config = self.config
+        z = draw_latents(config.batch_size, config, self.random)
+        lens = self._lens_inputs()
+        if not config.generator_jacobian_clamping_weight:
+            return self.updates.generator_update(self._local(z), **lens)
+        return self.updates.generator_update(self._local(z), self._local(draw_perturbations(z, config, self.random)), **lens)
+
+    def _lens_inputs(self) -> dict:
+        """The lens's inputs to the G update: the last D update's real batch (and mask), λ(step)."""
+        config = self.config
+        if self.lens is None:
+            return {}
+        weight = lens_weight(self.step, config.lens_steps, config.lens_weight)
+        return {"real": self.last_real, "mask": self.last_mask,
+                "lens_weight": torch.tensor(weight, dtype=config.torch_dtype, device=self.device)}
+
+    def _lens_real_images(self) -> Tensor:
+        """The fixed real images of the lens grids: a seeded random subset, whole rows of the grid."""
+        count = min(4 * _LENS_GRID_COLUMNS, len(self.data))
+        count -= count % min(_LENS_GRID_COLUMNS, count)
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + _LENS_REAL_STREAM))
+        return self.data.batch(order[:count]).to(self.config.torch_dtype)
+
+    @torch.no_grad()
+    def lens_pairs(self) -> Tuple[Tensor, int]:
+        """(images, columns): rows of the fixed real images alternating with the same images through
+        the lens, float32 on the CPU, for :func:`~fastgan.train.outputs.save_image_grid`."""
+        columns = min(_LENS_GRID_COLUMNS, len(self.lens_real))
+        lensed = self.lens(self.runtime.to_device(self.lens_real)).float().cpu()
+        rows = zip(self.lens_real.float().split(columns), lensed.split(columns))
+        return torch.cat([image for pair in rows for image in pair]), columns
 
     def _local(self, global_batch: Tensor) -> Tensor:
         return self.runtime.to_device(self.runtime.rank_share(global_batch))
@@ -218,6 +283,13 @@ class Trainer:
             return torch.cat([self.G(chunk.to(self.device)).float().cpu() for chunk in z.split(batch_size)])
         finally:
             self.G.train(was_training)
+
+    def conditioning(self) -> dict:
+        """:func:`fastgan.diagnostics.conditioning_summary` of G's Jacobian at the run's fixed
+        ``conditioning_z`` (G in eval mode; nothing of the training state changes)."""
+        from fastgan.diagnostics import conditioning_summary
+
+        return conditioning_summary(self.G, self.conditioning_z.to(self.device))
 
     def evaluate_fid(self) -> Optional[float]:
         """FID of ``fid_samples`` images of G (the same z every time) against the data, or None
@@ -243,6 +315,7 @@ class Trainer:
 
     @staticmethod
     def _resumed_config(saved: dict, requested: Config) -> Config:
+        saved = {**Config().to_dict(), **saved}  # keys newer than the checkpoint: the defaults it trained with
         requested_values = requested.to_dict()
         changed = {k for k, v in requested_values.items() if saved.get(k) != v}
         trajectory_changes = sorted(changed - RESUMABLE_CHANGES - {"out_dir"})
@@ -262,10 +335,12 @@ class Trainer:
             "world_size": self.runtime.world,
             "G": self.G.state_dict(),
             "D": self.D.state_dict(),
+            **({"lens": self.lens.state_dict()} if self.lens is not None else {}),
             **self.updates.state_dict(),
             "random": self.random.get_state(),
             "torch_random": torch.get_rng_state(),
             "fixed_z": self.fixed_z,
+            "conditioning_z": self.conditioning_z,
             "best_fid": self.best_fid,
             "best_step": self.best_step,
             "last_fid": self.last_fid,
@@ -276,14 +351,18 @@ class Trainer:
         """Restore everything but the optimizers, whose state is returned (loaded once the step exists)."""
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
+        if self.lens is not None:
+            self.lens.load_state_dict(state["lens"])
         self.stream.load_state_dict({"batches_drawn": state["batches_drawn"]})
         self.random.set_state(state["random"])
         torch.set_rng_state(state["torch_random"])
         self.fixed_z = state["fixed_z"]
+        self.conditioning_z = state.get("conditioning_z", self.conditioning_z)  # absent in older checkpoints
         self.step = state["step"]
         self.best_fid, self.best_step = state["best_fid"], state["best_step"]
         self.last_fid, self.fid_pending = state["last_fid"], state["fid_pending"]
-        return {"g_optimizer": state["g_optimizer"], "d_optimizer": state["d_optimizer"]}
+        optimizers = ("g_optimizer", "d_optimizer") + (("lens_optimizer",) if self.lens is not None else ())
+        return {name: state[name] for name in optimizers}
 
     def save_checkpoint(self, best: bool = False) -> Path:
         """``checkpoint.pt`` (or ``best.pt``), written atomically by rank 0; all ranks wait for it."""
@@ -325,5 +404,5 @@ def load_generator(path: str, device: str = "auto"):
     return generator.to(resolve_device(device)).eval(), config
 
 
-__all__ = ["BEST", "CHECKPOINT", "EXIT_INTERRUPTED", "SUMMARY", "Interrupted", "Trainer", "draw_latents",
+__all__ = ["BEST", "CHECKPOINT", "EXIT_INTERRUPTED", "SUMMARY", "Interrupted", "Trainer", "draw_latents", "draw_perturbations",
            "load_generator", "models_for", "resolve_device"]
