@@ -149,8 +149,9 @@ def markdown(op: str, env: dict, groups: Dict[str, List[dict]], previous_date: O
             change = ""
             if "vs_previous" in r:
                 change = f"{100 * r['vs_previous']:+.0f}%{' ⚠' if r['regression'] else ''}"
+            detail = r["detail"].replace("|", "\\|")  # a pipe in a cell would end it
             lines.append(f"| {r['variant']} | {_format_time(r['median_us'])} | {_format_time(r['iqr_us'])} | {r['rounds']} | "
-                         f"{ratio} | {_format_rate(r)} | {change} | {r['detail']} |")
+                         f"{ratio} | {_format_rate(r)} | {change} | {detail} |")
         timings = sorted({r["timing"] for r in rows if r["timing"]})
         lines += ["", f"Timing: {'; '.join(timings)}.", ""]
     return "\n".join(lines)
