@@ -146,8 +146,8 @@ def measure(
         benchmark.extra_info["flops"] = float(flops)
     if detail:
         benchmark.extra_info["detail"] = detail
-    if getattr(benchmark, "disabled", False):  # --benchmark-disable: a smoke test, one untimed call
-        return fn()
+    if getattr(benchmark, "disabled", False):  # --benchmark-disable: a smoke test; pedantic makes one untimed call
+        return benchmark.pedantic(fn)
     seconds = budget(1.0, 0.2) if seconds is None else seconds
     min_rounds = budget(5, 3) if min_rounds is None else min_rounds
     once, warm = None, 0.0
