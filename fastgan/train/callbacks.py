@@ -75,7 +75,7 @@ class Progress(Callback):
         self.bar.set_postfix(self.postfix, refresh=False)
 
     def show_losses(self, record: Dict[str, float]) -> None:
-        self.postfix.update({k: f"{v:.3f}" for k, v in record.items() if k in ("d_loss", "g_loss", "penalty")})
+        self.postfix.update({k: f"{v:.3f}" for k, v in record.items() if k in ("d_loss", "g_loss", "penalty", "rate", "distortion")})
 
     def write(self, line: str) -> None:
         self.bar.write(line, file=sys.stderr)
@@ -105,7 +105,8 @@ class Samples(Callback):
     """Every ``sample_every`` steps (rank 0): a grid of G's images from the fixed z to
     ``samples/step-NNNNNNN.png``, copied to ``samples.png``; with a lens also
     ``samples/lens_NNNNNN.png`` (rows of fixed real images alternating with the same images
-    through the lens), copied to ``lens.png``."""
+    through the lens), copied to ``lens.png``; for a VAE also ``samples/reconstructions-NNNNNNN.png``
+    (rows of fixed data images alternating with their reconstructions), copied to ``reconstructions.png``."""
 
     def after(self, trainer: "Trainer", out: Outputs) -> None:
         if trainer.runtime.rank != 0 or not trainer.config.sample_every or not due(trainer, trainer.config.sample_every):
@@ -118,6 +119,13 @@ class Samples(Callback):
             images, columns = trainer.lens_pairs()
             save_image_grid(images, lens_file, columns=columns)
             shutil.copyfile(lens_file, trainer.out_dir / "lens.png")
+        if trainer.config.model == "vae":
+            from fastgan.train.vae_step import reconstruction_pairs
+
+            pairs_file = trainer.out_dir / "samples" / f"reconstructions-{trainer.step:07d}.png"
+            images, columns = reconstruction_pairs(trainer.G, trainer.vae_real)
+            save_image_grid(images, pairs_file, columns=columns)
+            shutil.copyfile(pairs_file, trainer.out_dir / "reconstructions.png")
 
 
 class FIDTracking(Callback):

@@ -110,7 +110,7 @@ def curves_figure(records: List[dict]):
     figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
     last_step = max((r["step"] for r in records), default=0)
     losses = axes[0][0]
-    for key in ("d_loss", "g_loss", "penalty", "lens_adversarial", "lens_reconstruction"):
+    for key in ("d_loss", "g_loss", "penalty", "lens_adversarial", "lens_reconstruction", "rate", "distortion"):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             losses.plot(*zip(*points), label=key)

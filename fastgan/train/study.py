@@ -230,7 +230,20 @@ def write_results(study: Study) -> Path:
     write_text_atomic(study.out_dir / "results.csv", text.getvalue())
     path = study.out_dir / "results.md"
     write_text_atomic(path, "\n".join(markdown) + "\n")
+    if all(trial.config.model == "vae" for trial in study.trials):
+        _plot_rate_distortion(study)
     return path
+
+
+def _plot_rate_distortion(study: Study) -> None:
+    """``rate_distortion.png``: each VAE trial that logged a step as a point of the R–D plane."""
+    from fastgan.train.outputs import read_records
+    from fastgan.train.vae_step import final_rate_distortion, plot_rate_distortion
+
+    points = [(trial.describe(), run) for trial in study.trials
+              if (run := final_rate_distortion(read_records(trial.out_dir / "metrics.jsonl"))) is not None]
+    if points:
+        plot_rate_distortion(points, study.out_dir / "rate_distortion.png")
 
 
 def _cell(value: Any) -> str:

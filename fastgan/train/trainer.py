@@ -62,6 +62,7 @@ TRAINER_VERSION = 2
 # Offsets that give each stream its own seed, so e.g. a larger sample grid never changes training.
 _FIXED_Z_STREAM, _FID_Z_STREAM, _CONDITIONING_Z_STREAM = 1, 2, 4  # (3 is the FID's real subset)
 _LENS_REAL_STREAM = 5  # the fixed real images of the lens grids
+_VAE_REAL_STREAM = 6  # the fixed data images of a VAE's reconstruction grids
 _LENS_GRID_COLUMNS = 8
 # Multi-process runs agree on a stop request every this many iterations (an all-reduce, a host sync).
 _STOP_CHECK_EVERY = 10
@@ -69,9 +70,10 @@ _STOP_CHECK_EVERY = 10
 
 def draw_latents(count: int, config: Config, generator: torch.Generator) -> Tensor:
     """(count, z_dim) latents on the CPU in the config's dtype: ``z_prior`` uniform, U[-1, 1)
-    (compare_gan's and the paper's), or normal, N(0, 1)."""
+    (compare_gan's and the paper's), or normal, N(0, 1); always normal for a VAE (the noise
+    its :class:`~fastgan.train.vae_step.VAESampler` maps through the marginal)."""
     shape = (count, config.z_dim)
-    if config.z_prior == "uniform":
+    if config.z_prior == "uniform" and config.model == "gan":
         return torch.rand(shape, generator=generator, dtype=config.torch_dtype) * 2 - 1
     return torch.randn(shape, generator=generator, dtype=config.torch_dtype)
 
@@ -84,7 +86,12 @@ def draw_perturbations(z: Tensor, config: Config, generator: torch.Generator) ->
 
 
 def models_for(config: Config):
-    """A freshly initialised (G, D) of the config's architecture, on the CPU in the config's dtype."""
+    """A freshly initialised (G, D) of the config's architecture, on the CPU in the config's dtype;
+    for ``model: vae``, (the VAE as a :class:`~fastgan.train.vae_step.VAESampler`, None)."""
+    if config.model == "vae":
+        from fastgan.train.vae_step import vae_sampler
+
+        return vae_sampler(config).to(config.torch_dtype), None
     models = build_models(config.architecture, config.image_size, config.z_dim, config.d_norm, config.width,
                           symmetric=config.mixed_batches)
     return tuple(m.to(config.torch_dtype) for m in models)
@@ -135,9 +142,9 @@ class Trainer:
         self.stream = stream
 
         memory_format = torch.channels_last if config.channels_last else torch.preserve_format
-        self.G, self.D = (m.to(runtime.device, memory_format=memory_format) for m in models_for(config))
+        self.G, self.D = (m and m.to(runtime.device, memory_format=memory_format) for m in models_for(config))
         if runtime.world > 1:
-            self.G, self.D = (convert_batch_norm(m) for m in (self.G, self.D))
+            self.G, self.D = (m and convert_batch_norm(m) for m in (self.G, self.D))
         # Built after G and D, so their initial weights do not depend on whether a lens exists.
         self.lens = (Lens(3, config.lens_hidden, config.lens_depth).to(config.torch_dtype)
                      .to(runtime.device, memory_format=memory_format) if config.lens_steps else None)
@@ -156,7 +163,13 @@ class Trainer:
         optimizers = None
         if saved is not None:
             optimizers = self._load_state(saved)
-        self.updates = build_step(self.G, self.D, config, runtime, lens=self.lens)
+        if config.model == "vae":
+            from fastgan.train.vae_step import VAEStep, data_entropy
+
+            self.vae_real = self._vae_real_images()
+            self.updates = VAEStep(self.G, config, runtime, entropy=data_entropy(self.data))
+        else:
+            self.updates = build_step(self.G, self.D, config, runtime, lens=self.lens)
         if optimizers is not None:
             self.updates.load_state_dict(optimizers)
         self.evaluator = FIDEvaluator(config, runtime, self.data, self.out_dir)
@@ -205,7 +218,11 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One iteration: ``n_disc`` D updates (the last one's outputs are reported), one G update;
-        ``step`` advances by ``n_disc``."""
+        ``step`` advances by ``n_disc``. A VAE's iteration is one update of its objective."""
+        if self.config.model == "vae":
+            out = self.updates.vae_update(self.stream.next(), int(torch.randint(0, 2**62, (), generator=self.random)))
+            self.step += 1
+            return out
         for _ in range(self.config.n_disc):
             out = self.discriminator_step()
         out = {**out, **self.generator_step()}
@@ -244,6 +261,11 @@ class Trainer:
         weight = lens_weight(self.step, config.lens_steps, config.lens_weight)
         return {"real": self.last_real, "mask": self.last_mask,
                 "lens_weight": torch.tensor(weight, dtype=config.torch_dtype, device=self.device)}
+
+    def _vae_real_images(self) -> Tensor:
+        """The fixed data images of a VAE's reconstruction grids (4 rows of 8, a seeded subset)."""
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + _VAE_REAL_STREAM))
+        return self.data.batch(order[:32]).to(self.config.torch_dtype)
 
     def _lens_real_images(self) -> Tensor:
         """The fixed real images of the lens grids: a seeded random subset, whole rows of the grid."""
@@ -334,7 +356,7 @@ class Trainer:
             "batches_drawn": self.stream.state_dict()["batches_drawn"],
             "world_size": self.runtime.world,
             "G": self.G.state_dict(),
-            "D": self.D.state_dict(),
+            "D": self.D.state_dict() if self.D is not None else None,  # a VAE has none
             **({"lens": self.lens.state_dict()} if self.lens is not None else {}),
             **self.updates.state_dict(),
             "random": self.random.get_state(),
@@ -350,7 +372,8 @@ class Trainer:
     def _load_state(self, state: dict) -> dict:
         """Restore everything but the optimizers, whose state is returned (loaded once the step exists)."""
         self.G.load_state_dict(state["G"])
-        self.D.load_state_dict(state["D"])
+        if self.D is not None:
+            self.D.load_state_dict(state["D"])
         if self.lens is not None:
             self.lens.load_state_dict(state["lens"])
         self.stream.load_state_dict({"batches_drawn": state["batches_drawn"]})
@@ -362,6 +385,8 @@ class Trainer:
         self.best_fid, self.best_step = state["best_fid"], state["best_step"]
         self.last_fid, self.fid_pending = state["last_fid"], state["fid_pending"]
         optimizers = ("g_optimizer", "d_optimizer") + (("lens_optimizer",) if self.lens is not None else ())
+        if self.config.model == "vae":
+            optimizers = ("vae_optimizer",)
         return {name: state[name] for name in optimizers}
 
     def save_checkpoint(self, best: bool = False) -> Path:

@@ -1,0 +1,171 @@
+"""β-VAE training through the GAN trainer (``model: vae``): the update against a direct
+computation, logged rate/distortion/ELBO and the mutual-information bounds, outputs,
+FID of decoder samples, bit-exact resume, the VampPrior sampler, and config errors.
+
+Tiny VAEs (16×16, a quarter of the channels, z_dim 8) on the embedded digits.
+"""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastgan.models.vae import VAE
+from fastgan.train import checkpoint
+from fastgan.train.config import load_config
+from fastgan.train.data import load_dataset
+from fastgan.train.trainer import BEST, CHECKPOINT, Trainer, load_generator
+from fastgan.train.vae_step import VAESampler, VAEStep, distinct_images, vae_sampler
+
+TINY = ["model=vae", "image_size=16", "width=0.25", "z_dim=8", "batch_size=8", "fid_every=0", "sample_every=0",
+        "checkpoint_every=0", "log_every=1", "progress=false", "deterministic=true"]
+LOGGED = {"loss", "rate", "distortion", "elbo", "mi_lower_bound", "mi_upper_bound"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tmp_path, *overrides, run="run"):
+    return load_config(None, TINY + [f"out_dir={tmp_path / run}", *overrides])
+
+
+def records(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_distinct_images_counts_byte_identical_images_once():
+    data = load_dataset("digits", image_size=16)
+    expected = len(np.unique(np.asarray(data.images).reshape(len(data), -1), axis=0))
+    assert distinct_images(data, chunk=100) == expected  # chunks that split the set unevenly
+    assert 1000 < expected <= len(data)
+
+
+def test_the_update_is_the_beta_vae_objective_in_float64(tmp_path):
+    beta = 2.5
+    config = tiny(tmp_path, "dtype=float64", f"beta={beta}", "vae.marginal=vamp", "vae.components=3")
+    sampler = vae_sampler(config).double()
+    reference = copy.deepcopy(sampler.vae)
+    real = torch.rand(8, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = VAEStep(sampler, config, entropy=7.0).vae_update(real, seed=123)
+    terms = reference(real, torch.Generator().manual_seed(123))
+    rate, distortion = terms.rate.mean(), terms.distortion.mean()
+    assert out["loss"].item() == pytest.approx((distortion + beta * rate).item(), rel=1e-12)
+    assert out["rate"].item() == pytest.approx(rate.item(), rel=1e-12)
+    assert out["elbo"].item() == pytest.approx(-(rate + distortion).item(), rel=1e-12)
+    assert out["mi_lower_bound"].item() == pytest.approx(7.0 - distortion.item(), rel=1e-12)
+    assert out["mi_upper_bound"].item() == out["rate"].item()
+    # and the step moved the parameters
+    assert any(not torch.equal(p, q) for p, q in zip(sampler.vae.parameters(), reference.parameters()))
+
+
+def test_a_short_vae_run_logs_in_nats_and_writes_its_outputs(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "steps=4", "sample_every=2", "diagnostics_condition_number_every=4",
+                           "diagnostics_condition_number_samples=2"))
+    summary = trainer.fit()
+    assert summary["finished"] and trainer.D is None
+    logged = records(trainer.out_dir)
+    steps = [r for r in logged if "rate" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(LOGGED <= set(r) for r in steps)
+    entropy = math.log(distinct_images(trainer.data))
+    for r in steps:
+        assert r["elbo"] == pytest.approx(-(r["rate"] + r["distortion"]), rel=1e-6)
+        assert r["mi_lower_bound"] == pytest.approx(entropy - r["distortion"], rel=1e-5)
+        assert r["rate"] >= -1e-4 and r["distortion"] > 0  # a KL and −log of a discrete probability
+    assert [r["step"] for r in logged if "log_condition_number_mean" in r] == [4]
+    for name in ("samples.png", "reconstructions.png", "curves.png", "conditioning.png", CHECKPOINT):
+        assert (trainer.out_dir / name).stat().st_size > 0
+    state = checkpoint.load(trainer.out_dir / CHECKPOINT)
+    assert state["D"] is None and "vae_optimizer" in state
+    sampler, config = load_generator(str(trainer.out_dir / CHECKPOINT))
+    assert isinstance(sampler, VAESampler) and config.model == "vae"
+    images = sampler(torch.randn(3, 8))
+    assert images.shape == (3, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+
+
+def test_vae_resume_is_bit_identical(tmp_path):
+    Trainer(tiny(tmp_path, "steps=6", run="straight")).fit()
+    Trainer(tiny(tmp_path, "steps=3", run="resumed")).fit()
+    Trainer(tiny(tmp_path, "steps=6", run="resumed"), resume=True).fit()
+    a, b = (checkpoint.load(tmp_path / run / CHECKPOINT) for run in ("straight", "resumed"))
+    for key in a["G"]:
+        assert torch.equal(a["G"][key], b["G"][key]), key
+    assert torch.equal(a["random"], b["random"])
+    moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in a["vae_optimizer"]["state"].values()]
+    resumed = [(s["exp_avg"], s["exp_avg_sq"]) for s in b["vae_optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for pair, other in zip(moments, resumed) for x, y in zip(pair, other))
+    final = [r for r in records(tmp_path / "straight") if r["step"] == 6]
+    assert final[0]["rate"] == [r for r in records(tmp_path / "resumed") if r["step"] == 6][0]["rate"]
+
+
+def test_fid_of_decoder_samples(tmp_path):
+    """With the fid-helper Inception installed by `make test`: FID of the VAE's decoded samples."""
+    summary = Trainer(tiny(tmp_path, "steps=2", "fid_every=2", "fid_samples=12", "fid_real_samples=12")).fit()
+    assert summary["final_fid"] > 0 and (tmp_path / "run" / BEST).exists()
+
+
+def test_the_vamp_sampler_draws_the_mixture():
+    """Each component is picked with probability 1/K and, given it, the noise is again N(0, I)."""
+    torch.manual_seed(0)
+    vae = VAE(image_size=8, z_dim=3, width=0.125, marginal="vamp", components=4).double()
+    sampler = VAESampler(vae)
+    eps = torch.randn(40000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mean, log_std = vae.posterior(vae.marginal.pseudo_images.clamp(0, 1))
+    z = sampler.latent(eps)
+    # recover each draw's component: the one whose mean/std standardizes z's last coordinates back to eps
+    standardized = (z[:, None, 1:] - mean[None, :, 1:]) * torch.exp(-log_std[None, :, 1:])
+    pick = (standardized - eps[:, None, 1:]).abs().sum(-1).argmin(1)
+    shares = torch.bincount(pick, minlength=4).double() / len(eps)
+    assert torch.allclose(shares, torch.full((4,), 0.25, dtype=torch.float64), atol=0.01)
+    first = (z[:, 0] - mean[pick, 0]) * torch.exp(-log_std[pick, 0])
+    for k in range(4):
+        chosen = first[pick == k]
+        assert abs(chosen.mean().item()) < 0.05 and abs(chosen.std().item() - 1) < 0.05
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["beta=0"], "beta"),
+    (["beta=-1"], "beta"),
+    (["vae.likelihood=poisson"], "vae_likelihood='poisson' is not one of"),
+    (["vae={marginal: flow}"], "vae_marginal='flow' is not one of"),
+    (["vae.components=0"], "vae_components must be >= 1"),
+    (["loss=hinge"], "model=vae does not use loss"),
+    (["penalty=wgan-gp", "n_disc=2", "steps=4"], "model=vae does not use penalty, n_disc"),
+    (["generator.jacobian_clamping.weight=1"], "generator_jacobian_clamping_weight"),
+    (["model=gan", "beta=2"], "model=gan does not use beta"),
+    (["model=autoencoder"], "model='autoencoder' is not one of gan, vae"),
+])
+def test_bad_vae_configs_name_the_key(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(tmp_path, *overrides)
+
+
+def test_bernoulli_needs_binary_images(tmp_path):
+    with pytest.raises(ValueError, match="bernoulli likelihood needs binary images"):
+        Trainer(tiny(tmp_path, "steps=1", "vae.likelihood=bernoulli")).fit()
+
+
+def test_a_study_of_vaes_draws_the_rate_distortion_plane(tmp_path):
+    from fastgan.train.study import read_study, run_study
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"settings: {{{', '.join(o.replace('=', ': ') for o in TINY)}, steps: 2}}\n"
+                    f"out_dir: {tmp_path / 'study'}\naxes:\n  beta: [0.5, 4.0]\n")
+    study = read_study(str(grid))
+    assert run_study(study)
+    assert (tmp_path / "study" / "rate_distortion.png").stat().st_size > 0
+
+
+def test_final_rate_distortion_averages_the_last_quarter_and_recovers_h():
+    from fastgan.train.vae_step import final_rate_distortion
+
+    logged = [{"step": s, "rate": float(s), "distortion": 100.0 - s, "mi_lower_bound": 7.0 - (100.0 - s)} for s in range(1, 9)]
+    run = final_rate_distortion(logged + [{"step": 8, "fid": 3.0}])
+    assert run == pytest.approx({"rate": 7.5, "distortion": 92.5, "entropy": 7.0})
+    assert final_rate_distortion([{"step": 1, "fid": 2.0}]) is None
