@@ -432,8 +432,9 @@ DeviceTable build_table(const std::vector<at::Tensor>& weights, const std::vecto
 
 // The cached table of these weights: a table holds nothing but what its key holds
 // (pointers, shapes, dtype, device), so a hit is never stale; a miss builds it. A
-// small LRU, leaked on purpose (no device frees during interpreter teardown).
-const DeviceTable& cached_table(const std::vector<at::Tensor>& weights,
+// small LRU, leaked on purpose (no device frees during interpreter teardown). Returned
+// by value (a tensor reference), so another thread's eviction cannot pull it away.
+DeviceTable cached_table(const std::vector<at::Tensor>& weights,
                                 const std::vector<SpectralNormLayerShape>& shapes) {
   constexpr size_t kCacheSize = 16;
   static auto* mutex = new std::mutex;
@@ -480,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(at::TensorLi
   // The inputs are left alone: the iteration works in place on these copies.
   at::Tensor u_out = at::cat(us), v_out = at::cat(vs);
   at::Tensor sigma_out = scalar_sigma ? at::empty({}, options) : at::empty({num_layers}, options);
-  const DeviceTable& table = cached_table(weights, shapes);
+  const DeviceTable table = cached_table(weights, shapes);
   at::Tensor scratch =
       at::empty({rows + cols + table.partials}, options.dtype(at::toOpMathType(weights[0].scalar_type())));
 
