@@ -4,8 +4,27 @@
 ``fastgan.backends()`` reports which kernels are built and usable here;
 ``fastgan.use_backend(name)`` (or ``FASTGAN_BACKEND``) forces one.
 """
-from fastgan._backend import BACKENDS, backends, use_backend
-from fastgan import ops, nn, penalties
+import importlib
+import sys
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "backends", "use_backend", "ops", "nn", "penalties", "__version__"]
+
+_SUBMODULES = ("ops", "nn", "penalties")
+_BACKEND_NAMES = ("BACKENDS", "backends", "use_backend")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fastgan.{name}")
+    if name in _BACKEND_NAMES:
+        return getattr(importlib.import_module("fastgan._backend"), name)
+    raise AttributeError(f"module 'fastgan' has no attribute {name!r}")
+
+
+# Python sets argv[0] to "-m" while it imports this package to run `python -m fastgan`:
+# the CLI then imports torch and the ops only for the commands that need them, so
+# `--help` answers at once. Every other import registers the ops here, as documented.
+if sys.argv[:1] != ["-m"]:
+    from fastgan._backend import BACKENDS, backends, use_backend
+    from fastgan import ops, nn, penalties

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgan.kernels import device_guard
+
 
 @triton.jit
 def _matmul_epilogue_kernel(
@@ -65,7 +67,8 @@ def _launch(first, second, alpha, beta, pairs):
     bm, bn, bk = _blocks(first[0].device)
     acc = tl.float64 if first[0].dtype == torch.float64 else tl.float32
     grid = (triton.cdiv(n, bm), triton.cdiv(n, bn), pairs)
-    _matmul_epilogue_kernel[grid](*first, *second, n, alpha, beta, ACC=acc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    with device_guard(first[0]):
+        _matmul_epilogue_kernel[grid](*first, *second, n, alpha, beta, ACC=acc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
 
 
 def newton_schulz_steps(y: torch.Tensor, z: torch.Tensor, iterations: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -183,6 +183,20 @@ def test_the_cli_module_imports_nothing_heavy(help_run):
     assert help_run["modules"] == "[]"
 
 
+def test_python_m_fastgan_help_does_not_import_torch():
+    """The package's own import is what `python -m fastgan` pays first: it must leave torch to the commands."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "fastgan", "--help"], capture_output=True, text=True, check=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "usage: python -m fastgan" in run.stdout
+    assert "torch" not in imported and "fastgan.ops" not in imported
+
+
+def test_import_fastgan_registers_the_ops():
+    code = "import fastgan, torch; torch.ops.fastgan.spectral_normalize; print(fastgan.nn.spectral_norm.__name__)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "spectral_norm"
+
+
 # --------------------------------------------------------------------------- OS errors: one line, the path, what to do
 
 

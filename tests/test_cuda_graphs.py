@@ -136,3 +136,15 @@ def test_launches_go_to_the_tensors_device(backend):
         assert a.device == weight.device
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(penalty, gp_reference.penalty(grad, False, 1.0, 1e-4, False)[0])
+
+
+def test_frechet_triton_matmul_launches_on_the_tensors_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from fastgan.kernels import frechet as frechet_kernels
+
+    a, b = torch.randn(2, 67, 67, dtype=torch.float64, device="cuda:1")
+    with torch.cuda.device(0):
+        out = frechet_kernels.matmul(a, b, alpha=0.5, beta=1.0)
+    assert out.device == a.device
+    torch.testing.assert_close(out, 0.5 * a @ b + torch.eye(67, dtype=torch.float64, device=a.device))
