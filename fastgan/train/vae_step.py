@@ -166,7 +166,7 @@ def plot_rate_distortion(points: Sequence[Tuple[str, Dict[str, float]]], path: P
     axis.set_xlabel("rate R (nats per image)")
     axis.set_ylabel("distortion D (nats per image)")
     axis.set_title("rate–distortion plane")
-    axis.legend(loc="upper right", fontsize=8)
+    axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
