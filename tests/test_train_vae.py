@@ -160,6 +160,8 @@ def test_a_study_of_vaes_draws_the_rate_distortion_plane(tmp_path):
     study = read_study(str(grid))
     assert run_study(study)
     assert (tmp_path / "study" / "rate_distortion.png").stat().st_size > 0
+    table = (tmp_path / "study" / "results.md").read_text()
+    assert "| rate | distortion |" in table
 
 
 def test_final_rate_distortion_averages_the_last_quarter_and_recovers_h():

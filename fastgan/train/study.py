@@ -205,12 +205,16 @@ def run_study(study: Study, index: Optional[int] = None) -> bool:
 
 def results_rows(study: Study) -> List[Dict[str, Any]]:
     keys = list(dict.fromkeys(k for trial in study.trials for k in trial.settings))
+    vaes = _all_vaes(study)
     rows = []
     for trial in study.trials:
         summary = trial.summary() or {}
         row = {"trial": trial.index, **{k: trial.settings.get(k, "") for k in keys}, "status": trial.status,
                "steps": summary.get("step", ""), "final_fid": summary.get("final_fid"), "best_fid": summary.get("best_fid"),
                "best_step": summary.get("best_step"), "folder": trial.out_dir.name}
+        if vaes:  # rate and distortion (nats) as on rate_distortion.png
+            point = _rate_distortion_point(trial) or {}
+            row = {**row, "rate": point.get("rate"), "distortion": point.get("distortion")}
         rows.append({k: "" if v is None else (list(v) if isinstance(v, tuple) else v) for k, v in row.items()})
     return rows
 
@@ -230,18 +234,28 @@ def write_results(study: Study) -> Path:
     write_text_atomic(study.out_dir / "results.csv", text.getvalue())
     path = study.out_dir / "results.md"
     write_text_atomic(path, "\n".join(markdown) + "\n")
-    if all(trial.config.model == "vae" for trial in study.trials):
+    if _all_vaes(study):
         _plot_rate_distortion(study)
     return path
 
 
+def _all_vaes(study: Study) -> bool:
+    return all(trial.config.model == "vae" for trial in study.trials)
+
+
+def _rate_distortion_point(trial: Trial) -> Optional[Dict[str, float]]:
+    """A VAE trial's rate, distortion and H (nats) from its log, or None before it logged a step."""
+    from fastgan.train.outputs import read_records
+    from fastgan.train.vae_step import final_rate_distortion
+
+    return final_rate_distortion(read_records(trial.out_dir / "metrics.jsonl"))
+
+
 def _plot_rate_distortion(study: Study) -> None:
     """``rate_distortion.png``: each VAE trial that logged a step as a point of the R–D plane."""
-    from fastgan.train.outputs import read_records
-    from fastgan.train.vae_step import final_rate_distortion, plot_rate_distortion
+    from fastgan.train.vae_step import plot_rate_distortion
 
-    points = [(trial.describe(), run) for trial in study.trials
-              if (run := final_rate_distortion(read_records(trial.out_dir / "metrics.jsonl"))) is not None]
+    points = [(trial.describe(), run) for trial in study.trials if (run := _rate_distortion_point(trial)) is not None]
     if points:
         plot_rate_distortion(points, study.out_dir / "rate_distortion.png")
 
