@@ -71,3 +71,12 @@ def exit_worker():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The training tests' tiny models run faster on one thread than split over two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@
 Tiny SNDCGANs (16×16, a quarter of the channels, z_dim 8) on the embedded digits.
 """
 import copy
-import json
 
 import pytest
 import torch
@@ -16,32 +15,25 @@ from fastgan.train.losses import generator_loss
 from fastgan.train.runtime import Runtime
 from fastgan.train.step import GANStep, why_not_capturable
 from fastgan.train.trainer import CHECKPOINT, Trainer, draw_perturbations, models_for
+from training_support import TINY_TRAINING, metrics_records
 
-TINY = ["image_size=16", "width=0.25", "z_dim=8", "batch_size=8", "fid_every=0", "sample_every=0", "checkpoint_every=0",
-        "log_every=2", "progress=false", "deterministic=true"]
+TINY = [*TINY_TRAINING, "z_dim=8", "log_every=2", "deterministic=true"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(tmp_path, *overrides, run="run"):
     return load_config(None, TINY + [f"out_dir={tmp_path / run}", *overrides])
 
 
-def records(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_condition_number_is_logged_every_n_steps_and_plotted(tmp_path):
     config = tiny(tmp_path, "steps=10", "diagnostics.condition_number_every=4", "diagnostics.condition_number_samples=3")
     trainer = Trainer(config)
     trainer.fit()
-    logged = [r for r in records(trainer.out_dir) if "log_condition_number_mean" in r]
+    logged = [r for r in metrics_records(trainer.out_dir) if "log_condition_number_mean" in r]
     assert [r["step"] for r in logged] == [4, 8, 10]  # every 4 steps, and the last step
     expected = conditioning_summary(trainer.G, trainer.conditioning_z)  # the final G at the same fixed z
     assert logged[-1] == pytest.approx({"step": 10, **expected}, rel=1e-12)
@@ -82,7 +74,7 @@ def test_resume_with_clamping_and_monitor_is_bit_identical(tmp_path):
     Trainer(tiny(tmp_path, "steps=3", *keys, run="resumed")).fit()
     Trainer(tiny(tmp_path, "steps=6", *keys, run="resumed"), resume=True).fit()
     _assert_identical(_state(tmp_path / "straight"), _state(tmp_path / "resumed"))
-    straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
+    straight, resumed = metrics_records(tmp_path / "straight"), metrics_records(tmp_path / "resumed")
     assert [r for r in straight if "jacobian_clamping" in r]
     drop = ("steps_per_s", "images_per_s")
     resumed = [{k: v for k, v in r.items() if k not in drop} for r in resumed]
@@ -174,4 +166,4 @@ def test_two_process_clamping_equals_one_process_on_the_combined_batch(tmp_path)
     assert len(weights) > 8
     for key in weights:
         torch.testing.assert_close(got[key], single.G.state_dict()[key], rtol=0, atol=2e-6, msg=key)
-    assert [r["step"] for r in records(tmp_path / "ddp") if "log_condition_number_mean" in r] == [3]
+    assert [r["step"] for r in metrics_records(tmp_path / "ddp") if "log_condition_number_mean" in r] == [3]

@@ -3,7 +3,6 @@ config validation naming the key, the step's maths on mixed batches, the lens's 
 and identity inside training, sample grids and logs, and bit-exact resume."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,26 +17,19 @@ from fastgan.train.callbacks import Callback
 from fastgan.train.config import load_config
 from fastgan.train.step import GANStep
 from fastgan.train.trainer import CHECKPOINT, Trainer, models_for
+from training_support import TINY_TRAINING, metrics_records
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=0", "checkpoint_every=0",
-        "log_every=1", "progress=false", "deterministic=true"]
+TINY = [*TINY_TRAINING, "deterministic=true"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(tmp_path, *overrides):
     return load_config(None, TINY + [f"out_dir={tmp_path / 'run'}", *overrides])
 
 
-def _records(out_dir: Path):
-    return [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
 
 
 # ------------------------------------------------------------------ configs
@@ -114,7 +106,7 @@ def test_mixed_batch_training_runs_and_logs_target_and_prediction(tmp_path, extr
     config = tiny_config(tmp_path, "mixed_batches=true", "steps=4", *extra)
     summary = Trainer(config).fit()
     assert summary["finished"]
-    records = _records(Path(config.out_dir))
+    records = metrics_records(Path(config.out_dir))
     for record in records:
         assert {"d_loss", "g_loss", "d_target", "d_prediction"} <= record.keys()
         assert 0 <= record["d_target"] <= 1 and 0 < record["d_prediction"] < 1
@@ -154,7 +146,7 @@ def test_the_lens_is_the_identity_at_init_moves_during_the_schedule_and_returns_
     peak = max(watch.errors[s] for s in range(1, 5))
     assert peak > 5e-4  # the adversarial term moved it
     assert watch.errors[24] < peak / 5 and watch.errors[24] < 2e-4  # back towards the identity, by reconstruction only
-    records = _records(Path(config.out_dir))
+    records = metrics_records(Path(config.out_dir))
     for record in records:  # λ(t) of the iteration that began at step t = record step - n_disc
         assert record["lens_weight"] == pytest.approx(lens_weight(record["step"] - 1, 4, 1.0), rel=1e-6)
         assert {"lens_reconstruction", "lens_adversarial"} <= record.keys()
@@ -241,7 +233,7 @@ def test_resume_is_bit_exact(tmp_path, extra, split):
     _assert_identical(straight, resumed)
     rates = ("steps_per_s", "images_per_s")
     strip = lambda records: [{k: v for k, v in r.items() if k not in rates} for r in records]  # noqa: E731
-    assert strip(_records(tmp_path / "resumed")) == strip(_records(tmp_path / "straight"))
+    assert strip(metrics_records(tmp_path / "resumed")) == strip(metrics_records(tmp_path / "straight"))
 
 
 @pytest.mark.parametrize("change", ["mixed_batches=false", "lens_steps=5", "lens_weight=2", "batch_smoothing=false"])

@@ -15,17 +15,12 @@ from fastgan.train.runtime import Runtime
 from fastgan.train.step import CapturedStep, GANStep, build_step, why_not_capturable
 from fastgan.train.stream import BatchStream, RepeatedBatch
 from fastgan.train.trainer import Trainer, models_for
+from training_support import TINY_TRAINING
 
-TINY = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=0", "checkpoint_every=0",
-        "log_every=1", "progress=false"]
+TINY = TINY_TRAINING
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(tmp_path, *overrides):

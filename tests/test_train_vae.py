@@ -5,7 +5,6 @@ FID of decoder samples, bit-exact resume, the VampPrior sampler, and config erro
 Tiny VAEs (16×16, a quarter of the channels, z_dim 8) on the embedded digits.
 """
 import copy
-import json
 import math
 
 import numpy as np
@@ -18,26 +17,19 @@ from fastgan.train.config import load_config
 from fastgan.train.data import load_dataset
 from fastgan.train.trainer import BEST, CHECKPOINT, Trainer, load_generator
 from fastgan.train.vae_step import VAESampler, VAEStep, distinct_images, vae_sampler
+from training_support import TINY_TRAINING, metrics_records
 
-TINY = ["model=vae", "image_size=16", "width=0.25", "z_dim=8", "batch_size=8", "fid_every=0", "sample_every=0",
-        "checkpoint_every=0", "log_every=1", "progress=false", "deterministic=true"]
+TINY = [*TINY_TRAINING, "model=vae", "z_dim=8", "deterministic=true"]
 LOGGED = {"loss", "rate", "distortion", "elbo", "mi_lower_bound", "mi_upper_bound"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(tmp_path, *overrides, run="run"):
     return load_config(None, TINY + [f"out_dir={tmp_path / run}", *overrides])
 
 
-def records(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_distinct_images_counts_byte_identical_images_once():
@@ -70,7 +62,7 @@ def test_a_short_vae_run_logs_in_nats_and_writes_its_outputs(tmp_path):
                            "diagnostics_condition_number_samples=2"))
     summary = trainer.fit()
     assert summary["finished"] and trainer.D is None
-    logged = records(trainer.out_dir)
+    logged = metrics_records(trainer.out_dir)
     steps = [r for r in logged if "rate" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(LOGGED <= set(r) for r in steps)
     entropy = math.log(distinct_images(trainer.data))
@@ -100,8 +92,8 @@ def test_vae_resume_is_bit_identical(tmp_path):
     moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in a["vae_optimizer"]["state"].values()]
     resumed = [(s["exp_avg"], s["exp_avg_sq"]) for s in b["vae_optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for pair, other in zip(moments, resumed) for x, y in zip(pair, other))
-    final = [r for r in records(tmp_path / "straight") if r["step"] == 6]
-    assert final[0]["rate"] == [r for r in records(tmp_path / "resumed") if r["step"] == 6][0]["rate"]
+    final = [r for r in metrics_records(tmp_path / "straight") if r["step"] == 6]
+    assert final[0]["rate"] == [r for r in metrics_records(tmp_path / "resumed") if r["step"] == 6][0]["rate"]
 
 
 def test_fid_of_decoder_samples(tmp_path):
