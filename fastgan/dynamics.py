@@ -377,7 +377,7 @@ def _save(figure, out) -> None:
 
     from PIL import Image
 
-    from fastgan.train.files import atomic_file
+    from fastgan.files import atomic_file
 
     path = Path(out)
     kind = path.suffix.lstrip(".").lower() or "png"

@@ -1,4 +1,4 @@
-"""Atomic files (fastgan.train.files) and checkpoints (fastgan.train.checkpoint): permissions,
+"""Atomic files (fastgan.files) and checkpoints (fastgan.train.checkpoint): permissions,
 stale temporary files, a full disk, and files that are not checkpoints."""
 import errno
 import io
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastgan.train import checkpoint
-from fastgan.train.files import atomic_file, atomic_folder, remove_stale_parts, write_text_atomic
+from fastgan.files import atomic_file, atomic_folder, remove_stale_parts, write_text_atomic
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_remove_stale_parts_removes_only_that_files_parts(tmp_path):
 
 
 def test_atomic_file_never_reuses_an_existing_name(tmp_path, monkeypatch):
-    from fastgan.train import files
+    from fastgan import files
 
     names = iter(["taken", "taken", "fresh"])
     monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(names))

@@ -17,6 +17,7 @@ No test touches the network: the downloader (``_open_url``) is replaced.
 """
 import hashlib
 import io
+import os
 import struct
 import sys
 import urllib.error
@@ -294,6 +295,9 @@ def test_download_lands_verified_in_the_cache(offline, monkeypatch):
     assert path == inception.cache_dir() / inception.WEIGHTS_FILENAME
     assert path.read_bytes() == payload
     assert _cache_contents() == [inception.WEIGHTS_FILENAME]  # no temporary file left over
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any file the user creates, not mkstemp's 0600
 
 
 def test_corrupt_download_is_rejected_and_leaves_nothing(offline, monkeypatch):

@@ -59,7 +59,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -71,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastgan.files import atomic_file
 from fastgan.metrics import images as images_module
 
 __all__ = [
@@ -574,7 +574,8 @@ def download_weights(destination: Optional[PathLike] = None, *, url: Optional[st
 
     ``url`` and ``sha256`` default to :data:`WEIGHTS_URL` and :data:`WEIGHTS_SHA256`.
 
-    The bytes go to a temporary ``*.part`` file next to the destination, renamed into
+    The bytes go to a temporary ``*.part`` file next to the destination
+    (:func:`fastgan.files.atomic_file`: permissions from the umask), renamed into
     place only once complete and verified, so the destination is never half-written
     and concurrent downloads (several ranks) do not clash. On any exception (network
     error, bad hash, Ctrl-C) the temporary file is removed; a killed process may leave
@@ -584,12 +585,9 @@ def download_weights(destination: Optional[PathLike] = None, *, url: Optional[st
     url = url or WEIGHTS_URL
     sha256 = (sha256 or WEIGHTS_SHA256).lower()
     destination = Path(destination).expanduser() if destination is not None else cache_dir() / WEIGHTS_FILENAME
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, partial_name = tempfile.mkstemp(prefix=destination.name + ".", suffix=".part", dir=destination.parent)
-    partial = Path(partial_name)
-    try:
+    with atomic_file(destination) as partial:
         digest = hashlib.sha256()
-        with os.fdopen(descriptor, "wb") as out, _open_url(url) as response:
+        with open(partial, "wb") as out, _open_url(url) as response:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
@@ -597,9 +595,6 @@ def download_weights(destination: Optional[PathLike] = None, *, url: Optional[st
             raise ValueError(
                 f"download of {url} is corrupt: SHA-256 {digest.hexdigest()} instead of {sha256}; nothing was saved"
             )
-        os.replace(partial, destination)
-    finally:
-        partial.unlink(missing_ok=True)
     return destination
 
 

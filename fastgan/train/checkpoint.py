@@ -1,6 +1,6 @@
 """Checkpoint files that survive a kill at any moment.
 
-A checkpoint is written through :func:`fastgan.train.files.atomic_file` (a temporary
+A checkpoint is written through :func:`fastgan.files.atomic_file` (a temporary
 file beside it, flushed to disk, then renamed over the old one), so the file at
 ``path`` is always either the previous complete checkpoint or the new complete one.
 A write that fails (a full disk) raises an OSError naming ``path`` and leaves the
@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from fastgan.train.files import atomic_file
+from fastgan.files import atomic_file
 
 PathLike = Union[str, os.PathLike]
 

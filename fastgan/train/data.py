@@ -57,7 +57,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from fastgan.train.files import atomic_file, atomic_folder
+from fastgan.files import atomic_file, atomic_folder
 
 __all__ = ["DATASETS", "ImageData", "load_dataset", "data_root"]
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 from fastgan.train.config import Config, from_mapping, parse_overrides, read_yaml
-from fastgan.train.files import write_text_atomic
+from fastgan.files import write_text_atomic
 from fastgan.train.trainer import CHECKPOINT, SUMMARY, TRAINER_VERSION, Trainer
 
 # Config keys outside a trial's identity: where it writes, progress bars, and how often it logs,

@@ -43,7 +43,7 @@ from fastgan.train import checkpoint
 from fastgan.train.callbacks import Callback, default_callbacks
 from fastgan.train.config import Config, from_mapping, save_config
 from fastgan.train.evaluator import FIDEvaluator, Interrupted
-from fastgan.train.files import remove_stale_parts, write_text_atomic
+from fastgan.files import remove_stale_parts, write_text_atomic
 from fastgan.train.outputs import MetricsLog
 from fastgan.train.runtime import EXIT_INTERRUPTED, Runtime, StopRequest, resolve_device
 from fastgan.tempered import lens_weight
