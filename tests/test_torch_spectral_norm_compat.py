@@ -51,6 +51,30 @@ def conversion(request):
 # ---------------------------------------------------------------- parametrization form
 
 
+def _check_eval_and_mixed_forwards(m, x, u, v):
+    """Both forms: eval returns the last training result and iterates no further (buffers u, v
+    untouched); gradients flow through training and eval forwards mixed in one graph."""
+    m(x)
+    last_train = m(x)
+    last_u, last_v = u.clone(), v.clone()
+    m.eval()
+    eval_out = m(x)
+    torch.testing.assert_close(eval_out, last_train, **TOL64)
+    torch.testing.assert_close(m(x), eval_out, rtol=0, atol=0)
+    assert torch.equal(u, last_u) and torch.equal(v, last_v)
+
+    def mixed_forwards(inp):
+        u.data.copy_(last_u)
+        v.data.copy_(last_v)
+        outs = []
+        for training in (True, False, True, False):
+            m.train(training)
+            outs.append(m(inp))
+        return sum(outs)
+
+    assert gradcheck(mixed_forwards, (x.clone().requires_grad_(),))
+
+
 def test_parametrization_layout():
     m = PARAMETRIZATION(nn.Linear(5, 7).double())
     sn = m.parametrizations.weight[0]
@@ -134,28 +158,7 @@ def test_parametrization_training_eval_and_removal(conversion, requires_grad):
 
     # eval: the last training result, and no further iteration
     m, sn = _parametrized_linear(requires_grad)
-    m(x)
-    last_train = m(x)
-    last_u, last_v = sn._u.clone(), sn._v.clone()
-    m.eval()
-    eval_out = m(x)
-    torch.testing.assert_close(eval_out, last_train, **TOL64)
-    torch.testing.assert_close(m(x), eval_out, rtol=0, atol=0)
-    assert torch.equal(sn._u, last_u) and torch.equal(sn._v, last_v)
-
-    # gradients through training and eval forwards mixed in one graph
-    saved_u, saved_v = sn._u.clone(), sn._v.clone()
-
-    def mixed_forwards(inp):
-        sn._u.data.copy_(saved_u)
-        sn._v.data.copy_(saved_v)
-        outs = []
-        for training in (True, False, True, False):
-            m.train(training)
-            outs.append(m(inp))
-        return sum(outs)
-
-    assert gradcheck(mixed_forwards, (x.clone().requires_grad_(),))
+    _check_eval_and_mixed_forwards(m, x, sn._u, sn._v)
     if requires_grad:  # and to the original weight in eval mode
         m.eval()
         assert gradcheck(lambda w: m(x), (m.parametrizations.weight.original,))
@@ -359,27 +362,7 @@ def test_hook_training_eval_and_removal(conversion, requires_grad):
     torch.testing.assert_close(m(x), before, **TOL64)
 
     m = HOOK(m)
-    m(x)
-    last_train = m(x)
-    last_u, last_v = m.weight_u.clone(), m.weight_v.clone()
-    m.eval()
-    eval_out = m(x)
-    torch.testing.assert_close(eval_out, last_train, **TOL64)
-    torch.testing.assert_close(m(x), eval_out, rtol=0, atol=0)
-    assert torch.equal(m.weight_u, last_u) and torch.equal(m.weight_v, last_v)
-
-    saved_u, saved_v = m.weight_u.clone(), m.weight_v.clone()
-
-    def mixed_forwards(inp):
-        m.weight_u.data.copy_(saved_u)
-        m.weight_v.data.copy_(saved_v)
-        outs = []
-        for training in (True, False, True, False):
-            m.train(training)
-            outs.append(m(inp))
-        return sum(outs)
-
-    assert gradcheck(mixed_forwards, (x.clone().requires_grad_(),))
+    _check_eval_and_mixed_forwards(m, x, m.weight_u, m.weight_v)
     if requires_grad:
         m.eval()
         assert gradcheck(lambda w: m(x), (m.weight_orig,))
