@@ -78,6 +78,20 @@ inline void check_spectral_norm_vectors(const std::vector<SpectralNormLayerShape
   }
 }
 
+// spectral_normalize(weight, u, v, sigma, dim): the shapes that make W / sigma meaningful.
+inline void check_spectral_normalize_args(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                          const at::Tensor& sigma, int64_t dim) {
+  TORCH_CHECK(weight.dim() >= 2 && dim >= -weight.dim() && dim < weight.dim(),
+              "spectral_normalize: dim ", dim, " is out of range for a weight of shape ", weight.sizes());
+  const int64_t rows = weight.size(dim);
+  TORCH_CHECK(u.dim() == 1 && v.dim() == 1 && u.numel() == rows && rows * v.numel() == weight.numel(),
+              "spectral_normalize: u ", u.sizes(), " and v ", v.sizes(), " do not fit a weight of shape ",
+              weight.sizes(), " with dim=", dim);
+  TORCH_CHECK(sigma.dim() == 0 && sigma.device() == weight.device(),
+              "spectral_normalize: sigma must be a 0-d tensor on the weight's device, got shape ", sigma.sizes(),
+              " on ", sigma.device());
+}
+
 enum class Finalize { UV, V, U, Eval };
 
 // The schedule above, for any backend: `it` provides pass(dot, accum) and finalize(kind).

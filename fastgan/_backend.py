@@ -42,6 +42,9 @@ DEVICE_TYPES = ("cpu", "cuda")
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastgan_backend", default=None)
 
 
+_on_extension_load = []
+
+
 @functools.lru_cache(maxsize=None)
 def _load_extension():
     """Import ``fastgan._C`` once; return (module or None, reason it is missing)."""
@@ -49,7 +52,17 @@ def _load_extension():
         module = importlib.import_module("fastgan._C")
     except ImportError as exc:
         return None, f"fastgan._C is not built or failed to load ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+    for register in _on_extension_load:
+        register()
     return module, ""
+
+
+def when_extension_loads(register: Callable[[], None]) -> None:
+    """Run ``register`` (e.g. a fake-tensor registration for a ``fastgan_C`` op) once
+    ``fastgan._C`` is loaded -- now, if it already is. The C++ ops exist only from then on."""
+    _on_extension_load.append(register)
+    if _load_extension.cache_info().currsize and _load_extension()[0] is not None:
+        register()
 
 
 @functools.lru_cache(maxsize=None)

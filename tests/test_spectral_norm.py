@@ -354,10 +354,10 @@ def test_apply_spectral_norm_is_one_launch_with_per_layer_results(device, backen
     def per_layer_call(*args, **kwargs):
         raise AssertionError("a layer ran its own power iteration inside the model forward")
 
-    monkeypatch.setattr(fsn.ops, "spectral_norm_power_iteration", per_layer_call)
+    monkeypatch.setattr(fsn.ops, "power_iteration", per_layer_call)
     launches = []
-    multi = fsn.ops.spectral_norm_power_iteration_multi
-    monkeypatch.setattr(fsn.ops, "spectral_norm_power_iteration_multi", lambda *a: launches.append(1) or multi(*a))
+    multi = fsn.ops.power_iteration_multi
+    monkeypatch.setattr(fsn.ops, "power_iteration_multi", lambda *a: launches.append(1) or multi(*a))
     for step in range(3):
         x = torch.randn(4, 3, 8, 8, dtype=dtype, device=device)
         out_t = theirs(x)
@@ -412,19 +412,78 @@ def test_opcheck(device, backend):
             OPS.spectral_norm_power_iteration_multi.default, ([weight, w2], [u, u2], [v, v2], [0, 1], 1, 1e-12, True)
         )
     sigma = torch.dot(u, reference.weight_matrix(weight, 0) @ v)
-    torch.library.opcheck(OPS.spectral_normalize.default, (weight.requires_grad_(), u, v, sigma, 0))
+    for normalize in NORMALIZE_OPS.values():
+        torch.library.opcheck(normalize().default, (weight.requires_grad_(), u, v, sigma, 0))
 
 
-@pytest.mark.parametrize("dim", [0, 1])
-def test_gradcheck_normalize(dim):
+def _cpp_normalize():
+    fastgan._backend.extension()  # loads fastgan._C, raising when it is not built
+    return torch.ops.fastgan_C.spectral_normalize
+
+
+# W / σ: the Python op (the reference) and its C++ twin with C++ autograd, which the modules use.
+NORMALIZE_OPS = {"python": lambda: OPS.spectral_normalize, "cpp": _cpp_normalize}
+
+
+@pytest.mark.parametrize("impl", sorted(NORMALIZE_OPS))
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_gradcheck_normalize(dim, impl):
     weight, u, v = _layer_inputs((6, 4, 3), dim, torch.float64, "cpu")
 
     def normalize(w):
-        sigma = torch.dot(u, reference.weight_matrix(w, dim) @ v).detach()
-        return OPS.spectral_normalize(w, u, v, sigma, dim)
+        sigma = torch.dot(u, reference.weight_matrix(w, dim % w.dim()) @ v).detach()
+        return NORMALIZE_OPS[impl]()(w, u, v, sigma, dim)
 
     assert torch.autograd.gradcheck(normalize, (weight.requires_grad_(),))
     assert torch.autograd.gradgradcheck(normalize, (weight,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,dim", [((7, 5, 3, 3), 0), ((5, 7, 4, 4), 1), ((9, 13), 0)])
+def test_cpp_normalize_matches_python_to_second_order(shape, dim, dtype):
+    weight, u, v = _layer_inputs(shape, dim, dtype, "cpu")
+    sigma = torch.dot(u.double(), reference.weight_matrix(weight.double(), dim) @ v.double()).to(dtype)
+    grad, grad_grad = torch.randn_like(weight), torch.randn_like(weight)
+    results = []
+    for make in NORMALIZE_OPS.values():
+        w = weight.clone().requires_grad_()
+        out = make()(w, u, v, sigma, dim)
+        (first,) = torch.autograd.grad(out, w, grad, create_graph=True)
+        (second,) = torch.autograd.grad(first, w, grad_grad)
+        results.append((out, first, second))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "make_weight",
+    [
+        lambda: torch.randn(517, 509),  # 1.05 MB, numel not a multiple of the vector width
+        lambda: torch.randn(256, 128, 3, 3).to(memory_format=torch.channels_last),
+        lambda: torch.randn(300, 1100)[:, 3:1003],  # not dense: the plain division
+        lambda: torch.randn(64, 27),  # under 1 MiB: normal stores
+    ],
+    ids=["large-odd", "channels-last", "slice", "small"],
+)
+def test_cpp_normalize_forward_is_the_exact_division(make_weight, threads, one_torch_thread):
+    # The CPU kernel writes large float32 outputs with streaming stores; every path must
+    # give torch's own W / σ bit for bit, in W's memory layout.
+    torch.set_num_threads(threads)
+    weight = make_weight()
+    u = torch.randn(weight.shape[0])
+    v = torch.randn(weight[0].numel())
+    sigma = torch.tensor(1.0) + torch.rand(())
+    out = _cpp_normalize()(weight, u, v, sigma, 0)
+    expected = weight / sigma
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert out.stride() == expected.stride()
+
+
+def test_modules_run_the_cpp_normalize_on_cpu():
+    assert fastgan.backends()["ops"]["spectral_normalize"]["cpu"]["runs"] == "cpp"
+    with fastgan.use_backend("reference"):
+        assert fastgan.backends()["ops"]["spectral_normalize"]["cpu"]["runs"] == "reference"
 
 
 def test_gradcheck_module_in_eval_mode():

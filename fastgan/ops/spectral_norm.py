@@ -25,8 +25,8 @@ from fastgan import _backend
 from fastgan.reference import spectral_norm as reference
 
 
-def check_weight(weight: Tensor, dim: int, where: str) -> int:
-    """Validate a weight for spectral norm; return ``dim`` made non-negative. ``where`` names the layer in errors."""
+def check_weight(weight: Tensor, dim: int, where: object) -> int:
+    """Validate a weight for spectral norm; return ``dim`` made non-negative. ``str(where)`` names the layer in errors."""
     if not isinstance(weight, Tensor):
         raise TypeError(f"{where}: the weight must be a Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
@@ -43,7 +43,7 @@ def check_weight(weight: Tensor, dim: int, where: str) -> int:
     return dim % weight.dim()
 
 
-def check_layer(weight: Tensor, u: Tensor, v: Tensor, dim: int, where: str) -> int:
+def check_layer(weight: Tensor, u: Tensor, v: Tensor, dim: int, where: object) -> int:
     """Validate one layer's weight and its u, v; return ``dim`` made non-negative."""
     dim = check_weight(weight, dim, where)
     rows = weight.shape[dim]
@@ -70,6 +70,17 @@ def _check_iteration(n_power_iterations: int, eps: float) -> None:
         raise ValueError(f"eps must be positive, got {eps}")
 
 
+class _LayerName:
+    """'layer i (weight of shape ...)', formatted only when an error message needs it
+    (the checks run for every layer on every forward)."""
+
+    def __init__(self, index: int, weight: Tensor) -> None:
+        self.index, self.weight = index, weight
+
+    def __str__(self) -> str:
+        return f"layer {self.index} (weight of shape {tuple(self.weight.shape)})"
+
+
 def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor], dims: Sequence[int]) -> List[int]:
     if not (len(weights) == len(us) == len(vs) == len(dims)) or not weights:
         raise ValueError(
@@ -79,10 +90,11 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
     first = weights[0]
     checked = []
     for i, (w, u, v, d) in enumerate(zip(weights, us, vs, dims)):
-        where = f"layer {i} (weight of shape {tuple(w.shape)})"
-        checked.append(check_layer(w, u, v, d, where))
+        checked.append(check_layer(w, u, v, d, _LayerName(i, w)))
         if w.dtype != first.dtype or w.device != first.device:
-            raise TypeError(f"{where}: all weights must share dtype and device; layer 0 is {first.dtype} on {first.device}")
+            raise TypeError(
+                f"{_LayerName(i, w)}: all weights must share dtype and device; layer 0 is {first.dtype} on {first.device}"
+            )
     return checked
 
 
@@ -142,7 +154,7 @@ def _in_place(weights: Sequence[Tensor], vs: Sequence[Tensor], dims: Sequence[in
     runs of a dense (A, M, B) block."""
     views, v_views, perms, new_dims = [], [], [], []
     for w, v, d in zip(weights, vs, dims):
-        layout = _layout(tuple(w.shape), tuple(w.stride()), d, w.device)
+        layout = ((), d, None) if w.is_contiguous() else _layout(tuple(w.shape), tuple(w.stride()), d, w.device)
         if layout is None:
             views.append(w.contiguous())
             v_views.append(v)
@@ -150,7 +162,7 @@ def _in_place(weights: Sequence[Tensor], vs: Sequence[Tensor], dims: Sequence[in
             new_dims.append(d)
             continue
         order, dim_in_view, perm = layout
-        views.append(w.permute(order))
+        views.append(w.permute(order) if order else w)
         new_dims.append(dim_in_view)
         perms.append(perm)
         v_views.append(v if perm is None else v[perm[0]])
@@ -165,8 +177,7 @@ def _columns_back(v_out: Tensor, perms, sizes: Sequence[int]) -> Tensor:
     return torch.cat([part if p is None else part[p[1]] for part, p in zip(parts, perms)])
 
 
-@torch.library.custom_op("fastgan::spectral_norm_power_iteration", mutates_args=())
-def spectral_norm_power_iteration(
+def _power_iteration(
     weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, u_first: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dim = check_layer(weight, u, v, dim, "spectral_norm_power_iteration")
@@ -180,6 +191,11 @@ def spectral_norm_power_iteration(
     return u_out, _columns_back(v_out, perms, [v.numel()]), sigma
 
 
+spectral_norm_power_iteration = torch.library.custom_op("fastgan::spectral_norm_power_iteration", mutates_args=())(
+    _power_iteration
+)
+
+
 @spectral_norm_power_iteration.register_fake
 def _(weight, u, v, dim, n_power_iterations, eps, u_first):
     check_layer(weight, u, v, dim, "spectral_norm_power_iteration")
@@ -187,8 +203,7 @@ def _(weight, u, v, dim, n_power_iterations, eps, u_first):
     return torch.empty_like(u), torch.empty_like(v), weight.new_empty(())
 
 
-@torch.library.custom_op("fastgan::spectral_norm_power_iteration_multi", mutates_args=())
-def spectral_norm_power_iteration_multi(
+def _power_iteration_multi(
     weights: List[Tensor],
     us: List[Tensor],
     vs: List[Tensor],
@@ -210,6 +225,11 @@ def spectral_norm_power_iteration_multi(
     return u_out, _columns_back(v_out, perms, [v.numel() for v in vs]), sigma
 
 
+spectral_norm_power_iteration_multi = torch.library.custom_op(
+    "fastgan::spectral_norm_power_iteration_multi", mutates_args=()
+)(_power_iteration_multi)
+
+
 @spectral_norm_power_iteration_multi.register_fake
 def _(weights, us, vs, dims, n_power_iterations, eps, u_first):
     _check_multi(weights, us, vs, dims)
@@ -226,8 +246,12 @@ def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim:
 
 
 @spectral_normalize.register_fake
-def _(weight, u, v, sigma, dim):
+def _normalize_fake(weight, u, v, sigma, dim):
     return torch.empty_like(weight)
+
+
+# The C++ twin (fastgan_C::spectral_normalize, autograd in C++) gets the same fake.
+_backend.when_extension_loads(lambda: torch.library.register_fake("fastgan_C::spectral_normalize", _normalize_fake))
 
 
 def _normalize_setup_context(ctx, inputs, output):
@@ -248,3 +272,46 @@ def _normalize_backward(ctx, grad):
 
 
 spectral_normalize.register_autograd(_normalize_backward, setup_context=_normalize_setup_context)
+
+_NORMALIZE = _backend.register(
+    "spectral_normalize",
+    {
+        "reference": spectral_normalize,
+        "cpp": _backend.extension_op("spectral_normalize"),
+        "cuda": _backend.extension_op("spectral_normalize"),
+    },
+    {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
+    "the same division; the C++ op's autograd skips ~20 us of Python per call (one call per SN layer per forward)",
+)
+
+
+# The modules' entry points. They run once per spectral-normalized layer per forward, where
+# a Python custom op's dispatch costs ~10-20 µs and enough short-lived Python objects to
+# keep the garbage collector busy (~1 ms per SNDCGAN forward). So in eager mode they call
+# the fastest implementation directly; under torch.compile they trace the ops, whose
+# overhead the compiled graph does not pay.
+
+
+def power_iteration(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, u_first: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`spectral_norm_power_iteration` for the modules."""
+    if torch.compiler.is_compiling():
+        return spectral_norm_power_iteration(weight, u, v, dim, n_power_iterations, eps, u_first)
+    return _power_iteration(weight, u, v, dim, n_power_iterations, eps, u_first)
+
+
+def power_iteration_multi(
+    weights: List[Tensor], us: List[Tensor], vs: List[Tensor], dims: List[int], n_power_iterations: int, eps: float, u_first: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`spectral_norm_power_iteration_multi` for the modules."""
+    if torch.compiler.is_compiling():
+        return spectral_norm_power_iteration_multi(weights, us, vs, dims, n_power_iterations, eps, u_first)
+    return _power_iteration_multi(weights, us, vs, dims, n_power_iterations, eps, u_first)
+
+
+def normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    """:func:`spectral_normalize` for the modules: its C++ twin (autograd in C++) where built."""
+    if torch.compiler.is_compiling():
+        return spectral_normalize(weight, u, v, sigma, dim)
+    return _NORMALIZE(weight.device)(weight, u, v, sigma, dim)
