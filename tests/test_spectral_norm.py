@@ -18,7 +18,7 @@ from torch import nn
 import fastgan
 import importlib
 from fastgan.reference import spectral_norm as reference
-from conftest import KERNEL_BACKENDS, device_backends
+from conftest import DEVICES, KERNEL_BACKENDS, device_backends
 
 fsn = importlib.import_module("fastgan.nn.spectral_norm")  # the module; fastgan.nn.spectral_norm is the function
 
@@ -438,10 +438,11 @@ def test_gradcheck_normalize(dim, impl):
     assert torch.autograd.gradgradcheck(normalize, (weight,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("shape,dim", [((7, 5, 3, 3), 0), ((5, 7, 4, 4), 1), ((9, 13), 0)])
-def test_cpp_normalize_matches_python_to_second_order(shape, dim, dtype):
-    weight, u, v = _layer_inputs(shape, dim, dtype, "cpu")
+def test_cpp_normalize_matches_python_to_second_order(shape, dim, dtype, device):
+    weight, u, v = _layer_inputs(shape, dim, dtype, device)
     sigma = torch.dot(u.double(), reference.weight_matrix(weight.double(), dim) @ v.double()).to(dtype)
     grad, grad_grad = torch.randn_like(weight), torch.randn_like(weight)
     results = []
@@ -482,6 +483,8 @@ def test_cpp_normalize_forward_is_the_exact_division(make_weight, threads, one_t
 
 def test_modules_run_the_cpp_normalize_on_cpu():
     assert fastgan.backends()["ops"]["spectral_normalize"]["cpu"]["runs"] == "cpp"
+    if torch.cuda.is_available():
+        assert fastgan.backends()["ops"]["spectral_normalize"]["cuda"]["runs"] == "cuda"
     with fastgan.use_backend("reference"):
         assert fastgan.backends()["ops"]["spectral_normalize"]["cpu"]["runs"] == "reference"
 
