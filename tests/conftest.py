@@ -3,6 +3,8 @@
 TRITON_INTERPRET must be set before triton (fastgan.kernels) is first imported,
 so it is set here, at collection, whenever no GPU is visible.
 """
+import errno
+import io
 import os
 import sys
 
@@ -80,3 +82,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class FullDisk(io.RawIOBase):
+    """A file whose writes fail like a full disk's once ``room`` bytes are written."""
+
+    def __init__(self, file, room=0):
+        self.file, self.room = file, room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        self.file.close()
+        super().close()

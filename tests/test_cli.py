@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import FullDisk
 from fastgan.__main__ import main
 from fastgan.metrics.inception import find_fid_helper_weights
 
@@ -259,8 +260,6 @@ def test_train_into_a_read_only_out_dir(tmp_path, monkeypatch, capsys):
 
 
 def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    import errno
-
     from fastgan.train import checkpoint
 
     run = tmp_path / "run"
@@ -268,23 +267,7 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch, c
     capsys.readouterr()
     saved = (run / "checkpoint.pt").read_bytes()
 
-    class FullDisk:
-        def __init__(self, name, mode):
-            self.file = open(name, mode)
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-    monkeypatch.setattr(checkpoint, "open", FullDisk, raising=False)
+    monkeypatch.setattr(checkpoint, "open", lambda name, mode: FullDisk(open(name, mode)), raising=False)
     assert main(["train", "--resume", *TINY_RUN, "steps=2", f"out_dir={run}"]) == 1
     err = _one_line_error(capsys)
     assert f"error: {run / 'checkpoint.pt'}: no space left on the device" in err and "--resume" in err

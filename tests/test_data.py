@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 import torch
 
+from conftest import FullDisk
 from fastgan.train import data
 from fastgan.train.data import DATASETS, ImageData, load_dataset
 
@@ -173,22 +174,6 @@ def test_cifar10_write_failure_names_the_archive(cifar_archive, tmp_path, monkey
     import errno
 
     real_open = builtins.open
-
-    class FullDisk:
-        def __init__(self, file):
-            self.file = file
-
-        def write(self, chunk):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
 
     def open_full(path, mode="r", *args, **kwargs):
         file = real_open(path, mode, *args, **kwargs)

@@ -1,13 +1,13 @@
 """Atomic files (fastgan.files) and checkpoints (fastgan.train.checkpoint): permissions,
 stale temporary files, a full disk, and files that are not checkpoints."""
 import errno
-import io
 import os
 import pickle
 
 import pytest
 import torch
 
+from conftest import FullDisk
 from fastgan.train import checkpoint
 from fastgan.files import atomic_file, atomic_folder, remove_stale_parts, write_text_atomic
 
@@ -64,35 +64,12 @@ def test_atomic_file_never_reuses_an_existing_name(tmp_path, monkeypatch):
     assert (tmp_path / ".out.txt.taken.part").read_text() == "another writer's file"
 
 
-class _FullDisk(io.RawIOBase):
-    """A file whose writes fail like a full disk's after ``room`` bytes."""
-
-    def __init__(self, file, room):
-        self.file, self.room = file, room
-
-    def writable(self):
-        return True
-
-    def write(self, data):
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def fileno(self):
-        return self.file.fileno()
-
-    def close(self):
-        self.file.close()
-        super().close()
-
-
 @pytest.mark.parametrize("room", [0, 1000])
 def test_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch, room):
     path = tmp_path / "checkpoint.pt"
     previous = {"format": checkpoint.FORMAT, "step": 1, "weights": torch.randn(7)}
     checkpoint.save_atomic(previous, path)
-    monkeypatch.setattr(checkpoint, "open", lambda name, mode: _FullDisk(open(name, mode), room), raising=False)
+    monkeypatch.setattr(checkpoint, "open", lambda name, mode: FullDisk(open(name, mode), room), raising=False)
     with pytest.raises(OSError) as error:
         checkpoint.save_atomic({"format": checkpoint.FORMAT, "step": 2, "weights": torch.randn(100_000)}, path)
     assert error.value.errno == errno.ENOSPC and error.value.filename == str(path)
