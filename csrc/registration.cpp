@@ -1,8 +1,8 @@
 // The fastgan_C operator library: schemas here, kernels in cpu/*.cpp and cuda/*.cu
 // (TORCH_LIBRARY_IMPL per device) or, for ops made of ATen calls, one implementation for
 // every device (frechet.cpp, spectral_normalize.cpp). Python wraps these as the fastgan::*
-// ops, which add validation, fake tensors and autograd (fastgan/ops/); spectral_normalize,
-// run once per layer per forward, carries its own autograd in C++ instead.
+// ops, which add validation, fake tensors and autograd (fastgan/ops/); spectral_normalize
+// and spectral_norm_weight, run once per layer per forward, carry their autograd in C++.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -14,6 +14,9 @@ TORCH_LIBRARY(fastgan_C, m) {
       "spectral_norm_power_iteration_multi(Tensor[] weights, Tensor[] us, Tensor[] vs, int[] dims, "
       "int n_power_iterations, float eps, bool u_first) -> (Tensor, Tensor, Tensor)");
   m.def("spectral_normalize(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
+  m.def(
+      "spectral_norm_weight(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float eps, "
+      "bool u_first) -> Tensor");
   m.def("gp_interpolate(Tensor real, Tensor fake, Tensor? alpha, int seed) -> (Tensor, Tensor)");
   m.def("dragan_perturb(Tensor real, int seed) -> Tensor");
   m.def(

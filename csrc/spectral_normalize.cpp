@@ -11,6 +11,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "spectral_norm.h"
@@ -70,10 +71,35 @@ at::Tensor normalize_autograd(const at::Tensor& weight, const at::Tensor& u, con
   return SpectralNormalize::apply(weight, u, v, sigma, dim);
 }
 
+// A spectral-norm layer's whole forward in one call: the power iteration (no gradient),
+// the new u, v written into the buffers, and W / sigma with its gradient. The same two
+// ops the Python path calls, composed here so that a layer crosses from Python once.
+at::Tensor spectral_norm_weight(const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim,
+                                int64_t n_power_iterations, double eps, bool u_first) {
+  static auto iterate =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastgan_C::spectral_norm_power_iteration", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, int64_t, int64_t, double, bool)>();
+  dim = at::maybe_wrap_dim(dim, weight.dim());
+  at::Tensor u_new, v_new, sigma;
+  {
+    at::NoGradGuard no_grad;
+    std::tie(u_new, v_new, sigma) = iterate.call(weight.detach(), u, v, dim, n_power_iterations, eps, u_first);
+    if (n_power_iterations > 0) {
+      u.copy_(u_new);
+      v.copy_(v_new);
+    }
+  }
+  return normalize_autograd(weight, u_new, v_new, sigma, dim);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgan_C, CUDA, m) { m.impl("spectral_normalize", &normalize_forward_cuda); }
 
 TORCH_LIBRARY_IMPL(fastgan_C, Autograd, m) { m.impl("spectral_normalize", &normalize_autograd); }
+
+TORCH_LIBRARY_IMPL(fastgan_C, CompositeImplicitAutograd, m) { m.impl("spectral_norm_weight", &spectral_norm_weight); }
 
 }  // namespace fastgan

@@ -481,6 +481,69 @@ def test_cpp_normalize_forward_is_the_exact_division(make_weight, threads, one_t
     assert out.stride() == expected.stride()
 
 
+def _fused():
+    fastgan._backend.extension()
+    return torch.ops.fastgan_C.spectral_norm_weight
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("steps,u_first", [(1, True), (3, False), (0, True)])
+@pytest.mark.parametrize("shape,dim", [((37, 3, 3, 3), 0), ((5, 11, 4, 4), 1), ((600, 1200), 0)])
+def test_fused_layer_forward_is_the_ops_one_by_one(shape, dim, steps, u_first, dtype, device):
+    # The modules' one-call forward against the ops it composes: same W / σ, same buffer
+    # updates, same gradient, bit for bit.
+    weight, u, v = _layer_inputs(shape, dim, dtype, device)
+    results = []
+    for fused in (True, False):
+        w, u_buf, v_buf = weight.clone().requires_grad_(), u.clone(), v.clone()
+        if fused:
+            out = _fused()(w, u_buf, v_buf, dim, steps, 1e-12, u_first)
+        else:
+            with torch.no_grad():
+                u_new, v_new, sigma = OPS.spectral_norm_power_iteration(w.detach(), u_buf, v_buf, dim, steps, 1e-12, u_first)
+            if steps:
+                u_buf.copy_(u_new)
+                v_buf.copy_(v_new)
+            out = OPS.spectral_normalize(w, u_new, v_new, sigma, dim)
+        (grad,) = torch.autograd.grad(out, w, torch.ones_like(out))
+        results.append((out, u_buf, v_buf, grad))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    if steps == 0:
+        assert torch.equal(results[0][1], u) and torch.equal(results[0][2], v)
+
+
+def test_fused_layer_forward_opcheck_and_gradcheck():
+    weight, u, v = _layer_inputs((7, 3, 2, 2), 0, torch.float64, "cpu")
+    torch.library.opcheck(_fused().default, (weight.requires_grad_(), u, v, 0, 1, 1e-12, True))
+    fixed_u, fixed_v = u.clone(), v.clone()
+
+    def forward(w):  # from the same u, v every time, so the numerical Jacobian sees one function
+        return _fused()(w, fixed_u.clone(), fixed_v.clone(), 0, 0, 1e-12, True)
+
+    assert torch.autograd.gradcheck(forward, (weight,))
+    assert torch.autograd.gradgradcheck(forward, (weight,))
+
+
+def test_modules_make_one_call_per_layer_for_contiguous_weights(monkeypatch):
+    calls = []
+    one_by_one = fsn.ops.power_iteration
+    monkeypatch.setattr(fsn.ops, "power_iteration", lambda *a: calls.append(1) or one_by_one(*a))
+    layer = fastgan.nn.spectral_norm(nn.Conv2d(3, 8, 3))
+    layer.weight
+    assert calls == []  # the fused C++ call
+    layer.parametrizations.weight.original.data = layer.parametrizations.weight.original.data.to(
+        memory_format=torch.channels_last
+    )
+    layer.weight
+    assert calls == [1]  # channels-last: the ops one by one, reading W in place
+    with fastgan.use_backend("reference"):
+        layer.parametrizations.weight.original.data = layer.parametrizations.weight.original.data.contiguous()
+        layer.weight
+    assert calls == [1, 1]
+
+
 def test_modules_run_the_cpp_normalize_on_cpu():
     assert fastgan.backends()["ops"]["spectral_normalize"]["cpu"]["runs"] == "cpp"
     if torch.cuda.is_available():

@@ -50,12 +50,7 @@ def normalized_weight(
     updates the buffers again does not invalidate this one's backward."""
     if weight.is_complex():
         return _complex_normalized_weight(weight, u, v, dim, n_power_iterations, eps)
-    with torch.no_grad():
-        u_new, v_new, sigma = ops.power_iteration(weight.detach(), u, v, dim, n_power_iterations, eps, u_first)
-        if n_power_iterations > 0:
-            u.copy_(u_new)
-            v.copy_(v_new)
-    return ops.normalize(weight, u_new, v_new, sigma, dim)
+    return ops.normalized_weight(weight, u, v, dim, n_power_iterations, eps, u_first)
 
 
 def _complex_normalized_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float) -> Tensor:

@@ -197,7 +197,7 @@ spectral_norm_power_iteration = torch.library.custom_op("fastgan::spectral_norm_
 
 
 @spectral_norm_power_iteration.register_fake
-def _(weight, u, v, dim, n_power_iterations, eps, u_first):
+def _power_iteration_fake(weight, u, v, dim, n_power_iterations, eps, u_first):
     check_layer(weight, u, v, dim, "spectral_norm_power_iteration")
     _check_iteration(n_power_iterations, eps)
     return torch.empty_like(u), torch.empty_like(v), weight.new_empty(())
@@ -250,8 +250,6 @@ def _normalize_fake(weight, u, v, sigma, dim):
     return torch.empty_like(weight)
 
 
-# The C++ twin (fastgan_C::spectral_normalize, autograd in C++) gets the same fake.
-_backend.when_extension_loads(lambda: torch.library.register_fake("fastgan_C::spectral_normalize", _normalize_fake))
 
 
 def _normalize_setup_context(ctx, inputs, output):
@@ -316,3 +314,35 @@ def normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> 
     if torch.compiler.is_compiling():
         return spectral_normalize(weight, u, v, sigma, dim)
     return _NORMALIZE(weight.device)(weight, u, v, sigma, dim)
+
+
+def normalized_weight(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, u_first: bool
+) -> Tensor:
+    """A layer's forward: W / σ after ``n_power_iterations`` steps (0: eval mode), with the new
+    u, v written into the buffers ``u``, ``v``. Where the power iteration runs on a C++ backend
+    and W is contiguous, that is one call, ``torch.ops.fastgan_C.spectral_norm_weight`` (the
+    same two ops composed in C++); otherwise the ops one by one (other layouts are read in
+    place by the power-iteration op). The result saves fresh copies of u, v for its backward."""
+    if (
+        not torch.compiler.is_compiling()
+        and weight.is_contiguous()
+        and _POWER_ITERATION.choose(weight.device.type)[0] in ("cpp", "cuda")
+    ):
+        _check_iteration(n_power_iterations, eps)
+        return torch.ops.fastgan_C.spectral_norm_weight(weight, u, v, dim, n_power_iterations, eps, u_first)
+    with torch.no_grad():
+        u_new, v_new, sigma = power_iteration(weight.detach(), u, v, dim, n_power_iterations, eps, u_first)
+        if n_power_iterations > 0:
+            u.copy_(u_new)
+            v.copy_(v_new)
+    return normalize(weight, u_new, v_new, sigma, dim)
+
+
+def _fake_extension_ops() -> None:
+    torch.library.register_fake("fastgan_C::spectral_normalize", _normalize_fake)
+    # for spectral_norm_weight, which is made of it and spectral_normalize
+    torch.library.register_fake("fastgan_C::spectral_norm_power_iteration", _power_iteration_fake)
+
+
+_backend.when_extension_loads(_fake_extension_ops)
