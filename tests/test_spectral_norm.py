@@ -526,6 +526,28 @@ def test_fused_layer_forward_opcheck_and_gradcheck():
     assert torch.autograd.gradgradcheck(forward, (weight,))
 
 
+@pytest.mark.parametrize("form", ["per-layer", "apply"])
+def test_drop_ins_under_function_transforms(form):
+    # jacrev / vmap / jvp cannot run C++ autograd functions: the modules take the registered
+    # ops there (eval mode: no power iteration, as a transformed forward should be).
+    theirs, ours = _sn_pair(torch.float64, "cpu", None)
+    if form == "per-layer":
+        ours = _small_discriminator().double()
+        for m in ours.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                fastgan.nn.spectral_norm(m)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval(), ours.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    single = lambda model: (lambda xi: model(xi[None])[0])
+    torch.testing.assert_close(torch.func.vmap(single(ours))(x), torch.func.vmap(single(theirs))(x), **TOL[torch.float64])
+    torch.testing.assert_close(torch.func.jacrev(single(ours))(x[0]), torch.func.jacrev(single(theirs))(x[0]), **TOL[torch.float64])
+    tangent = torch.randn_like(x)
+    torch.testing.assert_close(
+        torch.func.jvp(ours, (x,), (tangent,))[1], torch.func.jvp(theirs, (x,), (tangent,))[1], **TOL[torch.float64]
+    )
+
+
 def test_modules_make_one_call_per_layer_for_contiguous_weights(monkeypatch):
     calls = []
     one_by_one = fsn.ops.power_iteration

@@ -287,15 +287,21 @@ _NORMALIZE = _backend.register(
 # The modules' entry points. They run once per spectral-normalized layer per forward, where
 # a Python custom op's dispatch costs ~10-20 µs and enough short-lived Python objects to
 # keep the garbage collector busy (~1 ms per SNDCGAN forward). So in eager mode they call
-# the fastest implementation directly; under torch.compile they trace the ops, whose
-# overhead the compiled graph does not pay.
+# the fastest implementation directly, except where only the registered ops will do.
+
+
+def _registered_ops_only() -> bool:
+    """torch.compile traces the registered ops (the compiled graph does not pay their
+    dispatch), and functorch transforms (jvp, vmap, grad: fastgan.diagnostics uses them)
+    cannot run the C++ autograd functions of the fastgan_C ops."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def power_iteration(
     weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, u_first: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`spectral_norm_power_iteration` for the modules."""
-    if torch.compiler.is_compiling():
+    if _registered_ops_only():
         return spectral_norm_power_iteration(weight, u, v, dim, n_power_iterations, eps, u_first)
     return _power_iteration(weight, u, v, dim, n_power_iterations, eps, u_first)
 
@@ -304,14 +310,14 @@ def power_iteration_multi(
     weights: List[Tensor], us: List[Tensor], vs: List[Tensor], dims: List[int], n_power_iterations: int, eps: float, u_first: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`spectral_norm_power_iteration_multi` for the modules."""
-    if torch.compiler.is_compiling():
+    if _registered_ops_only():
         return spectral_norm_power_iteration_multi(weights, us, vs, dims, n_power_iterations, eps, u_first)
     return _power_iteration_multi(weights, us, vs, dims, n_power_iterations, eps, u_first)
 
 
 def normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
     """:func:`spectral_normalize` for the modules: its C++ twin (autograd in C++) where built."""
-    if torch.compiler.is_compiling():
+    if _registered_ops_only():
         return spectral_normalize(weight, u, v, sigma, dim)
     return _NORMALIZE(weight.device)(weight, u, v, sigma, dim)
 
@@ -325,7 +331,7 @@ def normalized_weight(
     same two ops composed in C++); otherwise the ops one by one (other layouts are read in
     place by the power-iteration op). The result saves fresh copies of u, v for its backward."""
     if (
-        not torch.compiler.is_compiling()
+        not _registered_ops_only()
         and weight.is_contiguous()
         and _POWER_ITERATION.choose(weight.device.type)[0] in ("cpp", "cuda")
     ):
