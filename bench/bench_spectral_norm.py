@@ -10,11 +10,13 @@ Two groups, each with torch's parametrization
   and the single-layer op once per layer.
 * ``normalized weights``: the refresh plus W / sigma for every layer: all that one
   training forward spends on SN. torch's modules against fastgan's
-  ``apply_spectral_norm`` and the drop-in ``fastgan.nn.spectral_norm`` on each layer.
+  ``apply_spectral_norm``, the drop-in ``fastgan.nn.spectral_norm`` on each layer and
+  the hook-form drop-in ``fastgan.nn.utils.spectral_norm`` (compare it with torch's hook form).
 
 Before timing, every variant runs once from the same weights and u, v as torch's
 parametrization and must give the same u, v (refresh) or W / sigma (normalized
-weights), within float32 round-off. Rates: bytes = the floor, W read once
+weights), within float32 round-off; the hook forms iterate v first, so fastgan's is
+checked against torch's. Rates: bytes = the floor, W read once
 (+ W / sigma written once).
 
 Run: pytest bench/bench_spectral_norm.py --benchmark-only (see bench/conftest.py)
@@ -39,8 +41,10 @@ BACKENDS = timing.kernel_backends(DEVICE, "spectral_norm_power_iteration_multi",
 TORCH_PARAM, TORCH_HOOK = "torch parametrizations.spectral_norm", "torch utils.spectral_norm (hook)"
 REFRESH = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
                                       for kind in ("fastgan apply_spectral_norm", "fastgan single-layer op x8")]
+FASTGAN_HOOK = "fastgan utils.spectral_norm (hook) per layer"
 NORMALIZED = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
-                                         for kind in ("fastgan apply_spectral_norm", "fastgan spectral_norm per layer")]
+                                         for kind in ("fastgan apply_spectral_norm", "fastgan spectral_norm per layer",
+                                                      FASTGAN_HOOK)]
 RTOL = 1e-5  # float32: one power iteration over <= 4608-long dot products
 
 
@@ -101,6 +105,10 @@ class Models:
     def fastgan_per_layer(self, backend: str) -> nn.Module:
         with fastgan.use_backend(backend):
             return self._copy(fastgan.nn.spectral_norm, per_layer=True)
+
+    def fastgan_hook(self, backend: str) -> nn.Module:
+        with fastgan.use_backend(backend):
+            return self._copy(fastgan.nn.utils.spectral_norm, per_layer=True)
 
 
 def uv(model: nn.Module) -> List[Tuple[Tensor, Tensor]]:
@@ -173,21 +181,29 @@ def refresh_fn(name: str, models: Models) -> Tuple[Callable[[], object], nn.Modu
     return single_layer_ops, model, backend
 
 
+def hook_forward(model: nn.Module, backend: str) -> Callable[[], List[Tensor]]:
+    """What a forward of a hook-form model spends on SN: each layer's pre-hook, then its weight."""
+    layers = weight_layers(model)
+    hooks = [(m, next(iter(m._forward_pre_hooks.values()))) for m in layers]
+
+    def forward():
+        with fastgan.use_backend(backend or None):
+            for m, hook in hooks:
+                hook(m, ())
+            return [m.weight for m in layers]
+
+    return forward
+
+
 def normalized_fn(name: str, models: Models) -> Callable[[], List[Tensor]]:
     if name == TORCH_PARAM:
         layers = weight_layers(models.torch_param())
         return lambda: [m.weight for m in layers]
     if name == TORCH_HOOK:
-        layers = weight_layers(models.torch_hook())
-        hooks = [(m, next(iter(m._forward_pre_hooks.values()))) for m in layers]
-
-        def torch_hook():
-            for m, hook in hooks:
-                hook(m, ())
-            return [m.weight for m in layers]
-
-        return torch_hook
+        return hook_forward(models.torch_hook(), "")
     kind, backend = name[:-1].split(" [")
+    if kind == FASTGAN_HOOK:
+        return hook_forward(models.fastgan_hook(backend), backend)
     if kind == "fastgan apply_spectral_norm":
         model = models.fastgan_grouped(backend)
         hook, layers = grouped_refresh_hook(model), weight_layers(model)
@@ -244,11 +260,20 @@ def test_refresh(benchmark, models, torch_refresh, name):
                    bytes=models.weight_bytes, warmup=5)
 
 
+@pytest.fixture(scope="module")
+def torch_hook_normalized(models):
+    with torch.no_grad():
+        return [w.detach().clone() for w in normalized_fn(TORCH_HOOK, models)()]
+
+
 @pytest.mark.parametrize("name", NORMALIZED)
-def test_normalized_weights(benchmark, models, torch_normalized, name):
+def test_normalized_weights(benchmark, models, torch_normalized, torch_hook_normalized, name):
     fn = normalized_fn(name, models)
-    if name != TORCH_HOOK:
-        with torch.no_grad():
+    # The hook form iterates v first: its W / sigma is checked against torch's hook form.
+    with torch.no_grad():
+        if name.startswith(FASTGAN_HOOK):
+            assert_close(fn(), torch_hook_normalized, f"{name}: W / sigma (against torch's hook form)")
+        elif name != TORCH_HOOK:
             assert_close(fn(), torch_normalized, f"{name}: W / sigma")
     timing.measure(benchmark, fn, name, baseline=name == TORCH_PARAM, group="spectral_norm: normalized weights",
                    bytes=2 * models.weight_bytes, warmup=5)

@@ -100,7 +100,7 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
 
 _ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _BASIS = (
-    "CPU: bench/results/spectral_norm-cpu-2026-11-27.md, SNDCGAN D refresh cpp 3.42x torch, reference 0.89x; "
+    "CPU: bench/results/spectral_norm-cpu-2026-11-27.md, SNDCGAN D refresh cpp 3.45x torch, reference 0.92x; "
     "CUDA: not measured yet (make gpu-check), the CUDA C++ kernel first for its 16-byte vector loads"
 )
 _POWER_ITERATION = _backend.register(
@@ -280,7 +280,7 @@ _NORMALIZE = _backend.register(
     },
     {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
     "the same division; the C++ op's autograd skips ~20 us of Python per call (one call per SN layer per forward); "
-    "bench/results/spectral_norm-cpu-2026-11-27.md: drop-in forward 2.39x torch with it and the one-call layer forward",
+    "bench/results/spectral_norm-cpu-2026-11-27.md: drop-in forward 2.92x torch with it and the one-call layer forward",
 )
 
 
