@@ -211,10 +211,10 @@ def targets(groups: dict, device_type: str) -> List[Tuple[str, str, Optional[boo
     normalized = _find(groups, "spectral_norm", "spectral_norm: normalized weights")
     training = {name: rows for name, rows in groups.get("training", {}).items()}
     if device_type == "cuda":
-        best = _best(refresh, "fastgan apply_spectral_norm")
+        best = _best(refresh, "fastgan multi-layer op")
         add("SN refresh, whole SNDCGAN D <= 25 µs", best and best["median_us"],
             f"{best['median_us']:.1f} µs ({best['variant']})" if best else "not measured", bool(best) and best["median_us"] <= 25)
-        value, text = _speedup(refresh, "fastgan apply_spectral_norm")
+        value, text = _speedup(refresh, "fastgan multi-layer op")
         add("SN refresh >= 20x torch parametrization", value, text, value is not None and value >= 20)
         value, text = _speedup(_find(groups, "gradient_penalty", "gradient_penalty: wgan-gp"), "fastgan")
         add("WGAN-GP D step >= 1.3x plain autograd", value, text, value is not None and value >= 1.3)

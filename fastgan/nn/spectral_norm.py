@@ -202,7 +202,9 @@ class _GroupedPowerIteration:
     """Forward pre-hook of a model under :func:`apply_spectral_norm`: one multi-tensor
     power-iteration launch for all its SN layers, whose results each layer consumes
     on its first weight access in that forward. A layer accessed again (weight
-    sharing) or outside the model's forward iterates on its own, as torch's would."""
+    sharing) or outside the model's forward iterates on its own, as torch's would.
+    Where one launch does not pay (:func:`fastgan.ops.spectral_norm.one_launch_pays`:
+    the CPU C++ backend) the hook leaves every layer to its own one-call forward."""
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         self.layers = list(layers)
@@ -212,6 +214,8 @@ class _GroupedPowerIteration:
         self.params: List[SpectralNorm] = [plist[0] for plist in self.lists]
 
     def __call__(self, model: nn.Module, inputs) -> None:
+        if not ops.one_launch_pays(self.params[0]._u.device):
+            return
         for training in (True, False):
             # Complex layers iterate on their own (the multi-tensor op is real-only).
             group = [
@@ -258,8 +262,9 @@ def apply_spectral_norm(
 ) -> nn.Module:
     """Apply :func:`spectral_norm` to every layer of ``model`` of ``layer_types``
     (Conv, ConvTranspose and Linear by default) and batch their power iterations
-    into one multi-tensor launch per model forward. Per-layer results equal
-    layer-by-layer spectral norm. Returns ``model``."""
+    into one multi-tensor launch per model forward (on the GPU and with the Triton or
+    reference kernels; on the CPU's C++ kernels each layer's own forward is faster).
+    Per-layer results equal layer-by-layer spectral norm. Returns ``model``."""
     layers = []
     for qualified, module in model.named_modules():
         if isinstance(module, tuple(layer_types)) and not parametrize.is_parametrized(module, "weight"):

@@ -100,7 +100,7 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
 
 _ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _BASIS = (
-    "CPU: bench/results/spectral_norm-cpu-2026-11-27.md, SNDCGAN D refresh cpp 3.45x torch, reference 0.92x; "
+    "CPU: bench/results/spectral_norm-cpu-2026-11-27.md, SNDCGAN D refresh cpp 3.47x torch (multi-layer op 2.79x), reference 0.92x; "
     "CUDA: not measured yet (make gpu-check), the CUDA C++ kernel first for its 16-byte vector loads"
 )
 _POWER_ITERATION = _backend.register(
@@ -280,7 +280,7 @@ _NORMALIZE = _backend.register(
     },
     {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
     "the same division; the C++ op's autograd skips ~20 us of Python per call (one call per SN layer per forward); "
-    "bench/results/spectral_norm-cpu-2026-11-27.md: drop-in forward 2.92x torch with it and the one-call layer forward",
+    "bench/results/spectral_norm-cpu-2026-11-27.md: drop-in forward 3.05x torch with it and the one-call layer forward",
 )
 
 
@@ -343,6 +343,16 @@ def normalized_weight(
             u.copy_(u_new)
             v.copy_(v_new)
     return normalize(weight, u_new, v_new, sigma, dim)
+
+
+def one_launch_pays(device: torch.device) -> bool:
+    """Whether ``apply_spectral_norm`` should run its layers' power iterations as one
+    multi-layer launch on ``device``: yes, except where that op runs on the CPU C++ backend.
+    There a launch is a function call, and each layer's own one-call forward keeps W in
+    cache between its power iteration and W / σ: the SNDCGAN discriminator's
+    apply_spectral_norm forward measured 1.88-2.07x torch's grouped, 3.26x layer by layer
+    (bench/results/spectral_norm-cpu-2026-11-27.md, two threads)."""
+    return _POWER_ITERATION_MULTI.choose(device.type)[0] != "cpp"
 
 
 def _fake_extension_ops() -> None:
