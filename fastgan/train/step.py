@@ -99,42 +99,46 @@ class GANStep:
             fake = self.G_fast(z).to(real.dtype)
             if self.lens is not None:
                 real = self.lens(real).to(fake.dtype)
-        if config.mixed_batches:
-            return self._mixed_discriminator_update(real, fake, mask)
         with self._autocast():
-            logits = self.D_fast(torch.cat([real, fake])).to(real.dtype)
-            real_logits, fake_logits = logits.chunk(2)
-            loss = discriminator_loss(config.loss, real_logits, fake_logits)
-            out = {"d_loss": loss.detach(), "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
-            if config.penalty != "none":
-                # Under amp the penalty's D runs in bfloat16 too; its input gradient and norm stay in real's dtype.
-                penalty = (l2_penalty(self.D) if config.penalty == "l2" else
-                           gradient_penalty(self.D_ddp, real, fake, config.penalty, alpha=alpha,
-                                            generator=0 if seed is None else seed))
-                loss = loss + config.penalty_weight * penalty.to(loss.dtype)
-                out["penalty"] = penalty.detach()
+            if config.mixed_batches:
+                loss, out = self._mixed_discriminator_loss(real, fake, mask)
+            else:
+                loss, out = self._discriminator_loss(real, fake, alpha, seed)
         self.d_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.d_optimizer.step()
         return out
 
-    def _mixed_discriminator_update(self, real: Tensor, fake: Tensor, mask: Optional[Tensor]) -> Outputs:
+    def _discriminator_loss(self, real: Tensor, fake: Tensor, alpha: Optional[Tensor], seed: Optional[int]):
+        config = self.config
+        logits = self.D_fast(torch.cat([real, fake])).to(real.dtype)
+        real_logits, fake_logits = logits.chunk(2)
+        loss = discriminator_loss(config.loss, real_logits, fake_logits)
+        out = {"d_loss": loss.detach(), "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
+        if config.penalty != "none":
+            # Under amp the penalty's D runs in bfloat16 too; its input gradient and norm stay in real's dtype.
+            penalty = (l2_penalty(self.D) if config.penalty == "l2" else
+                       gradient_penalty(self.D_ddp, real, fake, config.penalty, alpha=alpha,
+                                        generator=0 if seed is None else seed))
+            loss = self._with_penalty(loss, penalty, out)
+        return loss, out
+
+    def _mixed_discriminator_loss(self, real: Tensor, fake: Tensor, mask: Optional[Tensor]):
         config = self.config
         if mask is None:
             raise ValueError("mixed_batches=true: discriminator_update needs mask, which elements of the batch are real")
         batch = mixed_batches.mix(real, fake, mask)
-        with self._autocast():
-            logits = self.D_fast(batch.images, **self.d_kwargs).to(real.dtype)
-            loss = mixed_batches.discriminator_loss(config.loss, logits, batch.target)
-            out = {"d_loss": loss.detach(), "d_target": batch.target, "d_prediction": logits.detach().sigmoid().mean()}
-            if config.penalty == "l2":  # the only penalty config allows here: it needs no per-sample output
-                penalty = l2_penalty(self.D)
-                loss = loss + config.penalty_weight * penalty.to(loss.dtype)
-                out["penalty"] = penalty.detach()
-        self.d_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.d_optimizer.step()
-        return out
+        logits = self.D_fast(batch.images, **self.d_kwargs).to(real.dtype)
+        loss = mixed_batches.discriminator_loss(config.loss, logits, batch.target)
+        out = {"d_loss": loss.detach(), "d_target": batch.target, "d_prediction": logits.detach().sigmoid().mean()}
+        if config.penalty == "l2":  # the only penalty config allows here: it needs no per-sample output
+            loss = self._with_penalty(loss, l2_penalty(self.D), out)
+        return loss, out
+
+    def _with_penalty(self, loss: Tensor, penalty: Tensor, out: Outputs) -> Tensor:
+        """``loss`` plus the weighted penalty; the unweighted penalty goes into ``out``."""
+        out["penalty"] = penalty.detach()
+        return loss + self.config.penalty_weight * penalty.to(loss.dtype)
 
     def _lens_adversarial_loss(self, lensed: Tensor, fake: Tensor, mask: Optional[Tensor]) -> Tensor:
         """D's loss (D frozen) on the batch of the last D update with its reals lensed: what the
