@@ -15,7 +15,7 @@ from fastgan.train.losses import generator_loss
 from fastgan.train.runtime import Runtime
 from fastgan.train.step import GANStep, why_not_capturable
 from fastgan.train.trainer import CHECKPOINT, Trainer, draw_perturbations, models_for
-from training_support import TINY_TRAINING, metrics_records
+from training_support import TINY_TRAINING, metrics_records, train_in_two_processes
 
 TINY = [*TINY_TRAINING, "z_dim=8", "log_every=2", "deterministic=true"]
 
@@ -127,39 +127,16 @@ def test_bad_conditioning_keys_are_named(tmp_path, override, message):
         tiny(tmp_path, override)
 
 
-def _clamped_ddp_worker(rank, world, init_file, overrides, result_file):
-    import torch.distributed as dist
-
-    from conftest import exit_worker
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    trainer = Trainer(load_config(None, overrides))
-    trainer.fit()
-    if rank == 0:
-        torch.save(trainer.G.state_dict(), result_file)
-    exit_worker()
-
-
 def test_two_process_clamping_equals_one_process_on_the_combined_batch(tmp_path):
     """gloo, 2 CPU processes × 4 samples vs 1 process × 8, with Jacobian clamping (two forwards of
     the DDP-wrapped G before one backward, cross-process batch norm in both) and the monitor on
     rank 0: the same G weights after 3 steps, to float32 summation order (lr 1e-5, as the plain
     DDP test in test_training.py explains)."""
-    import os
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     common = TINY + ["steps=3", "deterministic=false", "log_every=0", "g_lr=1e-5", "diagnostics_condition_number_every=3",
                      "generator.jacobian_clamping={weight: 1, lambda_min: 1.5, lambda_max: 2}"]
     single = Trainer(load_config(None, common + [f"out_dir={tmp_path / 'single'}"]))
     single.fit()
-    result = str(tmp_path / "ddp.pt")
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_clamped_ddp_worker, args=(2, os.path.join(tmp, "init"), common + [f"out_dir={tmp_path / 'ddp'}"], result),
-                 nprocs=2)
-    got = torch.load(result)
+    got = train_in_two_processes(common, tmp_path / "ddp")["G"]
     # Biases just before batch norm get gradients that are pure round-off, which Adam turns into
     # steps of ±lr (and batch norm's running means follow them): only the weights are compared.
     weights = [key for key in single.G.state_dict() if key.endswith("weight") or key.endswith("running_var")]

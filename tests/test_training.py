@@ -24,10 +24,10 @@ from fastgan.train.outputs import MetricsLog, plot_curves, save_image_grid
 from fastgan.train.callbacks import Callback
 from fastgan.train.step import GANStep
 from fastgan.train.trainer import BEST, CHECKPOINT, EXIT_INTERRUPTED, SUMMARY, Trainer, draw_latents, models_for
+from training_support import TINY_TRAINING, train_in_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=0", "checkpoint_every=0",
-        "log_every=1", "progress=false", "deterministic=true"]
+TINY = TINY_TRAINING + ["deterministic=true"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -560,16 +560,6 @@ def test_cross_process_batch_norm_is_batch_norm_in_one_process():
     torch.testing.assert_close(converted(x), torch.nn.BatchNorm2d(5)(x))
 
 
-def _ddp_worker(rank, world, init_file, overrides, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    trainer = Trainer(load_config(None, overrides))
-    trainer.fit()
-    if rank == 0:
-        torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict()}, result_file)
-    exit_worker()
-
-
 def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
     """gloo, 2 CPU processes × 4 samples vs 1 process × 8: the same parameters after 3 steps,
     with spectral norm in D, batch norm in G (cross-process) and the WGAN-GP penalty.
@@ -583,11 +573,7 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
     initial = {"G": {k: v.clone() for k, v in single.G.state_dict().items()},
                "D": {k: v.clone() for k, v in single.D.state_dict().items()}}
     single.fit()
-    result = str(tmp_path / "ddp.pt")
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), common + [f"out_dir={tmp_path / 'ddp'}"], result),
-                 nprocs=2)
-    got = torch.load(result)
+    got = train_in_two_processes(common, tmp_path / "ddp")
     moved = 0.0
     for name, module in (("G", single.G), ("D", single.D)):
         expected = module.state_dict()
