@@ -257,10 +257,10 @@ def test_bad_input_is_rejected_clearly():
     metric = GeometryScore(n=2, L_0=4)
     with pytest.raises(ValueError, match="needs real_features or fake_features"):
         metric.update()
-    with pytest.raises(ValueError, match=r"2-D \(B, d\) point batch.*flatten"):
+    with pytest.raises(ValueError, match=r"must have shape \(N, d\).*flatten"):
         metric.update(real_features=torch.randn(4, 3, 8, 8))
     metric.update(real_features=torch.randn(5, 3))
-    with pytest.raises(ValueError, match="dimension 4 in batch 4, the points given before have 3"):
+    with pytest.raises(ValueError, match="4 features per sample in batch 4, the features given before have 3"):
         metric.update(fake_features=torch.randn(5, 4))
     with pytest.raises(ValueError, match="i_max must be an int >= 1"):
         GeometryScore(i_max=0)

@@ -9,7 +9,7 @@ same value, as with torchmetrics.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -99,3 +99,49 @@ class Metric:
 
     def compute(self):
         raise NotImplementedError
+
+
+class FeatureSets(Metric):
+    """A metric of two sets of feature vectors, real and fake (KID, Geometry Score).
+
+    ``update(real_features=None, fake_features=None)`` takes (N, d) batches of either or
+    both; both are validated (floating, finite, 2-D, one d throughout) before either is
+    stored, so a bad call leaves the state untouched. The states ``real_features`` and
+    ``fake_features`` concatenate across processes in rank order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("real_features", [], "cat")
+        self.add_state("fake_features", [], "cat")
+        self._batches_seen = 0
+        self._dimension: Optional[int] = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._batches_seen = 0
+        self._dimension = None
+
+    def _check_features(self, name: str, features) -> None:
+        check_floating_finite(name, features, self._batches_seen)
+        if features.dim() != 2:
+            raise ValueError(
+                f"{name} must have shape (N, d), got {tuple(features.shape)} (batch {self._batches_seen}); "
+                f"flatten images with .flatten(1)")
+        if self._dimension is None:
+            self._dimension = features.shape[1]
+        elif features.shape[1] != self._dimension:
+            raise ValueError(
+                f"{name} has {features.shape[1]} features per sample in batch {self._batches_seen}, "
+                f"the features given before have {self._dimension}")
+
+    def update(self, real_features: Optional[Tensor] = None, fake_features: Optional[Tensor] = None) -> None:
+        self._batches_seen += 1
+        if real_features is None and fake_features is None:
+            raise ValueError(f"{type(self).__name__}.update needs real_features or fake_features (batch {self._batches_seen})")
+        for name, features in (("real_features", real_features), ("fake_features", fake_features)):
+            if features is not None:
+                self._check_features(name, features)
+        if real_features is not None:
+            self.real_features.append(real_features.detach())
+        if fake_features is not None:
+            self.fake_features.append(fake_features.detach())

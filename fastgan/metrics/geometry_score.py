@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastgan.metrics.base import Metric, check_floating_finite
+from fastgan.metrics.base import FeatureSets, check_floating_finite
 
 __all__ = ["relative_living_times", "mean_relative_living_times", "geometry_score", "draw_landmarks",
            "default_gamma", "plot_mrlt", "GeometryScore", "nearest_landmarks", "witness_complex", "h1_intervals",
@@ -406,7 +406,7 @@ def plot_mrlt(mrlts: dict, path, title: str = "Mean relative living times") -> N
     plt.close(figure)
 
 
-class GeometryScore(Metric):
+class GeometryScore(FeatureSets):
     """Geometry Score as a metric object.
 
     ``update(real_features=None, fake_features=None)`` with (B, d) point batches
@@ -423,38 +423,6 @@ class GeometryScore(Metric):
         _check_parameters(i_max, gamma)
         draw_landmarks(L_0, n, L_0)  # validates n and L_0
         self.n, self.L_0, self.gamma, self.i_max, self.seed, self.workers = n, L_0, gamma, i_max, seed, workers
-        self.add_state("real_features", [], "cat")
-        self.add_state("fake_features", [], "cat")
-        self._batches_seen = 0
-        self._dimension: Optional[int] = None
-
-    def reset(self) -> None:
-        super().reset()
-        self._batches_seen = 0
-        self._dimension = None
-
-    def _check(self, name: str, points) -> None:
-        check_floating_finite(name, points, self._batches_seen)
-        if points.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D (B, d) point batch, got shape {tuple(points.shape)} "
-                             f"(batch {self._batches_seen}); flatten images with .flatten(1)")
-        if self._dimension is None:
-            self._dimension = points.shape[1]
-        elif points.shape[1] != self._dimension:
-            raise ValueError(f"{name} has dimension {points.shape[1]} in batch {self._batches_seen}, "
-                             f"the points given before have {self._dimension}")
-
-    def update(self, real_features: Optional[Tensor] = None, fake_features: Optional[Tensor] = None) -> None:
-        self._batches_seen += 1
-        if real_features is None and fake_features is None:
-            raise ValueError(f"GeometryScore.update needs real_features or fake_features (batch {self._batches_seen})")
-        for name, points in (("real_features", real_features), ("fake_features", fake_features)):
-            if points is not None:
-                self._check(name, points)
-        if real_features is not None:
-            self.real_features.append(real_features.detach())
-        if fake_features is not None:
-            self.fake_features.append(fake_features.detach())
 
     def mrlts(self) -> Tuple[Tensor, Tensor]:
         """(real MRLT, fake MRLT), each (i_max,) float64."""

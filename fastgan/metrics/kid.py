@@ -34,10 +34,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastgan.metrics.base import Metric, check_floating_finite
+from fastgan.metrics.base import FeatureSets
 
 
-class KID(Metric):
+class KID(FeatureSets):
     """Unbiased MMD^2 with a polynomial kernel, averaged over random subsets.
 
     ``update(real_features=None, fake_features=None)`` with (N, d) tensors (either or
@@ -61,40 +61,6 @@ class KID(Metric):
         self.gamma = gamma
         self.coef0 = float(coef0)
         self.seed = seed
-        self.add_state("real_features", [], "cat")
-        self.add_state("fake_features", [], "cat")
-        self._batches_seen = 0
-        self._num_features: Optional[int] = None
-
-    def reset(self) -> None:
-        super().reset()
-        self._batches_seen = 0
-        self._num_features = None
-
-    def _check_features(self, name: str, features) -> None:
-        check_floating_finite(name, features, self._batches_seen)
-        if features.dim() != 2:
-            raise ValueError(
-                f"{name} must have shape (N, d), got {tuple(features.shape)} (batch {self._batches_seen})")
-        if self._num_features is None:
-            self._num_features = features.shape[1]
-        elif features.shape[1] != self._num_features:
-            raise ValueError(
-                f"{name} has {features.shape[1]} features per sample in batch {self._batches_seen}, "
-                f"the features given before have {self._num_features}")
-
-    def update(self, real_features: Optional[Tensor] = None, fake_features: Optional[Tensor] = None) -> None:
-        self._batches_seen += 1
-        if real_features is None and fake_features is None:
-            raise ValueError(f"KID.update needs real_features or fake_features (batch {self._batches_seen})")
-        # validate both before storing either, so a bad call leaves the state untouched
-        for name, features in (("real_features", real_features), ("fake_features", fake_features)):
-            if features is not None:
-                self._check_features(name, features)
-        if real_features is not None:
-            self.real_features.append(real_features.detach())
-        if fake_features is not None:
-            self.fake_features.append(fake_features.detach())
 
     def _kernel(self, x: Tensor, y: Tensor) -> Tensor:
         gamma = 1.0 / x.shape[1] if self.gamma is None else self.gamma
