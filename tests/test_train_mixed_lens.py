@@ -67,6 +67,16 @@ def test_sections_and_accepted_combinations_load(tmp_path):
         load_config(str(REPO / "configs" / name))
 
 
+def test_mixed_batch_keys_in_the_discriminator_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("discriminator: {mixed_batches: true, batch_smoothing: false, mixed_batch_loss: ensemble}\n")
+    config = load_config(str(path))
+    assert (config.mixed_batches, config.batch_smoothing, config.mixed_batch_loss) == (True, False, "ensemble")
+    assert load_config(None, ["discriminator.mixed_batches=true"]).mixed_batches
+    with pytest.raises(ValueError, match="mixed_batch_loss"):
+        load_config(None, ["discriminator.mixed_batch_loss=max"])
+
+
 def test_mixed_batches_need_two_images_per_process(tmp_path):
     with pytest.raises(ValueError, match="mixed_batches=true needs at least 2 images"):
         Trainer(tiny_config(tmp_path, "mixed_batches=true", "batch_size=1"))

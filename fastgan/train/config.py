@@ -64,7 +64,8 @@ class Config:
     ``vae_likelihood``, ``vae_marginal``, ``vae_components``. Mixed batches (Lucas et al. 2018,
     :mod:`fastgan.mixed_batches`): ``mixed_batches`` (a symmetric D predicts each batch's proportion
     of real images), ``batch_smoothing`` (p ~ U[0, 1]; off: pure batches), ``mixed_batch_loss``
-    (pooled: one logit per batch; ensemble: the loss on each element's logit, averaged). The
+    (pooled: one logit per batch; ensemble: the loss on each element's logit, averaged); these
+    three may also sit in a ``discriminator`` section (``discriminator.mixed_batches=true``). The
     lens of tempered GANs (Sajjadi et al. 2018, :mod:`fastgan.tempered`): ``lens_steps`` (K, the
     schedule's length in D updates; 0 = no lens), ``lens_weight`` (λ0), ``lens_lr`` / ``lens_betas``
     (None: G's), ``lens_hidden``, ``lens_depth``. A key written ``a_b`` may also be
@@ -304,16 +305,22 @@ def _coerce_scalar(key: str, kind: type, value: Any) -> Any:
     raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
 
 
+# Mixed batches change what D judges, so they may also be written in D's section
+# (``discriminator: {mixed_batches: true}``, ``discriminator.mixed_batches=true``).
+SECTION_ALIASES = {f"discriminator_{key}": key for key in ("mixed_batches", "batch_smoothing", "mixed_batch_loss")}
+
+
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     """Sections as flat keys: ``{"vae": {"marginal": "vamp"}}`` and ``{"vae.marginal": "vamp"}``
-    (the form of a ``key=value`` override) both give ``{"vae_marginal": "vamp"}``; later entries win."""
+    (the form of a ``key=value`` override) both give ``{"vae_marginal": "vamp"}``, and
+    :data:`SECTION_ALIASES` name their flat keys; later entries win."""
     flat = {}
     for key, value in values.items():
         name = f"{prefix}{str(key).replace('.', '_')}"
         if isinstance(value, Mapping) and name not in FIELDS:
             flat.update(_flatten(value, f"{name}_"))
         else:
-            flat[name] = value
+            flat[SECTION_ALIASES.get(name, name)] = value
     return flat
 
 
