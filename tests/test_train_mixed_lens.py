@@ -17,7 +17,7 @@ from fastgan.train.callbacks import Callback
 from fastgan.train.config import load_config
 from fastgan.train.step import GANStep
 from fastgan.train.trainer import CHECKPOINT, Trainer, models_for
-from training_support import TINY_TRAINING, metrics_records
+from training_support import TINY_TRAINING, metrics_records, train_in_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [*TINY_TRAINING, "deterministic=true"]
@@ -267,3 +267,17 @@ def test_captured_mixed_lens_updates_match_eager(tmp_path):
         runs[graphs] = [p.detach().cpu() for m in (trainer.G, trainer.D, trainer.lens) for p in m.parameters()]
     for eager, captured in zip(runs[False], runs[True]):
         torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ several processes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["mixed_batches=true", "lens_steps=2"])
+def test_two_process_runs_train_and_log_once(tmp_path, option):
+    """gloo, 2 CPU processes: mixed batches (one mask per process, each mixing its own share)
+    and the lens train, and rank 0 alone writes the run's records."""
+    state = train_in_two_processes(TINY + ["steps=2", option], tmp_path / "ddp")
+    assert all(torch.isfinite(t).all() for part in state.values() for t in part.values() if t.is_floating_point())
+    records = [r for r in metrics_records(tmp_path / "ddp") if "d_loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
