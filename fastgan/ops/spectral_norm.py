@@ -12,6 +12,12 @@
 See :mod:`fastgan.reference.spectral_norm` for the exact math. The power-iteration
 ops run on the backend :mod:`fastgan._backend` picks; they are not differentiable
 (torch's spectral norm runs them under ``no_grad`` too).
+
+In ``fastgan._C`` (csrc/spectral_normalize.cpp), with their autograd in C++:
+``fastgan_C::spectral_normalize`` (the C++ twin of ``spectral_normalize``) and
+``fastgan_C::spectral_norm_weight(weight, u!, v!, dim, n_power_iterations, eps, u_first)
+-> weight / sigma``, a layer's whole forward in one call. The modules reach all of these
+through :func:`normalized_weight`, :func:`power_iteration_multi` and :func:`normalize`.
 """
 from __future__ import annotations
 
@@ -250,8 +256,6 @@ def _normalize_fake(weight, u, v, sigma, dim):
     return torch.empty_like(weight)
 
 
-
-
 def _normalize_setup_context(ctx, inputs, output):
     weight, u, v, sigma, dim = inputs
     ctx.save_for_backward(weight, u, v, sigma)
@@ -307,7 +311,13 @@ def power_iteration(
 
 
 def power_iteration_multi(
-    weights: List[Tensor], us: List[Tensor], vs: List[Tensor], dims: List[int], n_power_iterations: int, eps: float, u_first: bool
+    weights: List[Tensor],
+    us: List[Tensor],
+    vs: List[Tensor],
+    dims: List[int],
+    n_power_iterations: int,
+    eps: float,
+    u_first: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`spectral_norm_power_iteration_multi` for the modules."""
     if _registered_ops_only():
