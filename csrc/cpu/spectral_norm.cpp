@@ -1,10 +1,11 @@
-// CPU kernels of the spectral-norm power iteration (schedule: ../spectral_norm.h).
+// CPU kernels of spectral norm: the power iteration (schedule: ../spectral_norm.h) and
+// the W / sigma forward of spectral_normalize (at the end of this file).
 //
 // The rows of all layers are cut into ranges of about equal weight count, split
 // across threads with at::parallel_for. Each thread accumulates W^T y into its own slice of a
-// (threads x sum K) buffer, reduced after the pass, so a pass reads W exactly
-// once and needs no atomics. The inner loops are compiled for several
-// instruction sets (target_clones) and picked at load time.
+// (threads x sum K) buffer, reduced after the pass (one thread accumulates into s
+// directly), so a pass reads W exactly once and needs no atomics. The inner loops are
+// compiled for several instruction sets (target_clones) and picked at load time.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
