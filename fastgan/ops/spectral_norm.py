@@ -22,7 +22,7 @@ through :func:`normalized_weight`, :func:`power_iteration_multi` and :func:`norm
 from __future__ import annotations
 
 import functools
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -301,35 +301,20 @@ def _registered_ops_only() -> bool:
     return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def power_iteration(
-    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, u_first: bool
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """:func:`spectral_norm_power_iteration` for the modules."""
-    if _registered_ops_only():
-        return spectral_norm_power_iteration(weight, u, v, dim, n_power_iterations, eps, u_first)
-    return _power_iteration(weight, u, v, dim, n_power_iterations, eps, u_first)
+def _for_the_modules(op: Callable, eager: Callable) -> Callable:
+    """``op`` (a registered op) where only it will do, else ``eager``, the same computation
+    without the op's dispatch."""
+
+    def call(*args):
+        return op(*args) if _registered_ops_only() else eager(*args)
+
+    return call
 
 
-def power_iteration_multi(
-    weights: List[Tensor],
-    us: List[Tensor],
-    vs: List[Tensor],
-    dims: List[int],
-    n_power_iterations: int,
-    eps: float,
-    u_first: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """:func:`spectral_norm_power_iteration_multi` for the modules."""
-    if _registered_ops_only():
-        return spectral_norm_power_iteration_multi(weights, us, vs, dims, n_power_iterations, eps, u_first)
-    return _power_iteration_multi(weights, us, vs, dims, n_power_iterations, eps, u_first)
-
-
-def normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
-    """:func:`spectral_normalize` for the modules: its C++ twin (autograd in C++) where built."""
-    if _registered_ops_only():
-        return spectral_normalize(weight, u, v, sigma, dim)
-    return _NORMALIZE(weight.device)(weight, u, v, sigma, dim)
+power_iteration = _for_the_modules(spectral_norm_power_iteration, _power_iteration)
+power_iteration_multi = _for_the_modules(spectral_norm_power_iteration_multi, _power_iteration_multi)
+# W / σ: the C++ twin (autograd in C++) where it is built, through the backend registry.
+normalize = _for_the_modules(spectral_normalize, lambda weight, *rest: _NORMALIZE(weight.device)(weight, *rest))
 
 
 def normalized_weight(
