@@ -113,7 +113,7 @@ class SpectralNorm(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if self._group_result is not None:
             u, v, sigma = self._group_result
-            self._group_result = None
+            _set_group_result(self, None)
             return ops.normalize(weight, u, v, sigma, self.dim)
         steps = self.n_power_iterations if self.training else 0
         return normalized_weight(weight, self._u, self._v, self.dim, steps, self.eps, True)
@@ -207,10 +207,9 @@ class _GroupedPowerIteration:
     the CPU C++ backend) the hook leaves every layer to its own one-call forward."""
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
-        self.layers = list(layers)
         # The parametrizations are fixed from here on; reaching them through each module
         # (module.parametrizations.weight[0]) is ~10 Python calls per layer per forward.
-        self.lists = [m.parametrizations.weight for m in self.layers]
+        self.lists = [m.parametrizations.weight for m in layers]
         self.params: List[SpectralNorm] = [plist[0] for plist in self.lists]
 
     def __call__(self, model: nn.Module, inputs) -> None:
