@@ -25,7 +25,7 @@ STAMP := .venv/.fastgan-installed
 DEPS_STAMP := .venv/.deps-installed
 endif
 
-.PHONY: demo test bench bench-compare gpu-check install clean
+.PHONY: demo test bench bench-compare gpu-check wheels install clean
 
 $(DEPS_STAMP): requirements-dev.txt
 ifdef SYSTEM_PYTHON
@@ -68,8 +68,20 @@ bench-compare: $(STAMP)
 
 # On a GPU machine (torch >= 2.11 and Triton >= 3.6 preinstalled: make gpu-check SYSTEM_PYTHON=1): build for
 # sm_90a, run the whole suite on the GPU, then every benchmark in quick mode (bench/gpu_check.sh; about 8 minutes).
+# It first installs any wheels in build/wheels (beside the machine's own packages, not over them).
 gpu-check: $(DEPS_STAMP)
 	bash bench/gpu_check.sh "$(PY)" "$(STAMP)"
+
+# For a GPU machine with no package registry: `make wheels` (here, with one) downloads into build/wheels the
+# test dependencies that GPU images tend to lack (gudhi for the Geometry Score, pytorch-msssim as MS-SSIM's
+# oracle), built for that machine's Python (WHEELS_PY) on x86-64 Linux; copy build/wheels there beside the tree.
+WHEELS_PY ?= 3.12
+WHEELS := gudhi pytorch-msssim==1.0.0
+wheels:
+	rm -rf build/wheels
+	$(PYTHON3) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(WHEELS_PY) --implementation cp \
+		$(foreach tag,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014,--platform $(tag)_x86_64) \
+		--dest build/wheels $(WHEELS)
 
 # Trains SNDCGAN (NS loss + spectral norm) on the embedded digits for a few minutes on a CPU;
 # a second `make demo` continues or, when finished, just reports (delete runs/demo to start over).

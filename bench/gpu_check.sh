@@ -14,6 +14,8 @@
 # Then one screen: phase status, test counts and failures, each target against what was measured.
 # Logs and the raw JSON stay in build/gpu-check/.
 #
+# A machine without a package registry may lack test dependencies (gudhi, pytorch-msssim): run `make wheels`
+# where pip can download, bring build/wheels along, and this script installs them first.
 # Budgets (seconds) and knobs: GPU_CHECK_BUILD_S (110), GPU_CHECK_TEST_S (180),
 # GPU_CHECK_BENCH_S (170), GPU_CHECK_TEST_TIMEOUT (per test, 120), GPU_CHECK_WORKERS (4),
 # GPU_CHECK_TEST_ARGS (extra pytest arguments for the suite, e.g. "-k spectral").
@@ -49,6 +51,14 @@ phase() {
     tail -n 3 "$OUT/$name.log"
     return $rc
 }
+
+# Wheels brought from a machine with a registry (`make wheels`): installed into a folder of their own that
+# comes first on the path, so the machine's torch, numpy, ... stay as they are (--no-deps).
+if compgen -G "build/wheels/*.whl" > /dev/null; then
+    echo "== wheels: $(cd build/wheels && ls -- *.whl | tr '\n' ' ')"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target build/wheels/site build/wheels/*.whl \
+        && export PYTHONPATH="$PWD/build/wheels/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${GPU_CHECK_BUILD_JOBS:-$(nproc)}
