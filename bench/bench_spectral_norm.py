@@ -164,13 +164,8 @@ def refresh_fn(name: str, models: Models) -> Tuple[Callable[[], object], nn.Modu
     if kind == MULTI_LAYER_OP:
 
         def multi_layer_op():  # what apply_spectral_norm's hook runs where one launch pays
-            with torch.no_grad(), fastgan.use_backend(backend):
-                us, vs = [p._u for p in params], [p._v for p in params]
-                u_cat, v_cat, _ = torch.ops.fastgan.spectral_norm_power_iteration_multi(
-                    [w.detach() for w in weights], us, vs, [p.dim for p in params], 1, params[0].eps, True
-                )
-                torch._foreach_copy_(us, u_cat.split([u.numel() for u in us]))
-                torch._foreach_copy_(vs, v_cat.split([v.numel() for v in vs]))
+            with fastgan.use_backend(backend):
+                grouped.iterate_together(params, weights, 1)
 
         return multi_layer_op, model, backend
 

@@ -223,32 +223,33 @@ class _GroupedPowerIteration:
                 if p.training == training and not plist.original.is_complex()
             ]
             if group:
-                self._launch(group, training)
-
-    def _launch(self, group: List[Tuple["SpectralNorm", Tensor]], training: bool) -> None:
-        params = [p for p, _ in group]
-        steps = params[0].n_power_iterations if training else 0
-        with torch.no_grad():
-            u_cat, v_cat, sigmas = ops.power_iteration_multi(
-                [w.detach() for _, w in group],
-                [p._u for p in params],
-                [p._v for p in params],
-                [p.dim for p in params],
-                steps,
-                params[0].eps,
-                True,
-            )
-            us = u_cat.split([p._u.numel() for p in params])
-            vs = v_cat.split([p._v.numel() for p in params])
-            if steps > 0:
-                torch._foreach_copy_([p._u for p in params], us)
-                torch._foreach_copy_([p._v for p in params], vs)
-        for p, u, v, sigma in zip(params, us, vs, sigmas.unbind()):
-            _set_group_result(p, (u, v, sigma))
+                params = [p for p, _ in group]
+                steps = params[0].n_power_iterations if training else 0
+                for p, result in zip(params, iterate_together(params, [w for _, w in group], steps)):
+                    _set_group_result(p, result)
 
     def clear(self, model: nn.Module, inputs, output=None) -> None:
         for p in self.params:
             _set_group_result(p, None)
+
+
+def iterate_together(
+    params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int
+) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """``steps`` power iterations of the layers whose :class:`SpectralNorm` parametrizations
+    and weights are given, in one launch of the multi-tensor op (the same ``eps`` for all),
+    their u, v buffers updated; returns each layer's (u, v, sigma)."""
+    with torch.no_grad():
+        u_cat, v_cat, sigmas = ops.power_iteration_multi(
+            [w.detach() for w in weights], [p._u for p in params], [p._v for p in params], [p.dim for p in params],
+            steps, params[0].eps, True,
+        )
+        us = u_cat.split([p._u.numel() for p in params])
+        vs = v_cat.split([p._v.numel() for p in params])
+        if steps > 0:
+            torch._foreach_copy_([p._u for p in params], us)
+            torch._foreach_copy_([p._v for p in params], vs)
+    return list(zip(us, vs, sigmas.unbind()))
 
 
 def _set_group_result(param: "SpectralNorm", result: Optional[tuple]) -> None:
