@@ -381,9 +381,9 @@ struct PowerIteration {
   }
 };
 
-// Builds the layer/block table in pinned memory and copies it to the device with one
-// asynchronous H2D copy on the current stream (the caching host allocator keeps the
-// pinned buffer alive until that copy has run).
+// Builds the layer/block table on the host and copies it to the device. The copy is
+// synchronous: a table is built once and then read from whatever stream a later call
+// runs on, which an asynchronous copy on this call's stream would not be ordered with.
 DeviceTable build_table(const std::vector<at::Tensor>& weights, const std::vector<SpectralNormLayerShape>& shapes) {
   const int64_t element_size = weights[0].element_size();
   DeviceTable out;
@@ -398,7 +398,7 @@ DeviceTable build_table(const std::vector<at::Tensor>& weights, const std::vecto
               "spectral norm: too many rows or columns for one launch");
   const int64_t layers_size = static_cast<int64_t>(shapes.size()) * kLayerCols;
   at::Tensor host = at::empty({layers_size + (out.num_row_blocks + out.num_reduce_blocks) * kBlockCols},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+                              at::TensorOptions().dtype(at::kLong));
   int64_t* p = host.data_ptr<int64_t>();
   int64_t* q = p + layers_size;
   int64_t* c = q + out.num_row_blocks * kBlockCols;
@@ -426,7 +426,7 @@ DeviceTable build_table(const std::vector<at::Tensor>& weights, const std::vecto
     }
   }
   out.table = at::empty({host.numel()}, weights[0].options().dtype(at::kLong));
-  out.table.copy_(host, /*non_blocking=*/true);
+  out.table.copy_(host, /*non_blocking=*/false);
   return out;
 }
 
@@ -434,29 +434,41 @@ DeviceTable build_table(const std::vector<at::Tensor>& weights, const std::vecto
 // (pointers, shapes, dtype, device), so a hit is never stale; a miss builds it. A
 // small LRU, leaked on purpose (no device frees during interpreter teardown). Returned
 // by value (a tensor reference), so another thread's eviction cannot pull it away.
+// A table used during graph capture is never evicted: replays read it without coming
+// here, so its place in the LRU would not show that it is still in use.
 DeviceTable cached_table(const std::vector<at::Tensor>& weights,
                                 const std::vector<SpectralNormLayerShape>& shapes) {
   constexpr size_t kCacheSize = 16;
   static auto* mutex = new std::mutex;
-  static auto* cache = new std::list<std::pair<std::vector<int64_t>, DeviceTable>>;
+  struct Entry {
+    std::vector<int64_t> key;
+    DeviceTable table;
+    bool captured = false;
+  };
+  static auto* cache = new std::list<Entry>;
   std::vector<int64_t> key{weights[0].get_device(), static_cast<int64_t>(weights[0].scalar_type())};
   for (size_t l = 0; l < shapes.size(); ++l) {
     key.insert(key.end(), {static_cast<int64_t>(reinterpret_cast<intptr_t>(weights[l].const_data_ptr())),
                            shapes[l].A, shapes[l].M, shapes[l].B});
   }
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const std::lock_guard<std::mutex> lock(*mutex);
   for (auto it = cache->begin(); it != cache->end(); ++it) {
-    if (it->first == key) {
+    if (it->key == key) {
+      it->captured |= capturing;
       cache->splice(cache->begin(), *cache, it);
-      return cache->front().second;
+      return cache->front().table;
     }
   }
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+  TORCH_CHECK(!capturing,
               "spectral norm: first call with these weights inside CUDA graph capture; run the model once "
               "before capturing (the layer table is built and copied to the device on a first call)");
-  cache->emplace_front(std::move(key), build_table(weights, shapes));
-  if (cache->size() > kCacheSize) cache->pop_back();
-  return cache->front().second;
+  cache->push_front(Entry{std::move(key), build_table(weights, shapes)});
+  if (cache->size() > kCacheSize) {
+    const auto evicted = std::find_if(cache->rbegin(), cache->rend(), [](const Entry& e) { return !e.captured; });
+    if (evicted != cache->rend()) cache->erase(std::next(evicted).base());
+  }
+  return cache->front().table;
 }
 
 // Both ops: the single-layer op is this with one layer and a 0-d sigma.
