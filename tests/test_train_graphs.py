@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CUDA_ONLY
 from fastgan.train.data import ImageData
 from fastgan.train.stream import BatchStream
 from fastgan.train.config import load_config
@@ -23,7 +24,7 @@ from fastgan.train.step import CapturedStep, GANStep, build_step
 from fastgan.train.stream import RepeatedBatch
 from fastgan.train.trainer import Trainer, draw_latents, models_for
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")]
+pytestmark = CUDA_ONLY
 
 SETUPS = {
     "sndcgan-ns-sn": ["architecture=sndcgan", "loss=ns", "d_norm=spectral", "penalty=none", "n_disc=1"],

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CUDA_ONLY
 from fastgan import mixed_batches
 from fastgan.models.symmetric import SymmetricDiscriminator
 from fastgan.tempered import lens_weight
@@ -256,11 +257,11 @@ def test_resume_refuses_a_different_mixed_or_lens_setup(tmp_path, change):
 # ------------------------------------------------------------------ CUDA graphs (GPU only)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_mixed_lens_updates_match_eager(tmp_path):
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_ONLY)])
+def test_captured_mixed_lens_updates_match_eager(tmp_path, device):
     runs = {}
     for graphs in (False, True):
-        config = tiny_config(tmp_path, "mixed_batches=true", "lens_steps=3", "steps=6", "device=cuda",
+        config = tiny_config(tmp_path, "mixed_batches=true", "lens_steps=3", "steps=6", f"device={device}",
                              f"cuda_graphs={str(graphs).lower()}", f"out_dir={tmp_path / str(graphs)}")
         trainer = Trainer(config)
         trainer.fit()

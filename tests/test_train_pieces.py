@@ -98,6 +98,31 @@ def test_runtime_slices_and_agrees_in_one_process():
     assert torch.equal(Runtime(rank=2, world=3).rank_share(torch.arange(6)), torch.tensor([4, 5]))
 
 
+@pytest.mark.parametrize("world,local_rank,expected", [(1, None, "cuda:0"), (2, "1", "cuda:1")])
+def test_runtime_gives_the_gpu_an_index_and_picks_the_process_groups_backend(world, local_rank, expected, monkeypatch):
+    """``device=auto``/``cuda`` name no GPU index, which torch.cuda.set_device refuses: the runtime
+    takes the current GPU in one process and LOCAL_RANK's under torchrun (faked GPU: none is here)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    selected, groups = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: bool(groups))
+    monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: int(local_rank))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    if local_rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    for device in ("auto", "cuda"):
+        groups.clear()
+        runtime = Runtime.from_environment(device)
+        assert runtime.device == torch.device(expected) and selected[-1] == torch.device(expected)
+        assert groups == (["nccl"] if world > 1 else [])
+    groups.clear()
+    assert Runtime.from_environment("cpu").device == torch.device("cpu")  # gloo for a CPU run, GPU or not
+    assert groups == (["gloo"] if world > 1 else [])
+
+
 # ------------------------------------------------------------------ CUDA graphs: when they fall back
 
 

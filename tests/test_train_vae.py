@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs_fid_helper
 from fastgan.models.vae import VAE
 from fastgan.train import checkpoint
 from fastgan.train.config import load_config
@@ -96,6 +97,7 @@ def test_vae_resume_is_bit_identical(tmp_path):
     assert final[0]["rate"] == [r for r in metrics_records(tmp_path / "resumed") if r["step"] == 6][0]["rate"]
 
 
+@needs_fid_helper
 def test_fid_of_decoder_samples(tmp_path):
     """With the fid-helper Inception installed by `make test`: FID of the VAE's decoded samples."""
     summary = Trainer(tiny(tmp_path, "steps=2", "fid_every=2", "fid_samples=12", "fid_real_samples=12")).fit()

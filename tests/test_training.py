@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import exit_worker
+from conftest import exit_worker, needs_fid_helper
 from fastgan.nn import CrossProcessBatchNorm, convert_batch_norm
 from fastgan.train import checkpoint
 from fastgan.train.config import LOSSES, PENALTIES, Config, load_config, parse_overrides
@@ -472,6 +472,7 @@ def test_image_grid_rejects_bad_shapes(tmp_path):
 # ------------------------------------------------------------------ FID during training
 
 
+@needs_fid_helper
 def test_fid_every_n_steps_tracks_the_best(tmp_path):
     """With the fid-helper Inception installed by `make test`: FID at steps 2 and 3, best.pt kept."""
     summary = Trainer(tiny_config(tmp_path, "steps=3", "fid_every=2", "fid_samples=12", "fid_real_samples=12")).fit()

@@ -9,7 +9,8 @@ import torch
 
 # 16 px digits, a quarter-width SNDCGAN, batch 8, no FID, samples, checkpoints or progress bar.
 TINY_TRAINING = ["image_size=16", "width=0.25", "batch_size=8", "fid_every=0", "sample_every=0", "checkpoint_every=0",
-                 "log_every=1", "progress=false"]
+                 "log_every=1", "progress=false",
+                 "device=cpu"]  # the GPU's training runs are tests of their own
 
 
 def metrics_records(out_dir) -> list:

@@ -51,15 +51,16 @@ class Runtime:
     @classmethod
     def from_environment(cls, device: str = "auto") -> "Runtime":
         """Join ``torchrun``'s process group (if WORLD_SIZE > 1 and none is joined yet) and pick the device."""
+        resolved = resolve_device(device)
         joined = False
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
             joined = True
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
-        resolved = resolve_device(device)
-        if resolved.type == "cuda" and world > 1 and resolved.index is None:
-            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        if resolved.type == "cuda" and resolved.index is None:  # set_device needs an index
+            index = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else torch.cuda.current_device()
+            resolved = torch.device("cuda", index)
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
         return cls(rank, world, resolved, joined)

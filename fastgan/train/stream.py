@@ -53,6 +53,9 @@ class BatchStream:
         self._prefetch = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastgan-prefetch")
                           if device.type == "cuda" and not self.resident else None)
         self._pending = None  # (position, future of the pinned uint8 batch)
+        # A divisor on the device: CUDA divides by a host scalar as a multiplication by its
+        # reciprocal, which differs from x / 255 in the last bit for half of the 256 levels.
+        self._max_level = torch.tensor(255, dtype=dtype, device=device)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -91,7 +94,7 @@ class BatchStream:
 
     def _to_float(self, pixels: Tensor) -> Tensor:
         """uint8 (B, S, S, 3) -> (B, 3, S, S) in [0, 1]."""
-        return pixels.permute(0, 3, 1, 2).to(self.dtype, memory_format=self.memory_format).div_(255)
+        return pixels.permute(0, 3, 1, 2).to(self.dtype, memory_format=self.memory_format).div_(self._max_level)
 
     def state_dict(self) -> dict:
         return {"batches_drawn": self.batches_drawn}
