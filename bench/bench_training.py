@@ -27,7 +27,9 @@ and v included, are copied into the plain models) and use the same pre-made real
 on the device (the trainer's ``RepeatedBatch`` stream), so data loading is out of the
 figure. Before timing, one D step of each from that common state with the same z, real
 batch and α must give the same losses (|Δ| ≤ 1e-4 relative). Rate: TFLOP/s of one
-iteration's convolutions and matmuls.
+iteration's convolutions and matmuls. Both sides run with torch's default numerics (on a
+GPU: TF32 convolutions, float32 matmuls), as a plain script would; ``fastgan train``
+turns TF32 off unless ``tf32: true``, so its own rates on a GPU are lower than these.
 
 Batch 64 (the issue's setting) on a GPU. Full-size models on a 2-core CPU are slow
 (about 1.5 s per SNDCGAN iteration at batch 64, 7 s per ResNet WGAN-GP iteration at

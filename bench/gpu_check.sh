@@ -8,7 +8,8 @@
 # reported, and the next one still runs):
 #   1. build  -- the C++/CUDA extension for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a unless set),
 #                in place (pip install --no-build-isolation --no-deps -e .; no registry needed);
-#   2. tests  -- the whole suite on the GPU (CUDA tests included), with a per-test timeout
+#   2. tests  -- the whole suite on the GPU, in two phases: tests-gpu (the `cuda`-marked
+#                tests: what only a GPU can check) first, then tests-rest; a per-test timeout
 #                when pytest-timeout is installed and 4 workers when pytest-xdist is;
 #   3. bench  -- every benchmark in quick mode, rendered into bench/results/*-cuda-<date>.{md,json}.
 # Then one screen: phase status, test counts and failures, each target against what was measured.
@@ -16,9 +17,13 @@
 #
 # A machine without a package registry may lack test dependencies (gudhi, pytorch-msssim): run `make wheels`
 # where pip can download, bring build/wheels along, and this script installs them first.
-# Budgets (seconds) and knobs: GPU_CHECK_BUILD_S (110), GPU_CHECK_TEST_S (180),
-# GPU_CHECK_BENCH_S (170), GPU_CHECK_TEST_TIMEOUT (per test, 120), GPU_CHECK_WORKERS (4),
-# GPU_CHECK_TEST_ARGS (extra pytest arguments for the suite, e.g. "-k spectral").
+# Budgets (seconds) and knobs: GPU_CHECK_BUILD_S (140), GPU_CHECK_GPU_TEST_S (110),
+# GPU_CHECK_REST_TEST_S (50, plus what tests-gpu left unused), GPU_CHECK_BENCH_S (150),
+# GPU_CHECK_TEST_TIMEOUT (per test, 100), GPU_CHECK_WORKERS (4),
+# GPU_CHECK_TEST_ARGS (extra pytest arguments for both test phases, shell-quoted: '-k "spectral or penalty"').
+# A phase over budget gets SIGINT first, so pytest still writes its report of what ran.
+# GPU_CHECK_ARCHIVE=FILE.tgz: also pack the logs and the new bench/results files into one archive
+# (to copy back from a remote GPU machine).
 set -u
 PY=${1:?usage: bench/gpu_check.sh PYTHON [INSTALL_STAMP]}
 STAMP=${2:-}
@@ -26,6 +31,7 @@ OUT=build/gpu-check
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log "$OUT"/*.xml "$OUT"/bench.json
 : > "$OUT/phases.tsv"
+touch "$OUT/started"  # results newer than this are this run's
 started=$(date +%s)
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -40,7 +46,7 @@ phase() {
     shift 2
     t0=$(date +%s)
     echo "== $name (budget ${budget} s): $*"
-    timeout --kill-after=20 "$budget" "$@" > "$OUT/$name.log" 2>&1
+    timeout --signal=INT --kill-after=20 "$budget" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
     case $rc in
         0) status=ok ;;
@@ -63,24 +69,48 @@ fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${GPU_CHECK_BUILD_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
-if phase build "${GPU_CHECK_BUILD_S:-110}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
+if phase build "${GPU_CHECK_BUILD_S:-140}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
    && phase extension 30 "$PY" -c "import fastgan._C as c; assert c.built_with_cuda(), 'fastgan._C was built without CUDA'; print('fastgan._C built with CUDA for', '$TORCH_CUDA_ARCH_LIST')"; then
     [ -n "$STAMP" ] && mkdir -p "$(dirname "$STAMP")" && touch "$STAMP"
 fi
 
-test_args=(-q -p no:cacheprovider -rfE --junitxml="$OUT/tests.xml")
-has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-120}")
-has xdist && [ "${GPU_CHECK_WORKERS:-4}" -gt 1 ] && test_args+=(-n "${GPU_CHECK_WORKERS:-4}")
-# shellcheck disable=SC2086
-phase tests "${GPU_CHECK_TEST_S:-180}" "$PY" -m pytest tests "${test_args[@]}" ${GPU_CHECK_TEST_ARGS:-}
+# failures NAME: the failed tests of phase NAME with their one-line reasons, on the screen.
+failures() {
+    grep -E '^(FAILED|ERROR) ' "$OUT/$1.log" | cut -c1-200 | head -n 40
+}
+
+test_args=(-q -p no:cacheprovider -rfE --durations=15)
+has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-100}")
+workers=${GPU_CHECK_WORKERS:-4}
+if has xdist && [ "$workers" -gt 1 ]; then
+    test_args+=(-n "$workers")
+    # the workers share the machine's cores instead of each starting one torch thread per core
+    export OMP_NUM_THREADS=$(( ($(nproc) + workers - 1) / workers ))
+fi
+eval "extra_test_args=(${GPU_CHECK_TEST_ARGS:-})"  # shell words: -k "spectral or penalty" stays one pattern
+gpu_budget=${GPU_CHECK_GPU_TEST_S:-110}
+t0=$(date +%s)
+phase tests-gpu "$gpu_budget" "$PY" -m pytest tests -m cuda "${test_args[@]}" --junitxml="$OUT/tests-gpu.xml" \
+    "${extra_test_args[@]}"
+failures tests-gpu
+# The backend and compile checks first: what they check differs where a GPU is visible.
+rest_budget=$(( ${GPU_CHECK_REST_TEST_S:-50} + gpu_budget - ($(date +%s) - t0) ))
+phase tests-rest "$rest_budget" "$PY" -m pytest tests/test_backends.py tests/test_hopper_compile.py tests -m "not cuda" \
+    "${test_args[@]}" --junitxml="$OUT/tests-rest.xml" "${extra_test_args[@]}"
+failures tests-rest
+unset OMP_NUM_THREADS
 
 # Entries that would start in the last 30 s of the budget are skipped, so the run still writes its results.
-bench_budget=${GPU_CHECK_BENCH_S:-170}
+bench_budget=${GPU_CHECK_BENCH_S:-150}
 phase bench "$bench_budget" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
     --bench-quick --bench-device cuda --bench-budget $(( bench_budget - 30 )) --benchmark-json="$OUT/bench.json" \
     --benchmark-columns=median,iqr,rounds --junitxml="$OUT/bench.xml"
 
-"$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests.xml" --bench-junit "$OUT/bench.xml" \
+"$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests-gpu.xml" --junit "$OUT/tests-rest.xml" --bench-junit "$OUT/bench.xml" \
     --phases "$OUT/phases.tsv"
 echo "gpu-check took $(( $(date +%s) - started )) s; logs in $OUT/"
+if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then
+    tar -czf "$GPU_CHECK_ARCHIVE" "$OUT" $(find bench/results -name '*-cuda-*' -newer "$OUT/started" 2>/dev/null) \
+        && echo "packed into $GPU_CHECK_ARCHIVE"
+fi
 ! grep -qv $'\tok\t' "$OUT/phases.tsv"

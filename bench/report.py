@@ -1,7 +1,7 @@
 """Render pytest-benchmark's JSON into fastgan's result tables, and the gpu-check summary.
 
     python bench/report.py [RUN.json]            # default: the newest run saved under .benchmarks/
-    python bench/report.py RUN.json --summary [--junit TESTS.xml] [--bench-junit BENCH.xml] [--phases PHASES.tsv]
+    python bench/report.py RUN.json --summary [--junit TESTS.xml ...] [--bench-junit BENCH.xml] [--phases PHASES.tsv]
 
 For each op (``bench/bench_<op>.py``) it writes ``bench/results/<op>-<device>-<date>.md``
 and ``.json``: the environment (device, driver, torch, triton, date, commit), then one
@@ -278,14 +278,15 @@ def _junit_lines(label: str, path: Optional[Path], show_skips: bool) -> List[str
     return lines
 
 
-def summary(groups: dict, device_type: str, junit: Optional[Path], bench_junit: Optional[Path], phases: Optional[Path],
+def summary(groups: dict, device_type: str, junits: List[Path], bench_junit: Optional[Path], phases: Optional[Path],
             paths: List[Path]) -> str:
     lines = ["=" * 78, "fastgan gpu-check summary" if device_type == "cuda" else "fastgan benchmark summary", "=" * 78]
     if phases and phases.exists():
         for line in phases.read_text().splitlines():
             name, status, seconds = (line.split("\t") + ["", ""])[:3]
             lines.append(f"phase {name:<12} {status:<24} {seconds} s")
-    lines += _junit_lines("tests", junit, show_skips=False)
+    for junit in junits:
+        lines += _junit_lines(junit.stem if len(junits) > 1 else "tests", junit, show_skips=False)
     lines += _junit_lines("benchmarks", bench_junit, show_skips=True)
     lines.append("targets:")
     for text, measured, ok in targets(groups, device_type):
@@ -300,7 +301,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", nargs="?", type=Path, help="pytest-benchmark JSON (default: the newest saved run)")
     parser.add_argument("--summary", action="store_true", help="print the targets (and test counts) summary")
-    parser.add_argument("--junit", type=Path, help="JUnit XML of the test suite, for the summary")
+    parser.add_argument("--junit", type=Path, action="append", default=[],
+                        help="JUnit XML of the test suite (or of one part of it: repeat), for the summary")
     parser.add_argument("--bench-junit", type=Path, help="JUnit XML of the benchmark run (failed checks, skips)")
     parser.add_argument("--phases", type=Path, help="tab-separated phase, status, seconds lines, for the summary")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="whose targets the summary lists (default: the run's device)")
