@@ -46,7 +46,8 @@ def _matmul_epilogue_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + rows[:, None] * n + ks[None, :], mask=(rows[:, None] < n) & (ks[None, :] < n), other=0.0)
         b = tl.load(b_ptr + ks[:, None] * n + cols[None, :], mask=(ks[:, None] < n) & (cols[None, :] < n), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        # out_dtype named: Triton 3.6 takes float32 for it whatever acc is, and refuses a float64 acc
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
     out = alpha * acc + tl.where(rows[:, None] == cols[None, :], beta, 0.0)
     tl.store(c_ptr + rows[:, None] * n + cols[None, :], out, mask=(rows[:, None] < n) & (cols[None, :] < n))
 

@@ -33,20 +33,22 @@ import pytest
 H100_SHARED_PER_BLOCK = 232448  # bytes: 227 KB, the opt-in maximum per block on sm_90
 
 
-def cuobjdump():
-    """triton's bundled cuobjdump, else the CUDA toolkit's."""
+def cuobjdump(toolkit_first=False):
+    """triton's bundled cuobjdump (it matches triton's ptxas), else the CUDA toolkit's; with
+    ``toolkit_first`` the other way round (for what nvcc built: an older bundled cuobjdump,
+    Triton 3.6's, names sm_90a code sm_90)."""
     import triton
 
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(bundled):
-        return bundled
-    found = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
-    return found if os.path.exists(found) else None
+    toolkit = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+    found = [path for path in ((toolkit, bundled) if toolkit_first else (bundled, toolkit)) if os.path.exists(path)]
+    return found[0] if found else None
 
 
-def resource_usage(path):
+def resource_usage(path, tool=None):
     """{function: {REG, STACK, SHARED, LOCAL}} from ``cuobjdump --dump-resource-usage``."""
-    out = subprocess.run([cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([tool or cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                         check=True).stdout
     usage = {}
     for name, fields in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", out):
         usage[name.rstrip(":")] = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", fields)}
@@ -164,16 +166,18 @@ def test_cuda_extension_kernels_use_no_local_memory():
     module = _backend.extension()
     if not module.built_with_cuda():
         pytest.skip("fastgan._C was built without CUDA: no CUDA kernels to check")
-    if cuobjdump() is None:
+    tool = cuobjdump(toolkit_first=True)
+    if tool is None:
         pytest.fail("fastgan._C has CUDA kernels but no cuobjdump is available to check them")
     path = _extension_path()
-    usage = resource_usage(path)
+    usage = resource_usage(path, tool)
     assert usage, "cuobjdump found no kernels in the CUDA build"
     bad = {name: u for name, u in usage.items() if u.get("STACK") or u.get("LOCAL")}
     assert not bad, f"kernels with stack/local memory (spills): {bad}"
     assert all(u.get("SHARED", 0) <= H100_SHARED_PER_BLOCK for u in usage.values())
-    elves = subprocess.run([cuobjdump(), "--list-elf", path], capture_output=True, text=True, check=True).stdout
-    assert "sm_90a" in elves, f"no sm_90a SASS in {path} (build with TORCH_CUDA_ARCH_LIST=9.0a):\n{elves}"
+    elves = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True, check=True).stdout
+    assert "sm_90a" in elves, (f"no sm_90a SASS in {path} (build with TORCH_CUDA_ARCH_LIST=9.0a; a CUDA 12 cuobjdump "
+                               f"(12.8 included) names sm_90a code sm_90, and this one is {tool}):\n{elves}")
 
 
 if __name__ == "__main__":
