@@ -46,7 +46,16 @@ $(STAMP): $(DEPS_STAMP) $(CSRC)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The oldest Triton fastgan supports (the GPU machines it targets run it): tests/test_hopper_compile.py
+# compiles every kernel with it too, from this folder beside the venv's own Triton (never imported otherwise).
+TRITON_OLDEST := 3.6.0
+OLDEST_TRITON_STAMP := build/triton-oldest/.triton-$(TRITON_OLDEST)
+$(OLDEST_TRITON_STAMP): $(DEPS_STAMP)
+	rm -rf build/triton-oldest
+	$(PY) -m pip install --quiet --no-deps --target build/triton-oldest triton==$(TRITON_OLDEST)
+	touch $@
+
+test: $(STAMP) $(if $(SYSTEM_PYTHON),,$(OLDEST_TRITON_STAMP))
 	$(PY) -m pytest -q tests
 
 # Benchmarks (pytest-benchmark; see bench/conftest.py): `make bench` times every bench/bench_*.py,

@@ -390,7 +390,8 @@ def test_compiling_the_penalty_itself_raises_instead_of_wrong_gradients():
     d = small_sndcgan_d().double()
     real, fake = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.rand(4, 3, 9, 9, dtype=torch.float64)
     alpha = torch.rand(4, dtype=torch.float64)
-    with pytest.raises(Exception, match="autograd.grad"):
+    # torch 2.14 stops at autograd.grad; torch 2.11 one line earlier, at the interpolate's requires_grad_()
+    with pytest.raises(Exception, match="autograd.grad|requires_grad"):
         torch.compile(lambda: gradient_penalty(d, real, fake, alpha=alpha), fullgraph=True)()
     with pytest.raises(RuntimeError, match="double backward"):
         torch.compile(lambda: gradient_penalty(d, real, fake, alpha=alpha))().backward()
