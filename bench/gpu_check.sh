@@ -10,7 +10,7 @@
 #                in place (pip install --no-build-isolation --no-deps -e .; no registry needed);
 #   2. tests  -- the whole suite on the GPU, in two phases: tests-gpu (the `cuda`-marked
 #                tests: what only a GPU can check) first, then tests-rest; a per-test timeout
-#                when pytest-timeout is installed and 4 workers when pytest-xdist is;
+#                when pytest-timeout is installed and 8 workers when pytest-xdist is;
 #   3. bench  -- every benchmark in quick mode, rendered into bench/results/*-cuda-<date>.{md,json}.
 # Then one screen: phase status, test counts and failures, each target against what was measured.
 # Logs and the raw JSON stay in build/gpu-check/.
@@ -19,7 +19,7 @@
 # where pip can download, bring build/wheels along, and this script installs them first.
 # Budgets (seconds) and knobs: GPU_CHECK_BUILD_S (140), GPU_CHECK_GPU_TEST_S (110),
 # GPU_CHECK_REST_TEST_S (50, plus what tests-gpu left unused), GPU_CHECK_BENCH_S (150),
-# GPU_CHECK_TEST_TIMEOUT (per test, 100), GPU_CHECK_WORKERS (4),
+# GPU_CHECK_TEST_TIMEOUT (per test, 100), GPU_CHECK_WORKERS (8: first Triton compiles run in parallel),
 # GPU_CHECK_TEST_ARGS (extra pytest arguments for both test phases, shell-quoted: '-k "spectral or penalty"').
 # A phase over budget gets SIGINT first, so pytest still writes its report of what ran.
 # GPU_CHECK_ARCHIVE=FILE.tgz: also pack the logs and the new bench/results files into one archive
@@ -81,7 +81,7 @@ failures() {
 
 test_args=(-q -p no:cacheprovider -rfE --durations=15)
 has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-100}")
-workers=${GPU_CHECK_WORKERS:-4}
+workers=${GPU_CHECK_WORKERS:-8}
 if has xdist && [ "$workers" -gt 1 ]; then
     test_args+=(-n "$workers")
     # the workers share the machine's cores instead of each starting one torch thread per core
