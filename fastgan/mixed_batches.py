@@ -69,19 +69,19 @@ def draw_mask(batch_size: int, smoothing: bool = True, p: Optional[float] = None
 
     p is drawn once for the batch: U[0, 1) with ``smoothing`` (batch smoothing), else 0 or 1
     with probability ½ each (pure batches). A given ``p`` in [0, 1] is used as it is (p = 0:
-    all fake, p = 1: all real). Draws come from ``generator`` (its device is used when
-    ``device`` is None), or torch's default generator."""
+    all fake, p = 1: all real). Draws come from ``generator`` on its own device (the mask is
+    then moved to ``device`` if that is another), or from torch's default generator on ``device``."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
-    if device is None and generator is not None:
-        device = generator.device
+    draw_on = generator.device if generator is not None else device
     if p is None:
-        u = torch.rand((), generator=generator, device=device)
+        u = torch.rand((), generator=generator, device=draw_on)
         p = u if smoothing else (u < 0.5).to(u.dtype)
     elif not 0 <= p <= 1:
         raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
     # U[0, 1) < p: never for p = 0, always for p = 1.
-    return torch.rand(batch_size, generator=generator, device=device) < p
+    mask = torch.rand(batch_size, generator=generator, device=draw_on) < p
+    return mask if device is None else mask.to(device)
 
 
 def mix(real: Tensor, fake: Tensor, mask: Tensor) -> MixedBatch:

@@ -233,6 +233,13 @@ class _Table:
 
 _TABLES: "collections.OrderedDict[tuple, _Table]" = collections.OrderedDict()
 _TABLE_CACHE_SIZE = 16
+# Keys of tables used while a CUDA graph was captured: its replays read them without coming back
+# here, so their place in the LRU says nothing; they are never evicted.
+_CAPTURED: set = set()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _view3(shape: torch.Size, dim: int) -> Tuple[int, int, int]:
@@ -249,8 +256,10 @@ def _table(weights: Sequence[torch.Tensor], dims: Sequence[int], config: LaunchC
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
+        if _capturing(first.device):
+            _CAPTURED.add(key)
         return hit
-    if first.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if _capturing(first.device):
         raise RuntimeError(
             "spectral norm: first call with these weights inside CUDA graph capture; run the model once before "
             "capturing (the layer table is built and copied to the device on a first call)"
@@ -280,7 +289,9 @@ def _table(weights: Sequence[torch.Tensor], dims: Sequence[int], config: LaunchC
     )
     _TABLES[key] = entry
     if len(_TABLES) > _TABLE_CACHE_SIZE:
-        _TABLES.popitem(last=False)
+        evicted = next((k for k in _TABLES if k not in _CAPTURED), None)
+        if evicted is not None:
+            del _TABLES[evicted]
     return entry
 
 

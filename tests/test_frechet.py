@@ -386,19 +386,34 @@ def test_save_and_load_round_trip(tmp_path):
         FeatureStatistics.load(str(tmp_path / "wrong.npz"))
 
 
-def test_fid_metric_object():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fid_metric_object(device, tmp_path):
     real, fake = torch.rand(120, 16), torch.rand(90, 16) * 1.3
-    metric = FID(feature_dim=16)
-    for batch in real.split(50):
+    metric = FID(feature_dim=16).to(device)
+    for batch in real.to(device).split(50):
         metric.update(batch, real=True)
-    for batch in fake.split(50):
+    for batch in fake.to(device).split(50):
         metric.update(batch, real=False)
     expected = frechet_distance(FeatureStatistics().update(real), FeatureStatistics().update(fake))
     assert metric.compute() == pytest.approx(expected, rel=1e-10)
-    metric.reset()
-    metric.set_real_statistics(FeatureStatistics().update(real))
-    metric.update(fake, real=False)
+    metric.reset()  # stays on the device
+    assert {state.device.type for state in metric.reduced_states().values()} == {device}
+    FeatureStatistics().update(real).save(str(tmp_path / "real.npz"))
+    metric.set_real_statistics(FeatureStatistics.load(str(tmp_path / "real.npz")))  # loaded on the CPU
+    metric.update(fake.to(device), real=False)
     assert metric.compute() == pytest.approx(expected, rel=1e-10)
+
+
+def test_metric_states_follow_to_through_reset_and_reach_nccl_on_a_gpu(monkeypatch):
+    from fastgan.metrics import base
+
+    metric = FID(feature_dim=5).to("meta")  # a device without a GPU here: reset() used to bring states back to the CPU
+    metric.reset()
+    assert {state.device.type for state in metric.reduced_states().values()} == {"meta"}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for backend, expected in (("nccl", torch.device("cuda", 0)), ("gloo", torch.device("cpu"))):
+        monkeypatch.setattr(base.dist, "get_backend", lambda group=None: backend)
+        assert base._collective_device(None, torch.device("cpu")) == expected  # NCCL moves GPU tensors only
 
 
 def _fid_worker(rank, world, init_file, real, fake, result_file):

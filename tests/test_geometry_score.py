@@ -167,6 +167,13 @@ def test_geometry_score_orders_topologies():
     assert different == pytest.approx(float(((mrlt_one - mrlt_two) ** 2).sum()), abs=1e-15)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_landmarks_come_from_a_generator_on_any_device(device):
+    sets = draw_landmarks(50, 3, 7, torch.Generator(device).manual_seed(0))
+    assert sets.device.type == "cpu" and sets.shape == (3, 7)
+    assert all(len(set(row.tolist())) == 7 and 0 <= row.min() and row.max() < 50 for row in sets)
+
+
 def test_default_gamma_and_landmark_draws():
     assert default_gamma(5000) == 1 / 128 and default_gamma(2500) == 1 / 256
     sets = draw_landmarks(50, 7, 10, torch.Generator().manual_seed(0))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICES
 from fastgan import mixed_batches as mb
 from fastgan.models import build_models, make_symmetric
 from fastgan.models.symmetric import BatchPooledConv2d, SymmetricDiscriminator
@@ -68,6 +69,13 @@ def test_without_smoothing_batches_are_pure_and_each_kind_half_the_time():
     counts = torch.stack([mb.draw_mask(batch, smoothing=False, generator=generator).sum() for _ in range(draws)])
     assert set(counts.tolist()) == {0, batch}
     assert abs((counts == batch).double().mean().item() - 0.5) < 4 * math.sqrt(0.25 / draws)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_generator_draws_on_its_device_and_the_mask_goes_where_asked(device):
+    mask = mb.draw_mask(9, generator=torch.Generator().manual_seed(3), device=device)
+    assert mask.device.type == device
+    assert torch.equal(mask.cpu(), mb.draw_mask(9, generator=torch.Generator().manual_seed(3)))
 
 
 def test_gradients_reach_the_fake_elements_taken():

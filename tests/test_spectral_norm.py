@@ -183,6 +183,27 @@ def test_triton_layer_table_is_built_once_per_set_of_weights():
         assert len(built) == 1
 
 
+def test_triton_layer_table_used_in_a_capture_is_never_evicted(monkeypatch):
+    """A CUDA graph replays with the table it captured, without a lookup: however many other
+    weight sets come after, that table stays (the LRU evicts others). Capture is faked here."""
+    kernels = importlib.import_module("fastgan.kernels.spectral_norm")
+    config = kernels.config_for(torch.device("cpu"))
+    monkeypatch.setattr(kernels, "_TABLES", type(kernels._TABLES)())
+    monkeypatch.setattr(kernels, "_CAPTURED", set())
+    captured = [torch.randn(5, 7)]
+    table = kernels._table(captured, [0], config)  # the warm-up call before capture builds it
+    monkeypatch.setattr(kernels, "_capturing", lambda device: True)
+    assert kernels._table(captured, [0], config) is table
+    with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
+        kernels._table([torch.randn(3, 4)], [0], config)  # a table cannot be built during capture
+    monkeypatch.setattr(kernels, "_capturing", lambda device: False)
+    others = [torch.randn(3, 4) for _ in range(2 * kernels._TABLE_CACHE_SIZE)]
+    for w in others:
+        kernels._table([w], [0], config)
+    assert len(kernels._TABLES) == kernels._TABLE_CACHE_SIZE
+    assert kernels._table(captured, [0], config) is table
+
+
 # ---------------------------------------------------------------- modules vs torch
 
 

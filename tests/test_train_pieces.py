@@ -2,6 +2,7 @@
 the step builder's CUDA-graph fallback, the callbacks' schedule, the GPU-speed options on CPU.
 
 CUDA-graph capture itself needs a GPU: tests/test_train_graphs.py (marked cuda)."""
+import copy
 import re
 
 import numpy as np
@@ -121,6 +122,39 @@ def test_runtime_gives_the_gpu_an_index_and_picks_the_process_groups_backend(wor
     groups.clear()
     assert Runtime.from_environment("cpu").device == torch.device("cpu")  # gloo for a CPU run, GPU or not
     assert groups == (["gloo"] if world > 1 else [])
+
+
+def test_optimizer_state_resumes_across_eager_and_captured_runs(tmp_path):
+    """A checkpoint's Adam state keeps the resuming step's ``capturable`` (torch's load_state_dict
+    would take the saved one): a captured GPU run resumed eagerly or on the CPU still steps, and an
+    eager run resumed with CUDA graphs gets capturable optimizers with float32 step counts
+    (what capture needs; the capture itself is tests/test_train_graphs.py's, on a GPU)."""
+    config = tiny_config(tmp_path, "z_dim=8")
+    torch.manual_seed(0)
+    G, D = models_for(config)
+    eager = GANStep(G, D, config)
+    eager.discriminator_update(torch.rand(8, 3, 16, 16), torch.randn(8, 8))
+    eager.generator_update(torch.randn(8, 8))
+    saved = eager.state_dict()
+    as_if_captured = copy.deepcopy(saved)  # a captured run's checkpoint, as torch.load(map_location="cpu") gives it
+    for optimizer in as_if_captured.values():
+        for group in optimizer["param_groups"]:
+            group["capturable"] = True
+        for per_param in optimizer["state"].values():
+            per_param["step"] = per_param["step"].to(torch.float32)
+
+    resumed = GANStep(*models_for(config), config)
+    resumed.load_state_dict(as_if_captured)
+    for optimizer in (resumed.g_optimizer, resumed.d_optimizer):
+        assert not optimizer.param_groups[0]["capturable"]
+    resumed.discriminator_update(torch.rand(8, 3, 16, 16), torch.randn(8, 8))  # raised before: capturable on the CPU
+    resumed.generator_update(torch.randn(8, 8))
+
+    capturing = GANStep(*models_for(config), config, capturable=True)
+    capturing.load_state_dict(saved)
+    for optimizer in (capturing.g_optimizer, capturing.d_optimizer):
+        assert optimizer.param_groups[0]["capturable"]
+        assert all(st["step"].dtype == torch.float32 and st["step"].item() == 1 for st in optimizer.state.values())
 
 
 # ------------------------------------------------------------------ CUDA graphs: when they fall back

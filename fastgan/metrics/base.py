@@ -30,25 +30,34 @@ def check_floating_finite(name: str, value, batch_number: int) -> None:
             "contains NaN or Inf")
 
 
+def _collective_device(group, device: torch.device) -> torch.device:
+    """Where a collective of ``group`` can take a tensor that lives on ``device``: NCCL moves GPU
+    tensors only, so CPU states go through the process's current GPU there."""
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _gather_cat(tensors: List[Tensor], group) -> Tensor:
-    """Concatenate every rank's tensors (different lengths, or none at all) in rank order."""
+    """Concatenate every rank's tensors (different lengths, or none at all) in rank order, on
+    this rank's device of them (the CPU for a rank that has none)."""
     world = dist.get_world_size(group)
     local = torch.cat(tensors) if tensors else None
-    meta = None if local is None else (local.shape[0], tuple(local.shape[1:]), local.dtype, str(local.device))
+    meta = None if local is None else (local.shape[0], tuple(local.shape[1:]), local.dtype)
     metas: List = [None] * world
     dist.all_gather_object(metas, meta, group=group)
     known = next((m for m in metas if m is not None), None)
     if known is None:
         return torch.empty(0)
-    _, trailing, dtype, device = known
-    if local is None:
-        local = torch.empty((0,) + trailing, dtype=dtype, device=device)
+    _, trailing, dtype = known
+    home = local.device if local is not None else torch.device("cpu")
     longest = max(m[0] if m is not None else 0 for m in metas)
-    padded = torch.zeros((longest,) + trailing, dtype=dtype, device=local.device)
-    padded[: local.shape[0]] = local
+    padded = torch.zeros((longest,) + trailing, dtype=dtype, device=_collective_device(group, home))
+    if local is not None:
+        padded[: local.shape[0]] = local
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
-    return torch.cat([g[: (m[0] if m is not None else 0)] for g, m in zip(gathered, metas)])
+    return torch.cat([g[: (m[0] if m is not None else 0)] for g, m in zip(gathered, metas)]).to(home)
 
 
 class Metric:
@@ -58,6 +67,7 @@ class Metric:
         self._defaults: Dict[str, State] = {}
         self._reductions: Dict[str, str] = {}
         self.process_group = None
+        self._device: Optional[torch.device] = None  # set by to(); reset() keeps it
 
     def add_state(self, name: str, default: State, reduction: str) -> None:
         if reduction not in ("sum", "cat"):
@@ -70,9 +80,10 @@ class Metric:
 
     def reset(self) -> None:
         for name, default in self._defaults.items():
-            setattr(self, name, [] if self._reductions[name] == "cat" else default.clone())
+            setattr(self, name, [] if self._reductions[name] == "cat" else default.to(device=self._device, copy=True))
 
     def to(self, device) -> "Metric":
+        self._device = torch.device(device)
         for name, reduction in self._reductions.items():
             value = getattr(self, name)
             setattr(self, name, [t.to(device) for t in value] if reduction == "cat" else value.to(device))
@@ -87,8 +98,9 @@ class Metric:
             value = getattr(self, name)
             if reduction == "sum":
                 if distributed:
-                    value = value.clone()
-                    dist.all_reduce(value, group=self.process_group)
+                    reduced = value.to(_collective_device(self.process_group, value.device), copy=True)
+                    dist.all_reduce(reduced, group=self.process_group)
+                    value = reduced.to(value.device)
                 out[name] = value
             else:
                 out[name] = _gather_cat(value, self.process_group) if distributed else (torch.cat(value) if value else torch.empty(0))

@@ -158,7 +158,9 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, method: str = "
     a.check()
     b.check()
     factor = a.factor() if method in ("auto", "symmetric") and a.mean.device.type == "cpu" else None
-    return float(ops.frechet_distance(a.mean, a.covariance, b.mean, b.covariance, method, factor,
+    # b meets a where a is (statistics loaded from a file are on the CPU, a metric's may be on a GPU)
+    b_mean, b_covariance = b.mean.to(a.mean.device), b.covariance.to(a.mean.device)
+    return float(ops.frechet_distance(a.mean, a.covariance, b_mean, b_covariance, method, factor,
                                       names=(f"the statistics of {a.source}", f"the statistics of {b.source}"),
                                       validate=False))
 

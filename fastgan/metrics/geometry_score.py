@@ -121,14 +121,16 @@ def _check_landmarks(landmarks, num_points: int) -> Tensor:
 
 def draw_landmarks(num_points: int, n: int, L_0: int, generator: Optional[torch.Generator] = None) -> Tensor:
     """``n`` landmark sets of ``L_0`` distinct indices in [0, num_points), shape (n, L_0):
-    row k is ``torch.randperm(num_points, generator=generator)[:L_0]``."""
+    row k is ``torch.randperm(num_points, generator=generator)[:L_0]``, drawn on the
+    generator's device; returned on the CPU."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n (landmark sets) must be an int >= 1, got {n!r}")
     if isinstance(L_0, bool) or not isinstance(L_0, int) or L_0 < 1:
         raise ValueError(f"L_0 (landmarks per set) must be an int >= 1, got {L_0!r}")
     if L_0 > num_points:
         raise ValueError(f"L_0 = {L_0} landmarks per set need at least {L_0} points, got N = {num_points}")
-    return torch.stack([torch.randperm(num_points, generator=generator)[:L_0] for _ in range(n)])
+    device = generator.device if generator is not None else None
+    return torch.stack([torch.randperm(num_points, generator=generator, device=device)[:L_0] for _ in range(n)]).cpu()
 
 
 # --------------------------------------------------------------------------- distances (torch)

@@ -211,10 +211,24 @@ class GANStep:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.g_optimizer.load_state_dict(state["g_optimizer"])
-        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        _load_optimizer(self.g_optimizer, state["g_optimizer"])
+        _load_optimizer(self.d_optimizer, state["d_optimizer"])
         if self.lens_optimizer is not None:
-            self.lens_optimizer.load_state_dict(state["lens_optimizer"])
+            _load_optimizer(self.lens_optimizer, state["lens_optimizer"])
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load ``saved`` keeping this optimizer's ``capturable``: torch's load_state_dict takes
+    the saved run's, so a run resumed with CUDA graphs from an eager checkpoint would fail
+    its capture, and one resumed eagerly (or on the CPU) from a captured run its first step.
+    torch then puts each Adam step count where that setting wants it (float32 on the
+    parameter's device when capturable); an eager one goes back to the host."""
+    capturable = optimizer.param_groups[0].get("capturable", False)
+    optimizer.load_state_dict({**saved, "param_groups": [{**g, "capturable": capturable} for g in saved["param_groups"]]})
+    if not capturable:
+        for per_param in optimizer.state.values():
+            if torch.is_tensor(per_param.get("step")):
+                per_param["step"] = per_param["step"].cpu()
 
 
 class CapturedStep:
@@ -266,8 +280,10 @@ class CapturedStep:
         self.step.autocast_cache = False
         try:
             # Each graph has its own memory pool: D's replays (n_disc of them per G replay) then never
-            # write over memory that G's graph keeps, whatever the order of replays.
-            with torch.cuda.graph(graph):
+            # write over memory that G's graph keeps, whatever the order of replays. Thread-local
+            # capture: the data stream's prefetch thread may pin host memory meanwhile, which a
+            # global capture forbids to every thread.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = update(static)
         finally:
             self.step.autocast_cache = True
