@@ -8,6 +8,9 @@ Two groups, each with torch's parametrization
   -- what the issue's SN targets are stated for. torch: its own power-method code per
   layer; fastgan: the multi-layer op, one launch for the model (what
   ``apply_spectral_norm``'s hook runs on the GPU), and the single-layer op once per layer.
+  On a GPU also a CUDA-graph replay of the multi-layer op: its kernels' own time, what a
+  training step captured with ``cuda_graphs: true`` spends (informative: the targets are
+  stated for the eager call).
 * ``normalized weights``: the refresh plus W / sigma for every layer: all that one
   training forward spends on SN. torch's modules against fastgan's
   ``apply_spectral_norm``, the drop-in ``fastgan.nn.spectral_norm`` on each layer and
@@ -40,8 +43,10 @@ grouped = importlib.import_module("fastgan.nn.spectral_norm")
 BACKENDS = timing.kernel_backends(DEVICE, "spectral_norm_power_iteration_multi", "spectral_norm_power_iteration")
 TORCH_PARAM, TORCH_HOOK = "torch parametrizations.spectral_norm", "torch utils.spectral_norm (hook)"
 MULTI_LAYER_OP = "fastgan multi-layer op (one launch)"
+GRAPH_REPLAY = "fastgan graph replay of the multi-layer op"
 REFRESH = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
-                                      for kind in (MULTI_LAYER_OP, "fastgan single-layer op x8")]
+                                      for kind in (MULTI_LAYER_OP, "fastgan single-layer op x8")
+                                      + ((GRAPH_REPLAY,) if DEVICE.type == "cuda" else ())]
 FASTGAN_HOOK = "fastgan utils.spectral_norm (hook) per layer"
 NORMALIZED = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
                                          for kind in ("fastgan apply_spectral_norm", "fastgan spectral_norm per layer",
@@ -161,12 +166,16 @@ def refresh_fn(name: str, models: Models) -> Tuple[Callable[[], object], nn.Modu
     model = models.fastgan_per_layer(backend)
     params = [m.parametrizations.weight[0] for m in weight_layers(model)]
     weights = [m.parametrizations.weight.original for m in weight_layers(model)]
-    if kind == MULTI_LAYER_OP:
+    if kind in (MULTI_LAYER_OP, GRAPH_REPLAY):
 
         def multi_layer_op():  # what apply_spectral_norm's hook runs where one launch pays
             with fastgan.use_backend(backend):
                 grouped.iterate_together(params, weights, 1)
 
+        if kind == GRAPH_REPLAY:
+            graph = captured(multi_layer_op)
+            models.reset(model)  # the warm-up iterated: back to the common u, v
+            return graph.replay, model, backend
         return multi_layer_op, model, backend
 
     def single_layer_ops():
@@ -177,6 +186,20 @@ def refresh_fn(name: str, models: Models) -> Tuple[Callable[[], object], nn.Modu
                 p._v.copy_(v)
 
     return single_layer_ops, model, backend
+
+
+def captured(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
+    """``fn`` captured in a CUDA graph, after a warm-up call on a side stream (which builds the
+    multi-layer op's layer table, something a capture may not do)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def hook_forward(model: nn.Module, backend: str) -> Callable[[], List[Tensor]]:
