@@ -80,6 +80,7 @@ failures() {
 }
 
 test_args=(-q -p no:cacheprovider -rfE --durations=15)
+export COLUMNS=${COLUMNS:-220}  # pytest's short summary keeps each failure's reason only within the width
 has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-100}")
 workers=${GPU_CHECK_WORKERS:-8}
 if has xdist && [ "$workers" -gt 1 ]; then

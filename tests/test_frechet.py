@@ -27,7 +27,7 @@ from conftest import DEVICES, device_backends, exit_worker
 def pytorch_fid_formula(mu1, sigma1, mu2, sigma2):
     """What pytorch-fid computes: scipy sqrtm, the 1e-6·I retry, and the real part."""
     diff = mu1 - mu2
-    covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # pytorch-fid passes disp=False, which scipy 1.18 removed
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * 1e-6
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
