@@ -1,0 +1,40 @@
+"""`make gpu-check` (bench/gpu_check.sh) runs only where a GPU is lent, for a few minutes at a
+time, so what can break it is checked here: the script parses, refuses a machine without a
+GPU in one clear line, and its summary reads both test phases' JUnit reports."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+
+
+def test_the_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_without_a_gpu_it_stops_at_once_and_says_why(tmp_path):
+    fake_python = tmp_path / "python"  # a Python whose torch sees no GPU, whatever this machine has
+    fake_python.write_text("#!/bin/sh\nexit 1\n")
+    fake_python.chmod(0o755)
+    done = subprocess.run(["bash", str(SCRIPT), str(fake_python)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "torch sees no CUDA device here" in done.stderr
+
+
+def test_the_summary_reports_each_test_phase(tmp_path):
+    for phase, outcome in (("tests-gpu", '<failure message="boom"/>'), ("tests-rest", "")):
+        (tmp_path / f"{phase}.xml").write_text(
+            f'<testsuites><testsuite><testcase classname="tests.test_x" name="test_{phase}">{outcome}</testcase>'
+            '<testcase classname="tests.test_x" name="test_ok"/></testsuite></testsuites>')
+    (tmp_path / "phases.tsv").write_text("tests-gpu\tok\t12\ntests-rest\tstopped at 50 s budget\t50\n")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(tmp_path / "none.json"), "--summary",
+                           "--device", "cuda", "--junit", str(tmp_path / "tests-gpu.xml"),
+                           "--junit", str(tmp_path / "tests-rest.xml"), "--phases", str(tmp_path / "phases.tsv")],
+                          capture_output=True, text=True, check=True, timeout=60)
+    assert "tests-gpu: 1 passed, 1 failed" in done.stdout
+    assert "FAILED tests.test_x::test_tests-gpu" in done.stdout
+    assert "tests-rest: 2 passed, 0 failed" in done.stdout
+    assert "stopped at 50 s budget" in done.stdout
+    assert "SN refresh, whole SNDCGAN D <= 25 µs" in done.stdout  # the GPU targets, unmeasured here
