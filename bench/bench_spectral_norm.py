@@ -36,6 +36,7 @@ from torch import Tensor, nn
 import fastgan
 import timing
 from fastgan.models import build_models
+from fastgan.train.step import _on_side_stream
 from timing import DEVICE
 
 grouped = importlib.import_module("fastgan.nn.spectral_norm")
@@ -190,12 +191,8 @@ def refresh_fn(name: str, models: Models) -> Tuple[Callable[[], object], nn.Modu
 
 def captured(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
     """``fn`` captured in a CUDA graph, after a warm-up call on a side stream (which builds the
-    multi-layer op's layer table, something a capture may not do)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
+    multi-layer op's layer table, something a capture may not do), as the trainer warms up."""
+    _on_side_stream(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()

@@ -18,6 +18,7 @@ import fastgan
 from fastgan.penalties import gradient_penalty
 from fastgan.reference import gradient_penalty as gp_reference
 from fastgan.reference import spectral_norm as sn_reference
+from fastgan.train.step import _on_side_stream
 
 pytestmark = CUDA_ONLY
 
@@ -62,12 +63,7 @@ def test_wgan_gp_step_with_spectral_norm_replays_like_eager(backend, memory_form
     with fastgan.use_backend(backend):
         # Warm-up on a side stream (compiles kernels, builds the cached layer tables),
         # as torch.cuda.graph requires; the eager twin takes the same steps.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                d_step(graphed, real, fake)
-        torch.cuda.current_stream().wait_stream(side)
+        _on_side_stream(lambda: [d_step(graphed, real, fake) for _ in range(3)])
         for _ in range(3):
             d_step(eager, real, fake)
 

@@ -223,9 +223,9 @@ class _GroupedPowerIteration:
                 if p.training == training and not plist.original.is_complex()
             ]
             if group:
-                params = [p for p, _ in group]
+                params, weights = zip(*group)
                 steps = params[0].n_power_iterations if training else 0
-                for p, result in zip(params, iterate_together(params, [w for _, w in group], steps)):
+                for p, result in zip(params, iterate_together(params, weights, steps)):
                     _set_group_result(p, result)
 
     def clear(self, model: nn.Module, inputs, output=None) -> None:
