@@ -3,6 +3,7 @@ stale temporary files, a full disk, and files that are not checkpoints."""
 import errno
 import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -84,13 +85,14 @@ class _Payload:
     """Any Python object: what a pickle of unknown origin may hold."""
 
 
+# The random bytes are seeded: pytest-xdist workers must collect the same parameters.
 @pytest.mark.parametrize("content", [
     b"",
     b"PK\x03\x04 truncated zip",
-    os.urandom(4096),
+    random.Random(4096).randbytes(4096),
     pickle.dumps({"format": checkpoint.FORMAT}, protocol=2),  # a plain pickle, not torch.save's zip
     "torch.save of a Python object",
-])
+], ids=["empty", "truncated zip", "random bytes", "plain pickle", "torch.save of a Python object"])
 def test_garbage_is_not_a_fastgan_checkpoint_and_never_unpickled(tmp_path, content):
     path = tmp_path / "garbage.pt"
     if isinstance(content, bytes):

@@ -53,15 +53,16 @@ def test_captured_updates_equal_eager_ones(tmp_path, setup):
                 alpha = torch.rand(16, generator=draws).cuda() if config.penalty == "wgan-gp" else None
                 ours, theirs = captured.discriminator_update(real, z, alpha, 7), eager.discriminator_update(real, z, alpha, 7)
                 for key in theirs:
-                    torch.testing.assert_close(ours[key], theirs[key], rtol=1e-3, atol=1e-4, msg=f"{iteration} {key}")
+                    torch.testing.assert_close(ours[key], theirs[key], rtol=1e-3, atol=1e-4,
+                                               msg=lambda why: f"update {iteration}, {key}: {why}")
             z = draw_latents(16, config, draws).cuda()
             torch.testing.assert_close(captured.generator_update(z)["g_loss"], eager.generator_update(z)["g_loss"],
-                                       rtol=1e-3, atol=1e-4, msg=f"{iteration} g_loss")
+                                       rtol=1e-3, atol=1e-4, msg=lambda why: f"update {iteration}, g_loss: {why}")
     torch.cuda.synchronize()
     for a, b in ((G, G2), (D, D2)):
         for (key, ours), theirs in zip(b.state_dict().items(), a.state_dict().values()):
             if ours.is_floating_point():
-                torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3, msg=key)
+                torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3, msg=lambda why: f"{key}: {why}")
 
 
 def test_a_captured_run_resumes_like_an_eager_one(tmp_path):
@@ -78,7 +79,7 @@ def test_a_captured_run_resumes_like_an_eager_one(tmp_path):
     resumed.fit()
     for key, value in run.G.state_dict().items():
         if value.is_floating_point():
-            torch.testing.assert_close(resumed.G.state_dict()[key], value, rtol=1e-3, atol=1e-3, msg=key)
+            torch.testing.assert_close(resumed.G.state_dict()[key], value, rtol=1e-3, atol=1e-3, msg=lambda why: f"{key}: {why}")
 
 
 def test_the_streams_gpu_paths_serve_the_cpus_batches():
