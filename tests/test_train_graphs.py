@@ -1,15 +1,17 @@
 """GPU only (marked cuda, skipped where no GPU is visible): the trainer's D and G updates
 captured as CUDA graphs (``cuda_graphs: true``) and replayed give what the eager updates
-give from the same state and inputs, to float32 round-off, for the two benchmarked setups
-(SNDCGAN NS + SN, n_disc 1; ResNet CIFAR WGAN-GP, n_disc 5) and with bf16 autocast.
+give from the same state and inputs, for the two benchmarked setups (SNDCGAN NS + SN,
+n_disc 1; ResNet CIFAR WGAN-GP, n_disc 5) and with bf16 autocast.
 
-Parameters are compared to 1e-3 absolute: Adam moves a weight by about ±lr (2e-4) whatever
-its gradient's size, so the pure round-off gradients of biases before batch norm can
-differ by a few lr between any two summation orders (cuDNN's backward kernels do not sum
-in a fixed order). Logits and losses, which those weights feed, get 3e-3 absolute (on an
-H200 they drifted apart by up to 9e-4 over six updates); under bf16 autocast also two
-bf16 steps (2^-6) relative. A replay that read a stale batch or skipped an optimizer step
-would be off by far more.
+Every update starts from the same state: the eager step's weights, buffers and Adam moments
+are copied into the captured step's (in place, where its graphs read them) first. Left to
+run side by side the two drift apart however right the graphs are -- cuDNN's backward
+kernels do not sum in a fixed order, and Adam turns a round-off gradient into a step of
+±lr -- and on an H200 six updates took logits 4e-3 apart. From the same state, what an
+update reports (logits, losses, penalties, computed before its optimizer step) agrees to
+float32 round-off (bf16 under autocast), and the weights it leaves to 1e-3: a few lr
+(2e-4), where Adam saw a gradient of pure round-off. A replay that read a stale batch, a
+stale weight or skipped an optimizer step would be off by far more.
 
 Also here: the data stream's two GPU paths (the uint8 set resident on the device, and
 pinned host batches prefetched by a thread) serve exactly the CPU's batches."""
@@ -49,26 +51,44 @@ def test_captured_updates_equal_eager_ones(tmp_path, setup):
     captured = build_step(G2, D2, config, runtime, cuda_graphs=True)
     assert isinstance(captured, CapturedStep)
     draws = torch.Generator().manual_seed(1)
-    close = dict(rtol=2.0 ** -6 if config.amp else 1e-3, atol=3e-3)
+    reported = dict(rtol=2.0 ** -7, atol=1e-3) if config.amp else dict(rtol=1e-4, atol=1e-5)
+
+    def update(kind, *inputs):
+        _copy_state(eager, captured.step)
+        ours = getattr(captured, kind)(*inputs)
+        theirs = getattr(eager, kind)(*inputs)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], **reported,
+                                       msg=lambda why: f"update {iteration} {kind}, {key}: {why}")
+        for model in ("G", "D"):
+            mine, its = getattr(captured, model).state_dict(), getattr(eager, model).state_dict()
+            for key, value in its.items():
+                if value.is_floating_point():
+                    torch.testing.assert_close(mine[key], value, rtol=1e-3, atol=1e-3,
+                                               msg=lambda why: f"update {iteration} {kind}, {model}.{key}: {why}")
+
     with runtime.numerics(deterministic=False, tf32=False):
         for iteration in range(6):  # update 1 eager (warm-up), 2 captured, 3-6 replayed
             for _ in range(config.n_disc):
                 real = torch.rand(16, 3, 32, 32, generator=draws).cuda()
                 z = draw_latents(16, config, draws).cuda()
                 alpha = torch.rand(16, generator=draws).cuda() if config.penalty == "wgan-gp" else None
-                ours, theirs = captured.discriminator_update(real, z, alpha, 7), eager.discriminator_update(real, z, alpha, 7)
-                for key in theirs:
-                    torch.testing.assert_close(ours[key], theirs[key], **close,
-                                               msg=lambda why: f"update {iteration}, {key}: {why}")
-            z = draw_latents(16, config, draws).cuda()
-            torch.testing.assert_close(captured.generator_update(z)["g_loss"], eager.generator_update(z)["g_loss"],
-                                       **close, msg=lambda why: f"update {iteration}, g_loss: {why}")
-    torch.cuda.synchronize()
-    for a, b in ((G, G2), (D, D2)):
-        for (key, ours), theirs in zip(b.state_dict().items(), a.state_dict().values()):
-            if ours.is_floating_point():
-                torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3, msg=lambda why: f"{key}: {why}")
+                update("discriminator_update", real, z, alpha, 7)
+            update("generator_update", draw_latents(16, config, draws).cuda())
 
+
+@torch.no_grad()
+def _copy_state(source: GANStep, target: GANStep) -> None:
+    """``target`` takes ``source``'s weights, buffers and optimizer moments, in place."""
+    for model in ("G", "D"):
+        theirs = getattr(source, model).state_dict()
+        for key, mine in getattr(target, model).state_dict().items():
+            mine.copy_(theirs[key])
+    for optimizer in ("g_optimizer", "d_optimizer"):
+        source_optimizer, target_optimizer = getattr(source, optimizer), getattr(target, optimizer)
+        for theirs, mine in zip(source_optimizer.param_groups[0]["params"], target_optimizer.param_groups[0]["params"]):
+            for key, value in source_optimizer.state[theirs].items():
+                target_optimizer.state[mine][key].copy_(value)
 
 def test_a_captured_run_resumes_like_an_eager_one(tmp_path):
     """A trainer with cuda_graphs replays from its second iteration on; its checkpoint resumes."""
