@@ -48,6 +48,10 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cxx = ["-O3", "-fopenmp", "-fopenmp-simd"]
+    # The C++ runtime named last, so it is a dependency of the library whichever driver links it: on the
+    # H200 machine (Ubuntu's Python, setuptools 81) the library came out without libstdc++ among its
+    # dependencies, and the first C++ exception it threw (a TORCH_CHECK) crashed the process.
+    link = ["-fopenmp", "-lstdc++"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     build_cuda = (
@@ -65,7 +69,7 @@ def _extensions():
             include_dirs=[os.path.abspath("csrc")] + _pip_cuda_include_dirs(),
             define_macros=[("FASTGAN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -73,7 +77,7 @@ def _extensions():
             sources,
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     if platform.system() == "Darwin":
         ext.extra_compile_args["cxx"] = [f for f in cxx if "openmp" not in f]

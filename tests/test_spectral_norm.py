@@ -9,6 +9,8 @@ the interpreter rounds float32 -> bfloat16 by truncation). Triton runs through t
 interpreter on CPU tensors; tests marked cuda repeat everything on a GPU.
 """
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -670,11 +672,29 @@ def test_ops_reject_bad_vectors(device, backend):
             OPS.spectral_norm_power_iteration(weight, u, v, 0, -1, 1e-12, True)
 
 
+_BAD_CALLS_TO_THE_EXTENSION = """
+import torch, fastgan._backend
+extension = fastgan._backend.extension()
+for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() and extension.built_with_cuda() else []):
+    weight, u, v = torch.randn(6, 4, device=device), torch.randn(6, device=device), torch.randn(4, device=device)
+    for args, message in (((weight, u[:2], v), "u must have shape"), ((weight[0], u, v), "needs a weight with >= 2 dims")):
+        try:
+            torch.ops.fastgan_C.spectral_norm_power_iteration(*args, 0, 1, 1e-12, True)
+        except RuntimeError as error:
+            assert message in str(error), error
+        else:
+            raise AssertionError(f"no error on {device}: expected {message!r}")
+    print(device, "ok")
+"""
+
+
 def test_extension_checks_its_own_inputs():
-    """Calling the C++ library directly with bad shapes raises, never crashes."""
+    """Calling the C++ library directly with bad shapes raises (a C++ exception crossing into
+    Python), never crashes. In a child process: a build whose exceptions cannot unwind took
+    the whole test process down on the GPU machine (SIGSEGV), so the failure says that."""
     fastgan._backend.extension()
-    weight, u, v = _layer_inputs((6, 4), 0, torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match="u must have shape"):
-        torch.ops.fastgan_C.spectral_norm_power_iteration(weight, u[:2], v, 0, 1, 1e-12, True)
-    with pytest.raises(RuntimeError, match="needs a weight with >= 2 dims"):
-        torch.ops.fastgan_C.spectral_norm_power_iteration(weight[0], u, v, 0, 1, 1e-12, True)
+    child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _BAD_CALLS_TO_THE_EXTENSION],
+                           capture_output=True, text=True, timeout=300)
+    crashed = f"killed by signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}"
+    assert child.returncode == 0, f"{crashed}:\n{child.stdout}{child.stderr[-3000:]}"
+    assert child.stdout.startswith("cpu ok")
