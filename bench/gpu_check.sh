@@ -11,15 +11,18 @@
 #   2. tests  -- the whole suite on the GPU, in two phases: tests-gpu (the `cuda`-marked
 #                tests: what only a GPU can check) first, then tests-rest; a per-test timeout
 #                when pytest-timeout is installed and 8 workers when pytest-xdist is;
-#   3. bench  -- every benchmark in quick mode, rendered into bench/results/*-cuda-<date>.{md,json}.
+#   3. bench  -- every benchmark in quick mode, rendered into bench/results/*-cuda-<date>.{md,json};
+#   4. profile -- where the eager workloads' host time goes (bench/profile_host.py), into
+#                build/gpu-check/profile.md.
 # Then one screen: phase status, test counts and failures, each target against what was measured.
 # Logs and the raw JSON stay in build/gpu-check/.
 #
 # A machine without a package registry may lack test dependencies (gudhi, pytorch-msssim): run `make wheels`
 # where pip can download, bring build/wheels along, and this script installs them first.
-# Budgets (seconds) and knobs: GPU_CHECK_BUILD_S (140), GPU_CHECK_GPU_TEST_S (110),
-# GPU_CHECK_REST_TEST_S (50, plus what tests-gpu left unused), GPU_CHECK_BENCH_S (150),
-# GPU_CHECK_TEST_TIMEOUT (per test, 100), GPU_CHECK_WORKERS (8: first Triton compiles run in parallel),
+# Budgets (seconds; 540 in all, so one 10-minute remote command always ends with its archive) and knobs:
+# GPU_CHECK_BUILD_S (120), GPU_CHECK_GPU_TEST_S (100), GPU_CHECK_REST_TEST_S (120, plus what tests-gpu
+# left unused), GPU_CHECK_BENCH_S (130), GPU_CHECK_PROFILE_S (50),
+# GPU_CHECK_TEST_TIMEOUT (per test, 150: torch.compile tests take ~80 s on a cold cache), GPU_CHECK_WORKERS (8: first Triton compiles run in parallel),
 # GPU_CHECK_TEST_ARGS (extra pytest arguments for both test phases, shell-quoted: '-k "spectral or penalty"').
 # A phase over budget gets SIGINT first, so pytest still writes its report of what ran.
 # GPU_CHECK_ARCHIVE=FILE.tgz: also pack the logs and the new bench/results files into one archive
@@ -69,8 +72,8 @@ fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${GPU_CHECK_BUILD_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
-if phase build "${GPU_CHECK_BUILD_S:-140}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
-   && phase extension 30 "$PY" -c "import fastgan._C as c; assert c.built_with_cuda(), 'fastgan._C was built without CUDA'; print('fastgan._C built with CUDA for', '$TORCH_CUDA_ARCH_LIST')"; then
+if phase build "${GPU_CHECK_BUILD_S:-120}" "$PY" -m pip install --verbose --no-build-isolation --no-deps -e . \
+   && phase extension 20 "$PY" -c "import fastgan._C as c, subprocess; assert c.built_with_cuda(), 'fastgan._C was built without CUDA'; print('fastgan._C built with CUDA for', '$TORCH_CUDA_ARCH_LIST'); print(subprocess.run(['readelf', '-d', c.__file__], capture_output=True, text=True).stdout)"; then
     [ -n "$STAMP" ] && mkdir -p "$(dirname "$STAMP")" && touch "$STAMP"
 fi
 
@@ -81,7 +84,7 @@ failures() {
 
 test_args=(-q -p no:cacheprovider -rfE --durations=15)
 export COLUMNS=${COLUMNS:-220}  # pytest's short summary keeps each failure's reason only within the width
-has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-100}")
+has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-150}")
 workers=${GPU_CHECK_WORKERS:-8}
 if has xdist && [ "$workers" -gt 1 ]; then
     test_args+=(-n "$workers")
@@ -89,23 +92,24 @@ if has xdist && [ "$workers" -gt 1 ]; then
     export OMP_NUM_THREADS=$(( ($(nproc) + workers - 1) / workers ))
 fi
 eval "extra_test_args=(${GPU_CHECK_TEST_ARGS:-})"  # shell words: -k "spectral or penalty" stays one pattern
-gpu_budget=${GPU_CHECK_GPU_TEST_S:-110}
+gpu_budget=${GPU_CHECK_GPU_TEST_S:-100}
 t0=$(date +%s)
 phase tests-gpu "$gpu_budget" "$PY" -m pytest tests -m cuda "${test_args[@]}" --junitxml="$OUT/tests-gpu.xml" \
     "${extra_test_args[@]}"
 failures tests-gpu
 # The backend and compile checks first: what they check differs where a GPU is visible.
-rest_budget=$(( ${GPU_CHECK_REST_TEST_S:-50} + gpu_budget - ($(date +%s) - t0) ))
+rest_budget=$(( ${GPU_CHECK_REST_TEST_S:-120} + gpu_budget - ($(date +%s) - t0) ))
 phase tests-rest "$rest_budget" "$PY" -m pytest tests/test_backends.py tests/test_hopper_compile.py tests -m "not cuda" \
     "${test_args[@]}" --junitxml="$OUT/tests-rest.xml" "${extra_test_args[@]}"
 failures tests-rest
 unset OMP_NUM_THREADS
 
 # Entries that would start in the last 30 s of the budget are skipped, so the run still writes its results.
-bench_budget=${GPU_CHECK_BENCH_S:-150}
+bench_budget=${GPU_CHECK_BENCH_S:-130}
 phase bench "$bench_budget" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
     --bench-quick --bench-device cuda --bench-budget $(( bench_budget - 30 )) --benchmark-json="$OUT/bench.json" \
     --benchmark-columns=median,iqr,rounds --junitxml="$OUT/bench.xml"
+phase profile "${GPU_CHECK_PROFILE_S:-50}" "$PY" bench/profile_host.py --device cuda --out "$OUT/profile.md"
 
 "$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests-gpu.xml" --junit "$OUT/tests-rest.xml" --bench-junit "$OUT/bench.xml" \
     --phases "$OUT/phases.tsv"

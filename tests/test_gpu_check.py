@@ -1,6 +1,7 @@
 """`make gpu-check` (bench/gpu_check.sh) runs only where a GPU is lent, for a few minutes at a
 time, so what can break it is checked here: the script parses, refuses a machine without a
-GPU in one clear line, and its summary reads both test phases' JUnit reports."""
+GPU in one clear line, its summary reads both test phases' JUnit reports, and its host
+profile of the eager workloads (bench/profile_host.py) runs -- here on the CPU."""
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,17 @@ def test_the_summary_reports_each_test_phase(tmp_path):
     assert "tests-rest: 2 passed, 0 failed" in done.stdout
     assert "stopped at 50 s budget" in done.stdout
     assert "SN refresh, whole SNDCGAN D <= 25 µs" in done.stdout  # the GPU targets, unmeasured here
+
+
+def test_the_host_profile_reports_each_workload(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTGAN_BENCH_DEVICE", "cpu")  # the script sets it; restored after the test
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import profile_host
+
+    report = tmp_path / "profile.md"
+    assert profile_host.main(["--device", "cpu", "--workloads", "sn", "--calls", "2", "--top", "3",
+                              "--out", str(report)]) == 0
+    text = report.read_text()
+    assert "### SN refresh, SNDCGAN D: torch parametrizations.spectral_norm" in text
+    assert "### SN refresh, SNDCGAN D: fastgan multi-layer op (one launch) [cpp]" in text
+    assert text.count("kernel launches per call (2 calls)") == 2 and "Self CPU" in text

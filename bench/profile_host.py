@@ -1,0 +1,132 @@
+"""Where eager time goes: torch.profiler over the benchmarks' eager workloads.
+
+On a GPU a small GAN's eager step is bound by the host -- Python, op dispatch, kernel
+launches -- more than by the kernels (the first H200 run: the multi-layer spectral-norm
+op took 305 µs eager and 55 µs replayed from a CUDA graph). This script says where
+that host time goes, per workload:
+
+* wall time per call (synchronized) and host time per call (the calls issued without
+  waiting; on a GPU the difference is time the host had to spare);
+* kernel launches per call (``cudaLaunchKernel`` and friends, on a GPU);
+* the ops with the most self CPU time (the profiler's table, top ``--top``).
+
+Workloads, each a benchmark's own setup (bench_spectral_norm.py, bench_training.py):
+``sn``: one refresh of SNDCGAN D's 8 layers by torch's parametrization and by fastgan's
+multi-layer op on the device's default backend; ``training``: one SNDCGAN NS+SN
+iteration (batch 64 on a GPU, 16 on the CPU) plain and with fastgan's eager trainer.
+
+Run: python bench/profile_host.py [--device cuda] [--workloads sn training] [--out FILE.md]
+(make gpu-check runs it and keeps the report in build/gpu-check/profile.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def per_call_times(call: Callable[[], object], device: torch.device, calls: int) -> Tuple[float, float]:
+    """(wall µs per call, synchronized at the end; host µs per call, the calls only issued)."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    issued = time.perf_counter()
+    _synchronize(device)
+    done = time.perf_counter()
+    return (done - start) / calls * 1e6, (issued - start) / calls * 1e6
+
+
+def profile_workload(name: str, call: Callable[[], object], device: torch.device, calls: int, top: int) -> List[str]:
+    """Markdown lines for one workload: times, launches and the top ops by self CPU time."""
+    for _ in range(3):  # warm-up: first calls build caches, autotune, allocate
+        call()
+    wall, host = per_call_times(call, device, calls)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(calls):
+            call()
+        _synchronize(device)
+    averages = profiler.key_averages()
+    launches = sum(event.count for event in averages if event.key in LAUNCHES) / calls
+    lines = [f"### {name}", "",
+             f"{wall:.1f} µs per call (wall, synchronized), {host:.1f} µs to issue it (host), "
+             f"{launches:.1f} kernel launches per call ({calls} calls)", "", "```",
+             averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60), "```", ""]
+    print("\n".join(lines[:3]), flush=True)
+    return lines
+
+
+def sn_workloads(device: torch.device) -> Dict[str, Callable[[], object]]:
+    import bench_spectral_norm as sn
+
+    models = sn.Models()
+    backend = sn.BACKENDS[0]
+    torch_refresh = sn.refresh_fn(sn.TORCH_PARAM, models)[0]
+    fastgan_refresh = sn.refresh_fn(f"{sn.MULTI_LAYER_OP} [{backend}]", models)[0]
+    return {"SN refresh, SNDCGAN D: " + sn.TORCH_PARAM: torch_refresh,
+            f"SN refresh, SNDCGAN D: {sn.MULTI_LAYER_OP} [{backend}]": fastgan_refresh}
+
+
+def training_workloads(device: torch.device, workdir: str) -> Dict[str, Callable[[], object]]:
+    import bench_training as training
+
+    case = "sndcgan ns+sn"
+    batch = 64 if device.type == "cuda" else 16
+    config = training.make_config(training.CASES[case], batch, f"{workdir}/training")
+    real = torch.rand(batch, 3, training.SIZE, training.SIZE, generator=torch.Generator().manual_seed(1)).to(device)
+    trainer = training.fastgan_trainer(config, real)
+    plain = training.PlainGAN(config, trainer, real)
+    return {f"training iteration, {case}, batch {batch}: {training.PLAIN}": plain.train_step,
+            f"training iteration, {case}, batch {batch}: {training.EAGER}": trainer.train_step}
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Reports where each workload's eager time goes (see the module docstring).")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to profile on (default: cuda when visible)")
+    parser.add_argument("--workloads", nargs="+", choices=("sn", "training"), default=["sn", "training"])
+    parser.add_argument("--calls", type=int, default=20, help="profiled calls per SN workload (training: a quarter)")
+    parser.add_argument("--top", type=int, default=15, help="ops listed per workload")
+    parser.add_argument("--out", help="write the report (markdown) here as well")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible")
+    os.environ["FASTGAN_BENCH_DEVICE"] = args.device  # read by timing.py, which the benchmark modules import
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"# Eager host profile on {name}", "", f"torch {torch.__version__}", ""]
+    with tempfile.TemporaryDirectory() as workdir:
+        workloads: Dict[str, Callable[[], object]] = {}
+        if "sn" in args.workloads:
+            workloads.update(sn_workloads(device))
+        if "training" in args.workloads:
+            workloads.update(training_workloads(device, workdir))
+        for workload, call in workloads.items():
+            calls = args.calls if workload.startswith("SN") else max(2, args.calls // 4)
+            lines += profile_workload(workload, call, device, calls, args.top)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines))
+        print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
