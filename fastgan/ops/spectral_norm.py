@@ -107,7 +107,8 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
 _ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _BASIS = (
     "CPU: bench/results/spectral_norm-cpu-2026-11-27.md, SNDCGAN D refresh cpp 3.47x torch (multi-layer op 2.79x), reference 0.92x; "
-    "CUDA: not measured yet (make gpu-check), the CUDA C++ kernel first for its 16-byte vector loads"
+    "CUDA: bench/results/spectral_norm-cuda-2026-11-27.md (H200, quick), multi-layer op cuda 304.6 us eager / "
+    "54.6 us replayed, triton 524.2 / 58.8, reference 2400 / 264"
 )
 _POWER_ITERATION = _backend.register(
     "spectral_norm_power_iteration",
