@@ -196,6 +196,41 @@ def test_newton_schulz_gap_bounds_the_trace_error_at_every_check(constructed):
     assert gap <= ops.NEWTON_SCHULZ_TOLERANCE and misleading_residual
 
 
+def _covariance_product(d, samples, seed):
+    generator = torch.Generator().manual_seed(seed)
+    features = [torch.randn(samples, d, dtype=torch.float64, generator=generator) @ torch.randn(d, d, dtype=torch.float64, generator=generator)
+                for _ in range(2)]
+    return [torch.cov(f.T) for f in features]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_step_at_least_squares_a_gap_below_one(seed):
+    """I − Z'Y' = ¾E² + ¼E³ for E = I − ZY, so a gap g < 1 is ≤ tolerance after
+    iterations_to_close(g) steps: the check the iteration schedules then closes it."""
+    normalized, _, eye = reference.newton_schulz_start(*_covariance_product(37, 200, seed))
+    y, z = reference.newton_schulz_steps(normalized, eye, 4)
+    error = eye - z @ y
+    y_next, z_next = reference.newton_schulz_steps(y, z, 1)
+    torch.testing.assert_close(eye - z_next @ y_next, 0.75 * error @ error + 0.25 * error @ error @ error, rtol=1e-9, atol=1e-12)
+    while (gap := float(reference.newton_schulz_gap(y, z))) >= 1:
+        y, z = reference.newton_schulz_steps(y, z, 1)
+    steps = ops.iterations_to_close(gap, ops.NEWTON_SCHULZ_TOLERANCE)
+    assert steps >= 1 and ops.iterations_to_close(1.5, ops.NEWTON_SCHULZ_TOLERANCE) is None
+    y, z = reference.newton_schulz_steps(y, z, steps)
+    assert float(reference.newton_schulz_gap(y, z)) <= ops.NEWTON_SCHULZ_TOLERANCE
+
+
+@pytest.mark.parametrize("d, samples", [(37, 200), (64, 50), (129, 1000)])
+def test_newton_schulz_starts_from_the_largest_eigenvalue(d, samples):
+    """The product is scaled by its largest eigenvalue (as power iteration sees it), not by its
+    Frobenius norm (up to √d larger): the eigenvalues start near 1, well inside (0, 3)."""
+    sigma1, sigma2 = _covariance_product(d, samples, d)
+    normalized, scale, _ = reference.newton_schulz_start(sigma1, sigma2)
+    top = float(torch.linalg.eigvals(normalized).real.max())
+    assert 0.9 <= top <= 1.1, top  # power iteration approaches the top from below: just above 1
+    torch.testing.assert_close(normalized * scale, sigma1 @ sigma2, rtol=1e-12, atol=0)
+
+
 def test_identical_statistics_give_exactly_zero_with_a_zero_gradient():
     a = FeatureStatistics().update(torch.rand(40, 64, dtype=torch.float64))
     for method in ops.METHODS:
