@@ -12,8 +12,10 @@ that host time goes, per workload:
 
 Workloads, each a benchmark's own setup (bench_spectral_norm.py, bench_training.py):
 ``sn``: one refresh of SNDCGAN D's 8 layers by torch's parametrization and by fastgan's
-multi-layer op on the device's default backend; ``training``: one SNDCGAN NS+SN
-iteration (batch 64 on a GPU, 16 on the CPU) plain and with fastgan's eager trainer.
+multi-layer op on the device's default backend; ``penalty``: one WGAN-GP D step (SNDCGAN,
+batch 64) with the hand-written autograd penalty and with fastgan's; ``training``: one
+iteration of each training benchmark case (batch 64 on a GPU, 16 and 4 on the CPU), plain
+and with fastgan's eager trainer.
 
 Run: python bench/profile_host.py [--device cuda] [--workloads sn training] [--out FILE.md]
 (make gpu-check runs it and keeps the report in build/gpu-check/profile.md).
@@ -81,17 +83,31 @@ def sn_workloads(device: torch.device) -> Dict[str, Callable[[], object]]:
             f"SN refresh, SNDCGAN D: {sn.MULTI_LAYER_OP} [{backend}]": fastgan_refresh}
 
 
+def penalty_workloads(device: torch.device) -> Dict[str, Callable[[], object]]:
+    import bench_gradient_penalty as penalty
+    from fastgan.models import build_models
+
+    torch.manual_seed(0)
+    d = build_models("sndcgan", penalty.SIZE, d_norm="none")[1].to(device)
+    real, fake = (torch.rand(penalty.BATCH, 3, penalty.SIZE, penalty.SIZE, device=device) for _ in range(2))
+    return {f"WGAN-GP D step, batch {penalty.BATCH}: {name}":
+            penalty.d_step(d, real, fake, penalty.penalty_fn(name, d, real, fake, "wgan-gp"))
+            for name in penalty.VARIANTS[:2]}  # the hand-written penalty, then the device's first fastgan backend
+
+
 def training_workloads(device: torch.device, workdir: str) -> Dict[str, Callable[[], object]]:
     import bench_training as training
 
-    case = "sndcgan ns+sn"
-    batch = 64 if device.type == "cuda" else 16
-    config = training.make_config(training.CASES[case], batch, f"{workdir}/training")
-    real = torch.rand(batch, 3, training.SIZE, training.SIZE, generator=torch.Generator().manual_seed(1)).to(device)
-    trainer = training.fastgan_trainer(config, real)
-    plain = training.PlainGAN(config, trainer, real)
-    return {f"training iteration, {case}, batch {batch}: {training.PLAIN}": plain.train_step,
-            f"training iteration, {case}, batch {batch}: {training.EAGER}": trainer.train_step}
+    workloads = {}
+    for case, cpu_batch in (("sndcgan ns+sn", 16), ("resnet_cifar wgan-gp", 4)):
+        batch = 64 if device.type == "cuda" else cpu_batch
+        config = training.make_config(training.CASES[case], batch, f"{workdir}/{case.replace(' ', '_')}")
+        real = torch.rand(batch, 3, training.SIZE, training.SIZE, generator=torch.Generator().manual_seed(1)).to(device)
+        trainer = training.fastgan_trainer(config, real)
+        plain = training.PlainGAN(config, trainer, real)
+        workloads[f"training iteration, {case}, batch {batch}: {training.PLAIN}"] = plain.train_step
+        workloads[f"training iteration, {case}, batch {batch}: {training.EAGER}"] = trainer.train_step
+    return workloads
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -100,7 +116,7 @@ def main(argv: List[str] | None = None) -> int:
                                      epilog="Reports where each workload's eager time goes (see the module docstring).")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to profile on (default: cuda when visible)")
-    parser.add_argument("--workloads", nargs="+", choices=("sn", "training"), default=["sn", "training"])
+    parser.add_argument("--workloads", nargs="+", choices=("sn", "penalty", "training"), default=["sn", "penalty", "training"])
     parser.add_argument("--calls", type=int, default=20, help="profiled calls per SN workload (training: a quarter)")
     parser.add_argument("--top", type=int, default=15, help="ops listed per workload")
     parser.add_argument("--out", help="write the report (markdown) here as well")
@@ -116,10 +132,12 @@ def main(argv: List[str] | None = None) -> int:
         workloads: Dict[str, Callable[[], object]] = {}
         if "sn" in args.workloads:
             workloads.update(sn_workloads(device))
+        if "penalty" in args.workloads:
+            workloads.update(penalty_workloads(device))
         if "training" in args.workloads:
             workloads.update(training_workloads(device, workdir))
         for workload, call in workloads.items():
-            calls = args.calls if workload.startswith("SN") else max(2, args.calls // 4)
+            calls = args.calls if workload.startswith("SN") else max(2, args.calls // 4)  # the others take ms
             lines += profile_workload(workload, call, device, calls, args.top)
     if args.out:
         with open(args.out, "w") as f:
