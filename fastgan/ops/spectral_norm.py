@@ -37,16 +37,17 @@ def check_weight(weight: Tensor, dim: int, where: object) -> int:
         raise TypeError(f"{where}: the weight must be a Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
         raise TypeError(f"{where}: spectral norm needs a floating-point weight, got dtype {weight.dtype}")
-    if weight.dim() < 2:
+    ndim = weight.dim()
+    if ndim < 2:
         raise ValueError(
             f"{where}: spectral norm needs a weight with at least 2 dimensions (a matrix or a conv kernel), "
-            f"got a {weight.dim()}-D weight of shape {tuple(weight.shape)}"
+            f"got a {ndim}-D weight of shape {tuple(weight.shape)}"
         )
     if weight.numel() == 0:
         raise ValueError(f"{where}: spectral norm of a zero-size weight (shape {tuple(weight.shape)}) is undefined")
-    if not -weight.dim() <= dim < weight.dim():
-        raise IndexError(f"{where}: dim={dim} is out of range for a {weight.dim()}-D weight")
-    return dim % weight.dim()
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"{where}: dim={dim} is out of range for a {ndim}-D weight")
+    return dim % ndim
 
 
 def check_layer(weight: Tensor, u: Tensor, v: Tensor, dim: int, where: object) -> int:
@@ -54,15 +55,16 @@ def check_layer(weight: Tensor, u: Tensor, v: Tensor, dim: int, where: object) -
     dim = check_weight(weight, dim, where)
     rows = weight.shape[dim]
     cols = weight.numel() // rows
+    dtype, device = weight.dtype, weight.device
     for name, vec, size in (("u", u, rows), ("v", v, cols)):
         if not isinstance(vec, Tensor):
             raise TypeError(f"{where}: {name} must be a Tensor, got {type(vec).__name__}")
-        if tuple(vec.shape) != (size,):
+        if vec.shape != (size,):  # torch.Size compares with a tuple
             raise ValueError(
                 f"{where}: {name} must have shape ({size},) for a weight of shape {tuple(weight.shape)} "
                 f"with dim={dim}, got {tuple(vec.shape)}"
             )
-        if vec.dtype != weight.dtype or vec.device != weight.device:
+        if vec.dtype != dtype or vec.device != device:
             raise TypeError(
                 f"{where}: {name} is {vec.dtype} on {vec.device} but the weight is {weight.dtype} on {weight.device}"
             )
@@ -94,10 +96,11 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
             f"got {len(weights)} weights, {len(us)} u, {len(vs)} v, {len(dims)} dims"
         )
     first = weights[0]
+    dtype, device = first.dtype, first.device
     checked = []
     for i, (w, u, v, d) in enumerate(zip(weights, us, vs, dims)):
         checked.append(check_layer(w, u, v, d, _LayerName(i, w)))
-        if w.dtype != first.dtype or w.device != first.device:
+        if w.dtype != dtype or w.device != device:
             raise TypeError(
                 f"{_LayerName(i, w)}: all weights must share dtype and device; layer 0 is {first.dtype} on {first.device}"
             )
