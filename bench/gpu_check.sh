@@ -113,6 +113,10 @@ phase profile "${GPU_CHECK_PROFILE_S:-50}" "$PY" bench/profile_host.py --device 
 
 "$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests-gpu.xml" --junit "$OUT/tests-rest.xml" --bench-junit "$OUT/bench.xml" \
     --phases "$OUT/phases.tsv"
+if [ -s "$OUT/profile.md" ]; then  # each workload's heading and its time/launch line, on one line
+    echo "host profile ($OUT/profile.md):"
+    awk '/^### /{name=substr($0, 5)} /per call \(wall/{print "  " name ": " $0}' "$OUT/profile.md"
+fi
 echo "gpu-check took $(( $(date +%s) - started )) s; logs in $OUT/"
 if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then
     tar -czf "$GPU_CHECK_ARCHIVE" "$OUT" $(find bench/results -name '*-cuda-*' -newer "$OUT/started" 2>/dev/null) \
