@@ -4,6 +4,8 @@ the step builder's CUDA-graph fallback, the callbacks' schedule, the GPU-speed o
 CUDA-graph capture itself needs a GPU: tests/test_train_graphs.py (marked cuda)."""
 import copy
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -50,6 +52,23 @@ def test_stream_batches_are_the_data_sets_images_in_a_seeded_epoch_order():
     assert not torch.equal(stream.indices(4), stream.indices(0))  # the next epoch is reshuffled
     again = BatchStream(data, batch_size=8, seed=3, runtime=Runtime())
     assert torch.equal(again.indices(2), stream.indices(2))
+
+
+def test_a_read_only_data_set_is_served_without_a_warning():
+    """A memory-mapped data set opened read-only is copied whole to the device without torch's
+    non-writable-array warning (it warns once per process, hence a fresh one)."""
+    script = (
+        "import warnings, numpy as np, torch\n"
+        "from fastgan.train.data import ImageData\n"
+        "from fastgan.train.runtime import Runtime\n"
+        "from fastgan.train.stream import BatchStream\n"
+        "images = np.random.default_rng(0).integers(0, 256, (9, 4, 4, 3), dtype=np.uint8)\n"
+        "images.flags.writeable = False\n"
+        "warnings.simplefilter('error')\n"
+        "stream = BatchStream(ImageData(images, 'read-only'), 4, 0, Runtime(), resident=True)\n"
+        "assert torch.equal(stream.next(), stream.data.batch(stream.indices(0)))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
 
 
 def test_stream_resident_gathered_float64_channels_last_and_resume_agree():

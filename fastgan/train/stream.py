@@ -17,6 +17,7 @@ The values are the same everywhere: x / 255 in the configured dtype.
 from __future__ import annotations
 
 import concurrent.futures
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -49,7 +50,7 @@ class BatchStream:
         if resident is None:
             resident = device.type == "cuda" and data.images.nbytes <= RESIDENT_FRACTION * torch.cuda.mem_get_info(device)[0]
         self.resident = bool(resident)
-        self._images = torch.from_numpy(np.ascontiguousarray(data.images)).to(device) if self.resident else None
+        self._images = _on_device(data.images, device) if self.resident else None
         self._prefetch = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastgan-prefetch")
                           if device.type == "cuda" and not self.resident else None)
         self._pending = None  # (position, future of the pinned uint8 batch)
@@ -131,3 +132,12 @@ class RepeatedBatch:
 
 
 __all__ = ["BatchStream", "RepeatedBatch", "RESIDENT_FRACTION"]
+
+
+def _on_device(images: np.ndarray, device: torch.device) -> Tensor:
+    """The uint8 images as one tensor on ``device``. A read-only array (an ``np.memmap`` opened
+    for reading) is fine here: the host tensor is only read, by the copy to the device, so
+    torch's warning about non-writable arrays would only alarm."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(images)).to(device)
