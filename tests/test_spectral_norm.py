@@ -418,6 +418,22 @@ def test_apply_spectral_norm_eval_and_shared_layer_semantics(backend):
         torch.testing.assert_close(b_o, b_t, **TOL[torch.float64], msg=name)
 
 
+def test_apply_spectral_norm_follows_a_conversion_and_layers_in_eval_mode():
+    """After model.double() (new u, v buffers) and with one layer switched to eval mode, the grouped
+    refresh still matches torch's: it reads the buffers where they are now, per mode."""
+    theirs, ours = _sn_pair(torch.float32, "cpu", "reference")
+    for model in (theirs, ours):
+        model.double()
+        model[0].eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for _ in range(2):
+        with fastgan.use_backend("reference"):
+            torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+    for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
+        assert b_o.dtype == torch.float64
+        torch.testing.assert_close(b_o, b_t, **TOL[torch.float32], msg=name)
+
+
 def test_apply_spectral_norm_state_dict_matches_torch():
     theirs, ours = _sn_pair(torch.float64, "cpu", "cpp")
     assert ours.state_dict().keys() == theirs.state_dict().keys()

@@ -209,21 +209,28 @@ class _GroupedPowerIteration:
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         # The parametrizations are fixed from here on; reaching them through each module
         # (module.parametrizations.weight[0]) is ~10 Python calls per layer per forward.
-        self.lists = [m.parametrizations.weight for m in layers]
-        self.params: List[SpectralNorm] = [plist[0] for plist in self.lists]
+        lists = [m.parametrizations.weight for m in layers]
+        self.params: List[SpectralNorm] = [plist[0] for plist in lists]
+        # where each unnormalized weight lives: the list's parameters (or its buffers, for a
+        # weight that was not a Parameter); the dicts stay when .to() replaces what is in them
+        self.originals = [plist._parameters if "original" in plist._parameters else plist._buffers
+                          for plist in lists]
 
     def __call__(self, model: nn.Module, inputs) -> None:
-        if not ops.one_launch_pays(self.params[0]._u.device):
+        if not ops.one_launch_pays(self.params[0]._buffers["_u"].device):
             return
-        for training in (True, False):
-            # Complex layers iterate on their own (the multi-tensor op is real-only).
-            group = [
-                (p, plist.original)
-                for p, plist in zip(self.params, self.lists)
-                if p.training == training and not plist.original.is_complex()
-            ]
-            if group:
-                params, weights = zip(*group)
+        # Training and eval layers iterate apart; complex layers on their own (the multi-tensor
+        # op is real-only). Parameters and buffers straight from their dicts: nn.Module's
+        # __getattr__ costs ~0.7 us a lookup, and this runs for every layer on every forward.
+        groups: dict = {True: ([], []), False: ([], [])}
+        for p, original in zip(self.params, self.originals):
+            weight = original["original"]
+            if not weight.is_complex():
+                params, weights = groups[p.training]
+                params.append(p)
+                weights.append(weight)
+        for training, (params, weights) in groups.items():
+            if params:
                 steps = params[0].n_power_iterations if training else 0
                 for p, result in zip(params, iterate_together(params, weights, steps)):
                     _set_group_result(p, result)
@@ -239,16 +246,17 @@ def iterate_together(
     """``steps`` power iterations of the layers whose :class:`SpectralNorm` parametrizations
     and weights are given, in one launch of the multi-tensor op (the same ``eps`` for all),
     their u, v buffers updated; returns each layer's (u, v, sigma)."""
+    u_buffers = [p._buffers["_u"] for p in params]  # the dicts, not nn.Module's slow __getattr__
+    v_buffers = [p._buffers["_v"] for p in params]
     with torch.no_grad():
         u_cat, v_cat, sigmas = ops.power_iteration_multi(
-            [w.detach() for w in weights], [p._u for p in params], [p._v for p in params], [p.dim for p in params],
-            steps, params[0].eps, True,
+            [w.detach() for w in weights], u_buffers, v_buffers, [p.dim for p in params], steps, params[0].eps, True,
         )
-        us = u_cat.split([p._u.numel() for p in params])
-        vs = v_cat.split([p._v.numel() for p in params])
+        us = u_cat.split([u.shape[0] for u in u_buffers])
+        vs = v_cat.split([v.shape[0] for v in v_buffers])
         if steps > 0:
-            torch._foreach_copy_([p._u for p in params], us)
-            torch._foreach_copy_([p._v for p in params], vs)
+            torch._foreach_copy_(u_buffers, us)
+            torch._foreach_copy_(v_buffers, vs)
     return list(zip(us, vs, sigmas.unbind()))
 
 
