@@ -120,8 +120,8 @@ def iterations_to_close(gap: float, tolerance: float) -> Optional[int]:
 def _iterate(steps, matmul, y: Tensor, z: Tensor, chunk: int, max_iterations: int, tolerance: float):
     """Coupled steps until the gap ‖I − Z Y‖_F ≤ ``tolerance``: (Y, Z, gap, closed). While the
     gap is ≥ 1 the steps run ``chunk`` at a time between checks; once below 1 the next run
-    is as long as :func:`iterations_to_close` says (one more check, unless round-off stalls
-    the gap). A run that ends non-finite (the iteration diverges once round-off dominates,
+    is as long as :func:`iterations_to_close` says, at most ``chunk`` (one more check, unless
+    round-off stalls the gap). A run that ends non-finite (the iteration diverges once round-off dominates,
     as it does for singular or too ill-conditioned input) is discarded and ends the loop."""
     gap, done, run = math.inf, 0, chunk
     while done < max_iterations:
@@ -134,7 +134,7 @@ def _iterate(steps, matmul, y: Tensor, z: Tensor, chunk: int, max_iterations: in
         y, z, gap = y_next, z_next, next_gap
         if gap <= tolerance:
             return y, z, gap, True
-        run = iterations_to_close(gap, tolerance) or chunk
+        run = min(iterations_to_close(gap, tolerance) or chunk, chunk)  # the bound is loose near 1
     return y, z, gap, False
 
 
