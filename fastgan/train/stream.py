@@ -131,9 +131,6 @@ class RepeatedBatch:
         pass
 
 
-__all__ = ["BatchStream", "RepeatedBatch", "RESIDENT_FRACTION"]
-
-
 def _on_device(images: np.ndarray, device: torch.device) -> Tensor:
     """The uint8 images as one tensor on ``device``. A read-only array (an ``np.memmap`` opened
     for reading) is fine here: the host tensor is only read, by the copy to the device, so
@@ -141,3 +138,7 @@ def _on_device(images: np.ndarray, device: torch.device) -> Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+
+
+__all__ = ["BatchStream", "RepeatedBatch", "RESIDENT_FRACTION"]
+
