@@ -14,6 +14,7 @@
 #   3. bench  -- every benchmark in quick mode, rendered into bench/results/*-cuda-<date>.{md,json};
 #   4. profile -- where the eager workloads' host time goes (bench/profile_host.py), into
 #                build/gpu-check/profile.md.
+# A failed build skips phases 2-4 (they would time the fallbacks) and shows the end of its log.
 # Then one screen: phase status, test counts and failures, each target against what was measured.
 # Logs and the raw JSON stay in build/gpu-check/.
 #
@@ -32,7 +33,7 @@ PY=${1:?usage: bench/gpu_check.sh PYTHON [INSTALL_STAMP]}
 STAMP=${2:-}
 OUT=build/gpu-check
 mkdir -p "$OUT"
-rm -f "$OUT"/*.log "$OUT"/*.xml "$OUT"/bench.json
+rm -f "$OUT"/*.log "$OUT"/*.xml "$OUT"/*.md "$OUT"/bench.json
 : > "$OUT/phases.tsv"
 touch "$OUT/started"  # results newer than this are this run's
 started=$(date +%s)
@@ -74,42 +75,52 @@ export MAX_JOBS=${GPU_CHECK_BUILD_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
 if phase build "${GPU_CHECK_BUILD_S:-120}" "$PY" -m pip install --verbose --no-build-isolation --no-deps -e . \
    && phase extension 20 "$PY" -c "import fastgan._C as c, subprocess; assert c.built_with_cuda(), 'fastgan._C was built without CUDA'; print('fastgan._C built with CUDA for', '$TORCH_CUDA_ARCH_LIST'); print(subprocess.run(['readelf', '-d', c.__file__], capture_output=True, text=True).stdout)"; then
+    built=1
     [ -n "$STAMP" ] && mkdir -p "$(dirname "$STAMP")" && touch "$STAMP"
+else
+    # Without the extension (and the installed package that maps fastgan.kernels) the tests and
+    # benchmarks would only measure the fallbacks: keep the GPU time for a rerun after the fix.
+    built=0
+    echo "== the build failed: tests, benchmarks and the profile are skipped; the end of $OUT/build.log:"
+    tail -n 25 "$OUT/build.log"
+    printf 'tests, bench, profile\tskipped: the build failed\t0\n' >> "$OUT/phases.tsv"
 fi
 
-# failures NAME: the failed tests of phase NAME with their one-line reasons, on the screen.
-failures() {
-    grep -E '^(FAILED|ERROR) ' "$OUT/$1.log" | cut -c1-200 | head -n 40
-}
+if [ "$built" = 1 ]; then
+    # failures NAME: the failed tests of phase NAME with their one-line reasons, on the screen.
+    failures() {
+        grep -E '^(FAILED|ERROR) ' "$OUT/$1.log" | cut -c1-200 | head -n 40
+    }
 
-test_args=(-q -p no:cacheprovider -rfE --durations=15)
-export COLUMNS=${COLUMNS:-220}  # pytest's short summary keeps each failure's reason only within the width
-has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-150}")
-workers=${GPU_CHECK_WORKERS:-8}
-if has xdist && [ "$workers" -gt 1 ]; then
-    test_args+=(-n "$workers")
-    # the workers share the machine's cores instead of each starting one torch thread per core
-    export OMP_NUM_THREADS=$(( ($(nproc) + workers - 1) / workers ))
+    test_args=(-q -p no:cacheprovider -rfE --durations=15)
+    export COLUMNS=${COLUMNS:-220}  # pytest's short summary keeps each failure's reason only within the width
+    has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-150}")
+    workers=${GPU_CHECK_WORKERS:-8}
+    if has xdist && [ "$workers" -gt 1 ]; then
+        test_args+=(-n "$workers")
+        # the workers share the machine's cores instead of each starting one torch thread per core
+        export OMP_NUM_THREADS=$(( ($(nproc) + workers - 1) / workers ))
+    fi
+    eval "extra_test_args=(${GPU_CHECK_TEST_ARGS:-})"  # shell words: -k "spectral or penalty" stays one pattern
+    gpu_budget=${GPU_CHECK_GPU_TEST_S:-100}
+    t0=$(date +%s)
+    phase tests-gpu "$gpu_budget" "$PY" -m pytest tests -m cuda "${test_args[@]}" --junitxml="$OUT/tests-gpu.xml" \
+        "${extra_test_args[@]}"
+    failures tests-gpu
+    # The backend and compile checks first: what they check differs where a GPU is visible.
+    rest_budget=$(( ${GPU_CHECK_REST_TEST_S:-120} + gpu_budget - ($(date +%s) - t0) ))
+    phase tests-rest "$rest_budget" "$PY" -m pytest tests/test_backends.py tests/test_hopper_compile.py tests -m "not cuda" \
+        "${test_args[@]}" --junitxml="$OUT/tests-rest.xml" "${extra_test_args[@]}"
+    failures tests-rest
+    unset OMP_NUM_THREADS
+
+    # Entries that would start in the last 30 s of the budget are skipped, so the run still writes its results.
+    bench_budget=${GPU_CHECK_BENCH_S:-130}
+    phase bench "$bench_budget" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
+        --bench-quick --bench-device cuda --bench-budget $(( bench_budget - 30 )) --benchmark-json="$OUT/bench.json" \
+        --benchmark-columns=median,iqr,rounds --junitxml="$OUT/bench.xml"
+    phase profile "${GPU_CHECK_PROFILE_S:-50}" "$PY" bench/profile_host.py --device cuda --out "$OUT/profile.md"
 fi
-eval "extra_test_args=(${GPU_CHECK_TEST_ARGS:-})"  # shell words: -k "spectral or penalty" stays one pattern
-gpu_budget=${GPU_CHECK_GPU_TEST_S:-100}
-t0=$(date +%s)
-phase tests-gpu "$gpu_budget" "$PY" -m pytest tests -m cuda "${test_args[@]}" --junitxml="$OUT/tests-gpu.xml" \
-    "${extra_test_args[@]}"
-failures tests-gpu
-# The backend and compile checks first: what they check differs where a GPU is visible.
-rest_budget=$(( ${GPU_CHECK_REST_TEST_S:-120} + gpu_budget - ($(date +%s) - t0) ))
-phase tests-rest "$rest_budget" "$PY" -m pytest tests/test_backends.py tests/test_hopper_compile.py tests -m "not cuda" \
-    "${test_args[@]}" --junitxml="$OUT/tests-rest.xml" "${extra_test_args[@]}"
-failures tests-rest
-unset OMP_NUM_THREADS
-
-# Entries that would start in the last 30 s of the budget are skipped, so the run still writes its results.
-bench_budget=${GPU_CHECK_BENCH_S:-130}
-phase bench "$bench_budget" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
-    --bench-quick --bench-device cuda --bench-budget $(( bench_budget - 30 )) --benchmark-json="$OUT/bench.json" \
-    --benchmark-columns=median,iqr,rounds --junitxml="$OUT/bench.xml"
-phase profile "${GPU_CHECK_PROFILE_S:-50}" "$PY" bench/profile_host.py --device cuda --out "$OUT/profile.md"
 
 "$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests-gpu.xml" --junit "$OUT/tests-rest.xml" --bench-junit "$OUT/bench.xml" \
     --phases "$OUT/phases.tsv"

@@ -24,6 +24,27 @@ def test_without_a_gpu_it_stops_at_once_and_says_why(tmp_path):
     assert "torch sees no CUDA device here" in done.stderr
 
 
+def test_a_failed_build_skips_the_rest_and_shows_why(tmp_path):
+    """A build that fails (as the first GPU run's did) ends the check at once, with the build log's
+    end on the screen, instead of spending GPU minutes timing the fallbacks."""
+    fake_python = tmp_path / "python"  # sees a GPU, cannot build, and is this Python for the summary
+    fake_python.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
+        '  *"-m pip install"*) echo "ERROR: No matching distribution found for setuptools"; exit 1 ;;\n'
+        "esac\n"
+        f'exec "{sys.executable}" "$@"\n')
+    fake_python.chmod(0o755)
+    (tmp_path / "bench").symlink_to(ROOT / "bench")
+    done = subprocess.run(["bash", str(SCRIPT), str(fake_python)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the build failed: tests, benchmarks and the profile are skipped" in done.stdout
+    assert "No matching distribution found for setuptools" in done.stdout
+    assert "== tests-gpu" not in done.stdout and "skipped: the build failed" in done.stdout
+
+
 def test_the_summary_reports_each_test_phase(tmp_path):
     for phase, outcome in (("tests-gpu", '<failure message="boom"/>'), ("tests-rest", "")):
         (tmp_path / f"{phase}.xml").write_text(
