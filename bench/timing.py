@@ -226,13 +226,23 @@ def environment(device: torch.device) -> Dict[str, object]:
         threads = torch.get_num_threads()
         env.update(device=f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' if threads != 1 else ''}",
                    driver="n/a", load_average=" ".join(f"{x:.1f}" for x in os.getloadavg()))
-    try:
-        commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10)
-        env["commit"] = commit.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        env["commit"] = "unknown"
+    env["commit"] = source_commit()
     return env
+
+
+def source_commit(root: Optional[str] = None) -> str:
+    """The commit of the checkout at ``root`` (default: this one), with "+changes" when tracked
+    files (results aside) differ from it: a copy of a working tree (a GPU machine's) may carry
+    an older .git than its files."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)bench/results"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+changes" if changed else "")) if head else "unknown"
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -74,3 +74,26 @@ def test_the_host_profile_reports_each_workload(tmp_path, monkeypatch):
     assert "### SN refresh, SNDCGAN D: torch parametrizations.spectral_norm" in text
     assert "### SN refresh, SNDCGAN D: fastgan multi-layer op (one launch) [cpp]" in text
     assert text.count("kernel launches per call (2 calls)") == 2 and "Self CPU" in text
+
+
+def test_results_name_the_commit_and_say_when_the_files_differ_from_it(tmp_path, monkeypatch):
+    """A GPU machine gets a copy of the working tree whose .git may be older than its files: the
+    results then say "+changes" instead of naming a commit whose code did not run."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import timing
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results" / "old.md").write_text("figures\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    head = git("rev-parse", "--short", "HEAD").strip()
+    assert timing.source_commit(str(tmp_path)) == head
+    (tmp_path / "bench" / "results" / "old.md").write_text("new figures\n")  # results being rewritten
+    assert timing.source_commit(str(tmp_path)) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert timing.source_commit(str(tmp_path)) == head + "+changes"
