@@ -92,7 +92,8 @@ if [ "$built" = 1 ]; then
         grep -E '^(FAILED|ERROR) ' "$OUT/$1.log" | cut -c1-200 | head -n 40
     }
 
-    test_args=(-q -p no:cacheprovider -rfE --durations=15)
+    # no pytest-benchmark in the test phases: the suite has no benchmarks, and under xdist it warns once per worker
+    test_args=(-q -p no:cacheprovider -p no:benchmark -rfE --durations=15)
     export COLUMNS=${COLUMNS:-220}  # pytest's short summary keeps each failure's reason only within the width
     has pytest_timeout && test_args+=(--timeout="${GPU_CHECK_TEST_TIMEOUT:-150}")
     workers=${GPU_CHECK_WORKERS:-8}
