@@ -71,13 +71,19 @@ def d_step(d, real, fake, penalty: Callable[..., torch.Tensor]) -> Callable[...,
     return step
 
 
-@pytest.fixture(scope="module")
-def setup():
+def discriminator_and_batches():
+    """(D, real, fake, α): the seeded SNDCGAN D and batches every entry (and profile_host.py) uses."""
     torch.manual_seed(0)
     d = build_models("sndcgan", SIZE, d_norm="none")[1].to(DEVICE)
     real = torch.rand(BATCH, 3, SIZE, SIZE, device=DEVICE)
     fake = torch.rand(BATCH, 3, SIZE, SIZE, device=DEVICE)
     alpha = torch.rand(BATCH, device=DEVICE)
+    return d, real, fake, alpha
+
+
+@pytest.fixture(scope="module")
+def setup():
+    d, real, fake, alpha = discriminator_and_batches()
     flops = {kind: timing.count_flops(lambda: d_step(d, real, fake, penalty_fn(PLAIN, d, real, fake, kind))(alpha))
              for kind in KINDS}
     return d, real, fake, alpha, flops

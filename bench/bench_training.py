@@ -41,7 +41,7 @@ Run: pytest bench/bench_training.py --benchmark-only (see bench/conftest.py)
 from __future__ import annotations
 
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -160,16 +160,21 @@ def workdir():
         yield path
 
 
+def build_case(name: str, workdir: str) -> Tuple[Trainer, PlainGAN, Tensor]:
+    """(fastgan eager trainer, plain GAN from its weights, real batch) of case ``name`` at its BATCH."""
+    batch = BATCH[name]
+    config = make_config(CASES[name], batch, f"{workdir}/{name.replace(' ', '_')}")
+    real = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    trainer = fastgan_trainer(config, real)
+    return trainer, PlainGAN(config, trainer, real), real
+
+
 @pytest.fixture(scope="module")
 def runs(workdir):
     """Per case: (plain GAN, fastgan eager trainer, real batch, FLOPs of one iteration, same-math differences)."""
     built = {}
-    for name, case in CASES.items():
-        batch = BATCH[name]
-        config = make_config(case, batch, f"{workdir}/{name.replace(' ', '_')}")
-        real = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-        trainer = fastgan_trainer(config, real)
-        plain = PlainGAN(config, trainer, real)
+    for name in CASES:
+        trainer, plain, real = build_case(name, workdir)
         diffs = same_math_check(trainer, plain)
         flops = timing.count_flops(plain.train_step)
         built[name] = (plain, trainer, real, flops, diffs)

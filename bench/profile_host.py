@@ -14,10 +14,10 @@ Workloads, each a benchmark's own setup (bench_spectral_norm.py, bench_training.
 ``sn``: one refresh of SNDCGAN D's 8 layers by torch's parametrization and by fastgan's
 multi-layer op on the device's default backend; ``penalty``: one WGAN-GP D step (SNDCGAN,
 batch 64) with the hand-written autograd penalty and with fastgan's; ``training``: one
-iteration of each training benchmark case (batch 64 on a GPU, 16 and 4 on the CPU), plain
-and with fastgan's eager trainer.
+iteration of each training benchmark case (at the benchmarks' quick-mode batch: 64 on a
+GPU, 16 and 4 on the CPU), plain and with fastgan's eager trainer.
 
-Run: python bench/profile_host.py [--device cuda] [--workloads sn training] [--out FILE.md]
+Run: python bench/profile_host.py [--device cuda] [--workloads sn penalty training] [--out FILE.md]
 (make gpu-check runs it and keeps the report in build/gpu-check/profile.md).
 """
 from __future__ import annotations
@@ -32,22 +32,20 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmark modules beside this file
+import timing  # noqa: E402
+
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def per_call_times(call: Callable[[], object], device: torch.device, calls: int) -> Tuple[float, float]:
     """(wall µs per call, synchronized at the end; host µs per call, the calls only issued)."""
-    _synchronize(device)
+    timing.synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         call()
     issued = time.perf_counter()
-    _synchronize(device)
+    timing.synchronize(device)
     done = time.perf_counter()
     return (done - start) / calls * 1e6, (issued - start) / calls * 1e6
 
@@ -61,7 +59,7 @@ def profile_workload(name: str, call: Callable[[], object], device: torch.device
     with profile(activities=activities) as profiler:
         for _ in range(calls):
             call()
-        _synchronize(device)
+        timing.synchronize(device)
     averages = profiler.key_averages()
     launches = sum(event.count for event in averages if event.key in LAUNCHES) / calls
     lines = [f"### {name}", "",
@@ -72,7 +70,7 @@ def profile_workload(name: str, call: Callable[[], object], device: torch.device
     return lines
 
 
-def sn_workloads(device: torch.device) -> Dict[str, Callable[[], object]]:
+def sn_workloads() -> Dict[str, Callable[[], object]]:
     import bench_spectral_norm as sn
 
     models = sn.Models()
@@ -83,30 +81,24 @@ def sn_workloads(device: torch.device) -> Dict[str, Callable[[], object]]:
             f"SN refresh, SNDCGAN D: {sn.MULTI_LAYER_OP} [{backend}]": fastgan_refresh}
 
 
-def penalty_workloads(device: torch.device) -> Dict[str, Callable[[], object]]:
+def penalty_workloads() -> Dict[str, Callable[[], object]]:
     import bench_gradient_penalty as penalty
-    from fastgan.models import build_models
 
-    torch.manual_seed(0)
-    d = build_models("sndcgan", penalty.SIZE, d_norm="none")[1].to(device)
-    real, fake = (torch.rand(penalty.BATCH, 3, penalty.SIZE, penalty.SIZE, device=device) for _ in range(2))
+    d, real, fake, _ = penalty.discriminator_and_batches()
     return {f"WGAN-GP D step, batch {penalty.BATCH}: {name}":
             penalty.d_step(d, real, fake, penalty.penalty_fn(name, d, real, fake, "wgan-gp"))
             for name in penalty.VARIANTS[:2]}  # the hand-written penalty, then the device's first fastgan backend
 
 
-def training_workloads(device: torch.device, workdir: str) -> Dict[str, Callable[[], object]]:
+def training_workloads(workdir: str) -> Dict[str, Callable[[], object]]:
     import bench_training as training
 
     workloads = {}
-    for case, cpu_batch in (("sndcgan ns+sn", 16), ("resnet_cifar wgan-gp", 4)):
-        batch = 64 if device.type == "cuda" else cpu_batch
-        config = training.make_config(training.CASES[case], batch, f"{workdir}/{case.replace(' ', '_')}")
-        real = torch.rand(batch, 3, training.SIZE, training.SIZE, generator=torch.Generator().manual_seed(1)).to(device)
-        trainer = training.fastgan_trainer(config, real)
-        plain = training.PlainGAN(config, trainer, real)
-        workloads[f"training iteration, {case}, batch {batch}: {training.PLAIN}"] = plain.train_step
-        workloads[f"training iteration, {case}, batch {batch}: {training.EAGER}"] = trainer.train_step
+    for case in training.CASES:
+        trainer, plain, _ = training.build_case(case, workdir)
+        label = f"training iteration, {case}, batch {training.BATCH[case]}"
+        workloads[f"{label}: {training.PLAIN}"] = plain.train_step
+        workloads[f"{label}: {training.EAGER}"] = trainer.train_step
     return workloads
 
 
@@ -117,25 +109,24 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to profile on (default: cuda when visible)")
     parser.add_argument("--workloads", nargs="+", choices=("sn", "penalty", "training"), default=["sn", "penalty", "training"])
-    parser.add_argument("--calls", type=int, default=20, help="profiled calls per SN workload (training: a quarter)")
+    parser.add_argument("--calls", type=int, default=20, help="profiled calls per SN workload (the slower ones: a quarter)")
     parser.add_argument("--top", type=int, default=15, help="ops listed per workload")
     parser.add_argument("--out", help="write the report (markdown) here as well")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible")
-    os.environ["FASTGAN_BENCH_DEVICE"] = args.device  # read by timing.py, which the benchmark modules import
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    timing.configure(quick=True, device=args.device)  # before the benchmark modules size their cases
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [f"# Eager host profile on {name}", "", f"torch {torch.__version__}", ""]
     with tempfile.TemporaryDirectory() as workdir:
         workloads: Dict[str, Callable[[], object]] = {}
         if "sn" in args.workloads:
-            workloads.update(sn_workloads(device))
+            workloads.update(sn_workloads())
         if "penalty" in args.workloads:
-            workloads.update(penalty_workloads(device))
+            workloads.update(penalty_workloads())
         if "training" in args.workloads:
-            workloads.update(training_workloads(device, workdir))
+            workloads.update(training_workloads(workdir))
         for workload, call in workloads.items():
             calls = args.calls if workload.startswith("SN") else max(2, args.calls // 4)  # the others take ms
             lines += profile_workload(workload, call, device, calls, args.top)

@@ -63,9 +63,12 @@ def test_the_summary_reports_each_test_phase(tmp_path):
 
 
 def test_the_host_profile_reports_each_workload(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTGAN_BENCH_DEVICE", "cpu")  # the script sets it; restored after the test
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import profile_host
+    import timing
+
+    for setting in ("QUICK", "DEVICE"):  # main() configures the benchmarks' settings; restored after the test
+        monkeypatch.setattr(timing, setting, getattr(timing, setting))
 
     report = tmp_path / "profile.md"
     assert profile_host.main(["--device", "cpu", "--workloads", "sn", "--calls", "2", "--top", "3",
