@@ -141,4 +141,3 @@ def _on_device(images: np.ndarray, device: torch.device) -> Tensor:
 
 
 __all__ = ["BatchStream", "RepeatedBatch", "RESIDENT_FRACTION"]
-
