@@ -196,18 +196,16 @@ def test_newton_schulz_gap_bounds_the_trace_error_at_every_check(constructed):
     assert gap <= ops.NEWTON_SCHULZ_TOLERANCE and misleading_residual
 
 
-def _covariance_product(d, samples, seed):
-    generator = torch.Generator().manual_seed(seed)
-    features = [torch.randn(samples, d, dtype=torch.float64, generator=generator) @ torch.randn(d, d, dtype=torch.float64, generator=generator)
-                for _ in range(2)]
-    return [torch.cov(f.T) for f in features]
+def _covariances(d, samples, seed):
+    a, b = statistics_pair(samples, d, "full-rank", seed)  # singular where samples < d
+    return a.covariance, b.covariance
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_one_step_at_least_squares_a_gap_below_one(seed):
     """I − Z'Y' = ¾E² + ¼E³ for E = I − ZY, so a gap g < 1 is ≤ tolerance after
     iterations_to_close(g) steps: the check the iteration schedules then closes it."""
-    normalized, _, eye = reference.newton_schulz_start(*_covariance_product(37, 200, seed))
+    normalized, _, eye = reference.newton_schulz_start(*_covariances(37, 200, seed))
     y, z = reference.newton_schulz_steps(normalized, eye, 4)
     error = eye - z @ y
     y_next, z_next = reference.newton_schulz_steps(y, z, 1)
@@ -224,7 +222,7 @@ def test_one_step_at_least_squares_a_gap_below_one(seed):
 def test_newton_schulz_starts_from_the_largest_eigenvalue(d, samples):
     """The product is scaled by its largest eigenvalue (as power iteration sees it), not by its
     Frobenius norm (up to √d larger): the eigenvalues start near 1, well inside (0, 3)."""
-    sigma1, sigma2 = _covariance_product(d, samples, d)
+    sigma1, sigma2 = _covariances(d, samples, d)
     normalized, scale, _ = reference.newton_schulz_start(sigma1, sigma2)
     top = float(torch.linalg.eigvals(normalized).real.max())
     assert 0.9 <= top <= 1.1, top  # power iteration approaches the top from below: just above 1
