@@ -48,10 +48,11 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cxx = ["-O3", "-fopenmp", "-fopenmp-simd"]
-    # The C++ runtime named last, so it is a dependency of the library whichever driver links it: on the
-    # H200 machine (Ubuntu's Python, setuptools 81) the library came out without libstdc++ among its
-    # dependencies, and the first C++ exception it threw (a TORCH_CHECK) crashed the process.
-    link = ["-fopenmp", "-lstdc++"]
+    # The shared C++ runtime, by file name: torch's. A toolchain whose own lib folder holds only
+    # libstdc++.a (the H100 machine's CXX=/opt/gcc/bin/g++) otherwise links a private static copy whose
+    # locale is never set up, and the first TORCH_CHECK message formatted in the library crashed the
+    # process (SIGSEGV in std::ostream) instead of raising.
+    link = ["-fopenmp", "-l:libstdc++.so.6"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     build_cuda = (
