@@ -115,9 +115,9 @@ def gradient_penalty(
     if kind == "wgan-gp":
         if alpha is not None:
             alpha = _per_sample_alpha(alpha, real)
-        point, _ = ops.gp_interpolate(real.detach(), fake.detach(), alpha, _seed(generator))
+        point, _ = ops.interpolate(real.detach(), fake.detach(), alpha, _seed(generator))
     elif kind == "dragan":
-        point = ops.dragan_perturb(real.detach(), _seed(generator))
+        point = ops.dragan(real.detach(), _seed(generator))
     else:
         point = (real if kind == "r1" else fake).detach()
     point.requires_grad_(True)
@@ -127,7 +127,7 @@ def gradient_penalty(
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"the discriminator must return one value per sample, shape ({batch},) or ({batch}, 1); got {shape}")
     (grad,) = torch.autograd.grad(scores.sum(), point, create_graph=True)
-    penalty, _ = ops.gp_penalty(grad, kind in SQUARED_NORM_KINDS, center, eps, one_sided)
+    penalty, _ = ops.penalty(grad, kind in SQUARED_NORM_KINDS, center, eps, one_sided)
     return penalty
 
 

@@ -15,8 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgan
+from fastgan.ops import gradient_penalty as penalty_ops
 from fastgan.penalties import gradient_penalty
 from fastgan.reference import gradient_penalty as reference
 from conftest import device_backends, exit_worker
@@ -326,21 +328,55 @@ def test_default_seed_follows_torch_manual_seed():
 # ---------------------------------------------------------------- gradcheck, opcheck
 
 
+# The registered ops, and the entry points fastgan.penalties calls in eager mode (the same
+# computation and autograd without the ops' dispatch): both must be right to second order.
+PENALTY_ENTRY_POINTS = {"registered op": OPS.gp_penalty, "eager entry point": penalty_ops.penalty}
+INTERPOLATE_ENTRY_POINTS = {"registered op": OPS.gp_interpolate, "eager entry point": penalty_ops.interpolate}
+
+
+@pytest.mark.parametrize("entry", PENALTY_ENTRY_POINTS)
 @pytest.mark.parametrize("squared_norm,one_sided", [(True, False), (False, False), (False, True)])
-def test_gradcheck_penalty(squared_norm, one_sided):
+def test_gradcheck_penalty(squared_norm, one_sided, entry):
     grad = (torch.randn(4, 2, 3, dtype=torch.float64) * 0.5).requires_grad_()
 
     def penalty(g):
-        return OPS.gp_penalty(g, squared_norm, 1.0, 1e-4, one_sided)[0]
+        return PENALTY_ENTRY_POINTS[entry](g, squared_norm, 1.0, 1e-4, one_sided)[0]
 
     assert torch.autograd.gradcheck(penalty, (grad,))
     assert torch.autograd.gradgradcheck(penalty, (grad,))
 
 
-def test_gradcheck_interpolate():
+@pytest.mark.parametrize("entry", INTERPOLATE_ENTRY_POINTS)
+def test_gradcheck_interpolate(entry):
     real, fake = (torch.rand(3, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     alpha = torch.rand(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda r, f, a: OPS.gp_interpolate(r, f, a, 0)[0], (real, fake, alpha))
+    interpolate = INTERPOLATE_ENTRY_POINTS[entry]
+    assert torch.autograd.gradcheck(lambda r, f, a: interpolate(r, f, a, 0)[0], (real, fake, alpha))
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_penalty_skips_the_ops_dispatch_and_compiled_code_keeps_it():
+    """In eager mode gradient_penalty reaches the kernels without the custom ops' dispatch
+    (it costs more host time than the kernels in a D step); torch.compile still sees the
+    registered ops (test_penalty_ops_compile_fullgraph compiles them)."""
+    d = small_sndcgan_d().double()
+    real, fake = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.rand(4, 3, 9, 9, dtype=torch.float64)
+    with _OpNames() as seen:
+        gradient_penalty(d, real, fake, "wgan-gp", generator=3).backward()
+        gradient_penalty(d, real, None, "dragan", generator=3).backward()
+    assert not {name for name in seen.names if name.startswith("fastgan.")}, seen.names
+    with _OpNames() as seen:
+        OPS.gp_penalty(torch.randn(4, 3, dtype=torch.float64), False, 1.0, 1e-4, False)
+    assert "fastgan.gp_penalty.default" in seen.names
 
 
 @pytest.mark.parametrize("device,backend", device_backends(include_reference=True))

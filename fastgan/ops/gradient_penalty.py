@@ -71,8 +71,8 @@ def _register(name, reference_fn):
         {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")},
         "CPU: bench/results/gradient_penalty-cpu-2026-11-23.md, a D step is convolution-bound (cpp 1.04x, "
         "reference 1.05x: equal within noise), cpp first as it reads the images once; CUDA: "
-        "bench/results/gradient_penalty-cuda-2026-11-27.md (H200, quick), R1 D step cuda 12.35 ms, triton 12.50, "
-        "reference 13.10 (convolution-bound again), cuda first for its 16-byte vector loads and device-sized grids",
+        "bench/results/gradient_penalty-cuda-2026-11-27.md (H100, quick), R1 D step cuda 13.06 ms, triton 13.08, "
+        "reference 13.46 (host-bound: the step's ~530 launches), cuda first for its 16-byte vector loads and device-sized grids",
     )
 
 
@@ -86,17 +86,21 @@ def _batch_major(*xs: Tensor) -> Tuple[Tensor, ...]:
     samples outermost in memory (contiguous, channels-last, ...) and all laid out alike --
     else contiguous copies. The elementwise and per-sample kernels walk memory linearly, so
     only the sample boundaries matter, not the order of the elements within a sample."""
+    if all(x.is_contiguous() and x.stride() == xs[0].stride() for x in xs):
+        return xs  # the common case, without memory_order's ~6 us a tensor
     orders = [_backend.memory_order(x) for x in xs]
     in_place = all(o is not None and (x.shape[0] == 1 or o[0] == 0) for x, o in zip(xs, orders))
     in_place = in_place and all(x.stride() == xs[0].stride() for x in xs)
     return xs if in_place else tuple(x.contiguous() for x in xs)
 
 
-@torch.library.custom_op("fastgan::gp_interpolate", mutates_args=())
-def gp_interpolate(real: Tensor, fake: Tensor, alpha: Optional[Tensor], seed: int) -> Tuple[Tensor, Tensor]:
+def _interpolate(real: Tensor, fake: Tensor, alpha: Optional[Tensor], seed: int) -> Tuple[Tensor, Tensor]:
     _check_interpolate(real, fake, alpha)
     real, fake = _batch_major(real, fake)
     return _INTERPOLATE(real.device)(real, fake, None if alpha is None else alpha.contiguous(), _seed_value(seed))
+
+
+gp_interpolate = torch.library.custom_op("fastgan::gp_interpolate", mutates_args=())(_interpolate)
 
 
 @gp_interpolate.register_fake
@@ -127,12 +131,14 @@ def _interpolate_backward(ctx, grad_x, _grad_alpha):
 gp_interpolate.register_autograd(_interpolate_backward, setup_context=_interpolate_setup_context)
 
 
-@torch.library.custom_op("fastgan::dragan_perturb", mutates_args=())
-def dragan_perturb(real: Tensor, seed: int) -> Tensor:
+def _dragan(real: Tensor, seed: int) -> Tensor:
     _check_batch(real, "real")
     # Contiguous, unlike the other ops: element i draws the i-th uniform in logical order,
     # which a kernel walking a channels-last tensor in memory order would not.
     return _DRAGAN(real.device)(real.contiguous(), _seed_value(seed))
+
+
+dragan_perturb = torch.library.custom_op("fastgan::dragan_perturb", mutates_args=())(_dragan)
 
 
 @dragan_perturb.register_fake
@@ -141,13 +147,15 @@ def _(real, seed):
     return real.new_empty(real.shape)
 
 
-@torch.library.custom_op("fastgan::gp_penalty", mutates_args=())
-def gp_penalty(grad: Tensor, squared_norm: bool, center: float, eps: float, one_sided: bool) -> Tuple[Tensor, Tensor]:
+def _penalty(grad: Tensor, squared_norm: bool, center: float, eps: float, one_sided: bool) -> Tuple[Tensor, Tensor]:
     _check_batch(grad, "the gradient of D")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     (grad,) = _batch_major(grad)
     return _PENALTY(grad.device)(grad, squared_norm, center, eps, one_sided)
+
+
+gp_penalty = torch.library.custom_op("fastgan::gp_penalty", mutates_args=())(_penalty)
 
 
 @gp_penalty.register_fake
@@ -182,3 +190,15 @@ def _penalty_backward(ctx, grad_penalty, _grad_sq):
 
 
 gp_penalty.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
+
+
+# fastgan.penalties' entry points: the ops without their dispatch in eager mode, same
+# autograd (_backend.eager_twin; in a D step the ops' dispatch cost more host time than
+# their kernels).
+interpolate = _backend.eager_twin(
+    gp_interpolate, _backend.autograd_twin(_interpolate, _interpolate_setup_context, _interpolate_backward)
+)
+dragan = _backend.eager_twin(dragan_perturb, _dragan)
+penalty = _backend.eager_twin(
+    gp_penalty, _backend.autograd_twin(_penalty, _penalty_setup_context, _penalty_backward)
+)

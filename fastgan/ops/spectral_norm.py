@@ -22,7 +22,7 @@ through :func:`normalized_weight`, :func:`power_iteration_multi` and :func:`norm
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -110,8 +110,8 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
 _ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _BASIS = (
     "CPU: bench/results/spectral_norm-cpu-2026-11-27.md, SNDCGAN D refresh cpp 3.47x torch (multi-layer op 2.79x), reference 0.92x; "
-    "CUDA: bench/results/spectral_norm-cuda-2026-11-27.md (H200, quick), multi-layer op cuda 304.6 us eager / "
-    "54.6 us replayed, triton 524.2 / 58.8, reference 2400 / 264"
+    "CUDA: bench/results/spectral_norm-cuda-2026-11-27.md (H100, quick), multi-layer op cuda 313 us eager / "
+    "57.8 us replayed, triton 271 / 60.6 (eager: host-bound, IQRs 165 and 294 us), reference 1468 / 276"
 )
 _POWER_ITERATION = _backend.register(
     "spectral_norm_power_iteration",
@@ -292,33 +292,11 @@ _NORMALIZE = _backend.register(
 )
 
 
-# The modules' entry points. They run once per spectral-normalized layer per forward, where
-# a Python custom op's dispatch costs ~10-20 µs and enough short-lived Python objects to
-# keep the garbage collector busy (~1 ms per SNDCGAN forward). So in eager mode they call
-# the fastest implementation directly, except where only the registered ops will do.
-
-
-def _registered_ops_only() -> bool:
-    """torch.compile traces the registered ops (the compiled graph does not pay their
-    dispatch), and functorch transforms (jvp, vmap, grad: fastgan.diagnostics uses them)
-    cannot run the C++ autograd functions of the fastgan_C ops."""
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _for_the_modules(op: Callable, eager: Callable) -> Callable:
-    """``op`` (a registered op) where only it will do, else ``eager``, the same computation
-    without the op's dispatch."""
-
-    def call(*args):
-        return op(*args) if _registered_ops_only() else eager(*args)
-
-    return call
-
-
-power_iteration = _for_the_modules(spectral_norm_power_iteration, _power_iteration)
-power_iteration_multi = _for_the_modules(spectral_norm_power_iteration_multi, _power_iteration_multi)
+# The modules' entry points: the ops without their dispatch in eager mode (_backend.eager_twin).
+power_iteration = _backend.eager_twin(spectral_norm_power_iteration, _power_iteration)
+power_iteration_multi = _backend.eager_twin(spectral_norm_power_iteration_multi, _power_iteration_multi)
 # W / σ: the C++ twin (autograd in C++) where it is built, through the backend registry.
-normalize = _for_the_modules(spectral_normalize, lambda weight, *rest: _NORMALIZE(weight.device)(weight, *rest))
+normalize = _backend.eager_twin(spectral_normalize, lambda weight, *rest: _NORMALIZE(weight.device)(weight, *rest))
 
 
 def normalized_weight(
@@ -330,7 +308,7 @@ def normalized_weight(
     same two ops composed in C++); otherwise the ops one by one (other layouts are read in
     place by the power-iteration op). The result saves fresh copies of u, v for its backward."""
     if (
-        not _registered_ops_only()
+        not _backend.registered_ops_only()
         and weight.is_contiguous()
         and _POWER_ITERATION.choose(weight.device.type)[0] in ("cpp", "cuda")
     ):
