@@ -120,7 +120,7 @@ if [ "$built" = 1 ]; then
     phase bench "$bench_budget" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
         --bench-quick --bench-device cuda --bench-budget $(( bench_budget - 30 )) --benchmark-json="$OUT/bench.json" \
         --benchmark-columns=median,iqr,rounds --junitxml="$OUT/bench.xml"
-    phase profile "${GPU_CHECK_PROFILE_S:-50}" "$PY" bench/profile_host.py --device cuda --out "$OUT/profile.md"
+    phase profile "${GPU_CHECK_PROFILE_S:-50}" "$PY" bench/profile_host.py --device cuda --calls 12 --out "$OUT/profile.md"
 fi
 
 "$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests-gpu.xml" --junit "$OUT/tests-rest.xml" --bench-junit "$OUT/bench.xml" \

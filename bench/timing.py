@@ -44,6 +44,13 @@ def configure(quick: bool, device: Optional[str]) -> None:
         raise RuntimeError(f"benchmark device {DEVICE} requested but torch sees no CUDA device")
 
 
+def default_backend(device: torch.device, op: str) -> str:
+    """The backend ``op`` runs on ``device`` by default (its registry order, what users get)."""
+    from fastgan import _backend
+
+    return _backend.registered()[op].choose(device.type)[0]
+
+
 def kernel_backends(device: torch.device, *ops: str) -> List[str]:
     """fastgan backends worth timing on ``device``: usable there and, where the backend
     registry knows ``ops``, implemented by at least one of them (a forced backend an op
