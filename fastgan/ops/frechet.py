@@ -33,9 +33,8 @@ that it cannot and falls back to ``"symmetric"``:
   accepted when 2·|correction| ≤ 1e-7·(tr Σ1 + tr Σ2) in FID units, else it falls back.
   Worth it only where float32 products are much faster than float64 ones.
 * ``"auto"``: the per-device default of :data:`AUTO_METHOD`: ``"symmetric"`` on the CPU
-  (measured: bench/results/fid-cpu-*.md), ``"newton-schulz"`` on CUDA (an H200 at
-  d = 2048: 21 ms against ``"symmetric"``'s 27 ms, bench/results/fid-cuda-2026-11-27.md,
-  before the eigenvalue scaling and the exact check schedule cut its products from 62 to 43).
+  (measured: bench/results/fid-cpu-*.md), ``"newton-schulz"`` on CUDA (an H100 at
+  d = 2048: 15.8 ms against ``"symmetric"``'s 28 ms, bench/results/fid-cuda-2026-11-27.md).
 
 :func:`frechet_distance` validates the statistics first (finite, symmetric and positive
 semi-definite within :data:`SYMMETRY_TOLERANCE` / :data:`PSD_TOLERANCE`), returns
@@ -91,8 +90,8 @@ _NEWTON_SCHULZ = _backend.register(  # (steps, matmul for the residual)
     },
     {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference", "triton")},
     "CPU: bench/results/fid-cpu-2026-11-23.md, d=2048 cpp 0.91x scipy, reference 0.84x; CUDA: "
-    "bench/results/fid-cuda-2026-11-27.md (H200, quick), d=2048 cuda 22.7 ms, reference 22.3 (equal within "
-    "cuda's 3.3 ms IQR: both are cuBLAS float64 products), triton 24.8 (its untuned float64 matmul)",
+    "bench/results/fid-cuda-2026-11-27.md (H100, quick), d=2048 cuda 16.5 ms, reference 17.1 (equal within "
+    "cuda's 2.2 ms IQR: both are cuBLAS float64 products), triton 18.2 (its untuned float64 matmul)",
 )
 _FEATURE_MOMENTS = _backend.register(
     "feature_moments",
