@@ -11,7 +11,7 @@ pass* reads each row once and computes
 so one pass yields both W v and W^T (W v). W^T y is summed without atomics, in a
 fixed order: each row block of BLOCK_M rows writes its partial row
 sum_{m in block} W_mat[m, :] y[m] to its own slot, and a *reduce* pass adds a
-layer's partial rows in block order (Triton tutorial 05's scheme). So results are
+layer's partial rows in a fixed order (Triton tutorial 05's scheme). So results are
 bit-identical from run to run. A *finalize* per layer turns t and s into
 u = t/max(|t|, eps), v = (W^T u)/max(|W^T u|, eps) and sigma = u^T W v
 (|W^T u|, or |W v| for the hook order, or u . t in eval mode).
@@ -52,14 +52,15 @@ class LaunchConfig:
     block_m: int        # rows per row-pass program
     block_b_max: int    # widest column tile; the launcher uses min(this, next_pow2(max B)) >= 16
     block_k: int        # columns per reduce program
+    block_j: int        # partial rows per load of a reduce program
     block_final: int    # vector tile of the finalize programs
     num_warps: int
 
 
 # The interpreter favours big tiles (fewer Python steps); a GPU favours many small
 # row blocks (all SMs busy) whose tiles stay in registers.
-GPU = LaunchConfig(block_m=16, block_b_max=256, block_k=256, block_final=1024, num_warps=4)
-INTERPRETER = LaunchConfig(block_m=32, block_b_max=1024, block_k=1024, block_final=1024, num_warps=4)
+GPU = LaunchConfig(block_m=16, block_b_max=256, block_k=256, block_j=8, block_final=1024, num_warps=4)
+INTERPRETER = LaunchConfig(block_m=32, block_b_max=1024, block_k=1024, block_j=4, block_final=1024, num_warps=4)
 MIN_BLOCK_B = 16
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -119,8 +120,11 @@ def _row_pass_kernel(
 
 
 @triton.jit
-def _reduce_kernel(meta_ptr, blocks_ptr, part_ptr, s_ptr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """s[k] = sum over the layer's row blocks, in block order, of the partial rows (one column block)."""
+def _reduce_kernel(
+    meta_ptr, blocks_ptr, part_ptr, s_ptr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr
+):
+    """s[k] = sum of the layer's partial rows (one column block), BLOCK_J rows per load so
+    that many are in flight rather than one L2 round trip per row; a fixed order all the same."""
     pid = tl.program_id(0)
     layer = tl.load(blocks_ptr + 2 * pid)
     k0 = tl.load(blocks_ptr + 2 * pid + 1)
@@ -130,9 +134,12 @@ def _reduce_kernel(meta_ptr, blocks_ptr, part_ptr, s_ptr, ACC: tl.constexpr, BLO
     n_blocks = tl.load(row + 7)
     offs = k0 + tl.arange(0, BLOCK_K)
     mask = offs < K
+    offs_j = tl.arange(0, BLOCK_J)
     total = tl.zeros([BLOCK_K], dtype=ACC)
-    for j in range(0, n_blocks):
-        total += tl.load(part + j * K + offs, mask=mask, other=0.0)
+    for j0 in range(0, n_blocks, BLOCK_J):
+        rows = j0 + offs_j
+        tile = tl.load(part + rows[:, None] * K + offs[None, :], mask=(rows < n_blocks)[:, None] & mask[None, :], other=0.0)
+        total += tl.sum(tile, axis=0)
     tl.store(s_ptr + tl.load(row + 5) + offs, total, mask=mask)
 
 
@@ -325,7 +332,8 @@ def power_iteration_multi(
             )
             if accum:
                 _reduce_kernel[(n_col_blocks,)](
-                    tab.meta, tab.col_blocks, part, s, ACC=acc, BLOCK_K=config.block_k, num_warps=config.num_warps
+                    tab.meta, tab.col_blocks, part, s, ACC=acc, BLOCK_K=config.block_k, BLOCK_J=config.block_j,
+                    num_warps=config.num_warps,
                 )
             _finalize_kernel[(len(weights),)](
                 tab.meta, eps, t, s, u_out, v_out, sigma,
@@ -359,8 +367,8 @@ def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, ob
                 }, dict(DOT=dot, ACCUM=accum, ACC=triton_dtype(_acc(dtype)), BLOCK_M=GPU.block_m, BLOCK_B=block_b), GPU.num_warps
         yield _reduce_kernel, {
             "meta_ptr": "*i64", "blocks_ptr": "*i64", "part_ptr": f"*{a}", "s_ptr": f"*{a}",
-            "ACC": "constexpr", "BLOCK_K": "constexpr",
-        }, dict(ACC=triton_dtype(_acc(dtype)), BLOCK_K=GPU.block_k), GPU.num_warps
+            "ACC": "constexpr", "BLOCK_K": "constexpr", "BLOCK_J": "constexpr",
+        }, dict(ACC=triton_dtype(_acc(dtype)), BLOCK_K=GPU.block_k, BLOCK_J=GPU.block_j), GPU.num_warps
         for kind in sorted({k for _, _, k in steps}):
             yield _finalize_kernel, {
                 "meta_ptr": "*i64", "eps": "fp32", "t_ptr": f"*{a}", "s_ptr": f"*{a}", "u_ptr": f"*{w}",
