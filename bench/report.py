@@ -24,7 +24,7 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -187,12 +187,12 @@ def _find(groups: dict, op: str, group_prefix: str) -> List[dict]:
     return next((rows for name, rows in groups.get(op, {}).items() if name.startswith(group_prefix)), [])
 
 
-def _best(rows: List[dict], prefix: str) -> Optional[dict]:
+def _best(rows: List[dict], prefix: Union[str, Tuple[str, ...]]) -> Optional[dict]:
     candidates = [r for r in rows if r["variant"].startswith(prefix)]
     return min(candidates, key=lambda r: r["median_us"]) if candidates else None
 
 
-def _speedup(rows: List[dict], prefix: str, baseline: Optional[str] = None) -> Tuple[Optional[float], str]:
+def _speedup(rows: List[dict], prefix: Union[str, Tuple[str, ...]], baseline: Optional[str] = None) -> Tuple[Optional[float], str]:
     best = _best(rows, prefix)
     base = next((r for r in rows if (r["variant"] == baseline if baseline else r["baseline"])), None)
     if not best or not base:
@@ -211,10 +211,11 @@ def targets(groups: dict, device_type: str) -> List[Tuple[str, str, Optional[boo
     normalized = _find(groups, "spectral_norm", "spectral_norm: normalized weights")
     training = {name: rows for name, rows in groups.get("training", {}).items()}
     if device_type == "cuda":
-        best = _best(refresh, "fastgan multi-layer op")
+        eager_refresh = ("fastgan apply_spectral_norm's refresh", "fastgan multi-layer op")  # what a model's forward runs
+        best = _best(refresh, eager_refresh)
         add("SN refresh, whole SNDCGAN D <= 25 µs", best and best["median_us"],
             f"{best['median_us']:.1f} µs ({best['variant']})" if best else "not measured", bool(best) and best["median_us"] <= 25)
-        value, text = _speedup(refresh, "fastgan multi-layer op")
+        value, text = _speedup(refresh, eager_refresh)
         add("SN refresh >= 20x torch parametrization", value, text, value is not None and value >= 20)
         value, text = _speedup(_find(groups, "gradient_penalty", "gradient_penalty: wgan-gp"), "fastgan")
         add("WGAN-GP D step >= 1.3x plain autograd", value, text, value is not None and value >= 1.3)

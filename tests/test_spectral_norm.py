@@ -376,6 +376,7 @@ def test_apply_spectral_norm_launches_once_with_per_layer_results(device, backen
     # own one-call forward is faster and the hook launches nothing.
     theirs, ours = _sn_pair(dtype, device, backend)
     launches_per_forward = 0 if backend == "cpp" else 1
+    monkeypatch.setattr(fsn, "_MAX_CAPTURES", 0)  # on a GPU: the eager launch (replays: the tests below)
 
     def per_layer_call(*args, **kwargs):
         raise AssertionError("a layer ran the ops one by one inside the model forward")
@@ -397,6 +398,113 @@ def test_apply_spectral_norm_launches_once_with_per_layer_results(device, backen
             torch.testing.assert_close(g_o, g_t, **TOL[dtype], msg=name)
         for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
             torch.testing.assert_close(b_o, b_t, **TOL[dtype], msg=name)
+
+
+class _RerunGraph:
+    """A CUDA graph's contract, on the CPU: capturing runs nothing, and each replay runs the
+    recorded work again and writes its result into the same output tensor."""
+
+    replays = 0
+
+    def __init__(self, record, device):
+        self.record, self.output = record, None
+
+    def replay(self):
+        _RerunGraph.replays += 1
+        result = self.record()
+        if self.output is None:
+            self.output = result
+        else:
+            self.output.copy_(result)
+        return self.output
+
+
+def _grouped_hook(model):
+    (hook,) = [h for h in model._forward_pre_hooks.values() if isinstance(h, fsn._GroupedPowerIteration)]
+    return hook
+
+
+def _replayed_and_eager(device, monkeypatch):
+    """Two copies of a model under apply_spectral_norm: one whose refresh is replayed from a
+    graph once its key repeats, one held to the eager launch."""
+    if device == "cpu":
+        monkeypatch.setattr(fsn, "_capture_for", lambda device: _RerunGraph)
+    torch.manual_seed(3)
+    base = _small_discriminator().to(device)
+    replayed, eager = copy.deepcopy(base), copy.deepcopy(base)
+    for model in (replayed, eager):
+        torch.manual_seed(4)
+        with fastgan.use_backend("reference" if device == "cpu" else None):
+            fastgan.nn.apply_spectral_norm(model)
+    _grouped_hook(eager).captures = fsn._MAX_CAPTURES
+    return replayed, eager
+
+
+def _train_steps(models, device, steps, backend):
+    """Steps with two forwards (real, fake) before one backward; returns each model's losses."""
+    losses = {id(m): [] for m in models}
+    for _ in range(steps):
+        real, fake = torch.randn(4, 3, 8, 8, device=device), torch.randn(4, 3, 8, 8, device=device)
+        for model in models:
+            model.zero_grad()
+            with fastgan.use_backend(backend):
+                loss = model(fake).mean() - model(real).mean()
+            loss.backward()
+            losses[id(model)].append(loss.detach())
+    return losses
+
+
+def _assert_bit_identical(ours, theirs):
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replayed_refresh_gives_the_eager_refresh(device, monkeypatch):
+    """From the second forward with the same layers and storage, the refresh is replayed:
+    bit-identical losses, gradients and buffers to the eager launch, with two forwards
+    (each iterating) before one backward; eval mode its own group; new storage re-keys."""
+    backend = "reference" if device == "cpu" else None
+    replayed, eager = _replayed_and_eager(device, monkeypatch)
+    hook = _grouped_hook(replayed)
+    losses = _train_steps((replayed, eager), device, 3, backend)
+    assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
+    _assert_bit_identical(replayed, eager)
+    assert hook.captures == 1 and set(hook.replays) == {True}
+    x = torch.randn(2, 3, 8, 8, device=device)
+    for model in (replayed, eager):
+        model.eval()
+    with fastgan.use_backend(backend):
+        for _ in range(3):
+            assert torch.equal(replayed(x), eager(x))
+    assert hook.captures == 2 and set(hook.replays) == {True, False}
+    for model in (replayed, eager):
+        model.train()
+        layer = model[0].parametrizations.weight
+        layer.original.data = layer.original.detach().clone()  # new storage: the captured refresh would read the old
+    losses = _train_steps((replayed, eager), device, 3, backend)
+    assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
+    _assert_bit_identical(replayed, eager)
+    assert hook.captures == 3
+
+
+def test_refresh_whose_storage_keeps_changing_stays_eager(monkeypatch):
+    replayed, _ = _replayed_and_eager("cpu", monkeypatch)
+    hook = _grouped_hook(replayed)
+    x = torch.randn(2, 3, 8, 8)
+    with fastgan.use_backend("reference"):
+        for _ in range(4 * fsn._MAX_CAPTURES):
+            replayed(x)
+            replayed(x)
+            replayed[-1].parametrizations.weight.original.data = replayed[-1].parametrizations.weight.original.detach().clone()
+    assert hook.captures == fsn._MAX_CAPTURES
+    _RerunGraph.replays = 0
+    with fastgan.use_backend("reference"):
+        replayed(x)
+        replayed(x)
+    assert _RerunGraph.replays == 0
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])  # per layer / grouped on the CPU

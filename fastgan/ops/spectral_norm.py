@@ -322,6 +322,11 @@ def normalized_weight(
     return normalize(weight, u_new, v_new, sigma, dim)
 
 
+def multi_layer_backend(device: torch.device) -> str:
+    """The backend the multi-layer op runs on ``device`` now (forced or default)."""
+    return _POWER_ITERATION_MULTI.choose(device.type)[0]
+
+
 def one_launch_pays(device: torch.device) -> bool:
     """Whether ``apply_spectral_norm`` should run its layers' power iterations as one
     multi-layer launch on ``device``: yes, except where that op runs on the CPU C++ backend.
@@ -329,7 +334,7 @@ def one_launch_pays(device: torch.device) -> bool:
     cache between its power iteration and W / σ: the SNDCGAN discriminator's
     apply_spectral_norm forward measured 1.88-2.07x torch's grouped, 3.26x layer by layer
     (bench/results/spectral_norm-cpu-2026-11-27.md, two threads)."""
-    return _POWER_ITERATION_MULTI.choose(device.type)[0] != "cpp"
+    return multi_layer_backend(device) != "cpp"
 
 
 def _fake_extension_ops() -> None:
