@@ -15,7 +15,7 @@ from fastgan.train.callbacks import Callback
 from fastgan.train.config import load_config
 from fastgan.train.data import ImageData
 from fastgan.train.runtime import Runtime
-from fastgan.train.step import CapturedStep, GANStep, build_step, why_not_capturable
+from fastgan.train.step import CapturedStep, GANStep, adam_options, load_optimizer_state, build_step, why_not_capturable
 from fastgan.train.stream import BatchStream, RepeatedBatch
 from fastgan.train.trainer import Trainer, models_for
 from training_support import TINY_TRAINING
@@ -174,6 +174,31 @@ def test_optimizer_state_resumes_across_eager_and_captured_runs(tmp_path):
     for optimizer in (capturing.g_optimizer, capturing.d_optimizer):
         assert optimizer.param_groups[0]["capturable"]
         assert all(st["step"].dtype == torch.float32 and st["step"].item() == 1 for st in optimizer.state.values())
+
+
+def test_optimizer_state_resumes_into_and_out_of_a_fused_adam():
+    """Eager GPU updates use the fused Adam, whose step counts live on the parameters' device:
+    an unfused run's checkpoint loads into it and steps, and back (the CPU's fused Adam stands in)."""
+    def adam(fused):
+        return torch.optim.Adam([torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(1)))],
+                                lr=1e-3, betas=(0.5, 0.999), **adam_options(False, "cuda" if fused else "cpu"))
+
+    def one_update(optimizer):
+        param = optimizer.param_groups[0]["params"][0]
+        param.grad = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+        optimizer.step()
+        return param.detach().clone()
+
+    plain, fused = adam(fused=False), adam(fused=True)
+    assert fused.param_groups[0]["fused"] and not plain.param_groups[0]["fused"]
+    torch.testing.assert_close(one_update(fused), one_update(plain))  # the same algorithm
+    resumed_fused, resumed_plain = adam(fused=True), adam(fused=False)
+    load_optimizer_state(resumed_fused, plain.state_dict())
+    load_optimizer_state(resumed_plain, fused.state_dict())
+    assert resumed_fused.param_groups[0]["fused"] and not resumed_plain.param_groups[0]["fused"]
+    (fused_state,), (plain_state,) = resumed_fused.state.values(), resumed_plain.state.values()
+    assert fused_state["step"].dtype == torch.float32 and plain_state["step"].device.type == "cpu"
+    torch.testing.assert_close(one_update(resumed_fused), one_update(resumed_plain))
 
 
 # ------------------------------------------------------------------ CUDA graphs: when they fall back

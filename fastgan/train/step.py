@@ -72,14 +72,14 @@ class GANStep:
         self.G_fast, self.D_fast = compiled(self.G_ddp), compiled(self.D_ddp)
         # G's update calls D directly, not through DDP: D's gradients are not wanted there.
         self.D_for_G = self.D_fast if self.D_ddp is D else compiled(D)
-        adam = {"capturable": True} if capturable else {}
+        self.device_type = next(G.parameters()).device.type
+        adam = adam_options(capturable, self.device_type)
         self.g_optimizer = torch.optim.Adam(G.parameters(), lr=config.g_lr, betas=config.g_betas, **adam)
         self.d_optimizer = torch.optim.Adam(D.parameters(), lr=config.discriminator_lr, betas=config.discriminator_betas, **adam)
         self.lens_optimizer = (torch.optim.Adam(lens.parameters(), lr=config.lens_learning_rate,
                                                 betas=config.lens_adam_betas, **adam) if lens is not None else None)
         # A symmetric D gives one logit per batch (pooled) or the per-element logits (ensemble).
         self.d_kwargs = {"pool": config.mixed_batch_loss == "pooled"} if config.mixed_batches else {}
-        self.device_type = next(G.parameters()).device.type
         self.autocast_cache = True  # autocast's weight-cast cache must be off inside CUDA graph capture
 
     def _autocast(self):
@@ -211,21 +211,31 @@ class GANStep:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        _load_optimizer(self.g_optimizer, state["g_optimizer"])
-        _load_optimizer(self.d_optimizer, state["d_optimizer"])
+        load_optimizer_state(self.g_optimizer, state["g_optimizer"])
+        load_optimizer_state(self.d_optimizer, state["d_optimizer"])
         if self.lens_optimizer is not None:
-            _load_optimizer(self.lens_optimizer, state["lens_optimizer"])
+            load_optimizer_state(self.lens_optimizer, state["lens_optimizer"])
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load ``saved`` keeping this optimizer's ``capturable``: torch's load_state_dict takes
-    the saved run's, so a run resumed with CUDA graphs from an eager checkpoint would fail
-    its capture, and one resumed eagerly (or on the CPU) from a captured run its first step.
-    torch then puts each Adam step count where that setting wants it (float32 on the
-    parameter's device when capturable); an eager one goes back to the host."""
-    capturable = optimizer.param_groups[0].get("capturable", False)
-    optimizer.load_state_dict({**saved, "param_groups": [{**g, "capturable": capturable} for g in saved["param_groups"]]})
-    if not capturable:
+def adam_options(capturable: bool, device_type: str) -> dict:
+    """Captured updates: ``capturable`` (step counts on the device, no host sync). Eager on a
+    GPU: the fused kernel, a launch or two per update where the default multi-tensor Adam spent
+    1.3 ms of host time per update on the H100 machine (bench/profile_host.py, profiled). The
+    same algorithm; the two differ by float round-off."""
+    if capturable:
+        return {"capturable": True}
+    return {"fused": True} if device_type == "cuda" else {}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load ``saved`` keeping this optimizer's ``capturable`` and ``fused``: torch's
+    load_state_dict takes the saved run's, so a run resumed with CUDA graphs from an eager
+    checkpoint would fail its capture, and one resumed eagerly (or on the CPU) from a captured
+    run its first step. torch then puts each Adam step count where those settings want it
+    (float32 on the parameter's device); an unfused eager one goes back to the host."""
+    keep = {key: optimizer.param_groups[0].get(key) or False for key in ("capturable", "fused")}
+    optimizer.load_state_dict({**saved, "param_groups": [{**g, **keep} for g in saved["param_groups"]]})
+    if not (keep["capturable"] or keep["fused"]):
         for per_param in optimizer.state.values():
             if torch.is_tensor(per_param.get("step")):
                 per_param["step"] = per_param["step"].cpu()
