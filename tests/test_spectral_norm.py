@@ -490,6 +490,26 @@ def test_replayed_refresh_gives_the_eager_refresh(device, monkeypatch):
     assert hook.captures == 3
 
 
+def test_a_model_with_a_replayed_refresh_can_be_copied(monkeypatch):
+    """deepcopy drops the captures (graphs are not copyable, and the copy's storage is new):
+    the copy refreshes eagerly, then captures its own, with the original's numbers.
+    (torch pickles parametrized models only through their state_dict.)"""
+    replayed, _ = _replayed_and_eager("cpu", monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    with fastgan.use_backend("reference"):
+        for _ in range(3):
+            replayed(x)
+    assert _grouped_hook(replayed).captures == 1
+    copied = copy.deepcopy(replayed)
+    assert _grouped_hook(copied).captures == 0 and not _grouped_hook(copied).replays
+    with fastgan.use_backend("reference"):
+        for _ in range(3):
+            assert torch.equal(copied(x), replayed(x))
+    assert _grouped_hook(copied).captures == 1
+    for (name, a), (_, b) in zip(copied.named_buffers(), replayed.named_buffers()):
+        assert torch.equal(a, b), name
+
+
 def test_refresh_whose_storage_keeps_changing_stays_eager(monkeypatch):
     replayed, _ = _replayed_and_eager("cpu", monkeypatch)
     hook = _grouped_hook(replayed)

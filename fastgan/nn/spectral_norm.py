@@ -223,9 +223,21 @@ class _GroupedPowerIteration:
         # weight that was not a Parameter); the dicts stay when .to() replaces what is in them
         self.originals = [plist._parameters if "original" in plist._parameters else plist._buffers
                           for plist in lists]
+        self._forget_captures()
+
+    def _forget_captures(self) -> None:
         self.replays: Dict[bool, _ReplayedRefresh] = {}  # per group (training or eval layers)
         self.last_keys: Dict[bool, tuple] = {}
         self.captures = 0
+
+    def __getstate__(self) -> dict:
+        # A copy (copy.deepcopy, torch.save of the whole model) starts eager: graphs cannot be
+        # copied or pickled, and a copy's storage is new anyway.
+        return {key: value for key, value in self.__dict__.items() if key not in ("replays", "last_keys", "captures")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._forget_captures()
 
     def __call__(self, model: nn.Module, inputs) -> None:
         if not ops.one_launch_pays(self.params[0]._buffers["_u"].device):
