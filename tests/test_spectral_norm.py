@@ -429,6 +429,9 @@ def _replayed_and_eager(device, monkeypatch):
     graph once its key repeats, one held to the eager launch."""
     if device == "cpu":
         monkeypatch.setattr(fsn, "_capture_for", lambda device: _RerunGraph)
+    else:  # the comparison is bit for bit: cuDNN's own nondeterminism must not blur it
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     torch.manual_seed(3)
     base = _small_discriminator().to(device)
     replayed, eager = copy.deepcopy(base), copy.deepcopy(base)

@@ -300,7 +300,8 @@ class _CudaGraph:
     def __init__(self, record: Callable[[], Tensor], device: torch.device) -> None:
         self.device = device
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(self.graph):
+        # autocast off: nothing recorded here is cast, and its weight-cast cache must not fill during a capture
+        with torch.cuda.device(device), torch.autocast("cuda", enabled=False), torch.cuda.graph(self.graph):
             self.output = record()
 
     def replay(self) -> Tensor:
