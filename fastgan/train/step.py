@@ -233,9 +233,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     checkpoint would fail its capture, and one resumed eagerly (or on the CPU) from a captured
     run its first step. torch then puts each Adam step count where those settings want it
     (float32 on the parameter's device); an unfused eager one goes back to the host."""
-    keep = {key: optimizer.param_groups[0].get(key) or False for key in ("capturable", "fused")}
+    keep = {key: optimizer.param_groups[0][key] for key in ("capturable", "fused") if key in optimizer.param_groups[0]}
     optimizer.load_state_dict({**saved, "param_groups": [{**g, **keep} for g in saved["param_groups"]]})
-    if not (keep["capturable"] or keep["fused"]):
+    if not (keep.get("capturable") or keep.get("fused")):
         for per_param in optimizer.state.values():
             if torch.is_tensor(per_param.get("step")):
                 per_param["step"] = per_param["step"].cpu()
