@@ -435,11 +435,10 @@ def _replayed_and_eager(device, monkeypatch):
     torch.manual_seed(3)
     base = _small_discriminator().to(device)
     replayed, eager = copy.deepcopy(base), copy.deepcopy(base)
-    for model in (replayed, eager):
+    for model, cuda_graphs in ((replayed, True), (eager, False)):
         torch.manual_seed(4)
         with fastgan.use_backend("reference" if device == "cpu" else None):
-            fastgan.nn.apply_spectral_norm(model)
-    _grouped_hook(eager).captures = fsn._MAX_CAPTURES
+            fastgan.nn.apply_spectral_norm(model, cuda_graphs=cuda_graphs)
     return replayed, eager
 
 
@@ -476,6 +475,7 @@ def test_replayed_refresh_gives_the_eager_refresh(device, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
     _assert_bit_identical(replayed, eager)
     assert hook.captures == 1 and set(hook.replays) == {True}
+    assert _grouped_hook(eager).captures == 0  # cuda_graphs=False
     x = torch.randn(2, 3, 8, 8, device=device)
     for model in (replayed, eager):
         model.eval()

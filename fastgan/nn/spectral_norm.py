@@ -214,7 +214,8 @@ class _GroupedPowerIteration:
     goes back to the eager launch; a model whose storage keeps changing stops capturing
     after :data:`_MAX_CAPTURES` captures."""
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
+    def __init__(self, layers: Sequence[nn.Module], cuda_graphs: bool = True) -> None:
+        self.cuda_graphs = cuda_graphs
         # The parametrizations are fixed from here on; reaching them through each module
         # (module.parametrizations.weight[0]) is ~10 Python calls per layer per forward.
         lists = [m.parametrizations.weight for m in layers]
@@ -259,7 +260,7 @@ class _GroupedPowerIteration:
                     _set_group_result(p, result)
 
     def _refresh(self, training: bool, params: List["SpectralNorm"], weights: List[Tensor], steps: int):
-        capture = _capture_for(weights[0].device)
+        capture = _capture_for(weights[0].device) if self.cuda_graphs else None
         if capture is None or self.captures >= _MAX_CAPTURES:
             return iterate_together(params, weights, steps)
         key = _replay_key(params, weights, steps)
@@ -374,13 +375,16 @@ def _set_group_result(param: "SpectralNorm", result: Optional[tuple]) -> None:
 
 
 def apply_spectral_norm(
-    model: nn.Module, n_power_iterations: int = 1, eps: float = 1e-12, layer_types: Sequence[type] = _SN_LAYERS
+    model: nn.Module, n_power_iterations: int = 1, eps: float = 1e-12, layer_types: Sequence[type] = _SN_LAYERS,
+    *, cuda_graphs: bool = True,
 ) -> nn.Module:
     """Apply :func:`spectral_norm` to every layer of ``model`` of ``layer_types``
     (Conv, ConvTranspose and Linear by default) and batch their power iterations
     into one multi-tensor launch per model forward (on the GPU and with the Triton or
     reference kernels; on the CPU's C++ kernels each layer's own forward is faster).
-    Per-layer results equal layer-by-layer spectral norm. Returns ``model``."""
+    Per-layer results equal layer-by-layer spectral norm. On a GPU that launch is
+    replayed from a private CUDA graph once the same layers and storage come again
+    (the same numbers, bit for bit); ``cuda_graphs=False`` keeps it eager. Returns ``model``."""
     layers = []
     for qualified, module in model.named_modules():
         if isinstance(module, tuple(layer_types)) and not parametrize.is_parametrized(module, "weight"):
@@ -391,7 +395,7 @@ def apply_spectral_norm(
             layers.append(module)
     if not layers:
         raise ValueError(f"apply_spectral_norm: {type(model).__name__} has no layer of types {[t.__name__ for t in layer_types]}")
-    hook = _GroupedPowerIteration(layers)
+    hook = _GroupedPowerIteration(layers, cuda_graphs)
     model.register_forward_pre_hook(hook)
     model.register_forward_hook(hook.clear, always_call=True)
     return model
