@@ -63,6 +63,7 @@ constexpr int kFinalizeThreads = 512;
 constexpr int64_t kBlockBytes = 128 * 1024;
 constexpr int kReduceThreads = 256;  // columns per reduce block
 constexpr int kReduceUnroll = 8;     // partial rows in flight per reduce thread
+constexpr int kAccumUnroll = 4;      // columns in flight per thread in the ACCUM loop
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread in the DOT loop
 
 // Device table, int64: per layer {weight pointer, A, M, B, row_offset, col_offset,
@@ -226,6 +227,9 @@ __global__ void __launch_bounds__(kRowThreads)
   acc_t* __restrict__ part = partials + entry[7] + (m0 / rows_per_block) * K;
   int64_t a = tid / B, b = tid - (tid / B) * B;
   const int64_t da = kRowThreads / B, db = kRowThreads - da * B;
+  // Unrolled so the next columns' loads issue before this column's sum is stored: the rows
+  // come back from L2 (the DOT half just read them), one round trip per column otherwise.
+#pragma unroll kAccumUnroll
   for (int64_t k = tid; k < K; k += kRowThreads) {
     const scalar_t* p = wblock + a * MB + b;
     acc_t wr[kRowWarps];
