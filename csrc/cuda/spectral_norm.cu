@@ -64,6 +64,7 @@ constexpr int64_t kBlockBytes = 128 * 1024;
 constexpr int kReduceThreads = 256;  // columns per reduce block
 constexpr int kReduceUnroll = 8;     // partial rows in flight per reduce thread
 constexpr int kAccumUnroll = 4;      // columns in flight per thread in the ACCUM loop
+constexpr int kFinalizeUnroll = 4;   // elements in flight per thread in the finalize loops (a 8192-long v: 16 each)
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread in the DOT loop
 
 // Device table, int64: per layer {weight pointer, A, M, B, row_offset, col_offset,
@@ -294,6 +295,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
   if constexpr (KIND == Finalize::Eval) {
     acc_t dot_ut = 0;
+#pragma unroll kFinalizeUnroll
     for (int64_t m = tid; m < M; m += kFinalizeThreads) dot_ut += to_acc<acc_t>(u[m]) * t[m];
     dot_ut = block_sum(dot_ut, partial);
     if (tid == 0) sigma[layer] = static_cast<scalar_t>(dot_ut);
@@ -302,9 +304,11 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     acc_t scale = 1;  // turns s into W^T u
     if constexpr (KIND != Finalize::V) {
       acc_t sq = 0;
+#pragma unroll kFinalizeUnroll
       for (int64_t m = tid; m < M; m += kFinalizeThreads) sq += t[m] * t[m];
       sq = block_sum(sq, partial);
       const acc_t nt = clamp_eps(sqrt_rn(sq), eps);
+#pragma unroll kFinalizeUnroll
       for (int64_t m = tid; m < M; m += kFinalizeThreads) u[m] = static_cast<scalar_t>(div_rn(t[m], nt));
       scale = div_rn(acc_t(1), nt);
       if constexpr (KIND == Finalize::U) {
@@ -313,10 +317,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     }
     if constexpr (KIND != Finalize::U) {
       acc_t sq = 0;
+#pragma unroll kFinalizeUnroll
       for (int64_t k = tid; k < K; k += kFinalizeThreads) sq += s[k] * s[k];
       sq = block_sum(sq, partial);
       const acc_t nr_exact = sqrt_rn(sq) * scale;
       const acc_t nr = clamp_eps(nr_exact, eps);
+#pragma unroll kFinalizeUnroll
       for (int64_t k = tid; k < K; k += kFinalizeThreads) v[k] = static_cast<scalar_t>(div_rn(s[k] * scale, nr));
       if (tid == 0) sigma[layer] = static_cast<scalar_t>(div_rn(nr_exact * nr_exact, nr));
     }
