@@ -209,7 +209,7 @@ class _GroupedPowerIteration:
 
     On a GPU the launch is replayed from a private CUDA graph (:class:`_ReplayedRefresh`)
     once the same layers, weights and buffers come a second time in a row: eager, the
-    host's work around the kernels took ~4x their time (an H100: 271-313 µs a refresh of
+    host's work around the kernels took ~5x their time (an H100: 271-313 µs a refresh of
     SNDCGAN's D, 58 µs replayed). New weight or buffer storage (``.to()``, ``.data =``)
     goes back to the eager launch; a model whose storage keeps changing stops capturing
     after :data:`_MAX_CAPTURES` captures."""
@@ -232,8 +232,7 @@ class _GroupedPowerIteration:
         self.captures = 0
 
     def __getstate__(self) -> dict:
-        # A copy (copy.deepcopy, torch.save of the whole model) starts eager: graphs cannot be
-        # copied or pickled, and a copy's storage is new anyway.
+        # A copy (copy.deepcopy) starts eager: graphs cannot be copied, and a copy's storage is new.
         return {key: value for key, value in self.__dict__.items() if key not in ("replays", "last_keys", "captures")}
 
     def __setstate__(self, state: dict) -> None:
@@ -301,8 +300,10 @@ class _CudaGraph:
     def __init__(self, record: Callable[[], Tensor], device: torch.device) -> None:
         self.device = device
         self.graph = torch.cuda.CUDAGraph()
-        # autocast off: nothing recorded here is cast, and its weight-cast cache must not fill during a capture
-        with torch.cuda.device(device), torch.autocast("cuda", enabled=False), torch.cuda.graph(self.graph):
+        # autocast off: nothing recorded here is cast, and its weight-cast cache must not fill during a
+        # capture. Thread-local capture: other threads (a DataLoader pinning memory) keep working meanwhile.
+        with torch.cuda.device(device), torch.autocast("cuda", enabled=False), \
+                torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = record()
 
     def replay(self) -> Tensor:
