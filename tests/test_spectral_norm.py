@@ -513,6 +513,20 @@ def test_a_model_with_a_replayed_refresh_can_be_copied(monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_a_refresh_that_cannot_be_captured_stays_eager_and_says_so(monkeypatch):
+    replayed, eager = _replayed_and_eager("cpu", monkeypatch)
+
+    def refused(record, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fsn, "_capture_for", lambda device: refused)
+    with pytest.warns(RuntimeWarning, match="stays eager"):
+        losses = _train_steps((replayed, eager), "cpu", 3, "reference")
+    assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
+    _assert_bit_identical(replayed, eager)
+    assert not _grouped_hook(replayed).replays
+
+
 def test_refresh_whose_storage_keeps_changing_stays_eager(monkeypatch):
     replayed, _ = _replayed_and_eager("cpu", monkeypatch)
     hook = _grouped_hook(replayed)

@@ -22,6 +22,7 @@ give the spectral norm of a complex matrix.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -271,7 +272,14 @@ class _GroupedPowerIteration:
             self.last_keys[training] = key
             return iterate_together(params, weights, steps)
         self.captures += 1
-        replay = self.replays[training] = _ReplayedRefresh(key, params, weights, steps, capture)
+        try:
+            replay = _ReplayedRefresh(key, params, weights, steps, capture)
+        except RuntimeError as error:  # a capture CUDA refused (nothing ran): eager from now on, said once
+            self.captures = _MAX_CAPTURES
+            warnings.warn(f"apply_spectral_norm: the spectral-norm refresh could not be captured in a CUDA graph "
+                          f"({error}); this model's refresh stays eager", RuntimeWarning, stacklevel=2)
+            return iterate_together(params, weights, steps)
+        self.replays[training] = replay
         return replay(params)
 
     def clear(self, model: nn.Module, inputs, output=None) -> None:
