@@ -46,9 +46,17 @@ TORCH_PARAM, TORCH_HOOK = "torch parametrizations.spectral_norm", "torch utils.s
 MULTI_LAYER_OP = "fastgan multi-layer op (one launch)"
 GRAPH_REPLAY = "fastgan graph replay of the multi-layer op"
 GROUPED_HOOK = "fastgan apply_spectral_norm's refresh"
-# (on the CPU's C++ kernels the hook leaves each layer to its own forward: nothing to time there)
+
+
+def _hook_launches(backend: str) -> bool:
+    """Whether apply_spectral_norm's hook launches anything with ``backend`` (on the CPU's C++
+    kernels it leaves each layer to its own forward: nothing to time there)."""
+    with fastgan.use_backend(backend):
+        return grouped.ops.one_launch_pays(DEVICE)
+
+
 REFRESH = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
-                                      for kind in ((GROUPED_HOOK,) if b != "cpp" else ())
+                                      for kind in ((GROUPED_HOOK,) if _hook_launches(b) else ())
                                       + (MULTI_LAYER_OP, "fastgan single-layer op x8")
                                       + ((GRAPH_REPLAY,) if DEVICE.type == "cuda" else ())]
 FASTGAN_HOOK = "fastgan utils.spectral_norm (hook) per layer"

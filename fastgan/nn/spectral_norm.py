@@ -342,25 +342,27 @@ class _ReplayedRefresh:
         self.key = key
         self.sizes = [sum(p._buffers["_u"].numel() for p in params), sum(p._buffers["_v"].numel() for p in params),
                       len(params)]
-        self.graph = capture(lambda: torch.cat(_refresh_together(params, weights, steps)), weights[0].device)
+        self.graph = capture(lambda: torch.cat(_refresh_together(params, weights, steps)[0]), weights[0].device)
 
     def __call__(self, params) -> List[Tuple[Tensor, Tensor, Tensor]]:
         u_cat, v_cat, sigmas = self.graph.replay().clone().split(self.sizes)
         return _per_layer(params, u_cat, v_cat, sigmas)
 
 
-def _refresh_together(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """The multi-layer op on these layers, their u, v buffers updated; (u's, v's, σ's) concatenated."""
+def _refresh_together(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int):
+    """The multi-layer op on these layers, their u, v buffers updated: ((u's, v's, σ's)
+    concatenated, each layer's (u, v, σ))."""
     u_buffers = [p._buffers["_u"] for p in params]  # the dicts, not nn.Module's slow __getattr__
     v_buffers = [p._buffers["_v"] for p in params]
     with torch.no_grad():
-        u_cat, v_cat, sigmas = ops.power_iteration_multi(
+        concatenated = ops.power_iteration_multi(
             [w.detach() for w in weights], u_buffers, v_buffers, [p.dim for p in params], steps, params[0].eps, True,
         )
+        per_layer = _per_layer(params, *concatenated)
         if steps > 0:
-            torch._foreach_copy_(u_buffers, u_cat.split([u.shape[0] for u in u_buffers]))
-            torch._foreach_copy_(v_buffers, v_cat.split([v.shape[0] for v in v_buffers]))
-    return u_cat, v_cat, sigmas
+            torch._foreach_copy_(u_buffers, [u for u, _, _ in per_layer])
+            torch._foreach_copy_(v_buffers, [v for _, v, _ in per_layer])
+    return concatenated, per_layer
 
 
 def _per_layer(params: Sequence["SpectralNorm"], u_cat: Tensor, v_cat: Tensor, sigmas: Tensor) -> List[Tuple[Tensor, Tensor, Tensor]]:
@@ -375,7 +377,7 @@ def iterate_together(
     """``steps`` power iterations of the layers whose :class:`SpectralNorm` parametrizations
     and weights are given, in one launch of the multi-tensor op (the same ``eps`` for all),
     their u, v buffers updated; returns each layer's (u, v, sigma)."""
-    return _per_layer(params, *_refresh_together(params, weights, steps))
+    return _refresh_together(params, weights, steps)[1]
 
 
 def _set_group_result(param: "SpectralNorm", result: Optional[tuple]) -> None:
