@@ -1,6 +1,6 @@
 """Benchmark: spectral norm of the whole SNDCGAN discriminator (8 layers, 5.9M weights).
 
-Two groups, each with torch's parametrization
+Groups, each with torch's parametrization
 (``torch.nn.utils.parametrizations.spectral_norm``, the baseline) and hook form
 (``torch.nn.utils.spectral_norm``) beside fastgan on every backend usable on the device:
 
@@ -11,6 +11,9 @@ Two groups, each with torch's parametrization
   On a GPU also a CUDA-graph replay of the multi-layer op: its kernels' own time, what a
   training step captured with ``cuda_graphs: true`` spends (informative: the targets are
   stated for the eager call).
+* ``triton launch configs`` (on a GPU): the Triton kernels' refresh with their default launch
+  configuration and with each candidate (``GPU_CANDIDATES`` of ``fastgan.kernels.spectral_norm``),
+  replayed from a CUDA graph: the measurement that picks the default.
 * ``normalized weights``: the refresh plus W / sigma for every layer: all that one
   training forward spends on SN. torch's modules against fastgan's
   ``apply_spectral_norm``, the drop-in ``fastgan.nn.spectral_norm`` on each layer and
@@ -64,6 +67,14 @@ NORMALIZED = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
                                          for kind in ("fastgan apply_spectral_norm", "fastgan spectral_norm per layer",
                                                       FASTGAN_HOOK)]
 RTOL = 1e-5  # float32: one power iteration over <= 4608-long dot products
+# On a GPU with Triton: the Triton kernels' launch configurations (the default, then the candidates),
+# each replayed from a CUDA graph -- the kernels' own time, which picks the default by measurement.
+if DEVICE.type == "cuda" and "triton" in BACKENDS:
+    triton_sn = importlib.import_module("fastgan.kernels.spectral_norm")
+    LAUNCH_CONFIGS = {f"triton {config.label()}{' (default)' if config == triton_sn.GPU else ''}": config
+                      for config in (triton_sn.GPU,) + triton_sn.GPU_CANDIDATES}
+else:
+    LAUNCH_CONFIGS = {}
 
 
 def weight_layers(model: nn.Module) -> List[nn.Module]:
@@ -210,6 +221,27 @@ def refresh_fn(name: str, models: Models) -> Tuple[Callable[[], object], nn.Modu
     return single_layer_ops, model, backend
 
 
+def launch_config_refresh_fn(name: str, models: Models) -> Tuple[Callable[[], object], nn.Module]:
+    """(the Triton kernels' refresh with launch configuration ``name`` replayed from a CUDA
+    graph, u and v updated; the model whose buffers it updates)."""
+    model = models.fastgan_per_layer("triton")
+    params = [m.parametrizations.weight[0] for m in weight_layers(model)]
+    weights = [m.parametrizations.weight.original.detach() for m in weight_layers(model)]
+    buffers = [p._u for p in params] + [p._v for p in params]
+
+    def refresh():
+        with torch.no_grad():
+            u_cat, v_cat, _ = triton_sn.power_iteration_multi(
+                weights, buffers[:len(params)], buffers[len(params):], [p.dim for p in params], 1, params[0].eps, True,
+                config=LAUNCH_CONFIGS[name])
+            torch._foreach_copy_(buffers, list(u_cat.split([p._u.numel() for p in params]))
+                                 + list(v_cat.split([p._v.numel() for p in params])))
+
+    graph = captured(refresh)
+    models.reset(model)  # the warm-up iterated: back to the common u, v
+    return graph.replay, model
+
+
 def captured(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
     """``fn`` captured in a CUDA graph, after a warm-up call on a side stream (which builds the
     multi-layer op's layer table, something a capture may not do), as the trainer warms up."""
@@ -297,6 +329,17 @@ def test_refresh(benchmark, models, torch_refresh, name):
         assert_close([v for _, v in ours], [v for _, v in torch_refresh], f"{name}: v")
     timing.measure(benchmark, fn, name, baseline=name == TORCH_PARAM, group="spectral_norm: refresh",
                    bytes=models.weight_bytes, warmup=5)
+
+
+@pytest.mark.parametrize("name", list(LAUNCH_CONFIGS))
+def test_triton_launch_configs(benchmark, models, torch_refresh, name):
+    fn, model = launch_config_refresh_fn(name, models)
+    fn()
+    ours = uv(model)
+    assert_close([u for u, _ in ours], [u for u, _ in torch_refresh], f"{name}: u")
+    assert_close([v for _, v in ours], [v for _, v in torch_refresh], f"{name}: v")
+    timing.measure(benchmark, fn, name, baseline=name.endswith("(default)"),
+                   group="spectral_norm: triton launch configs (graph replay)", bytes=models.weight_bytes, warmup=5)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,10 @@ that host time goes, per workload:
 
 * wall time per call (synchronized) and host time per call (the calls issued without
   waiting; on a GPU the difference is time the host had to spare);
-* kernel launches per call (``cudaLaunchKernel`` and friends, on a GPU);
-* the ops with the most self CPU time (the profiler's table, top ``--top``).
+* kernel launches per call (``cudaLaunchKernel`` and friends, on a GPU) and the kernels'
+  own GPU time per call (a lower bound for the call replayed from a CUDA graph);
+* the ops with the most self CPU time (the profiler's table, top ``--top``) and, on a GPU,
+  the kernels with the most GPU time (where a replayed refresh's time goes, kernel by kernel).
 
 Workloads, each a benchmark's own setup (bench_spectral_norm.py, bench_training.py):
 ``sn``: one refresh of SNDCGAN D's 8 layers by torch's parametrization and by fastgan's
@@ -62,10 +64,17 @@ def profile_workload(name: str, call: Callable[[], object], device: torch.device
         timing.synchronize(device)
     averages = profiler.key_averages()
     launches = sum(event.count for event in averages if event.key in LAUNCHES) / calls
-    lines = [f"### {name}", "",
-             f"{wall:.1f} µs per call (wall, synchronized), {host:.1f} µs to issue it (host), "
-             f"{launches:.1f} kernel launches per call ({calls} calls)", "", "```",
+    summary = (f"{wall:.1f} µs per call (wall, synchronized), {host:.1f} µs to issue it (host), "
+               f"{launches:.1f} kernel launches per call ({calls} calls)")
+    if device.type == "cuda":
+        # The kernels' own time, apart from the host's: what a CUDA graph replay of the call costs at least.
+        busy = sum(event.self_device_time_total for event in averages) / calls
+        summary += f", {busy:.1f} µs of kernels"
+    lines = [f"### {name}", "", summary, "", "```",
              averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60), "```", ""]
+    if device.type == "cuda":
+        lines += ["Kernels by GPU time:", "", "```",
+                  averages.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60), "```", ""]
     print("\n".join(lines[:3]), flush=True)
     return lines
 

@@ -293,6 +293,11 @@ def summary(groups: dict, device_type: str, junits: List[Path], bench_junit: Opt
     for text, measured, ok in targets(groups, device_type):
         mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[ok]
         lines.append(f"  {mark} {text:<46} {measured}")
+    configs = _find(groups, "spectral_norm", "spectral_norm: triton launch configs")
+    fastest, default = _best(configs, "triton"), next((r for r in configs if r["baseline"]), None)
+    if fastest and default:  # what fastgan.kernels.spectral_norm.GPU should be, by this run
+        lines.append(f"triton SN launch config: default {default['median_us']:.1f} µs; fastest {fastest['median_us']:.1f} µs "
+                     f"({fastest['variant'].removeprefix('triton ')})")
     if paths:
         lines.append("results: " + ", ".join(sorted({p.with_suffix('').name for p in paths})) + " (.md/.json in bench/results)")
     return "\n".join(lines)

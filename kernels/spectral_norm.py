@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -57,10 +57,27 @@ class LaunchConfig:
     num_warps: int
 
 
+    def label(self) -> str:
+        return (f"block_m {self.block_m}, block_b {self.block_b_max}, block_k {self.block_k}, block_j {self.block_j}, "
+                f"block_final {self.block_final}, {self.num_warps} warps")
+
+
 # The interpreter favours big tiles (fewer Python steps); a GPU favours many small
 # row blocks (all SMs busy) whose tiles stay in registers.
 GPU = LaunchConfig(block_m=16, block_b_max=256, block_k=256, block_j=8, block_final=1024, num_warps=4)
 INTERPRETER = LaunchConfig(block_m=32, block_b_max=1024, block_k=1024, block_j=4, block_final=1024, num_warps=4)
+# What the GPU benchmark times beside GPU on SNDCGAN's discriminator, replayed from a CUDA graph
+# (bench/bench_spectral_norm.py, "triton launch configs"), so that GPU is chosen by measurement.
+# GPU runs 117 programs of 4 warps there, fewer than an H100's 132 SMs: the candidates cut the
+# rows per program (more programs, more loads in flight), widen the tiles, and give the
+# per-layer finalize (a 8192-long v for the last linear layer) wider tiles.
+GPU_CANDIDATES = (
+    LaunchConfig(block_m=8, block_b_max=256, block_k=256, block_j=8, block_final=1024, num_warps=4),
+    LaunchConfig(block_m=8, block_b_max=512, block_k=256, block_j=8, block_final=2048, num_warps=8),
+    LaunchConfig(block_m=4, block_b_max=512, block_k=256, block_j=16, block_final=2048, num_warps=4),
+    LaunchConfig(block_m=16, block_b_max=512, block_k=256, block_j=8, block_final=2048, num_warps=8),
+    LaunchConfig(block_m=4, block_b_max=1024, block_k=512, block_j=16, block_final=4096, num_warps=8),
+)
 MIN_BLOCK_B = 16
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -310,11 +327,14 @@ def power_iteration_multi(
     n_power_iterations: int,
     eps: float,
     u_first: bool,
+    config: Optional[LaunchConfig] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All layers at once; returns (cat of u's, cat of v's, sigma per layer).
-    Each weight must be contiguous (the op layer passes permuted views, see fastgan/ops/spectral_norm.py)."""
+    Each weight must be contiguous (the op layer passes permuted views, see fastgan/ops/spectral_norm.py).
+    ``config``: the launch configuration (default: :func:`config_for` the device; the benchmark
+    passes each of :data:`GPU_CANDIDATES`)."""
     first = weights[0]
-    config = config_for(first.device)
+    config = config or config_for(first.device)
     with device_guard(first):
         tab = _table(weights, dims, config)
         acc = triton_dtype(_acc(first.dtype))
@@ -350,27 +370,39 @@ def power_iteration(
     return u_out, v_out, sigma.reshape(())
 
 
-def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, object], int]]:
-    """Every (kernel, signature, constexprs, num_warps) the launchers above can emit on a GPU,
-    derived from :data:`GPU`, :func:`block_b_for` and :func:`schedule` (for the Hopper compile check)."""
-    steps = {step for n in (0, 1, 2) for u_first in (True, False) for step in schedule(n, u_first)}
-    block_bs = sorted({block_b_for(GPU, b) for b in (1 << i for i in range(16))})
-    for dtype in WEIGHT_DTYPES:
-        w, a = triton_dtype(dtype).name, triton_dtype(_acc(dtype)).name
-        for dot, accum in sorted({(d, c) for d, c, _ in steps}):
-            for block_b in block_bs:
-                yield _row_pass_kernel, {
-                    "meta_ptr": "*i64", "blocks_ptr": "*i64", "w_typed_ptr": f"*{w}", "x_ptr": f"*{w}",
-                    "y_ptr": f"*{w}", "t_ptr": f"*{a}", "part_ptr": f"*{a}",
-                    "DOT": "constexpr", "ACCUM": "constexpr", "ACC": "constexpr", "BLOCK_M": "constexpr",
-                    "BLOCK_B": "constexpr",
-                }, dict(DOT=dot, ACCUM=accum, ACC=triton_dtype(_acc(dtype)), BLOCK_M=GPU.block_m, BLOCK_B=block_b), GPU.num_warps
+def _launches(config: LaunchConfig, dtype: torch.dtype, steps, block_bs: Sequence[int]):
+    """(kernel, signature, constexprs) of the launches ``config`` makes for ``steps`` of :func:`schedule`."""
+    w, a, acc = triton_dtype(dtype).name, triton_dtype(_acc(dtype)).name, triton_dtype(_acc(dtype))
+    for dot, accum in sorted({(d, c) for d, c, _ in steps}):
+        for block_b in block_bs:
+            yield _row_pass_kernel, {
+                "meta_ptr": "*i64", "blocks_ptr": "*i64", "w_typed_ptr": f"*{w}", "x_ptr": f"*{w}",
+                "y_ptr": f"*{w}", "t_ptr": f"*{a}", "part_ptr": f"*{a}",
+                "DOT": "constexpr", "ACCUM": "constexpr", "ACC": "constexpr", "BLOCK_M": "constexpr",
+                "BLOCK_B": "constexpr",
+            }, dict(DOT=dot, ACCUM=accum, ACC=acc, BLOCK_M=config.block_m, BLOCK_B=block_b)
+    if any(accum for _, accum, _ in steps):
         yield _reduce_kernel, {
             "meta_ptr": "*i64", "blocks_ptr": "*i64", "part_ptr": f"*{a}", "s_ptr": f"*{a}",
             "ACC": "constexpr", "BLOCK_K": "constexpr", "BLOCK_J": "constexpr",
-        }, dict(ACC=triton_dtype(_acc(dtype)), BLOCK_K=GPU.block_k, BLOCK_J=GPU.block_j), GPU.num_warps
-        for kind in sorted({k for _, _, k in steps}):
-            yield _finalize_kernel, {
-                "meta_ptr": "*i64", "eps": "fp32", "t_ptr": f"*{a}", "s_ptr": f"*{a}", "u_ptr": f"*{w}",
-                "v_ptr": f"*{w}", "sigma_ptr": f"*{w}", "KIND": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
-            }, dict(KIND=kind, ACC=triton_dtype(_acc(dtype)), BLOCK=GPU.block_final), GPU.num_warps
+        }, dict(ACC=acc, BLOCK_K=config.block_k, BLOCK_J=config.block_j)
+    for kind in sorted({k for _, _, k in steps}):
+        yield _finalize_kernel, {
+            "meta_ptr": "*i64", "eps": "fp32", "t_ptr": f"*{a}", "s_ptr": f"*{a}", "u_ptr": f"*{w}",
+            "v_ptr": f"*{w}", "sigma_ptr": f"*{w}", "KIND": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
+        }, dict(KIND=kind, ACC=acc, BLOCK=config.block_final)
+
+
+def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, object], int]]:
+    """Every (kernel, signature, constexprs, num_warps) the launchers above can emit on a GPU with
+    :data:`GPU` -- each dtype, each step of :func:`schedule`, each column tile :func:`block_b_for`
+    gives -- and what the benchmark launches with each of :data:`GPU_CANDIDATES` (float32, the
+    parametrization's refresh, SNDCGAN's widest tile), for the Hopper compile check."""
+    steps = {step for n in (0, 1, 2) for u_first in (True, False) for step in schedule(n, u_first)}
+    block_bs = sorted({block_b_for(GPU, 1 << i) for i in range(16)})
+    for dtype in WEIGHT_DTYPES:
+        for kernel, signature, constexprs in _launches(GPU, dtype, steps, block_bs):
+            yield kernel, signature, constexprs, GPU.num_warps
+    for config in GPU_CANDIDATES:
+        for kernel, signature, constexprs in _launches(config, torch.float32, set(schedule(1, True)), [config.block_b_max]):
+            yield kernel, signature, constexprs, config.num_warps

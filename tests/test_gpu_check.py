@@ -100,3 +100,18 @@ def test_results_name_the_commit_and_say_when_the_files_differ_from_it(tmp_path,
     assert timing.source_commit(str(tmp_path)) == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert timing.source_commit(str(tmp_path)) == head + "+changes"
+
+
+def test_the_summary_names_the_fastest_triton_launch_config():
+    """The benchmark times the Triton SN kernels' launch configurations; the summary says
+    which was fastest against the default (what the next choice of GPU rests on)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    rows = [dict(variant="triton block_m 16 (default)", median_us=60.0, baseline=True),
+            dict(variant="triton block_m 8", median_us=41.5, baseline=False)]
+    text = report.summary({"spectral_norm": {"spectral_norm: triton launch configs (graph replay)": rows}}, "cuda",
+                          [], None, None, [])
+    assert "triton SN launch config: default 60.0 µs; fastest 41.5 µs (block_m 8)" in text

@@ -153,7 +153,11 @@ def test_every_triton_kernel_compiles_for_sm90_without_spills(triton_build):
         jitted = {name for name, obj in vars(module).items() if name.endswith("_kernel") and callable(obj)}
         assert jitted == {k for m, k in kernels if m == module.__name__}, "a kernel is never compile-checked"
     block_bs = {r["constexprs"]["BLOCK_B"] for r in results if r["kernel"] == "_row_pass_kernel"}
-    assert block_bs == {str(b) for b in (16, 32, 64, 128, spectral_norm.GPU.block_b_max)}
+    candidates = spectral_norm.GPU_CANDIDATES  # the benchmark's launch configurations, float32 only
+    assert block_bs == {str(b) for b in (16, 32, 64, 128, spectral_norm.GPU.block_b_max)} | {
+        str(c.block_b_max) for c in candidates}
+    launched = {(r["constexprs"]["BLOCK_M"], r["num_warps"]) for r in results if r["kernel"] == "_row_pass_kernel"}
+    assert {(str(c.block_m), c.num_warps) for c in candidates} <= launched, "a benchmarked configuration is never compiled"
     dtypes = {r["signature"]["w_typed_ptr"] for r in results if r["kernel"] == "_row_pass_kernel"}
     assert dtypes == {"*fp16", "*bf16", "*fp32", "*fp64"}
     assert ("fastgan.kernels.frechet", "_matmul_epilogue_kernel") in kernels

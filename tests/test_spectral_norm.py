@@ -107,14 +107,20 @@ def test_every_dtype_and_block_path_matches_float64(device, backend, dtype, n_po
         torch.testing.assert_close(a.double(), e, **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_triton_gpu_launch_configuration_in_the_interpreter(dtype, monkeypatch):
-    """The tiles a GPU launch uses (BLOCK_M 16, column tiles up to 256, reduce blocks of 256),
-    run by the interpreter on the large shapes: the GPU's code paths, checked without a GPU."""
-    if "triton" not in KERNEL_BACKENDS["cpu"]:
-        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
-    kernels = importlib.import_module("fastgan.kernels.spectral_norm")
-    monkeypatch.setattr(kernels, "config_for", lambda device: kernels.GPU)
+_TRITON_SN = importlib.import_module("fastgan.kernels.spectral_norm") if "triton" in KERNEL_BACKENDS["cpu"] else None
+_GPU_CONFIGS = [] if _TRITON_SN is None else (
+    [pytest.param(dtype, _TRITON_SN.GPU, id=f"GPU-{dtype}") for dtype in (torch.bfloat16, torch.float32)]
+    + [pytest.param(torch.float32, config, id=f"GPU_CANDIDATES[{i}]")
+       for i, config in enumerate(_TRITON_SN.GPU_CANDIDATES)])
+
+
+@pytest.mark.parametrize("dtype,config", _GPU_CONFIGS)
+def test_triton_gpu_launch_configuration_in_the_interpreter(dtype, config, monkeypatch):
+    """The tiles a GPU launch uses (the default GPU configuration, and each candidate the GPU
+    benchmark times), run by the interpreter on the large shapes: the GPU's code paths,
+    checked without a GPU (where Triton cannot run on the CPU, the list is empty)."""
+    kernels = _TRITON_SN
+    monkeypatch.setattr(kernels, "config_for", lambda device: config)
     layers = [[x.to(dtype) for x in _layer_inputs(shape, dim, torch.float32, "cpu")] for shape, dim in LARGE_LAYER_SHAPES]
     weights, us, vs = (list(x) for x in zip(*layers))
     dims = [dim for _, dim in LARGE_LAYER_SHAPES]

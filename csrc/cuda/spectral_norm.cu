@@ -61,10 +61,21 @@ constexpr int kFinalizeThreads = 512;
 // small enough that the ACCUM re-read finds the rows in L1/L2 and that blocks spread
 // evenly over the SMs, large enough that few partial rows are written (one per R rows).
 constexpr int64_t kBlockBytes = 128 * 1024;
-constexpr int kReduceThreads = 256;  // columns per reduce block
-constexpr int kReduceUnroll = 8;     // partial rows in flight per reduce thread
+// A reduce block sums kReduceColumns columns (one warp-wide run: 128 coalesced bytes per partial
+// row in fp32) with kReduceWarps warps, each over its own contiguous run of the partial rows: a
+// 512 x 4608 layer's 128 partial rows are 16 per warp, two rounds of kReduceUnroll loads instead
+// of sixteen for one thread per column.
+constexpr int kReduceColumns = kWarpSize;
+constexpr int kReduceWarps = 8;
+constexpr int kReduceThreads = kReduceColumns * kReduceWarps;
+constexpr int kReduceUnroll = 8;  // partial rows in flight per reduce thread
 constexpr int kAccumUnroll = 4;      // columns in flight per thread in the ACCUM loop
-constexpr int kFinalizeUnroll = 4;   // elements in flight per thread in the finalize loops (a 8192-long v: 16 each)
+constexpr int kFinalizeUnroll = 4;   // elements in flight per thread in the eval finalize's loop
+// Bytes of t or s a finalize thread keeps in registers from its norm to its write: in float, the
+// whole vector for layers up to 16 * kFinalizeThreads = 8192 rows or columns (SNDCGAN's last
+// linear layer), loaded in one round of independent loads and never re-read. (Double keeps 8
+// elements: 16, with the division's slow path, spilled.)
+constexpr int kFinalizeCachedBytes = 64;
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread in the DOT loop
 
 // Device table, int64: per layer {weight pointer, A, M, B, row_offset, col_offset,
@@ -249,32 +260,84 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// s[k] = sum of the layer's partial rows at column k, in row-block order; one thread
-// per column, kReduceThreads columns of one layer per block.
+// s[k] = sum of the layer's partial rows at column k, for kReduceColumns columns of one layer
+// per block. Warp w adds the partial rows of its run [w * per_warp, (w + 1) * per_warp) in
+// order, then warp 0 adds the warps' sums in warp order: a fixed order, so s is
+// bit-identical from run to run.
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
     reduce_kernel(const int64_t* __restrict__ layers, const int64_t* __restrict__ blocks,
                   const acc_t* __restrict__ partials, acc_t* __restrict__ s_all) {
+  __shared__ acc_t run_sums[kReduceWarps][kReduceColumns];
   const int64_t layer = blocks[kBlockCols * static_cast<int64_t>(blockIdx.x)];
-  const int64_t k = blocks[kBlockCols * static_cast<int64_t>(blockIdx.x) + 1] + threadIdx.x;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t k = blocks[kBlockCols * static_cast<int64_t>(blockIdx.x) + 1] + lane;
   const int64_t* entry = layers + layer * kLayerCols;
   const int64_t K = entry[1] * entry[3], n_blocks = entry[8];
-  if (k >= K) return;
-  const acc_t* __restrict__ p = partials + entry[7] + k;
-  // kReduceUnroll loads in flight per thread instead of one L2 round trip per partial row
-  // (a 512 x 4608 fp32 layer has 128 of them); the additions keep their order.
+  const int64_t per_warp = (n_blocks + kReduceWarps - 1) / kReduceWarps;
+  const int64_t first = warp * per_warp < n_blocks ? warp * per_warp : n_blocks;
+  const int64_t last = first + per_warp < n_blocks ? first + per_warp : n_blocks;
   acc_t total = 0;
-  int64_t j = 0;
-  for (; j + kReduceUnroll <= n_blocks; j += kReduceUnroll) {
-    acc_t rows[kReduceUnroll];
+  if (k < K) {  // no early return: every thread reaches the barrier below
+    const acc_t* __restrict__ p = partials + entry[7] + k;
+    int64_t j = first;
+    for (; j + kReduceUnroll <= last; j += kReduceUnroll) {
+      acc_t rows[kReduceUnroll];
 #pragma unroll
-    for (int i = 0; i < kReduceUnroll; ++i) rows[i] = p[(j + i) * K];
+      for (int i = 0; i < kReduceUnroll; ++i) rows[i] = p[(j + i) * K];
 #pragma unroll
-    for (int i = 0; i < kReduceUnroll; ++i) total += rows[i];
+      for (int i = 0; i < kReduceUnroll; ++i) total += rows[i];
+    }
+    for (; j < last; ++j) total += p[j * K];
   }
-  for (; j < n_blocks; ++j) total += p[j * K];
-  s_all[entry[5] + k] = total;
+  run_sums[warp][lane] = total;
+  __syncthreads();
+  if (warp == 0 && k < K) {
+    acc_t sum = 0;
+#pragma unroll
+    for (int w = 0; w < kReduceWarps; ++w) sum += run_sums[w][lane];
+    s_all[entry[5] + k] = sum;
+  }
 }
+
+// The elements x[i] of an n-long vector that finalize thread `tid` owns (i = tid, tid + T, ...
+// for T = kFinalizeThreads): the first kCached of them (16 floats, 8 doubles) loaded at once into
+// registers and kept there, the rest (longer vectors only) read again when written.
+template <typename acc_t>
+struct OwnedElements {
+  static constexpr int kCached = kFinalizeCachedBytes / static_cast<int>(sizeof(acc_t));
+  acc_t cached[kCached];
+
+  // Loads them and returns their sum of squares, added in increasing i (the block_sum's input).
+  __device__ __forceinline__ acc_t load_squared_sum(const acc_t* __restrict__ x, int64_t n, int tid) {
+#pragma unroll
+    for (int j = 0; j < kCached; ++j) {
+      const int64_t i = tid + static_cast<int64_t>(j) * kFinalizeThreads;
+      cached[j] = i < n ? x[i] : acc_t(0);
+    }
+    acc_t sq = 0;
+#pragma unroll
+    for (int j = 0; j < kCached; ++j) sq += cached[j] * cached[j];
+    for (int64_t i = tid + static_cast<int64_t>(kCached) * kFinalizeThreads; i < n; i += kFinalizeThreads) {
+      sq += x[i] * x[i];
+    }
+    return sq;
+  }
+
+  // out[i] = x[i] * scale / norm in the output dtype, for the same elements.
+  template <typename scalar_t>
+  __device__ __forceinline__ void write_scaled(const acc_t* __restrict__ x, int64_t n, int tid, acc_t scale,
+                                               acc_t norm, scalar_t* __restrict__ out) const {
+#pragma unroll
+    for (int j = 0; j < kCached; ++j) {
+      const int64_t i = tid + static_cast<int64_t>(j) * kFinalizeThreads;
+      if (i < n) out[i] = static_cast<scalar_t>(div_rn(cached[j] * scale, norm));
+    }
+    for (int64_t i = tid + static_cast<int64_t>(kCached) * kFinalizeThreads; i < n; i += kFinalizeThreads) {
+      out[i] = static_cast<scalar_t>(div_rn(x[i] * scale, norm));
+    }
+  }
+};
 
 // One block per layer: turns the pass results t, s into u, v and sigma, with the
 // same formulas as PowerIteration::finalize of the CPU file.
@@ -302,28 +365,21 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     return;
   } else {
     acc_t scale = 1;  // turns s into W^T u
+    OwnedElements<acc_t> owned;
     if constexpr (KIND != Finalize::V) {
-      acc_t sq = 0;
-#pragma unroll kFinalizeUnroll
-      for (int64_t m = tid; m < M; m += kFinalizeThreads) sq += t[m] * t[m];
-      sq = block_sum(sq, partial);
+      const acc_t sq = block_sum(owned.load_squared_sum(t, M, tid), partial);
       const acc_t nt = clamp_eps(sqrt_rn(sq), eps);
-#pragma unroll kFinalizeUnroll
-      for (int64_t m = tid; m < M; m += kFinalizeThreads) u[m] = static_cast<scalar_t>(div_rn(t[m], nt));
+      owned.write_scaled(t, M, tid, acc_t(1), nt, u);  // t * 1 / nt: the rounding of t / nt
       scale = div_rn(acc_t(1), nt);
       if constexpr (KIND == Finalize::U) {
         if (tid == 0) sigma[layer] = static_cast<scalar_t>(div_rn(sq, nt));
       }
     }
     if constexpr (KIND != Finalize::U) {
-      acc_t sq = 0;
-#pragma unroll kFinalizeUnroll
-      for (int64_t k = tid; k < K; k += kFinalizeThreads) sq += s[k] * s[k];
-      sq = block_sum(sq, partial);
+      const acc_t sq = block_sum(owned.load_squared_sum(s, K, tid), partial);
       const acc_t nr_exact = sqrt_rn(sq) * scale;
       const acc_t nr = clamp_eps(nr_exact, eps);
-#pragma unroll kFinalizeUnroll
-      for (int64_t k = tid; k < K; k += kFinalizeThreads) v[k] = static_cast<scalar_t>(div_rn(s[k] * scale, nr));
+      owned.write_scaled(s, K, tid, scale, nr, v);
       if (tid == 0) sigma[layer] = static_cast<scalar_t>(div_rn(nr_exact * nr_exact, nr));
     }
   }
@@ -412,7 +468,7 @@ DeviceTable build_table(const std::vector<at::Tensor>& weights, const std::vecto
   for (const auto& sh : shapes) {
     rpb.push_back(rows_per_block(sh, element_size));
     out.num_row_blocks += (sh.M + rpb.back() - 1) / rpb.back();
-    out.num_reduce_blocks += (sh.K() + kReduceThreads - 1) / kReduceThreads;
+    out.num_reduce_blocks += (sh.K() + kReduceColumns - 1) / kReduceColumns;
   }
   TORCH_CHECK(out.num_row_blocks <= std::numeric_limits<int32_t>::max() &&
                   out.num_reduce_blocks <= std::numeric_limits<int32_t>::max(),
@@ -441,7 +497,7 @@ DeviceTable build_table(const std::vector<at::Tensor>& weights, const std::vecto
       *q++ = static_cast<int64_t>(l);
       *q++ = m0;
     }
-    for (int64_t k0 = 0; k0 < sh.K(); k0 += kReduceThreads) {
+    for (int64_t k0 = 0; k0 < sh.K(); k0 += kReduceColumns) {
       *c++ = static_cast<int64_t>(l);
       *c++ = k0;
     }

@@ -359,9 +359,8 @@ def _refresh_together(params: Sequence["SpectralNorm"], weights: Sequence[Tensor
             [w.detach() for w in weights], u_buffers, v_buffers, [p.dim for p in params], steps, params[0].eps, True,
         )
         per_layer = _per_layer(params, *concatenated)
-        if steps > 0:
-            torch._foreach_copy_(u_buffers, [u for u, _, _ in per_layer])
-            torch._foreach_copy_(v_buffers, [v for _, v, _ in per_layer])
+        if steps > 0:  # one multi-tensor copy for all u's and v's: one launch, one graph node
+            torch._foreach_copy_(u_buffers + v_buffers, [u for u, _, _ in per_layer] + [v for _, v, _ in per_layer])
     return concatenated, per_layer
 
 
