@@ -103,6 +103,83 @@ def test_module_is_frozen():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def _random_unit_network(seed=0):
+    """An InceptionV3 with random convolutions and batch norms far from the identity, so that
+    folding the batch norm into the convolution changes every weight."""
+    generator = torch.Generator().manual_seed(seed)
+    model = InceptionV3(with_logits=False)
+    with torch.no_grad():
+        for unit in (m for m in model.modules() if isinstance(m, inception._ConvBNReLU)):
+            fan_in = unit.conv.weight[0].numel()
+            unit.conv.weight.copy_(torch.randn(unit.conv.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+            channels = unit.bn.weight.shape[0]
+            unit.bn.weight.copy_(0.5 + torch.rand(channels, generator=generator))
+            unit.bn.bias.copy_(0.1 * torch.randn(channels, generator=generator))
+            unit.bn.running_mean.copy_(0.2 * torch.randn(channels, generator=generator))
+            unit.bn.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
+    return model
+
+
+def _unfolded(model):
+    """The same network as plain conv -> batch norm -> ReLU units (what requires_grad turns on)."""
+    return model.requires_grad_(True)
+
+
+def test_folded_units_compute_the_plain_network():
+    """The folded, channels-last units give the features of the plain conv / batch norm / ReLU
+    network (float64 reference: float32 round-off apart), with gradients for the images."""
+    import copy
+
+    model = _random_unit_network()
+    plain64 = _unfolded(copy.deepcopy(model).double())
+    images = torch.rand(2, 3, 41, 53, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    features = model(images)
+    expected = plain64(images.double())
+    assert relative_difference(features.double(), expected) < 1e-5
+    assert features.abs().max() > 0
+    (grad,) = torch.autograd.grad(features.square().sum(), images)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), images)
+    # Through 94 ReLUs and the max pools, float32 round-off flips a few kinks: the plain float32
+    # network's image gradient is itself ~3e-3 from float64's (in norm), the folded one as close.
+    assert float((grad - expected_grad).norm() / expected_grad.norm()) < 1e-2
+
+
+def test_folded_weights_are_cached_and_refolded_when_the_weights_change(monkeypatch):
+    model = _random_unit_network()
+    images = torch.rand(1, 3, 75, 75, generator=torch.Generator().manual_seed(2))
+    folds = []
+    fold = inception._ConvBNReLU._folded_weight_and_bias
+    monkeypatch.setattr(inception._ConvBNReLU, "_folded_weight_and_bias",
+                        lambda unit: folds.append(unit._folded) or fold(unit))
+    units = sum(isinstance(m, inception._ConvBNReLU) for m in model.modules())
+    with torch.no_grad():
+        first = model(images)
+        cached = [m._folded for m in model.modules() if isinstance(m, inception._ConvBNReLU)]
+        assert model(images).equal(first)
+        assert [m._folded for m in model.modules() if isinstance(m, inception._ConvBNReLU)] == cached  # not refolded
+        assert len(folds) == 2 * units
+        # load_state_dict writes in place (same storage, new version): the units fold again.
+        state = {k: v * 1.5 if k.endswith("bn.bias") else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        changed = model(images)
+    fresh = _random_unit_network()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert changed.equal(fresh(images))
+        assert not changed.equal(first)
+        # New storage (.to()) folds again: float64 features are the float64 network's.
+        assert model.double()(images.double()).dtype == torch.float64
+
+
+def test_a_network_made_in_inference_mode_still_works_outside_it():
+    with torch.inference_mode():
+        model = _random_unit_network()
+        images = torch.rand(1, 3, 75, 75, generator=torch.Generator().manual_seed(3))
+        inside = model(images)
+    with torch.no_grad():
+        assert model(images.clone()).equal(inside)
+
+
 # ------------------------------------------------------------------ weight formats
 
 
