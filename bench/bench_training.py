@@ -20,7 +20,9 @@ Entries of each group:
   the device's default backends;
 * ``fastgan cuda graphs``: the same with ``cuda_graphs: true`` (D and G updates
   captured and replayed); skipped, with the trainer's reason, wherever it runs them
-  eagerly (on the CPU, for instance).
+  eagerly (on the CPU, for instance);
+* ``fastgan channels_last + cuda graphs`` (GPU only, informative: not a default, so no
+  target reads it): the graphs with ``channels_last: true``, NHWC models and batch.
 
 Both sides start from the same weights (the trainer's G and D state, spectral norm's u
 and v included, are copied into the plain models) and use the same pre-made real batch
@@ -67,6 +69,10 @@ BATCH = {
     "cpu": {"sndcgan ns+sn": timing.budget(64, 16), "resnet_cifar wgan-gp": timing.budget(16, 4)},
 }[DEVICE.type]
 PLAIN, EAGER, GRAPHS = "plain PyTorch", "fastgan eager", "fastgan cuda graphs"
+# Informative, on a GPU: the graphs with the channels_last option (NHWC models and batches; not a
+# default, so the targets read the entry above). Named so that no target's prefix matches it.
+NHWC_GRAPHS = "fastgan channels_last + cuda graphs"
+VARIANTS = [PLAIN, EAGER, GRAPHS] + ([NHWC_GRAPHS] if DEVICE.type == "cuda" else [])
 
 
 def make_config(case: Dict[str, object], batch: int, out_dir: str, **options) -> Config:
@@ -181,7 +187,7 @@ def runs(workdir):
     return built
 
 
-@pytest.mark.parametrize("variant", [PLAIN, EAGER, GRAPHS])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_iteration(benchmark, runs, workdir, case, variant):
     plain, trainer, real, flops, diffs = runs[case]
@@ -192,8 +198,10 @@ def test_training_iteration(benchmark, runs, workdir, case, variant):
     elif variant == EAGER:
         step = trainer.train_step
     else:
-        config = make_config(CASES[case], BATCH[case], f"{workdir}/{case.replace(' ', '_')}_graphs", cuda_graphs=True)
-        graphed = fastgan_trainer(config, real)
+        nhwc = variant == NHWC_GRAPHS
+        config = make_config(CASES[case], BATCH[case], f"{workdir}/{case.replace(' ', '_')}_graphs{'_nhwc' * nhwc}",
+                             cuda_graphs=True, channels_last=nhwc)
+        graphed = fastgan_trainer(config, real.contiguous(memory_format=torch.channels_last) if nhwc else real)
         if not isinstance(graphed.updates, CapturedStep):
             pytest.skip(f"the trainer runs eagerly here: {why_not_capturable(config, graphed.runtime, graphed.G, graphed.D)}")
         diffs = same_math_check(graphed, PlainGAN(config, graphed, real))
