@@ -71,11 +71,10 @@ INTERPRETER = LaunchConfig(block_m=32, block_b_max=1024, block_k=1024, block_j=4
 # GPU runs 117 programs of 4 warps there, fewer than an H100's 132 SMs: the candidates cut the
 # rows per program (more programs, more loads in flight), widen the tiles, and give the
 # per-layer finalize (a 8192-long v for the last linear layer) wider tiles.
+# Three, as each costs the benchmark phase a few seconds of compiling on a fresh machine.
 GPU_CANDIDATES = (
     LaunchConfig(block_m=8, block_b_max=256, block_k=256, block_j=8, block_final=1024, num_warps=4),
     LaunchConfig(block_m=8, block_b_max=512, block_k=256, block_j=8, block_final=2048, num_warps=8),
-    LaunchConfig(block_m=4, block_b_max=512, block_k=256, block_j=16, block_final=2048, num_warps=4),
-    LaunchConfig(block_m=16, block_b_max=512, block_k=256, block_j=8, block_final=2048, num_warps=8),
     LaunchConfig(block_m=4, block_b_max=1024, block_k=512, block_j=16, block_final=4096, num_warps=8),
 )
 MIN_BLOCK_B = 16
