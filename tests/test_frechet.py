@@ -181,8 +181,8 @@ def test_newton_schulz_gap_bounds_the_trace_error_at_every_check(constructed):
     below 1e-10 when the trace was still far off (ΔFID > the bound)."""
     mu1, sigma1, mu2, sigma2, exact = constructed["commuting"]
     true_trace = float(constructed_trace(constructed["commuting"]))
-    normalized, scale, y = reference.newton_schulz_start(sigma1, sigma2)
-    y, z = normalized, y
+    normalized, scale = reference.newton_schulz_start(sigma1, sigma2)
+    y, z = normalized, torch.eye(normalized.shape[0], dtype=normalized.dtype)
     misleading_residual = False
     for _ in range(0, ops.NEWTON_SCHULZ_MAX_ITERATIONS, 5):
         y, z = reference.newton_schulz_steps(y, z, 5)
@@ -205,7 +205,8 @@ def _covariances(d, samples, seed):
 def test_one_step_at_least_squares_a_gap_below_one(seed):
     """I − Z'Y' = ¾E² + ¼E³ for E = I − ZY, so a gap g < 1 is ≤ tolerance after
     iterations_to_close(g) steps: the check the iteration schedules then closes it."""
-    normalized, _, eye = reference.newton_schulz_start(*_covariances(37, 200, seed))
+    normalized, _ = reference.newton_schulz_start(*_covariances(37, 200, seed))
+    eye = torch.eye(normalized.shape[0], dtype=normalized.dtype)
     y, z = reference.newton_schulz_steps(normalized, eye, 4)
     error = eye - z @ y
     y_next, z_next = reference.newton_schulz_steps(y, z, 1)
@@ -218,12 +219,46 @@ def test_one_step_at_least_squares_a_gap_below_one(seed):
     assert float(reference.newton_schulz_gap(y, z)) <= ops.NEWTON_SCHULZ_TOLERANCE
 
 
+class _CountProducts(torch.utils._python_dispatch.TorchDispatchMode):
+    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.products = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.products += func in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+def test_newton_schulz_reuses_the_known_product_z_y(monkeypatch):
+    """Each run's first step takes Z Y from what is known (Y at the start, where Z = I; the
+    check's product after it): with Σ1 Σ2 itself, N iterations cost 3N d×d products in all,
+    where three per iteration and one per check cost 3N + checks + 1. Same trace as the
+    plain iteration from (A, I). (On the reference backend, whose steps are torch products
+    the dispatch mode counts; the reuse is in the op layer, the same for every backend.)"""
+    backend = "reference"
+    sigma1, sigma2 = _covariances(61, 400, 5)
+    op = fastgan._backend.registered()["newton_schulz_steps"]
+    steps, matmul = op.impls[backend]
+    iterations = []
+    monkeypatch.setitem(op.impls, backend, (lambda y, z, n: iterations.append(n) or steps(y, z, n), matmul))
+    with fastgan.use_backend(backend), _CountProducts() as count:
+        value, converged = ops.newton_schulz(sigma1, sigma2)
+    total = sum(iterations) + len(iterations)  # each run: its first step, then the steps op
+    assert converged and len(iterations) >= 2
+    assert count.products == 3 * total
+    normalized, scale = reference.newton_schulz_start(sigma1, sigma2)
+    y, _ = reference.newton_schulz_steps(normalized, torch.eye(61, dtype=torch.float64), total)
+    torch.testing.assert_close(value, scale.sqrt() * torch.trace(y), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("d, samples", [(37, 200), (64, 50), (129, 1000)])
 def test_newton_schulz_starts_from_the_largest_eigenvalue(d, samples):
     """The product is scaled by its largest eigenvalue (as power iteration sees it), not by its
     Frobenius norm (up to √d larger): the eigenvalues start near 1, well inside (0, 3)."""
     sigma1, sigma2 = _covariances(d, samples, d)
-    normalized, scale, _ = reference.newton_schulz_start(sigma1, sigma2)
+    normalized, scale = reference.newton_schulz_start(sigma1, sigma2)
     top = float(torch.linalg.eigvals(normalized).real.max())
     assert 0.9 <= top <= 1.1, top  # power iteration approaches the top from below: just above 1
     torch.testing.assert_close(normalized * scale, sigma1 @ sigma2, rtol=1e-12, atol=0)

@@ -24,7 +24,7 @@ symmetric positive semi-definite Rᵀ Σ2 R, so tr sqrt(Σ1 Σ2) = Σ sqrt(eig(R
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -78,9 +78,9 @@ def trace_sqrt_product_symmetric(sigma1: Tensor, sigma2: Tensor, factor: Tensor 
 POWER_STEPS = 20
 
 
-def newton_schulz_start(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(A, s, I): the product Σ1 Σ2 scaled by s, an estimate of its largest eigenvalue, and
-    the iteration's starting Z.
+def newton_schulz_start(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, Tensor]:
+    """(A, s): the product Σ1 Σ2 scaled by s, an estimate of its largest eigenvalue (the
+    iteration starts from Y = A, Z = I).
 
     Σ1 Σ2 is similar to the PSD Rᵀ Σ2 R, so its eigenvalues λ are real and ≥ 0, and the
     iteration converges for every λ/s in (0, 3) (E = I − A maps as e → ¾e² + ¼e³). The
@@ -95,7 +95,7 @@ def newton_schulz_start(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, Tensor,
         x = product @ x
         x = x / torch.linalg.vector_norm(x)
     scale = torch.linalg.vector_norm(product @ x)
-    return product / scale, scale, torch.eye(product.shape[0], dtype=product.dtype, device=product.device)
+    return product / scale, scale
 
 
 def newton_schulz_steps(y: Tensor, z: Tensor, iterations: int) -> Tuple[Tensor, Tensor]:
@@ -108,8 +108,20 @@ def newton_schulz_steps(y: Tensor, z: Tensor, iterations: int) -> Tuple[Tensor, 
 
 def newton_schulz_gap(y: Tensor, z: Tensor, matmul=torch.matmul) -> Tensor:
     """‖I − Z Y‖_F: the convergence measure of the coupled iteration (see the module docstring)."""
-    product = matmul(z, y)
-    return torch.linalg.matrix_norm(product - torch.eye(y.shape[0], dtype=y.dtype, device=y.device))
+    return newton_schulz_gap_of(matmul(z, y))
+
+
+def newton_schulz_gap_of(product: Tensor) -> Tensor:
+    """‖I − P‖_F for the product P = Z Y (the next step's T is made of the same P)."""
+    return torch.linalg.matrix_norm(product - torch.eye(product.shape[0], dtype=product.dtype, device=product.device))
+
+
+def newton_schulz_step_from(product: Tensor, y: Tensor, z: Optional[Tensor], matmul=torch.matmul) -> Tuple[Tensor, Tensor]:
+    """One coupled step when P = Z Y is already known -- Y itself at the start, where Z = I
+    (``z`` None), or the product a convergence check just formed: T = 1.5 I − 0.5 P,
+    Y' = Y T, Z' = T Z (T itself from the identity). One or two products instead of three."""
+    t = 1.5 * torch.eye(y.shape[0], dtype=y.dtype, device=y.device) - 0.5 * product
+    return matmul(y, t), (t if z is None else matmul(t, z))
 
 
 def trace_sqrt_product_grad_sigma2(sigma1: Tensor, sigma2: Tensor) -> Tensor:
