@@ -220,37 +220,93 @@ def test_one_step_at_least_squares_a_gap_below_one(seed):
 
 
 class _CountProducts(torch.utils._python_dispatch.TorchDispatchMode):
-    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    """Counts d×d×d products (matrix-vector products and solves are not counted)."""
+
+    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 
     def __init__(self):
         super().__init__()
         self.products = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.products += func in self.PRODUCTS
+        if func in self.PRODUCTS and min(args[-2].shape) > 1 and min(args[-1].shape) > 1:
+            self.products += 1
         return func(*args, **(kwargs or {}))
 
 
-def test_newton_schulz_reuses_the_known_product_z_y(monkeypatch):
-    """Each run's first step takes Z Y from what is known (Y at the start, where Z = I; the
-    check's product after it): with Σ1 Σ2 itself, N iterations cost 3N d×d products in all,
-    where three per iteration and one per check cost 3N + checks + 1. Same trace as the
-    plain iteration from (A, I). (On the reference backend, whose steps are torch products
-    the dispatch mode counts; the reuse is in the op layer, the same for every backend.)"""
-    backend = "reference"
-    sigma1, sigma2 = _covariances(61, 400, 5)
+def _counted_newton_schulz(sigma1, sigma2, monkeypatch):
+    """ops.newton_schulz on the reference backend (whose steps are torch products the dispatch
+    mode sees; the schedule is in the op layer, the same for every backend): (value, converged,
+    products, iterations each call of the steps op ran)."""
     op = fastgan._backend.registered()["newton_schulz_steps"]
-    steps, matmul = op.impls[backend]
+    steps, matmul = op.impls["reference"]
     iterations = []
-    monkeypatch.setitem(op.impls, backend, (lambda y, z, n: iterations.append(n) or steps(y, z, n), matmul))
-    with fastgan.use_backend(backend), _CountProducts() as count:
+    monkeypatch.setitem(op.impls, "reference", (lambda y, z, n: iterations.append(n) or steps(y, z, n), matmul))
+    with fastgan.use_backend("reference"), _CountProducts() as count:
         value, converged = ops.newton_schulz(sigma1, sigma2)
-    total = sum(iterations) + len(iterations)  # each run: its first step, then the steps op
-    assert converged and len(iterations) >= 2
-    assert count.products == 3 * total
+    return value, converged, count.products, iterations
+
+
+def _decaying(d, decades, seed):
+    """Σ1, Σ2 in general position, each with eigenvalues decaying over ``decades`` / 2 decades
+    (as Inception features' do): Σ1 Σ2 spread over about ``decades``."""
+    generator = torch.Generator().manual_seed(seed)
+    eigenvalues = 10 ** (-decades / 2 * torch.linspace(0, 1, d, dtype=torch.float64))
+    return tuple(from_eigen(random_orthogonal(d, generator), eigenvalues) for _ in range(2))
+
+
+def test_newton_schulz_schedule_and_product_reuse(monkeypatch):
+    """The products spent: Σ1 Σ2, the plain first step from Z = I (one product), three per
+    scaled step, then the plain steps, whose runs after the first take Z Y from the check
+    that just formed it: 3 per iteration + 1 in all for the plain phase."""
+    sigma1, sigma2 = _decaying(61, 8, 5)
+    value, converged, products, iterations = _counted_newton_schulz(sigma1, sigma2, monkeypatch)
     normalized, scale = reference.newton_schulz_start(sigma1, sigma2)
-    y, _ = reference.newton_schulz_steps(normalized, torch.eye(61, dtype=torch.float64), total)
-    torch.testing.assert_close(value, scale.sqrt() * torch.trace(y), rtol=1e-12, atol=0)
+    alphas = ops.scaled_schedule(reference.smallest_eigenvalue_estimate(sigma1, sigma2, scale))
+    plain = sum(iterations) + len(iterations) - 1  # later runs start with one step of their own
+    assert converged and alphas and len(iterations) >= 2
+    assert products == 1 + 1 + 3 * len(alphas) + 3 * plain + 1
+    exact = reference.trace_sqrt_product_symmetric(sigma1, sigma2)
+    torch.testing.assert_close(value, exact, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("decades, seed", [(4, 0), (8, 1), (12, 2)])
+def test_smallest_eigenvalue_is_estimated_from_above_and_close(decades, seed):
+    """The scaled steps need A's smallest eigenvalue from above (from below, the largest ones
+    would be pulled down to it); inverse iteration's Rayleigh quotient gives it within 2x."""
+    sigma1, sigma2 = _decaying(97, decades, seed)
+    normalized, scale = reference.newton_schulz_start(sigma1, sigma2)
+    factor = torch.linalg.cholesky(sigma1)  # Σ1 Σ2 has the eigenvalues of Lᵀ Σ2 L
+    smallest = float(torch.linalg.eigvalsh(factor.T @ sigma2 @ factor)[0] / scale)
+    estimate = reference.smallest_eigenvalue_estimate(sigma1, sigma2, scale)
+    assert smallest * (1 - 1e-6) <= estimate <= 2 * smallest
+
+
+def test_scaled_steps_cut_the_products_on_ill_conditioned_statistics(monkeypatch):
+    """Eigenvalues of Σ1 Σ2 over 10 decades (Inception features of 2300 digit images put
+    them over 11): the plain iteration needs its smallest √λ to grow 1.5-fold a step, the
+    scaled one about 2.6-fold; at least a third fewer products, the same trace."""
+    sigma1, sigma2 = _decaying(64, 10, 3)
+    value, converged, products, _ = _counted_newton_schulz(sigma1, sigma2, monkeypatch)
+    normalized, _ = reference.newton_schulz_start(sigma1, sigma2)
+    with _CountProducts() as plain:
+        _, _, _, plain_converged = ops._iterate(reference.newton_schulz_steps, torch.matmul, normalized, None,
+                                                ops.NEWTON_SCHULZ_CHUNK, ops.NEWTON_SCHULZ_MAX_ITERATIONS,
+                                                ops.NEWTON_SCHULZ_TOLERANCE)
+    assert converged and plain_converged
+    assert products - 1 <= 2 / 3 * plain.products, (products, plain.products)
+    torch.testing.assert_close(value, reference.trace_sqrt_product_symmetric(sigma1, sigma2), rtol=1e-10, atol=0)
+
+
+def test_singular_covariances_skip_the_iteration(monkeypatch):
+    """A covariance of fewer samples than dimensions is singular: no Cholesky factor, zero
+    eigenvalues the iteration never closes. newton_schulz says so before any step (only
+    Σ1 Σ2 was formed) and trace_sqrt_product returns the symmetric method's value."""
+    sigma1, sigma2 = _covariances(40, 30, 7)
+    value, converged, products, iterations = _counted_newton_schulz(sigma1, sigma2, monkeypatch)
+    assert not converged and products == 1 and not iterations
+    torch.testing.assert_close(ops.trace_sqrt_product(sigma1, sigma2, "newton-schulz"),
+                               reference.trace_sqrt_product_symmetric(sigma1, sigma2), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("d, samples", [(37, 200), (64, 50), (129, 1000)])

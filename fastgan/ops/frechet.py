@@ -16,7 +16,9 @@ that it cannot and falls back to ``"symmetric"``:
   ``factor1`` (a cached factor of Σ1, see
   :func:`fastgan.reference.frechet.symmetric_factor`) skips the factorization.
 * ``"newton-schulz"``: the coupled iteration in float64 on Σ1 Σ2 scaled by its largest
-  eigenvalue (estimated by power iteration), checked every 4 iterations
+  eigenvalue (estimated by power iteration), its first steps scaled from the smallest one
+  (:func:`scaled_schedule`; skipped at once for a covariance that is not positive
+  definite), then plain steps checked every 4 iterations
   (one host sync per check, none per iteration) until the gap ‖I − Z Y‖_F falls below 1;
   from there the gap at least squares each step (:func:`iterations_to_close`), so the
   next check comes exactly when the gap is due to be closed. The check is the gap ≤ 1e-8, which bounds the relative error of the
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -61,6 +63,8 @@ AUTO_METHOD = {"cpu": "symmetric", "cuda": "newton-schulz"}
 NEWTON_SCHULZ_CHUNK = 4  # iterations between checks while the gap is >= 1
 NEWTON_SCHULZ_MAX_ITERATIONS = 50
 NEWTON_SCHULZ_TOLERANCE = 1e-8  # on ‖I − Z Y‖_F; float64 stalls at 3e-10..1e-9 at condition 1e12 (d = 512)
+SCALED_UNTIL = 0.3  # the scaled steps' lower bound on x at which the plain steps take over
+NEWTON_SCHULZ_CLOSING = 6  # plain steps left for closing the gap from x >= SCALED_UNTIL (0.3 -> 1e-8 takes 5-6)
 MIXED_FLOAT32_CHUNK = 5
 MIXED_FLOAT32_MAX_ITERATIONS = 50
 MIXED_FLOAT32_GAP = 1e-3  # switch to float64 here (float32 stalls near 1e-4 at d = 256)
@@ -152,13 +156,47 @@ def _iterate(steps, matmul, y: Tensor, z: Optional[Tensor], chunk: int, max_iter
     return y, z, gap, False
 
 
+def scaled_schedule(smallest: float) -> List[float]:
+    """The scalings α of the steps after the first plain one, for A's smallest eigenvalue
+    estimated at ``smallest`` (Chen & Chow's scaled Newton–Schulz, 2014).
+
+    In x = √(eigenvalue of Z Y), a step maps x to ½αx(3 − α²x²). The plain first step leaves
+    every x in [l, 1]; α = √(3 / (1 + l + l²)) maps that interval into [l', 1] with
+    l' = ½αl(3 − α²l²), about 2.6 l for small l where the plain step gives 1.5 l -- so the
+    smallest eigenvalues, which set the iteration count, climb in about half the steps. The
+    schedule stops once l ≥ SCALED_UNTIL (the plain steps and their gap checks take over) or
+    when it alone would use every iteration allowed. An estimate from above (see
+    :func:`fastgan.reference.frechet.smallest_eigenvalue_estimate`) only makes the first
+    steps less aggressive: eigenvalues below l still grow at least 1.5-fold a step."""
+    bound = math.sqrt(smallest)
+    bound = 0.5 * bound * (3 - bound * bound)
+    alphas: List[float] = []
+    while bound < SCALED_UNTIL and len(alphas) < NEWTON_SCHULZ_MAX_ITERATIONS:
+        alpha = math.sqrt(3 / (1 + bound + bound * bound))
+        alphas.append(alpha)
+        bound = 0.5 * alpha * bound * (3 - alpha * alpha * bound * bound)
+    return alphas
+
+
 def newton_schulz(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, bool]:
     """(tr sqrt(Σ1 Σ2), converged) by float64 Newton–Schulz on the selected backend;
-    ``converged`` means the gap ‖I − Z Y‖_F reached :data:`NEWTON_SCHULZ_TOLERANCE`."""
+    ``converged`` means the gap ‖I − Z Y‖_F reached :data:`NEWTON_SCHULZ_TOLERANCE`. The
+    first steps are scaled by :func:`scaled_schedule` from the estimated smallest eigenvalue;
+    a covariance that is not positive definite, or a schedule that would leave fewer than
+    :data:`NEWTON_SCHULZ_CLOSING` plain steps, returns at once unconverged (the caller falls
+    back to the symmetric method instead of spending 50 iterations on it)."""
     steps, matmul = _NEWTON_SCHULZ(sigma1.device)
-    normalized, scale = reference.newton_schulz_start(sigma1.double(), sigma2.double())
-    y, _, _, converged = _iterate(steps, matmul, normalized, None, NEWTON_SCHULZ_CHUNK,
-                                  NEWTON_SCHULZ_MAX_ITERATIONS, NEWTON_SCHULZ_TOLERANCE)
+    sigma1, sigma2 = sigma1.double(), sigma2.double()
+    normalized, scale = reference.newton_schulz_start(sigma1, sigma2)
+    smallest = reference.smallest_eigenvalue_estimate(sigma1, sigma2, scale)
+    alphas = scaled_schedule(smallest) if smallest is not None else None
+    if alphas is None or 1 + len(alphas) + NEWTON_SCHULZ_CLOSING > NEWTON_SCHULZ_MAX_ITERATIONS:
+        return scale.new_full((), math.nan), False
+    y, z = reference.newton_schulz_step_from(normalized, normalized, None, matmul)  # the plain first step
+    for alpha in alphas:
+        y, z = reference.newton_schulz_step_from(matmul(z, y), y, z, matmul, alpha)
+    y, _, _, converged = _iterate(steps, matmul, y, z, NEWTON_SCHULZ_CHUNK,
+                                  NEWTON_SCHULZ_MAX_ITERATIONS - 1 - len(alphas), NEWTON_SCHULZ_TOLERANCE)
     return scale.sqrt() * torch.trace(y), converged
 
 

@@ -24,6 +24,7 @@ symmetric positive semi-definite Rᵀ Σ2 R, so tr sqrt(Σ1 Σ2) = Σ sqrt(eig(R
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -116,12 +117,46 @@ def newton_schulz_gap_of(product: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(product - torch.eye(product.shape[0], dtype=product.dtype, device=product.device))
 
 
-def newton_schulz_step_from(product: Tensor, y: Tensor, z: Optional[Tensor], matmul=torch.matmul) -> Tuple[Tensor, Tensor]:
+def newton_schulz_step_from(product: Tensor, y: Tensor, z: Optional[Tensor], matmul=torch.matmul,
+                            alpha: float = 1.0) -> Tuple[Tensor, Tensor]:
     """One coupled step when P = Z Y is already known -- Y itself at the start, where Z = I
     (``z`` None), or the product a convergence check just formed: T = 1.5 I − 0.5 P,
-    Y' = Y T, Z' = T Z (T itself from the identity). One or two products instead of three."""
-    t = 1.5 * torch.eye(y.shape[0], dtype=y.dtype, device=y.device) - 0.5 * product
+    Y' = Y T, Z' = T Z (T itself from the identity). One or two products instead of three.
+
+    ``alpha`` scales the step: T = 1.5α I − 0.5α³ P, under which each x = √(eigenvalue of
+    Z Y) maps to ½αx(3 − α²x²) (α = 1: the plain step) and Y/Z keeps its eigenvalues."""
+    t = 1.5 * alpha * torch.eye(y.shape[0], dtype=y.dtype, device=y.device) - 0.5 * alpha**3 * product
     return matmul(y, t), (t if z is None else matmul(t, z))
+
+
+# Inverse-iteration steps of the smallest-eigenvalue estimate: 4 put it within 1.2x of the true
+# value (Inception features of 2300 digit images, spectra over 4 to 12 decades), and the scaled
+# schedule it gives within a step of the exact value's.
+INVERSE_STEPS = 4
+
+
+def smallest_eigenvalue_estimate(sigma1: Tensor, sigma2: Tensor, scale: Tensor) -> Optional[float]:
+    """An estimate from above of the smallest eigenvalue of A = Σ1 Σ2 / s (where the scaled
+    Newton–Schulz steps start), or None when Σ1 or Σ2 is not positive definite in float64:
+    then A has eigenvalues at 0, which the iteration never brings to 1.
+
+    A is self-adjoint in the inner product ⟨x, y⟩ = xᵀ Σ2 y, so its Rayleigh quotient there,
+    ⟨v, A v⟩ / ⟨v, v⟩ = wᵀ Σ1 w / (s vᵀ w) with w = Σ2 v, is never below its smallest
+    eigenvalue; INVERSE_STEPS steps of inverse iteration (v ← Σ2⁻¹ Σ1⁻¹ v through the Cholesky
+    factors: triangular solves, no d³ product) take v to the bottom of the spectrum, where the
+    quotient is close to it. One host synchronisation."""
+    factor1, info1 = torch.linalg.cholesky_ex(sigma1)
+    factor2, info2 = torch.linalg.cholesky_ex(sigma2)
+    v = torch.randn(sigma1.shape[0], 1, dtype=sigma1.dtype, generator=torch.Generator().manual_seed(0)).to(sigma1.device)
+    for _ in range(INVERSE_STEPS):
+        v = torch.cholesky_solve(torch.cholesky_solve(v, factor1), factor2)
+        v = v / torch.linalg.vector_norm(v)
+    w = sigma2 @ v
+    quotient = (w.T @ (sigma1 @ w)) / (scale * (v.T @ w))
+    failed, value = torch.stack([(info1 + info2).to(quotient.dtype), quotient.reshape(())]).tolist()
+    if failed or not math.isfinite(value) or value <= 0:
+        return None
+    return value
 
 
 def trace_sqrt_product_grad_sigma2(sigma1: Tensor, sigma2: Tensor) -> Tensor:
