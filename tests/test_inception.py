@@ -171,6 +171,22 @@ def test_folded_weights_are_cached_and_refolded_when_the_weights_change(monkeypa
         assert model.double()(images.double()).dtype == torch.float64
 
 
+def test_saving_or_copying_the_network_leaves_the_folded_cache_behind(tmp_path):
+    import copy
+
+    model = _random_unit_network()
+    images = torch.rand(1, 3, 75, 75, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        features = model(images)
+    torch.save(model, tmp_path / "cached.pt")
+    torch.save(_random_unit_network(), tmp_path / "fresh.pt")  # never ran: no cache
+    assert (tmp_path / "cached.pt").stat().st_size < 1.01 * (tmp_path / "fresh.pt").stat().st_size
+    copied = copy.deepcopy(model)
+    assert all(m._folded is None for m in copied.modules() if isinstance(m, inception._ConvBNReLU))
+    with torch.no_grad():
+        assert copied(images).equal(features)
+
+
 def test_a_network_made_in_inference_mode_still_works_outside_it():
     with torch.inference_mode():
         model = _random_unit_network()

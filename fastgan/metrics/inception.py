@@ -153,6 +153,13 @@ class _ConvBNReLU(nn.Module):
         weight, bias = self._folded_weight_and_bias()
         return F.relu_(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding))
 
+    def __getstate__(self) -> dict:
+        # Pickles and copies (torch.save of the module, copy.deepcopy) leave the cache behind:
+        # it is the weights a second time, and a copy folds its own.
+        state = super().__getstate__()
+        state["_folded"] = None
+        return state
+
     def _folded_weight_and_bias(self) -> Tuple[Tensor, Tensor]:
         parts = (self.conv.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
         # Inference tensors (made under torch.inference_mode) keep no version counter: fold every call.
