@@ -340,13 +340,15 @@ class _ReplayedRefresh:
 
     def __init__(self, key: tuple, params, weights, steps: int, capture) -> None:
         self.key = key
-        self.sizes = [sum(p._buffers["_u"].numel() for p in params), sum(p._buffers["_v"].numel() for p in params),
-                      len(params)]
+        # the packed output's pieces: each layer's u, then each layer's v, then the σ's
+        self.pieces = [p._buffers["_u"].numel() for p in params] + [p._buffers["_v"].numel() for p in params] + [len(params)]
         self.graph = capture(lambda: torch.cat(_refresh_together(params, weights, steps)[0]), weights[0].device)
 
     def __call__(self, params) -> List[Tuple[Tensor, Tensor, Tensor]]:
-        u_cat, v_cat, sigmas = self.graph.replay().clone().split(self.sizes)
-        return _per_layer(params, u_cat, v_cat, sigmas)
+        # One split of one copy into every layer's pieces: this runs before every forward.
+        pieces = self.graph.replay().clone().split_with_sizes(self.pieces)
+        count = len(params)
+        return list(zip(pieces[:count], pieces[count:2 * count], pieces[-1].unbind()))
 
 
 def _refresh_together(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int):
