@@ -1,6 +1,6 @@
 """Benchmark: spectral norm of the whole SNDCGAN discriminator (8 layers, 5.9M weights).
 
-Groups, each with torch's parametrization
+Three groups; ``refresh`` and ``normalized weights`` have torch's parametrization
 (``torch.nn.utils.parametrizations.spectral_norm``, the baseline) and hook form
 (``torch.nn.utils.spectral_norm``) beside fastgan on every backend usable on the device:
 

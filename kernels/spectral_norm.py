@@ -56,7 +56,6 @@ class LaunchConfig:
     block_final: int    # vector tile of the finalize programs
     num_warps: int
 
-
     def label(self) -> str:
         return (f"block_m {self.block_m}, block_b {self.block_b_max}, block_k {self.block_k}, block_j {self.block_j}, "
                 f"block_final {self.block_final}, {self.num_warps} warps")
