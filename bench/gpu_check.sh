@@ -22,7 +22,7 @@
 # where pip can download, bring build/wheels along, and this script installs them first.
 # Budgets (seconds; 540 in all, so one 10-minute remote command always ends with its archive) and knobs:
 # GPU_CHECK_BUILD_S (120), GPU_CHECK_GPU_TEST_S (100), GPU_CHECK_REST_TEST_S (120, plus what tests-gpu
-# left unused), GPU_CHECK_BENCH_S (130), GPU_CHECK_PROFILE_S (50),
+# left unused), GPU_CHECK_BENCH_S (150: the Triton launch-config sweep compiles on a fresh machine), GPU_CHECK_PROFILE_S (40),
 # GPU_CHECK_TEST_TIMEOUT (per test, 150: torch.compile tests take ~80 s on a cold cache), GPU_CHECK_WORKERS (8: first Triton compiles run in parallel),
 # GPU_CHECK_TEST_ARGS (extra pytest arguments for both test phases, shell-quoted: '-k "spectral or penalty"').
 # A phase over budget gets SIGINT first, so pytest still writes its report of what ran.
@@ -116,11 +116,11 @@ if [ "$built" = 1 ]; then
     unset OMP_NUM_THREADS
 
     # Entries that would start in the last 30 s of the budget are skipped, so the run still writes its results.
-    bench_budget=${GPU_CHECK_BENCH_S:-130}
+    bench_budget=${GPU_CHECK_BENCH_S:-150}
     phase bench "$bench_budget" "$PY" -m pytest bench -q -p no:cacheprovider -rfEs --benchmark-only \
         --bench-quick --bench-device cuda --bench-budget $(( bench_budget - 30 )) --benchmark-json="$OUT/bench.json" \
         --benchmark-columns=median,iqr,rounds --junitxml="$OUT/bench.xml"
-    phase profile "${GPU_CHECK_PROFILE_S:-50}" "$PY" bench/profile_host.py --device cuda --calls 12 --out "$OUT/profile.md"
+    phase profile "${GPU_CHECK_PROFILE_S:-40}" "$PY" bench/profile_host.py --device cuda --calls 12 --out "$OUT/profile.md"
 fi
 
 "$PY" bench/report.py "$OUT/bench.json" --summary --device cuda --junit "$OUT/tests-gpu.xml" --junit "$OUT/tests-rest.xml" --bench-junit "$OUT/bench.xml" \
