@@ -95,7 +95,7 @@ _NEWTON_SCHULZ = _backend.register(  # (steps, matmul for the residual)
         "cuda": (_backend.extension_op("newton_schulz_steps"), torch.matmul),
     },
     {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference", "triton")},
-    "CPU: bench/results/fid-cpu-2026-11-23.md, d=2048 cpp 0.91x scipy, reference 0.84x; CUDA: "
+    "CPU: bench/results/fid-cpu-2026-11-27.md, d=2048 cpp 1.52x scipy, reference 1.45x; CUDA: "
     "bench/results/fid-cuda-2026-11-27.md (H100, quick), d=2048 cuda 16.5 ms, reference 17.1 (equal within "
     "cuda's 2.2 ms IQR: both are cuBLAS float64 products), triton 18.2 (its untuned float64 matmul)",
 )
