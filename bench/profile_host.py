@@ -32,6 +32,7 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmark modules beside this file
@@ -68,7 +69,9 @@ def profile_workload(name: str, call: Callable[[], object], device: torch.device
                f"{launches:.1f} kernel launches per call ({calls} calls)")
     if device.type == "cuda":
         # The kernels' own time, apart from the host's: what a CUDA graph replay of the call costs at least.
-        busy = sum(event.self_device_time_total for event in averages) / calls
+        # Only the GPU's events: the ops that launched them also carry their time (as torch's table sums it).
+        busy = sum(event.self_device_time_total for event in averages
+                   if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)) / calls
         summary += f", {busy:.1f} µs of kernels"
     lines = [f"### {name}", "", summary, "", "```",
              averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60), "```", ""]
