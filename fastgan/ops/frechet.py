@@ -25,8 +25,9 @@ that it cannot and falls back to ``"symmetric"``:
   trace for every eigenvalue (the residual ‖Y² − A‖ used before did not, and reported
   convergence 2e-2 of FID off at condition 1e12). Each run of steps starts from the
   product Z Y already at hand (Y at the start, the check's product after), so N
-  iterations and their checks cost 3N − 1 products. When the gap is not closed after 50
-  iterations -- singular covariances, or Σ1 Σ2 conditioned beyond ~1e13 -- it falls back.
+  iterations and their checks cost 3N − 1 products. Singular covariances (no Cholesky
+  factor) fall back at once; a gap not closed after 50 iterations (Σ1 Σ2 conditioned
+  far beyond 1e13) falls back then.
   Kernels by the op's backend table below: cuBLAS on CUDA (C++ or torch), BLAS on the
   CPU, Triton (float64 ``tl.dot``, untuned) only when forced.
 * ``"newton-schulz-mixed"``: the same iteration in IEEE float32 (TF32 is switched off
