@@ -100,10 +100,8 @@ def newton_schulz_start(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, Tensor]
 
 
 def newton_schulz_steps(y: Tensor, z: Tensor, iterations: int) -> Tuple[Tensor, Tensor]:
-    eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
     for _ in range(iterations):
-        t = 1.5 * eye - 0.5 * (z @ y)
-        y, z = y @ t, t @ z
+        y, z = newton_schulz_step_from(z @ y, y, z)
     return y, z
 
 
