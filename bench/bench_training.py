@@ -21,8 +21,14 @@ Entries of each group:
 * ``fastgan cuda graphs``: the same with ``cuda_graphs: true`` (D and G updates
   captured and replayed); skipped, with the trainer's reason, wherever it runs them
   eagerly (on the CPU, for instance);
-* ``fastgan channels_last + cuda graphs`` (GPU only, informative: not a default, so no
-  target reads it): the graphs with ``channels_last: true``, NHWC models and batch.
+* ``fastgan graphs + ...`` (GPU only, informative: none is a default, so no target reads
+  them; timed after the entries above, so a run short of time drops these first): the
+  graphs with fastgan's speed options, one entry each and all together -- the numerics
+  ``fastgan train`` uses by default (full float32: ``tf32: false``), ``cudnn_benchmark``,
+  ``channels_last`` (NHWC models and batch) and ``amp`` (bfloat16 autocast). Their
+  same-math check runs both sides with the entry's numerics, layout and autocast (the plain
+  GAN then runs NHWC, or under the same bfloat16 autocast), and allows bfloat16's round-off
+  (1e-2) with ``amp``.
 
 Both sides start from the same weights (the trainer's G and D state, spectral norm's u
 and v included, are copied into the plain models) and use the same pre-made real batch
@@ -53,6 +59,7 @@ from torch import Tensor, nn
 import timing
 from fastgan.models import build_models
 from fastgan.train.config import Config
+from fastgan.train.runtime import Runtime
 from fastgan.train.step import CapturedStep, why_not_capturable
 from fastgan.train.stream import RepeatedBatch
 from fastgan.train.trainer import Trainer, draw_latents
@@ -69,10 +76,20 @@ BATCH = {
     "cpu": {"sndcgan ns+sn": timing.budget(64, 16), "resnet_cifar wgan-gp": timing.budget(16, 4)},
 }[DEVICE.type]
 PLAIN, EAGER, GRAPHS = "plain PyTorch", "fastgan eager", "fastgan cuda graphs"
-# Informative, on a GPU: the graphs with the channels_last option (NHWC models and batches; not a
-# default, so the targets read the entry above). Named so that no target's prefix matches it.
-NHWC_GRAPHS = "fastgan channels_last + cuda graphs"
-VARIANTS = [PLAIN, EAGER, GRAPHS] + ([NHWC_GRAPHS] if DEVICE.type == "cuda" else [])
+VARIANTS = [PLAIN, EAGER, GRAPHS]
+# Informative, GPU only: the graphs with the speed options (config keys and Runtime.numerics
+# switches). Named so that no target's prefix ("fastgan cuda graphs", "fastgan eager") matches.
+TORCH_NUMERICS = dict(tf32=True)  # TF32 convolutions, as torch's default (and the entries above) has them
+OPTIONS = {
+    "fastgan graphs, tf32 off (fastgan train's default)": (dict(), dict(tf32=False)),
+    "fastgan graphs + cudnn_benchmark": (dict(), dict(tf32=True, cudnn_benchmark=True)),
+    "fastgan graphs + channels_last": (dict(channels_last=True), TORCH_NUMERICS),
+    "fastgan graphs + amp": (dict(amp=True), TORCH_NUMERICS),
+    "fastgan graphs + amp + channels_last + cudnn_benchmark": (dict(amp=True, channels_last=True),
+                                                               dict(tf32=True, cudnn_benchmark=True)),
+}
+SAME_MATH = 1e-4  # relative |fastgan − plain| of one D step's losses, in float32
+SAME_MATH_BF16 = 1e-2  # the same under bfloat16 autocast on both sides
 
 
 def make_config(case: Dict[str, object], batch: int, out_dir: str, **options) -> Config:
@@ -95,19 +112,25 @@ class PlainGAN:
         # Same parameter and buffer names as fastgan's spectral norm (a drop-in for torch's parametrization).
         self.G.load_state_dict(trainer.G.state_dict())
         self.D.load_state_dict(trainer.D.state_dict())
-        self.G.to(DEVICE)
-        self.D.to(DEVICE)
+        layout = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.G.to(DEVICE, memory_format=layout)
+        self.D.to(DEVICE, memory_format=layout)
         self.g_optimizer = torch.optim.Adam(self.G.parameters(), lr=config.g_lr, betas=config.g_betas)
         self.d_optimizer = torch.optim.Adam(self.D.parameters(), lr=config.discriminator_lr, betas=config.discriminator_betas)
 
     def z(self) -> Tensor:
         return torch.randn(self.config.batch_size, self.config.z_dim, device=DEVICE)
 
+    def autocast(self):
+        """bfloat16 autocast of G and D with ``amp`` (logits, losses and the penalty's norm stay float32)."""
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.config.amp)
+
     def discriminator_step(self, z: Optional[Tensor] = None, alpha: Optional[Tensor] = None) -> Dict[str, Tensor]:
         real, config = self.real, self.config
-        with torch.no_grad():
-            fake = self.G(self.z() if z is None else z)
-        real_logits, fake_logits = self.D(torch.cat([real, fake])).chunk(2)
+        with torch.no_grad(), self.autocast():
+            fake = self.G(self.z() if z is None else z).float()
+        with self.autocast():
+            real_logits, fake_logits = self.D(torch.cat([real, fake])).float().chunk(2)
         if config.loss == "ns":
             loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
         else:
@@ -118,7 +141,9 @@ class PlainGAN:
             if alpha is None:
                 alpha = torch.rand(real.shape[0], device=DEVICE)
             point = (real + alpha.view(-1, 1, 1, 1) * (fake - real)).requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.D(point).sum(), point, create_graph=True)
+            with self.autocast():
+                scores = self.D(point).float()
+            (grad,) = torch.autograd.grad(scores.sum(), point, create_graph=True)
             penalty = (torch.sqrt(1e-4 + grad.flatten(1).square().sum(1)) - 1).square().mean()
             total = loss + config.penalty_weight * penalty
             out["penalty"] = penalty.detach()
@@ -129,7 +154,8 @@ class PlainGAN:
 
     def generator_step(self) -> Dict[str, Tensor]:
         self.D.requires_grad_(False)
-        logits = self.D(self.G(self.z()))
+        with self.autocast():
+            logits = self.D(self.G(self.z())).float()
         loss = F.softplus(-logits).mean() if self.config.loss == "ns" else -logits.mean()
         self.g_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,32 +213,58 @@ def runs(workdir):
     return built
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_training_iteration(benchmark, runs, workdir, case, variant):
-    plain, trainer, real, flops, diffs = runs[case]
-    check = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-    assert all(v <= 1e-4 for v in diffs.values()), f"{case}: fastgan and plain PyTorch differ after one D step ({check})"
-    if variant == PLAIN:
-        step = plain.train_step
-    elif variant == EAGER:
-        step = trainer.train_step
-    else:
-        nhwc = variant == NHWC_GRAPHS
-        config = make_config(CASES[case], BATCH[case], f"{workdir}/{case.replace(' ', '_')}_graphs{'_nhwc' * nhwc}",
-                             cuda_graphs=True, channels_last=nhwc)
-        graphed = fastgan_trainer(config, real.contiguous(memory_format=torch.channels_last) if nhwc else real)
-        if not isinstance(graphed.updates, CapturedStep):
-            pytest.skip(f"the trainer runs eagerly here: {why_not_capturable(config, graphed.runtime, graphed.G, graphed.D)}")
-        diffs = same_math_check(graphed, PlainGAN(config, graphed, real))
-        check = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-        assert all(v <= 1e-4 for v in diffs.values()), f"{case}: fastgan with CUDA graphs and plain PyTorch differ ({check})"
-        step = graphed.train_step
+def describe(diffs: Dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+
+
+def graphed_step(case: str, workdir: str, real: Tensor, name: str, **options):
+    """The captured train step of ``case`` with config ``options``, after its same-math check
+    against a plain GAN from the same weights: (step, check text). Skips where the trainer
+    would run eagerly (it says why)."""
+    config = make_config(CASES[case], BATCH[case], f"{workdir}/{case}_{name}".replace(" ", "_"), cuda_graphs=True, **options)
+    if config.channels_last:
+        real = real.contiguous(memory_format=torch.channels_last)
+    graphed = fastgan_trainer(config, real)
+    if not isinstance(graphed.updates, CapturedStep):
+        pytest.skip(f"the trainer runs eagerly here: {why_not_capturable(config, graphed.runtime, graphed.G, graphed.D)}")
+    diffs = same_math_check(graphed, PlainGAN(config, graphed, real))
+    tolerance = SAME_MATH_BF16 if config.amp else SAME_MATH
+    assert all(v <= tolerance for v in diffs.values()), f"{case}: fastgan ({name}) and plain PyTorch differ ({describe(diffs)})"
+    return graphed.train_step, describe(diffs)
+
+
+def time_iteration(benchmark, case: str, variant: str, step, flops: float, check: str) -> None:
     batch, n_disc = BATCH[case], CASES[case]["n_disc"]
     timing.measure(benchmark, step, variant, baseline=variant == PLAIN,
                    group=f"training: {case}, batch {batch}, n_disc {n_disc}", flops=flops,
                    detail=f"same-math check (relative |fastgan − plain| of one D step): {check}",
                    seconds=timing.budget(5.0, 1.0), min_rounds=timing.budget(5, 3), warmup=timing.budget(3, 2))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_iteration(benchmark, runs, workdir, case, variant):
+    plain, trainer, real, flops, diffs = runs[case]
+    check = describe(diffs)
+    assert all(v <= SAME_MATH for v in diffs.values()), f"{case}: fastgan and plain PyTorch differ after one D step ({check})"
+    if variant == PLAIN:
+        step = plain.train_step
+    elif variant == EAGER:
+        step = trainer.train_step
+    else:
+        step, check = graphed_step(case, workdir, real, "graphs")
+    time_iteration(benchmark, case, variant, step, flops, check)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the speed options act on GPUs (CUDA graphs, cuDNN, TF32, bfloat16)")
+@pytest.mark.parametrize("variant", list(OPTIONS))
+@pytest.mark.parametrize("case", sorted(CASES, key=lambda name: name != "resnet_cifar wgan-gp"))  # the convolution-bound case first
+def test_training_option(benchmark, runs, workdir, case, variant):
+    _, _, real, flops, _ = runs[case]
+    options, numerics = OPTIONS[variant]
+    with Runtime().numerics(deterministic=False, **numerics):
+        step, check = graphed_step(case, workdir, real, variant, **options)
+        time_iteration(benchmark, case, variant, step, flops, check)
 
 
 if __name__ == "__main__":

@@ -298,6 +298,13 @@ def summary(groups: dict, device_type: str, junits: List[Path], bench_junit: Opt
     if fastest and default:  # what fastgan.kernels.spectral_norm.GPU should be, by this run
         lines.append(f"triton SN launch config: default {default['median_us']:.1f} µs; fastest {fastest['median_us']:.1f} µs "
                      f"({fastest['variant'].removeprefix('triton ')})")
+    for name, rows in groups.get("training", {}).items():  # what the speed options give, beside the targets' graphs
+        option = _best(rows, "fastgan graphs")
+        if option:
+            value, text = _speedup(rows, "fastgan graphs")
+            graphs, _ = _speedup(rows, "fastgan cuda graphs")
+            lines.append(f"{name.removeprefix('training: ')}: fastest option {text}"
+                         + (f"; graphs with torch's numerics {graphs:.2f}×" if graphs else ""))
     if paths:
         lines.append("results: " + ", ".join(sorted({p.with_suffix('').name for p in paths})) + " (.md/.json in bench/results)")
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 time, so what can break it is checked here: the script parses, refuses a machine without a
 GPU in one clear line, its summary reads both test phases' JUnit reports, and its host
 profile of the eager workloads (bench/profile_host.py) runs -- here on the CPU."""
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,16 +104,35 @@ def test_results_name_the_commit_and_say_when_the_files_differ_from_it(tmp_path,
     assert timing.source_commit(str(tmp_path)) == head + "+changes"
 
 
+def bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def test_the_summary_names_the_fastest_triton_launch_config():
     """The benchmark times the Triton SN kernels' launch configurations; the summary says
     which was fastest against the default (what the next choice of GPU rests on)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import report
-    finally:
-        sys.path.pop(0)
+    report = bench_module("report")
     rows = [dict(variant="triton block_m 16 (default)", median_us=60.0, baseline=True),
             dict(variant="triton block_m 8", median_us=41.5, baseline=False)]
     text = report.summary({"spectral_norm": {"spectral_norm: triton launch configs (graph replay)": rows}}, "cuda",
                           [], None, None, [])
     assert "triton SN launch config: default 60.0 µs; fastest 41.5 µs (block_m 8)" in text
+
+
+def test_the_summary_names_the_fastest_training_option():
+    """The training benchmark times the speed options beside the targets' entries; the summary
+    names the fastest against plain PyTorch, and the targets still read only their own entries."""
+    report = bench_module("report")
+    rows = [dict(variant="plain PyTorch", median_us=100.0, baseline=True),
+            dict(variant="fastgan cuda graphs", median_us=80.0, baseline=False),
+            dict(variant="fastgan graphs + amp", median_us=40.0, baseline=False),
+            dict(variant="fastgan graphs, tf32 off (fastgan train's default)", median_us=120.0, baseline=False)]
+    groups = {"training": {"training: resnet_cifar wgan-gp, batch 64, n_disc 5": rows}}
+    text = report.summary(groups, "cuda", [], None, None, [])
+    assert ("resnet_cifar wgan-gp, batch 64, n_disc 5: fastest option 2.50× (fastgan graphs + amp); "
+            "graphs with torch's numerics 1.25×") in text
+    assert re.search(r"MISSED resnet_cifar wgan-gp, batch 64, n_disc 5: graphs >= 3x plain\s+1.25×", text)

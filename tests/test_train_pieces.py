@@ -101,16 +101,26 @@ def test_stream_refuses_a_batch_larger_than_the_data_set():
 # ------------------------------------------------------------------ the runtime
 
 
-def test_numerics_set_tf32_and_determinism_for_the_run_and_restore_them():
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-              torch.are_deterministic_algorithms_enabled())
+def test_numerics_set_tf32_determinism_and_autotuning_for_the_run_and_restore_them():
+    def switches():
+        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+
+    before = switches()
     with Runtime().numerics(deterministic=True, tf32=True):
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        assert torch.are_deterministic_algorithms_enabled()
+        assert switches() == (True, True, True, False)
     with Runtime().numerics(deterministic=False, tf32=False):
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.are_deterministic_algorithms_enabled()) == before
+        assert switches()[:3] == (False, False, False)
+    with Runtime().numerics(deterministic=False, tf32=True, cudnn_benchmark=True):
+        assert switches() == (True, True, False, True)
+    with Runtime().numerics(deterministic=True, tf32=False, cudnn_benchmark=True):  # determinism wins
+        assert switches() == (False, False, True, False)
+    assert switches() == before
+
+
+def test_config_refuses_autotuning_with_determinism():
+    with pytest.raises(ValueError, match="cudnn_benchmark=true .* deterministic=true"):
+        load_config(None, ["cudnn_benchmark=true", "deterministic=true"])
 
 
 def test_runtime_slices_and_agrees_in_one_process():
@@ -306,6 +316,18 @@ def test_callbacks_see_every_iteration_and_frequencies_count_discriminator_updat
     assert trainer.stream.batches_drawn == 12  # the repeated batch stands in for the data
     # log_every=4 with 3 steps per iteration: logged when an iteration reaches 4, 8, 12
     assert [r["step"] for r in trainer.log.records] == [6, 9, 12]
+
+
+def test_a_run_trains_under_its_numerics_and_restores_the_callers(tmp_path):
+    class Switches(Callback):
+        def start(self, trainer):
+            self.seen = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
+
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
+    switches = Switches()
+    Trainer(tiny_config(tmp_path, "steps=1", "cudnn_benchmark=true", "tf32=true"), callbacks=[switches]).fit()
+    assert switches.seen == (True, True)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32) == before
 
 
 def test_the_progress_bar_shows_images_per_second(tmp_path, capsys):

@@ -51,7 +51,8 @@ class Config:
     ``device`` (auto | cpu | cuda | cuda:N). GPU speed (README, "Training at GPU speed"):
     ``cuda_graphs`` (D and G updates captured and replayed as CUDA graphs), ``channels_last``
     (NHWC models and batches), ``tf32`` (TensorFloat-32 matmuls and convolutions; off = full
-    float32), ``amp`` (bfloat16 autocast of G and D; the penalty's gradient norm stays float32),
+    float32), ``cudnn_benchmark`` (cuDNN autotunes its convolution algorithms; not with
+    ``deterministic``), ``amp`` (bfloat16 autocast of G and D; the penalty's gradient norm stays float32),
     ``compile`` (torch.compile of G and of D's first-order forwards). Outputs: ``out_dir``;
     ``log_every``, ``sample_every``, ``checkpoint_every``, ``fid_every`` in steps (each also at
     the last step; 0 = never, except that the last step is always logged and checkpointed); FID on ``fid_samples`` generated and
@@ -105,6 +106,7 @@ class Config:
     cuda_graphs: bool = False
     channels_last: bool = False
     tf32: bool = False
+    cudnn_benchmark: bool = False
     amp: bool = False
     compile: bool = False
     device: str = "auto"
@@ -187,6 +189,9 @@ class Config:
         if self.compile and self.cuda_graphs:
             raise ValueError("compile=true and cuda_graphs=true cannot be combined (torch.compile brings its own CUDA "
                              "graphs with mode='reduce-overhead'); choose one")
+        if self.cudnn_benchmark and self.deterministic:
+            raise ValueError("cudnn_benchmark=true picks convolution algorithms by timing them, which deterministic=true "
+                             "rules out; choose one")
         if self.amp and self.dtype != "float32":
             raise ValueError(f"amp (bfloat16 autocast) needs dtype=float32, got dtype={self.dtype}")
         check_model_shape(self.architecture, self.image_size, self.z_dim)

@@ -101,20 +101,24 @@ class Runtime:
             self.owns_process_group = False
 
     @contextlib.contextmanager
-    def numerics(self, *, deterministic: bool, tf32: bool) -> Iterator[None]:
+    def numerics(self, *, deterministic: bool, tf32: bool, cudnn_benchmark: bool = False) -> Iterator[None]:
         """torch's switches for the run, restored afterwards.
 
         ``deterministic``: torch's deterministic algorithms and cuDNN without autotuning
         (fastgan's own kernels reduce in a fixed order on every backend -- no floating-point
         atomics -- so they stay on). ``tf32``: TensorFloat-32 matmuls and convolutions on Ampere and newer GPUs
         (10-bit mantissa products, ~1e-3 relative; much faster); off means full float32 for both
-        (PyTorch's own default allows TF32 in cuDNN convolutions)."""
+        (PyTorch's own default allows TF32 in cuDNN convolutions). ``cudnn_benchmark``: cuDNN times
+        its convolution algorithms for each new shape and keeps the fastest (a GAN's shapes are
+        fixed, so only the first updates pay); ``deterministic`` overrides it (Config refuses both)."""
         saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
                  torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+        elif cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
         try:

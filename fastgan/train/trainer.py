@@ -195,7 +195,8 @@ class Trainer:
         return a summary with ``finished: False``; a second Ctrl-C stops at once."""
         config, runtime = self.config, self.runtime
         self._open_outputs()
-        with self.stop, runtime.numerics(deterministic=config.deterministic, tf32=config.tf32):
+        with self.stop, runtime.numerics(deterministic=config.deterministic, tf32=config.tf32,
+                                         cudnn_benchmark=config.cudnn_benchmark):
             try:
                 for callback in self.callbacks:
                     callback.start(self)
