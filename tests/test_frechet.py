@@ -175,6 +175,44 @@ def constructed_trace(case):
     return ((mu1 - mu2) @ (mu1 - mu2) + torch.trace(sigma1) + torch.trace(sigma2) - exact) / 2
 
 
+@pytest.mark.parametrize("similar", [False, True], ids=["diagonal", "similarity-transformed"])
+def test_newton_correction_leaves_the_error_it_estimates(similar):
+    """Y = √A (1 + δ) with relative errors δ ~ 1e-4 and Z = Y⁻¹, as the mixed method's float64
+    steps leave them: the corrected trace ½ (tr Y + tr(Z A)) is off by Σ √λ δ² / (2 (1 + δ)),
+    and the estimate ⅛ |tr(Z (Z R)²)| gives that to leading order, also for A = S D S⁻¹
+    (Σ1 Σ2 is similar to a symmetric matrix, not symmetric)."""
+    generator = torch.Generator().manual_seed(3)
+    d = 23
+    eigenvalues = torch.logspace(0, -6, d, dtype=torch.float64)
+    delta = 1e-4 * (1 + torch.rand(d, dtype=torch.float64, generator=generator))
+    root = eigenvalues.sqrt() * (1 + delta)
+    a, y, z = torch.diag(eigenvalues), torch.diag(root), torch.diag(1 / root)
+    if similar:
+        s = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, dtype=torch.float64, generator=generator) / d**0.5
+        inverse = torch.linalg.inv(s)
+        a, y, z = s @ a @ inverse, s @ y @ inverse, s @ z @ inverse
+    corrected, estimate = reference.newton_corrected_trace(y, z, a)
+    left = float(corrected - eigenvalues.sqrt().sum())
+    expected = float((eigenvalues.sqrt() * delta**2 / (2 * (1 + delta))).sum())
+    assert left == pytest.approx(expected, rel=1e-3)
+    assert float(estimate) == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("d,n,kind,accepted", [
+    (16, 64, "full-rank", True), (64, 256, "ill-conditioned", True),  # float32 leaves errors the correction removes
+    (256, 1024, "full-rank", False),  # corrected, still 5e-4 of FID off: above 1e-7·(tr Σ1 + tr Σ2)
+    (256, 1024, "ill-conditioned", False),  # the float32 stage itself diverges
+])
+def test_mixed_method_accepts_what_its_error_estimate_allows(d, n, kind, accepted):
+    a, b = statistics_pair(n, d, kind, seed=n)
+    exact = float(reference.trace_sqrt_product_symmetric(a.covariance, b.covariance))
+    value, converged = ops.newton_schulz_mixed(a.covariance, b.covariance)
+    assert converged == accepted
+    if converged:
+        allowed = ops.MIXED_TOLERANCE * float(torch.trace(a.covariance) + torch.trace(b.covariance))
+        assert 2 * abs(float(value) - exact) <= allowed
+
+
 def test_newton_schulz_gap_bounds_the_trace_error_at_every_check(constructed):
     """The gap ‖I − Z Y‖_F bounds the relative error of tr Y at every stage of the
     iteration (up to round-off), while the old residual ‖Y² − A‖ / ‖A‖ already read

@@ -34,9 +34,13 @@ that it cannot and falls back to ``"symmetric"``:
   for it: with TF32's 10-bit mantissa the iteration diverges before it converges), then
   float64 steps until Y and Z are float64 inverses of each other, and one Newton
   correction of the trace, tr Y − ½ tr(Z (Y² − A)) = ½ (tr Y + tr(Z A)) (no product
-  needed). The correction's size estimates the float32 error left; the result is
-  accepted when 2·|correction| ≤ 1e-7·(tr Σ1 + tr Σ2) in FID units, else it falls back.
-  Worth it only where float32 products are much faster than float64 ones.
+  needed). The error it leaves is second order in the float32 error, estimated at
+  ⅛ |tr(Z (Z R)²)| with R = Y² − A (three float64 products; within 2× of the true
+  error on the cases tried); the result is accepted when 4× that estimate is ≤ 1e-7·(tr Σ1 +
+  tr Σ2) in FID units, else it falls back (as it does wherever the float32 stage fails:
+  Σ1 Σ2 conditioned beyond ~1e7, as Inception statistics of real images often are). Worth it only where float32 products are
+  much faster than float64 ones (consumer GPUs; not an H100, whose float64 tensor cores
+  match its float32 rate).
 * ``"auto"``: the per-device default of :data:`AUTO_METHOD`: ``"symmetric"`` on the CPU
   (measured: bench/results/fid-cpu-*.md), ``"newton-schulz"`` on CUDA (an H100 at
   d = 2048: 15.8 ms against ``"symmetric"``'s 28 ms, bench/results/fid-cuda-2026-11-27.md).
@@ -71,7 +75,8 @@ MIXED_FLOAT32_MAX_ITERATIONS = 50
 MIXED_FLOAT32_GAP = 1e-3  # switch to float64 here (float32 stalls near 1e-4 at d = 256)
 MIXED_REFINEMENT_CHUNK = 2
 MIXED_REFINEMENT_MAX_STEPS = 6
-MIXED_TOLERANCE = 1e-7  # accepted |Newton correction| in FID, relative to tr Σ1 + tr Σ2
+MIXED_TOLERANCE = 1e-7  # accepted estimated error in FID, relative to tr Σ1 + tr Σ2
+MIXED_ERROR_MARGIN = 4  # times the estimate (it came within 2x of the true error, from below or above)
 SYMMETRY_TOLERANCE = 1e-6  # max |Σ − Σᵀ| relative to max |Σ|
 PSD_TOLERANCE = 1e-6  # most negative eigenvalue accepted, relative to the largest variance max Σ_ii
 ROUND_OFF = 1e-6  # negative FID clamped to 0 up to this, relative to ‖μ1 − μ2‖² + tr Σ1 + tr Σ2
@@ -236,11 +241,11 @@ def newton_schulz_mixed(sigma1: Tensor, sigma2: Tensor) -> Tuple[Tensor, bool]:
     # neighbour of A (the iteration keeps any fixed point with Z Y = I): hence the correction.
     y, z, _, closed = _iterate(steps, matmul, y.double(), z.double(), MIXED_REFINEMENT_CHUNK,
                                MIXED_REFINEMENT_MAX_STEPS, NEWTON_SCHULZ_TOLERANCE)
-    trace_y = torch.trace(y)
-    correction = 0.5 * (trace_y - (z * normalized.T).sum())  # ½ tr(Z (Y² − A)) with Z = Y⁻¹
-    value = scale.sqrt() * (trace_y - correction)
+    if not closed:
+        return scale.new_full((), math.nan), False
+    trace, error = reference.newton_corrected_trace(y, z, normalized, matmul)
     allowed = MIXED_TOLERANCE * float(torch.trace(sigma1.double()) + torch.trace(sigma2.double()))
-    return value, closed and 2 * float(scale.sqrt() * correction.abs()) <= allowed
+    return scale.sqrt() * trace, 2 * MIXED_ERROR_MARGIN * float(scale.sqrt() * error) <= allowed
 
 
 ITERATIVE_METHODS = {"newton-schulz": newton_schulz, "newton-schulz-mixed": newton_schulz_mixed}
