@@ -79,14 +79,16 @@ PLAIN, EAGER, GRAPHS = "plain PyTorch", "fastgan eager", "fastgan cuda graphs"
 VARIANTS = [PLAIN, EAGER, GRAPHS]
 # Informative, GPU only: the graphs with the speed options (config keys and Runtime.numerics
 # switches). Named so that no target's prefix ("fastgan cuda graphs", "fastgan eager") matches.
-TORCH_NUMERICS = dict(tf32=True)  # TF32 convolutions, as torch's default (and the entries above) has them
+# TF32 convolutions, as torch's default (and the entries above) has them; Runtime.numerics switches
+# TF32 matmuls on with them (one linear layer in G and one in D).
+TORCH_NUMERICS = dict(tf32=True)
+AUTOTUNED = dict(TORCH_NUMERICS, cudnn_benchmark=True)
 OPTIONS = {
     "fastgan graphs, tf32 off (fastgan train's default)": (dict(), dict(tf32=False)),
-    "fastgan graphs + cudnn_benchmark": (dict(), dict(tf32=True, cudnn_benchmark=True)),
+    "fastgan graphs + cudnn_benchmark": (dict(), AUTOTUNED),
     "fastgan graphs + channels_last": (dict(channels_last=True), TORCH_NUMERICS),
     "fastgan graphs + amp": (dict(amp=True), TORCH_NUMERICS),
-    "fastgan graphs + amp + channels_last + cudnn_benchmark": (dict(amp=True, channels_last=True),
-                                                               dict(tf32=True, cudnn_benchmark=True)),
+    "fastgan graphs + amp + channels_last + cudnn_benchmark": (dict(amp=True, channels_last=True), AUTOTUNED),
 }
 SAME_MATH = 1e-4  # relative |fastgan − plain| of one D step's losses, in float32
 SAME_MATH_BF16 = 1e-2  # the same under bfloat16 autocast on both sides

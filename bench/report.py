@@ -299,9 +299,8 @@ def summary(groups: dict, device_type: str, junits: List[Path], bench_junit: Opt
         lines.append(f"triton SN launch config: default {default['median_us']:.1f} µs; fastest {fastest['median_us']:.1f} µs "
                      f"({fastest['variant'].removeprefix('triton ')})")
     for name, rows in groups.get("training", {}).items():  # what the speed options give, beside the targets' graphs
-        option = _best(rows, "fastgan graphs")
-        if option:
-            value, text = _speedup(rows, "fastgan graphs")
+        value, text = _speedup(rows, "fastgan graphs")
+        if value is not None:
             graphs, _ = _speedup(rows, "fastgan cuda graphs")
             lines.append(f"{name.removeprefix('training: ')}: fastest option {text}"
                          + (f"; graphs with torch's numerics {graphs:.2f}×" if graphs else ""))
