@@ -304,6 +304,11 @@ def summary(groups: dict, device_type: str, junits: List[Path], bench_junit: Opt
             graphs, _ = _speedup(rows, "fastgan cuda graphs")
             lines.append(f"{name.removeprefix('training: ')}: fastest option {text}"
                          + (f"; graphs with torch's numerics {graphs:.2f}×" if graphs else ""))
+    d_step = _find(groups, "gradient_penalty", "gradient_penalty: wgan-gp")
+    value, text = _speedup([r for r in d_step if not r["variant"].endswith(", graphed")], "fastgan")
+    plain_graphed, _ = _speedup(d_step, "plain autograd, graphed")
+    if value is not None and plain_graphed is not None:  # how much of the D step's speed-up is the graph's
+        lines.append(f"wgan-gp D step: fastgan eager {text}; plain autograd graphed by GraphedStep {plain_graphed:.2f}×")
     if paths:
         lines.append("results: " + ", ".join(sorted({p.with_suffix('').name for p in paths})) + " (.md/.json in bench/results)")
     return "\n".join(lines)

@@ -8,9 +8,9 @@ import importlib
 import sys
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "backends", "use_backend", "ops", "nn", "penalties", "__version__"]
+__all__ = ["BACKENDS", "backends", "use_backend", "ops", "nn", "penalties", "graphs", "__version__"]
 
-_SUBMODULES = ("ops", "nn", "penalties")
+_SUBMODULES = ("ops", "nn", "penalties", "graphs")
 _BACKEND_NAMES = ("BACKENDS", "backends", "use_backend")
 
 
@@ -27,4 +27,4 @@ def __getattr__(name):
 # `--help` answers at once. Every other import registers the ops here, as documented.
 if sys.argv[:1] != ["-m"]:
     from fastgan._backend import BACKENDS, backends, use_backend
-    from fastgan import ops, nn, penalties
+    from fastgan import ops, nn, penalties, graphs

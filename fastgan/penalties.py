@@ -16,7 +16,10 @@ Kinds (formulas and compare_gan's conventions: docs/losses.md,
 The penalty only trains D: real and fake are detached. Random draws (α, DRAGAN
 noise) happen inside the kernels from a seed: ``generator`` may be an int seed or a
 ``torch.Generator``; by default the seed comes from torch's global CPU generator, so
-``torch.manual_seed`` makes runs reproducible (identically on every backend).
+``torch.manual_seed`` makes runs reproducible (identically on every backend). While a CUDA
+graph records the call (:class:`fastgan.graphs.GraphedStep`), a host seed would be read
+once for every replay: there they come from ``torch.rand`` on the device instead, unless
+``generator`` is an int (its fixed draw, as eagerly).
 
 :func:`jacobian_clamping` is a generator regularizer (Odena et al. 2018, Algorithm 1):
 it keeps the finite-difference gain ‖G(z+δ) − G(z)‖/‖δ‖ within [λ_min, λ_max].
@@ -29,8 +32,10 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from fastgan import graphs
 from fastgan.diagnostics import check_latent
 from fastgan.ops import gradient_penalty as ops
+from fastgan.reference import gradient_penalty as reference
 from fastgan.reference.gradient_penalty import KINDS, SQUARED_NORM_KINDS
 
 _NEEDS_FAKE = ("wgan-gp", "r2")
@@ -44,6 +49,22 @@ def _seed(generator: Union[None, int, torch.Generator]) -> int:
     if isinstance(generator, torch.Generator):
         return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=generator.device).item())
     raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+
+
+def _draws_on_device(real: Tensor, kind: str, alpha: Optional[Tensor], generator) -> bool:
+    """Whether this penalty's random draw (α, DRAGAN's noise) comes from torch's generator on
+    the device: while a CUDA graph records the call, where a seed drawn on the host would be
+    read once and every replay would reuse its draw. An int seed keeps its fixed draw, as it
+    does eagerly; a torch.Generator, read on the host, cannot be replayed."""
+    if kind not in ("wgan-gp", "dragan") or alpha is not None or isinstance(generator, int):
+        return False
+    if not graphs.is_capturing(real.device):
+        return False
+    if generator is not None:
+        raise ValueError(f"gradient_penalty({kind!r}) is being captured in a CUDA graph: a torch.Generator is read on "
+                         "the host once, at capture, so every replay would reuse its draw; pass generator=None (drawn "
+                         "on the GPU, anew at each replay), an int seed (the same draw every call) or alpha")
+    return True
 
 
 def _check_inputs(real: Tensor, fake: Optional[Tensor], kind: str) -> None:
@@ -112,12 +133,16 @@ def gradient_penalty(
     _check_inputs(real, fake, kind)
     if alpha is not None and kind != "wgan-gp":
         raise ValueError(f"alpha (the interpolation weights) is only used by the 'wgan-gp' penalty, not by {kind!r}")
+    draws_on_device = _draws_on_device(real, kind, alpha, generator)
     if kind == "wgan-gp":
         if alpha is not None:
             alpha = _per_sample_alpha(alpha, real)
+        elif draws_on_device:
+            alpha = torch.rand(real.shape[0], device=real.device)
         point, _ = ops.interpolate(real.detach(), fake.detach(), alpha, _seed(generator))
     elif kind == "dragan":
-        point = ops.dragan(real.detach(), _seed(generator))
+        point = (reference.dragan_with_noise(real.detach(), torch.rand(real.shape, device=real.device))
+                 if draws_on_device else ops.dragan(real.detach(), _seed(generator)))
     else:
         point = (real if kind == "r1" else fake).detach()
     point.requires_grad_(True)

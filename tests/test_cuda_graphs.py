@@ -4,6 +4,9 @@
   iteration, D on real and fake, ``gradient_penalty`` with its double backward, and
   the parameter gradients -- captured in a ``torch.cuda.CUDAGraph`` and replayed gives
   what the same step gives eagerly (same kernels, so to float32 round-off at most);
+* ``fastgan.graphs.GraphedStep`` on a hand-written WGAN-GP update (spectral-norm D, the
+  penalty, capturable Adam) gives the eager update's numbers from the same state, and the
+  penalty's default α is drawn anew at every replay (an int seed keeps its one draw);
 * spectral norm and the penalty ops are bit-identical from run to run on the GPU
   (no floating-point atomics decide a result), on every GPU backend.
 """
@@ -18,7 +21,8 @@ import fastgan
 from fastgan.penalties import gradient_penalty
 from fastgan.reference import gradient_penalty as gp_reference
 from fastgan.reference import spectral_norm as sn_reference
-from fastgan.train.step import _on_side_stream
+from fastgan.train.runtime import Runtime
+from fastgan.graphs import GraphedStep, on_side_stream
 
 pytestmark = CUDA_ONLY
 
@@ -63,7 +67,7 @@ def test_wgan_gp_step_with_spectral_norm_replays_like_eager(backend, memory_form
     with fastgan.use_backend(backend):
         # Warm-up on a side stream (compiles kernels, builds the cached layer tables),
         # as torch.cuda.graph requires; the eager twin takes the same steps.
-        _on_side_stream(lambda: [d_step(graphed, real, fake) for _ in range(3)])
+        on_side_stream(lambda: [d_step(graphed, real, fake) for _ in range(3)])
         for _ in range(3):
             d_step(eager, real, fake)
 
@@ -78,6 +82,70 @@ def test_wgan_gp_step_with_spectral_norm_replays_like_eager(backend, memory_form
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
             for (name, got), want in zip(graphed.named_buffers(), eager.buffers()):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+
+
+def _adam_update(d, optimizer):
+    def update(real, fake, alpha):
+        optimizer.zero_grad(set_to_none=True)
+        penalty = gradient_penalty(d, real, fake, "wgan-gp", alpha=alpha)
+        loss = d(fake).mean() - d(real).mean() + 10.0 * penalty
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), penalty.detach()
+    return update
+
+
+@torch.no_grad()
+def _copy_into(source, source_optimizer, target, target_optimizer):
+    """``target`` takes ``source``'s weights, buffers and Adam state, in place."""
+    for mine, theirs in zip(target.state_dict().values(), source.state_dict().values()):
+        mine.copy_(theirs)
+    for p_target, p_source in zip(target.parameters(), source.parameters()):
+        for key, value in source_optimizer.state[p_source].items():
+            target_optimizer.state[p_target][key].copy_(value)
+
+
+@pytest.fixture
+def full_float32():
+    """cuDNN's TF32 convolutions (torch's default) would set the tolerances here, not the graphs."""
+    with Runtime(device=torch.device("cuda")).numerics(deterministic=False, tf32=False):
+        yield
+
+
+def test_graphed_step_gives_the_eager_updates(full_float32):
+    """Each update from the same state (weights, u and v, Adam's moments copied into the eager
+    twin first: side by side the two would drift by round-off Adam amplifies): the same loss
+    and penalty to float32 round-off, and weights within a few lr."""
+    torch.manual_seed(0)
+    graphed_d = fastgan.nn.apply_spectral_norm(sndcgan_discriminator(width=16).cuda())
+    eager_d = copy.deepcopy(graphed_d)
+    graphed_opt = torch.optim.Adam(graphed_d.parameters(), lr=2e-4, betas=(0.5, 0.999), capturable=True)
+    eager_opt = torch.optim.Adam(eager_d.parameters(), lr=2e-4, betas=(0.5, 0.999), capturable=True)
+    step, eager = GraphedStep(_adam_update(graphed_d, graphed_opt), optimizers=[graphed_opt]), _adam_update(eager_d, eager_opt)
+    for call in range(5):  # 1 eager warm-up, 2 captured, 3-5 replayed
+        real, fake, alpha = torch.rand(8, 3, 32, 32, device="cuda"), torch.rand(8, 3, 32, 32, device="cuda"), torch.rand(8, device="cuda")
+        if call:
+            _copy_into(graphed_d, graphed_opt, eager_d, eager_opt)
+        ours, theirs = step(real, fake, alpha), eager(real, fake, alpha)
+        for name, a, b in zip(("loss", "penalty"), ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda why: f"call {call}, {name}: {why}")
+        for (name, a), b in zip(graphed_d.state_dict().items(), eager_d.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=lambda why: f"call {call}, {name}: {why}")
+    assert step.captured
+
+
+def test_captured_penalty_draws_alpha_anew_at_every_replay(full_float32):
+    torch.manual_seed(0)
+    d = sndcgan_discriminator(width=8).cuda()
+    real, fake = torch.rand(8, 3, 32, 32, device="cuda"), torch.rand(8, 3, 32, 32, device="cuda")
+    drawn = GraphedStep(lambda r, f: gradient_penalty(d, r, f, "wgan-gp").detach())
+    seeded = GraphedStep(lambda r, f: gradient_penalty(d, r, f, "wgan-gp", generator=7).detach())
+    drawn_values = [drawn(real, fake).clone() for _ in range(4)]  # the last two replayed
+    seeded_values = [seeded(real, fake).clone() for _ in range(4)]
+    assert drawn.captured and seeded.captured
+    assert not torch.equal(drawn_values[2], drawn_values[3])
+    torch.testing.assert_close(seeded_values[3], seeded_values[0], rtol=1e-5, atol=0)
+    assert torch.equal(seeded_values[2], seeded_values[3])
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

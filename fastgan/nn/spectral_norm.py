@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 torch_hook_sn = importlib.import_module("torch.nn.utils.spectral_norm")  # the module; the package attribute is the function
 
-from fastgan import _backend
+from fastgan import graphs
 from fastgan.ops import spectral_norm as ops
 from fastgan.reference.spectral_norm import weight_matrix
 
@@ -300,36 +300,11 @@ def _replay_key(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], ste
     )
 
 
-class _CudaGraph:
-    """``record()``'s kernels captured once in a private CUDA graph; ``replay()`` reruns them
-    and returns the tensor ``record`` returned, rewritten in place. Captured and replayed on
-    the device of that tensor, whichever GPU is current."""
-
-    def __init__(self, record: Callable[[], Tensor], device: torch.device) -> None:
-        self.device = device
-        self.graph = torch.cuda.CUDAGraph()
-        # autocast off: nothing recorded here is cast, and its weight-cast cache must not fill during a
-        # capture. Thread-local capture: other threads (a DataLoader pinning memory) keep working meanwhile.
-        with torch.cuda.device(device), torch.autocast("cuda", enabled=False), \
-                torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.output = record()
-
-    def replay(self) -> Tensor:
-        if torch.cuda.current_device() == self.device.index:
-            self.graph.replay()
-        else:
-            with torch.cuda.device(self.device):
-                self.graph.replay()
-        return self.output
-
-
-def _capture_for(device: torch.device) -> Optional[Callable[[Callable[[], Tensor], torch.device], "_CudaGraph"]]:
+def _capture_for(device: torch.device) -> Optional[Callable[[Callable[[], Tensor], torch.device], graphs.CapturedGraph]]:
     """How to capture a refresh on ``device``, or None where it is run eagerly: off the GPU,
     inside another capture (the trainer's graphs record the launch itself), under
     torch.compile and functorch transforms (they trace the registered ops)."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing() or _backend.registered_ops_only():
-        return None
-    return _CudaGraph
+    return None if graphs.capture_refusal(device) else graphs.CapturedGraph
 
 
 class _ReplayedRefresh:
@@ -342,13 +317,20 @@ class _ReplayedRefresh:
         self.key = key
         # the packed output's pieces: each layer's u, then each layer's v, then the σ's
         self.pieces = [p._buffers["_u"].numel() for p in params] + [p._buffers["_v"].numel() for p in params] + [len(params)]
-        self.graph = capture(lambda: torch.cat(_refresh_together(params, weights, steps)[0]), weights[0].device)
+        self.graph = capture(lambda: _packed_refresh(params, weights, steps), weights[0].device)
 
     def __call__(self, params) -> List[Tuple[Tensor, Tensor, Tensor]]:
         # One split of one copy into every layer's pieces: this runs before every forward.
         pieces = self.graph.replay().clone().split_with_sizes(self.pieces)
         count = len(params)
         return list(zip(pieces[:count], pieces[count:2 * count], pieces[-1].unbind()))
+
+
+def _packed_refresh(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int) -> Tensor:
+    """The refresh as one tensor (each layer's u, then each v, then the σ's), autocast off:
+    nothing in it is cast, and a capture must not fill autocast's cache."""
+    with torch.autocast("cuda", enabled=False):
+        return torch.cat(_refresh_together(params, weights, steps)[0])
 
 
 def _refresh_together(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int):

@@ -73,8 +73,12 @@ def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch.Te
 
 
 def dragan_perturb(real: torch.Tensor, seed: int) -> torch.Tensor:
-    noise = philox_uniform(seed, real.numel(), real.device).reshape(real.shape).to(real.dtype)
-    return (real + real.std(correction=0) * (noise - 0.5)).clamp(0, 1)
+    return dragan_with_noise(real, philox_uniform(seed, real.numel(), real.device).reshape(real.shape))
+
+
+def dragan_with_noise(real: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """clip(real + std(real)·(noise − ½), 0, 1) for uniforms ``noise`` of real's shape."""
+    return (real + real.std(correction=0) * (noise.to(real.dtype) - 0.5)).clamp(0, 1)
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -7,8 +7,8 @@ halves), adds ``penalty_weight`` × the configured penalty and takes an Adam ste
 ``generator_update(z)`` takes G's step. Every random input is an argument: the caller
 draws it (the trainer from its own generator, for the global batch).
 
-:class:`CapturedStep` runs the same updates as CUDA graphs: the first update of each
-kind runs eagerly (it also creates Adam's state), the second is captured (D: G's forward,
+:class:`CapturedStep` runs the same updates as CUDA graphs, each kind a
+:class:`fastgan.graphs.GraphedStep`: the first update of each kind runs eagerly (it also creates Adam's state), the second is captured (D: G's forward,
 D's forward on real and fake, the double-backward penalty, fused spectral norm,
 capturable Adam; G: its forward and backward through D, Adam) into static buffers, and
 every update from then on copies its inputs into those buffers and replays the graph:
@@ -34,7 +34,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from fastgan import mixed_batches
+from fastgan import graphs, mixed_batches
+from fastgan.graphs import GraphedStep
 from fastgan.penalties import gradient_penalty, jacobian_clamping
 from fastgan.train.config import Config
 from fastgan.train.losses import discriminator_loss, generator_loss, l2_penalty
@@ -72,7 +73,8 @@ class GANStep:
         self.G_fast, self.D_fast = compiled(self.G_ddp), compiled(self.D_ddp)
         # G's update calls D directly, not through DDP: D's gradients are not wanted there.
         self.D_for_G = self.D_fast if self.D_ddp is D else compiled(D)
-        self.device_type = next(G.parameters()).device.type
+        self.device = next(G.parameters()).device
+        self.device_type = self.device.type
         adam = adam_options(capturable, self.device_type)
         self.g_optimizer = torch.optim.Adam(G.parameters(), lr=config.g_lr, betas=config.g_betas, **adam)
         self.d_optimizer = torch.optim.Adam(D.parameters(), lr=config.discriminator_lr, betas=config.discriminator_betas, **adam)
@@ -80,11 +82,11 @@ class GANStep:
                                                 betas=config.lens_adam_betas, **adam) if lens is not None else None)
         # A symmetric D gives one logit per batch (pooled) or the per-element logits (ensemble).
         self.d_kwargs = {"pool": config.mixed_batch_loss == "pooled"} if config.mixed_batches else {}
-        self.autocast_cache = True  # autocast's weight-cast cache must be off inside CUDA graph capture
 
     def _autocast(self):
+        # autocast's weight-cast cache stays off while a CUDA graph records the update
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.config.amp,
-                              cache_enabled=self.autocast_cache)
+                              cache_enabled=not (self.config.amp and graphs.is_capturing(self.device)))
 
     def discriminator_update(self, real: Tensor, z: Tensor, alpha: Optional[Tensor] = None,
                              seed: Optional[int] = None, mask: Optional[Tensor] = None) -> Outputs:
@@ -242,15 +244,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
 
 
 class CapturedStep:
-    """:class:`GANStep`'s updates replayed from CUDA graphs (same interface, same numbers).
+    """:class:`GANStep`'s updates replayed from CUDA graphs (same interface, same numbers): each
+    kind of update is a :class:`fastgan.graphs.GraphedStep` (eager first, captured second,
+    replayed after). Each graph has its own memory pool, so D's replays (n_disc of them per G
+    replay) never write over memory that G's graph keeps, whatever the order of replays.
 
     Outputs are the graphs' static tensors: valid until the next update of the same kind."""
 
     def __init__(self, step: GANStep) -> None:
         self.step = step
-        self._d = None  # (graph, static inputs, static outputs)
-        self._g = None
-        self._d_updates = self._g_updates = 0
+        self._d = GraphedStep(lambda real, z, alpha, mask: step.discriminator_update(real, z, alpha, None, mask),
+                              optimizers=[step.d_optimizer])
+        self._g = GraphedStep(step.generator_update,
+                              optimizers=[o for o in (step.g_optimizer, step.lens_optimizer) if o is not None])
 
     # the optimizers, models and state of the wrapped step
     def __getattr__(self, name):
@@ -258,78 +264,23 @@ class CapturedStep:
 
     def discriminator_update(self, real: Tensor, z: Tensor, alpha: Optional[Tensor] = None,
                              seed: Optional[int] = None, mask: Optional[Tensor] = None) -> Outputs:
-        inputs = _present(real=real, z=z, alpha=alpha, mask=mask)
-        self._d_updates += 1
-        if self._d_updates == 1:
-            return _on_side_stream(lambda: self.step.discriminator_update(real, z, alpha, seed, mask))
-        if self._d is None:
-            self._d = self._capture(lambda static: self.step.discriminator_update(
-                static["real"], static["z"], static.get("alpha"), seed, static.get("mask")), inputs, self.step.d_optimizer)
-        return self._replay(self._d, inputs)
+        # The seed feeds only DRAGAN's noise, which is never captured (why_not_capturable); a graph
+        # would keep the first seed, and GraphedStep refuses a non-tensor argument that changes.
+        return self._d(real, z, alpha, mask)
 
     def generator_update(self, z: Tensor, delta: Optional[Tensor] = None, real: Optional[Tensor] = None,
                          mask: Optional[Tensor] = None, lens_weight: Optional[Tensor] = None) -> Outputs:
         if delta is not None:
             raise ValueError("Jacobian clamping is not captured (why_not_capturable says why)")
-        inputs = _present(z=z, real=real, mask=mask, lens_weight=lens_weight)
-        self._g_updates += 1
-        if self._g_updates == 1:
-            return _on_side_stream(lambda: self.step.generator_update(z, None, real, mask, lens_weight))
-        if self._g is None:
-            optimizers = [o for o in (self.step.g_optimizer, self.step.lens_optimizer) if o is not None]
-            self._g = self._capture(lambda static: self.step.generator_update(
-                static["z"], None, static.get("real"), static.get("mask"), static.get("lens_weight")), inputs, *optimizers)
-        return self._replay(self._g, inputs)
-
-    def _capture(self, update, inputs: Dict[str, Tensor], *optimizers):
-        static = {k: v.detach().clone() for k, v in inputs.items()}
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        self.step.autocast_cache = False
-        try:
-            # Each graph has its own memory pool: D's replays (n_disc of them per G replay) then never
-            # write over memory that G's graph keeps, whatever the order of replays. Thread-local
-            # capture: the data stream's prefetch thread may pin host memory meanwhile, which a
-            # global capture forbids to every thread.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                outputs = update(static)
-        finally:
-            self.step.autocast_cache = True
-        return graph, static, outputs
-
-    @staticmethod
-    def _replay(captured, inputs: Dict[str, Tensor]) -> Outputs:
-        graph, static, outputs = captured
-        for key, value in inputs.items():
-            static[key].copy_(value, non_blocking=True)
-        graph.replay()
-        return outputs
+        return self._g(z, None, real, mask, lens_weight)
 
     def state_dict(self) -> dict:
         return self.step.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if self._d is not None or self._g is not None:
+        if self._d.captured or self._g.captured:
             raise RuntimeError("load the optimizers' state before the first captured update (graphs hold their tensors)")
         self.step.load_state_dict(state)
-
-
-def _present(**inputs: Optional[Tensor]) -> Dict[str, Tensor]:
-    """The inputs that are given (the graph's static inputs)."""
-    return {k: v for k, v in inputs.items() if v is not None}
-
-
-def _on_side_stream(update):
-    """Warm-up updates run on a side stream, as torch's CUDA-graph recipe asks (lazy
-    initialisations then happen outside the default stream the capture later uses)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = update()
-    torch.cuda.current_stream().wait_stream(side)
-    return out
 
 
 def _user_hooks(model: nn.Module) -> Optional[str]:

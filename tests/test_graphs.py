@@ -1,0 +1,163 @@
+"""fastgan.graphs.GraphedStep and the penalties' draws under capture, on the CPU.
+
+A CUDA graph needs a GPU; here a stand-in keeps its contract (capturing runs nothing, each
+replay reruns the recorded step on the static inputs and rewrites the same output tensors),
+so what GraphedStep itself does -- warm-up, static input buffers, argument checks, the
+optimizers' gradients, the outputs it hands back -- is checked against the eager step.
+The real capture runs in tests/test_cuda_graphs.py (GPU only)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import fastgan
+from fastgan import graphs
+from fastgan.penalties import gradient_penalty
+from fastgan.reference import gradient_penalty as gp_reference
+
+
+class _RerunGraph:
+    """A CUDA graph's contract on the CPU, for any nesting of output tensors."""
+
+    def __init__(self, record, device):
+        self.record, self.output = record, None
+
+    def replay(self):
+        result = self.record()
+        if self.output is None:
+            self.output = result
+        else:
+            for static, new in zip(pytree.tree_leaves(self.output), pytree.tree_leaves(result)):
+                static.copy_(new)
+        return self.output
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    monkeypatch.setattr(graphs, "capture_refusal", lambda device: None)
+    monkeypatch.setattr(graphs, "CapturedGraph", _RerunGraph)
+    monkeypatch.setattr(graphs, "on_side_stream", lambda fn: fn())
+
+
+def _discriminator():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 8, 3, 2, 1), nn.LeakyReLU(0.2),
+                         nn.Flatten(), nn.Linear(8 * 2 * 2, 1))
+
+
+def _wgan_gp_update(d, optimizer):
+    def update(real, fake, alpha, *, weight=10.0):
+        optimizer.zero_grad(set_to_none=True)
+        penalty = gradient_penalty(d, real, fake, "wgan-gp", alpha=alpha)
+        loss = d(fake).mean() - d(real).mean() + weight * penalty
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach(), "penalty": [penalty.detach()]}
+    return update
+
+
+def test_graphed_step_gives_the_eager_steps(stand_in_graphs):
+    """Four updates with new batches each: the same losses, weights and gradients as eager,
+    bit for bit; the outputs are the graph's own tensors, rewritten by each call."""
+    eager_d = _discriminator()
+    graphed_d = copy.deepcopy(eager_d)
+    eager_opt = torch.optim.SGD(eager_d.parameters(), lr=0.1, momentum=0.9)
+    graphed_opt = torch.optim.SGD(graphed_d.parameters(), lr=0.1, momentum=0.9)
+    eager, graphed = _wgan_gp_update(eager_d, eager_opt), graphs.GraphedStep(_wgan_gp_update(graphed_d, graphed_opt))
+    outputs = []
+    for call in range(4):
+        real, fake, alpha = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8), torch.rand(5)
+        ours, theirs = graphed(real, fake, alpha, weight=10.0), eager(real, fake, alpha, weight=10.0)
+        assert graphed.captured == (call >= 1)
+        outputs.append(ours)
+        for a, b in zip(pytree.tree_leaves(ours), pytree.tree_leaves(theirs)):
+            assert torch.equal(a, b), f"call {call}"
+        for (name, a), b in zip(graphed_d.named_parameters(), eager_d.parameters()):
+            assert torch.equal(a, b) and torch.equal(a.grad, b.grad), f"call {call}: {name}"
+    assert outputs[1]["loss"] is outputs[3]["loss"]  # replays rewrite the captured outputs
+
+
+def test_graphed_step_refuses_arguments_its_graph_was_not_captured_with(stand_in_graphs):
+    d = _discriminator()
+    step = graphs.GraphedStep(_wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1)))
+    real, fake, alpha = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4)
+    for _ in range(2):
+        step(real, fake, alpha, weight=10.0)
+    with pytest.raises(ValueError, match=r"argument 0 is \(3, 3, 8, 8\).*captured with \(4, 3, 8, 8\)"):
+        step(real[:3], fake[:3], alpha[:3], weight=10.0)
+    with pytest.raises(ValueError, match="argument 2 is .*float64"):
+        step(real, fake, alpha.double(), weight=10.0)
+    with pytest.raises(ValueError, match="non-tensor argument 3 is 5.0.*captured with 10.0"):
+        step(real, fake, alpha, weight=5.0)
+    with pytest.raises(ValueError, match="argument 2 is None|structured as"):  # None: a leaf or a node, by torch version
+        step(real, fake, None, weight=10.0)
+    with pytest.raises(ValueError, match="structured as"):
+        step(real, fake, alpha)
+    step(real, fake, alpha, weight=10.0)  # what it was captured with still replays
+
+
+def test_graphed_step_checks_optimizers_and_devices():
+    p = nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="capturable=True"):
+        graphs.GraphedStep(lambda x: x, optimizers=[torch.optim.Adam([p])])
+    graphs.GraphedStep(lambda x: x, optimizers=[torch.optim.Adam([p], capturable=True)])
+    with pytest.raises(ValueError, match="several devices"):
+        graphs.GraphedStep(lambda x, y: x)(torch.ones(2), torch.ones(2, device="meta"))
+
+
+def test_graphed_step_runs_eagerly_off_the_gpu_and_says_why_once():
+    d = _discriminator()
+    eager_d = copy.deepcopy(d)
+    step = graphs.GraphedStep(_wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1)))
+    eager = _wgan_gp_update(eager_d, torch.optim.SGD(eager_d.parameters(), lr=0.1))
+    with pytest.warns(RuntimeWarning, match="running eagerly: CUDA graphs need a GPU; the tensors are on cpu") as said:
+        for _ in range(3):
+            real, fake, alpha = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4)
+            assert torch.equal(step(real, fake, alpha)["loss"], eager(real, fake, alpha)["loss"])
+    assert len([w for w in said if "GraphedStep" in str(w.message)]) == 1 and not step.captured
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    """gradient_penalty called as if a CUDA graph were recording it."""
+    monkeypatch.setattr(graphs, "is_capturing", lambda device: True)
+
+
+def _penalty_at(d, point, kind):
+    point = point.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(d(point).sum(), point, create_graph=True)
+    return gp_reference.penalty(grad, kind in gp_reference.SQUARED_NORM_KINDS, 1.0, 1e-4, False)[0]
+
+
+def test_captured_penalty_draws_alpha_and_noise_from_torchs_generator(capturing):
+    """Under capture α and DRAGAN's noise come from torch.rand on the tensors' device (drawn
+    anew by every replay), not from a host seed a graph would keep."""
+    d = _discriminator().double()
+    real, fake = torch.rand(6, 3, 8, 8, dtype=torch.float64), torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    torch.manual_seed(11)
+    captured = gradient_penalty(d, real, fake, "wgan-gp")
+    torch.manual_seed(11)
+    alpha = torch.rand(6).double().view(-1, 1, 1, 1)
+    torch.testing.assert_close(captured, _penalty_at(d, real + alpha * (fake - real), "wgan-gp"), rtol=1e-12, atol=0)
+    torch.manual_seed(12)
+    captured = gradient_penalty(d, real, None, "dragan")
+    torch.manual_seed(12)
+    point = gp_reference.dragan_with_noise(real, torch.rand(real.shape))
+    torch.testing.assert_close(captured, _penalty_at(d, point, "dragan"), rtol=1e-12, atol=0)
+
+
+def test_captured_penalty_keeps_int_seeds_and_refuses_generators(monkeypatch):
+    d = _discriminator()
+    real, fake = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    eager = gradient_penalty(d, real, fake, "wgan-gp", generator=5)
+    monkeypatch.setattr(graphs, "is_capturing", lambda device: True)
+    assert torch.equal(gradient_penalty(d, real, fake, "wgan-gp", generator=5), eager)
+    with pytest.raises(ValueError, match="torch.Generator is read on the host once"):
+        gradient_penalty(d, real, fake, "wgan-gp", generator=torch.Generator().manual_seed(0))
+    gradient_penalty(d, real, fake, "r1", generator=torch.Generator())  # R1 draws nothing
+
+
+def test_graphs_is_part_of_the_package():
+    assert fastgan.graphs is graphs and "GraphedStep" in graphs.__all__
