@@ -122,14 +122,13 @@ class GraphedStep:
     """``fn(*args, **kwargs)`` -- one whole training update -- replayed from a CUDA graph from
     its second call on (see the module's documentation for the rules ``fn`` follows).
 
-    ``optimizers``: those ``fn`` steps. Each must be built with ``capturable=True``; their
-    gradients are set to None before the capture, so the graph allocates them in its own
-    pool. Tensor arguments may be nested in lists, tuples and dicts."""
+    ``optimizers``: those ``fn`` steps, checked to be built with ``capturable=True`` (torch
+    would refuse them at capture, after the warm-up). Tensor arguments may be nested in
+    lists, tuples and dicts."""
 
     def __init__(self, fn: Callable[..., Any], *, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         self.fn = fn
-        self.optimizers: List[torch.optim.Optimizer] = list(optimizers)
-        for optimizer in self.optimizers:
+        for optimizer in optimizers:
             if not all(group.get("capturable") for group in optimizer.param_groups):
                 raise ValueError(
                     f"GraphedStep: {type(optimizer).__name__} must be built with capturable=True: a CUDA graph "
@@ -163,8 +162,6 @@ class GraphedStep:
         self._static = [x.detach().clone() if isinstance(x, Tensor) else x for x in leaves]
         self._spec = spec
         static_args, static_kwargs = pytree.tree_unflatten(self._static, spec)
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
         self.graph = CapturedGraph(lambda: self.fn(*static_args, **static_kwargs), device)
         return self.graph.replay()
 
