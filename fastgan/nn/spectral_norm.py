@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -284,7 +284,8 @@ class _GroupedPowerIteration:
 
     def clear(self, model: nn.Module, inputs, output=None) -> None:
         for p in self.params:
-            _set_group_result(p, None)
+            if p._group_result is not None:  # a layer the forward did not use (each use clears its own)
+                _set_group_result(p, None)
 
 
 # A hook recaptures when its layers' storage changes; past this many captures it stays eager.
@@ -319,11 +320,11 @@ class _ReplayedRefresh:
         self.pieces = [p._buffers["_u"].numel() for p in params] + [p._buffers["_v"].numel() for p in params] + [len(params)]
         self.graph = capture(lambda: _packed_refresh(params, weights, steps), weights[0].device)
 
-    def __call__(self, params) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    def __call__(self, params) -> Iterable[Tuple[Tensor, Tensor, Tensor]]:
         # One split of one copy into every layer's pieces: this runs before every forward.
         pieces = self.graph.replay().clone().split_with_sizes(self.pieces)
         count = len(params)
-        return list(zip(pieces[:count], pieces[count:2 * count], pieces[-1].unbind()))
+        return zip(pieces[:count], pieces[count:2 * count], pieces[-1].unbind())
 
 
 def _packed_refresh(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int) -> Tensor:
