@@ -134,18 +134,22 @@ def test_graphed_step_gives_the_eager_updates(full_float32):
     assert step.captured
 
 
-def test_captured_penalty_draws_alpha_anew_at_every_replay(full_float32):
-    torch.manual_seed(0)
-    d = sndcgan_discriminator(width=8).cuda()
+def test_captured_penalty_draws_alpha_anew_at_every_replay():
+    """D(x) = Σ x² (elementwise, deterministic, and its gradient norm moves with the
+    interpolation point): replays with the same batches differ by their α, unless the
+    seed is an int, whose one draw every replay keeps."""
+    def d(x):
+        return x.square().flatten(1).sum(1)
+
     real, fake = torch.rand(8, 3, 32, 32, device="cuda"), torch.rand(8, 3, 32, 32, device="cuda")
     drawn = GraphedStep(lambda r, f: gradient_penalty(d, r, f, "wgan-gp").detach())
     seeded = GraphedStep(lambda r, f: gradient_penalty(d, r, f, "wgan-gp", generator=7).detach())
-    drawn_values = [drawn(real, fake).clone() for _ in range(4)]  # the last two replayed
-    seeded_values = [seeded(real, fake).clone() for _ in range(4)]
+    drawn_values = [float(drawn(real, fake)) for _ in range(4)]  # 1 eager, 2 captured, 3-4 replayed
+    seeded_values = [float(seeded(real, fake)) for _ in range(4)]
     assert drawn.captured and seeded.captured
-    assert not torch.equal(drawn_values[2], drawn_values[3])
-    torch.testing.assert_close(seeded_values[3], seeded_values[0], rtol=1e-5, atol=0)
-    assert torch.equal(seeded_values[2], seeded_values[3])
+    assert abs(drawn_values[2] - drawn_values[3]) > 1e-4 * abs(drawn_values[3]), drawn_values
+    assert seeded_values[1:] == [seeded_values[1]] * 3, seeded_values
+    assert seeded_values[3] == pytest.approx(seeded_values[0], rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
