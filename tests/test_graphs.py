@@ -6,6 +6,8 @@ so what GraphedStep itself does -- warm-up, static input buffers, argument check
 optimizers' gradients, the outputs it hands back -- is checked against the eager step.
 The real capture runs in tests/test_cuda_graphs.py (GPU only)."""
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +163,15 @@ def test_captured_penalty_keeps_int_seeds_and_refuses_generators(monkeypatch):
 
 def test_graphs_is_part_of_the_package():
     assert fastgan.graphs is graphs and "GraphedStep" in graphs.__all__
+
+
+def test_the_graphed_wgan_gp_example_runs():
+    """examples/graphed_wgan_gp.py on the CPU: GraphedStep runs eagerly (and says so), so the
+    two copies take exactly the same updates."""
+    path = Path(__file__).resolve().parent.parent / "examples" / "graphed_wgan_gp.py"
+    spec = importlib.util.spec_from_file_location("graphed_wgan_gp", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with pytest.warns(RuntimeWarning, match="running eagerly"):
+        eager, graphed, apart = example.main(["--steps", "3", "--batch", "2", "--device", "cpu"])
+    assert eager == graphed and apart == 0.0
