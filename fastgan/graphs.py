@@ -32,12 +32,12 @@ The rules of CUDA graphs (``torch.cuda.graph``'s documentation) hold inside ``fn
   :func:`fastgan.penalties.gradient_penalty` therefore draws its α (and DRAGAN's noise) on
   the device while being captured, unless given an explicit seed;
 * nothing synchronises with the host (``.item()``, ``.cpu()``, ``print(tensor)``): CUDA
-  refuses it during capture, and the capture fails with CUDA's error;
+  refuses it during capture (GraphedStep then runs eagerly, saying so);
 * an autocast context inside ``fn`` passes ``cache_enabled=False``, as torch advises for
   captures (an autocast around the call has its cache turned off while capturing).
 
-Off the GPU (CPU tensors), inside another capture, or under ``torch.compile``, GraphedStep
-runs ``fn`` eagerly and says once why. :class:`~fastgan.train.step.CapturedStep` (the
+Off the GPU (CPU tensors), inside another capture, under ``torch.compile``, or where CUDA
+refuses the capture, GraphedStep runs ``fn`` eagerly and says once why. :class:`~fastgan.train.step.CapturedStep` (the
 trainer's ``cuda_graphs: true``) and :func:`~fastgan.nn.apply_spectral_norm`'s replayed
 refresh are built on the same pieces.
 """
@@ -137,6 +137,7 @@ class GraphedStep:
         self.calls = 0
         self._static: List[Any] = []
         self._spec = None
+        self._eager_because: Optional[str] = None  # set when a capture failed: eager from then on
         self._said_why = False
 
     @property
@@ -150,20 +151,28 @@ class GraphedStep:
         if self.graph is not None:
             return self._replay(leaves, spec)
         device = _device_of(leaves)
-        refusal = capture_refusal(device)
+        refusal = self._eager_because or capture_refusal(device)
         if refusal is not None:
-            if not self._said_why:
-                self._said_why = True
-                warnings.warn(f"GraphedStep: running eagerly: {refusal}", RuntimeWarning, stacklevel=2)
+            self._say_once(refusal)
             return self.fn(*args, **kwargs)
         self.calls += 1
         if self.calls == 1:
             return on_side_stream(lambda: self.fn(*args, **kwargs))
-        self._static = [x.detach().clone() if isinstance(x, Tensor) else x for x in leaves]
-        self._spec = spec
-        static_args, static_kwargs = pytree.tree_unflatten(self._static, spec)
-        self.graph = CapturedGraph(lambda: self.fn(*static_args, **static_kwargs), device)
+        static = [x.detach().clone() if isinstance(x, Tensor) else x for x in leaves]
+        static_args, static_kwargs = pytree.tree_unflatten(static, spec)
+        try:
+            graph = CapturedGraph(lambda: self.fn(*static_args, **static_kwargs), device)
+        except RuntimeError as error:  # CUDA refused something fn does (nothing ran); it ran eagerly once before
+            self._eager_because = f"the capture failed ({error})"
+            self._say_once(self._eager_because)
+            return self.fn(*args, **kwargs)
+        self.graph, self._static, self._spec = graph, static, spec
         return self.graph.replay()
+
+    def _say_once(self, why: str) -> None:
+        if not self._said_why:
+            self._said_why = True
+            warnings.warn(f"GraphedStep: running eagerly: {why}", RuntimeWarning, stacklevel=3)
 
     def _replay(self, leaves: List[Any], spec) -> Any:
         if spec != self._spec:

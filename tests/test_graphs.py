@@ -121,6 +121,22 @@ def test_graphed_step_runs_eagerly_off_the_gpu_and_says_why_once():
     assert len([w for w in said if "GraphedStep" in str(w.message)]) == 1 and not step.captured
 
 
+def test_a_step_whose_capture_fails_runs_eagerly_and_says_why_once(stand_in_graphs, monkeypatch):
+    def refused(record, device):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "CapturedGraph", refused)
+    d = _discriminator()
+    eager_d = copy.deepcopy(d)
+    step = graphs.GraphedStep(_wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1)))
+    eager = _wgan_gp_update(eager_d, torch.optim.SGD(eager_d.parameters(), lr=0.1))
+    with pytest.warns(RuntimeWarning, match=r"running eagerly: the capture failed \(CUDA error: operation not") as said:
+        for _ in range(4):
+            real, fake, alpha = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4)
+            assert torch.equal(step(real, fake, alpha)["loss"], eager(real, fake, alpha)["loss"])
+    assert len([w for w in said if "GraphedStep" in str(w.message)]) == 1 and not step.captured
+
+
 @pytest.fixture
 def capturing(monkeypatch):
     """gradient_penalty called as if a CUDA graph were recording it."""
