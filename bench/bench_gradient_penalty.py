@@ -127,6 +127,7 @@ def test_d_step(benchmark, setup, kind, name):
     if name.endswith(GRAPHED):
         step = GraphedStep(step)
         step(), step()  # the eager warm-up, then the capture
+        assert step.captured, f"{name}: the capture failed, the step runs eagerly (see its warning)"
     timing.measure(benchmark, step, name, baseline=name == PLAIN, group=f"gradient_penalty: {kind} D step",
                    flops=flops[kind], seconds=timing.budget(3.0, 0.3))
 

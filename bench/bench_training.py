@@ -232,6 +232,9 @@ def graphed_step(case: str, workdir: str, real: Tensor, name: str, **options):
     diffs = same_math_check(graphed, PlainGAN(config, graphed, real))
     tolerance = SAME_MATH_BF16 if config.amp else SAME_MATH
     assert all(v <= tolerance for v in diffs.values()), f"{case}: fastgan ({name}) and plain PyTorch differ ({describe(diffs)})"
+    for _ in range(2):  # D's capture (the check above was its warm-up) and G's warm-up, then G's capture
+        graphed.train_step()
+    assert graphed.updates.captured, f"{case} ({name}): a capture failed, the updates run eagerly (see its warning)"
     return graphed.train_step, describe(diffs)
 
 

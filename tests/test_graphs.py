@@ -18,6 +18,10 @@ import fastgan
 from fastgan import graphs
 from fastgan.penalties import gradient_penalty
 from fastgan.reference import gradient_penalty as gp_reference
+from fastgan.train import step
+from fastgan.train.config import load_config
+from fastgan.train.stream import RepeatedBatch
+from fastgan.train.trainer import Trainer
 
 
 class _RerunGraph:
@@ -135,6 +139,29 @@ def test_a_step_whose_capture_fails_runs_eagerly_and_says_why_once(stand_in_grap
             real, fake, alpha = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4)
             assert torch.equal(step(real, fake, alpha)["loss"], eager(real, fake, alpha)["loss"])
     assert len([w for w in said if "GraphedStep" in str(w.message)]) == 1 and not step.captured
+
+
+@pytest.mark.parametrize("setup", [["architecture=sndcgan", "loss=ns", "d_norm=spectral", "penalty=none", "n_disc=1"],
+                                   ["architecture=resnet_cifar", "loss=wgan", "d_norm=none", "penalty=wgan-gp", "n_disc=2"]])
+def test_the_trainers_captured_updates_are_graphed_steps(stand_in_graphs, monkeypatch, tmp_path, setup):
+    """The trainer with cuda_graphs runs its D and G updates through GraphedSteps: with the
+    stand-in graph (and plain Adam: torch's capturable Adam runs on GPUs only) four iterations
+    give the eager trainer's numbers bit for bit, both kinds of update end up replayed, and
+    the penalty seed the trainer draws anew each update stays out of the graph's arguments."""
+    monkeypatch.setattr(step, "why_not_capturable", lambda *args, **kwargs: None)
+    monkeypatch.setattr(step, "adam_options", lambda capturable, device_type: {})
+    monkeypatch.setattr(step, "GraphedStep", lambda fn, optimizers=(): graphs.GraphedStep(fn))
+    common = setup + ["image_size=32", "width=0.125", "batch_size=4", "fid_every=0", "sample_every=0",
+                      "checkpoint_every=0", "log_every=0", "progress=false"]
+    real = torch.rand(4, 3, 32, 32)
+    eager = Trainer(load_config(None, common + [f"out_dir={tmp_path / 'eager'}"]), stream=RepeatedBatch(real))
+    graphed = Trainer(load_config(None, common + [f"out_dir={tmp_path / 'graphed'}", "cuda_graphs=true"]),
+                      stream=RepeatedBatch(real))
+    assert isinstance(graphed.updates, step.CapturedStep)
+    for iteration in range(4):
+        ours, theirs = graphed.train_step(), eager.train_step()
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), (iteration, ours, theirs)
+    assert graphed.updates.captured
 
 
 @pytest.fixture

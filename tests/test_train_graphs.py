@@ -75,6 +75,7 @@ def test_captured_updates_equal_eager_ones(tmp_path, setup):
                 alpha = torch.rand(16, generator=draws).cuda() if config.penalty == "wgan-gp" else None
                 update("discriminator_update", real, z, alpha, 7)
             update("generator_update", draw_latents(16, config, draws).cuda())
+    assert captured.captured  # replayed, not fallen back to eager
 
 
 @torch.no_grad()
@@ -97,7 +98,7 @@ def test_a_captured_run_resumes_like_an_eager_one(tmp_path):
     real = torch.rand(16, 3, 32, 32, device="cuda")
     run = Trainer(load_config(None, overrides + [f"out_dir={tmp_path / 'a'}"]), stream=RepeatedBatch(real))
     assert isinstance(run.updates, CapturedStep)
-    assert run.fit()["finished"]
+    assert run.fit()["finished"] and run.updates.captured
     first = Trainer(load_config(None, overrides + ["steps=3", f"out_dir={tmp_path / 'b'}"]), stream=RepeatedBatch(real))
     first.fit()
     resumed = Trainer(load_config(None, overrides + [f"out_dir={tmp_path / 'b'}"]), stream=RepeatedBatch(real), resume=True)

@@ -266,6 +266,12 @@ class CapturedStep:
         self._g = GraphedStep(step.generator_update,
                               optimizers=[o for o in (step.g_optimizer, step.lens_optimizer) if o is not None])
 
+    @property
+    def captured(self) -> bool:
+        """Whether both kinds of update now replay graphs (each is captured at its second
+        update; a capture CUDA refuses leaves that kind eager, with a warning)."""
+        return self._d.captured and self._g.captured
+
     # the optimizers, models and state of the wrapped step
     def __getattr__(self, name):
         return getattr(self.step, name)
