@@ -117,9 +117,9 @@ def same_math_check(name: str, kind: str, setup) -> None:
         assert error < 1e-9, f"{name} {kind}: D gradient differs from plain autograd's by {error:.1e} (relative)"
 
 
-@pytest.mark.parametrize("kind, name", ENTRIES)
-def test_d_step(benchmark, setup, kind, name):
-    d, real, fake, _, flops = setup
+def entry_step(name: str, kind: str, setup) -> Callable[[], torch.Tensor]:
+    """The D step entry ``name`` times, after its same-math check (graphed: warmed up and captured)."""
+    d, real, fake, _, _ = setup
     penalty_variant = name.removesuffix(GRAPHED)
     if penalty_variant != PLAIN:
         same_math_check(penalty_variant, kind, setup)
@@ -128,6 +128,12 @@ def test_d_step(benchmark, setup, kind, name):
         step = GraphedStep(step)
         step(), step()  # the eager warm-up, then the capture
         assert step.captured, f"{name}: the capture failed, the step runs eagerly (see its warning)"
+    return step
+
+
+@pytest.mark.parametrize("kind, name", ENTRIES)
+def test_d_step(benchmark, setup, kind, name):
+    step, flops = entry_step(name, kind, setup), setup[-1]
     timing.measure(benchmark, step, name, baseline=name == PLAIN, group=f"gradient_penalty: {kind} D step",
                    flops=flops[kind], seconds=timing.budget(3.0, 0.3))
 

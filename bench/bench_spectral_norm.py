@@ -39,7 +39,7 @@ from torch import Tensor, nn
 import fastgan
 import timing
 from fastgan.models import build_models
-from fastgan.graphs import CapturedGraph, on_side_stream
+from fastgan import graphs
 from timing import DEVICE
 
 grouped = importlib.import_module("fastgan.nn.spectral_norm")
@@ -242,11 +242,11 @@ def launch_config_refresh_fn(name: str, models: Models) -> Tuple[Callable[[], ob
     return graph.replay, model
 
 
-def captured(fn: Callable[[], object]) -> CapturedGraph:
+def captured(fn: Callable[[], object]) -> graphs.CapturedGraph:
     """``fn`` captured in a CUDA graph, after a warm-up call on a side stream (which builds the
     multi-layer op's layer table, something a capture may not do), as the trainer warms up."""
-    on_side_stream(fn)
-    return CapturedGraph(fn, DEVICE)
+    graphs.on_side_stream(fn)
+    return graphs.CapturedGraph(fn, DEVICE)
 
 
 def hook_forward(model: nn.Module, backend: str) -> Callable[[], List[Tensor]]:

@@ -134,7 +134,7 @@ class GraphedStep:
                     f"GraphedStep: {type(optimizer).__name__} must be built with capturable=True: a CUDA graph "
                     "replays its step only when the step count lives on the GPU")
         self.graph: Optional[CapturedGraph] = None
-        self.calls = 0
+        self._calls = 0
         self._static: List[Any] = []
         self._spec = None
         self._eager_because: Optional[str] = None  # set when a capture failed: eager from then on
@@ -155,8 +155,8 @@ class GraphedStep:
         if refusal is not None:
             self._say_once(refusal)
             return self.fn(*args, **kwargs)
-        self.calls += 1
-        if self.calls == 1:
+        self._calls += 1
+        if self._calls == 1:
             return on_side_stream(lambda: self.fn(*args, **kwargs))
         static = [x.detach().clone() if isinstance(x, Tensor) else x for x in leaves]
         static_args, static_kwargs = pytree.tree_unflatten(static, spec)

@@ -1,7 +1,8 @@
 """fastgan.graphs.GraphedStep and the penalties' draws under capture, on the CPU.
 
-A CUDA graph needs a GPU; here a stand-in keeps its contract (capturing runs nothing, each
-replay reruns the recorded step on the static inputs and rewrites the same output tensors),
+A CUDA graph needs a GPU; here a stand-in keeps its contract (tests/graph_stand_in.py:
+capturing runs nothing, each replay reruns the recorded step on the static inputs and
+rewrites the same output tensors),
 so what GraphedStep itself does -- warm-up, static input buffers, argument checks, the
 optimizers' gradients, the outputs it hands back -- is checked against the eager step.
 The real capture runs in tests/test_cuda_graphs.py (GPU only)."""
@@ -18,33 +19,16 @@ import fastgan
 from fastgan import graphs
 from fastgan.penalties import gradient_penalty
 from fastgan.reference import gradient_penalty as gp_reference
-from fastgan.train import step
+from fastgan.train.step import CapturedStep
 from fastgan.train.config import load_config
 from fastgan.train.stream import RepeatedBatch
 from fastgan.train.trainer import Trainer
-
-
-class _RerunGraph:
-    """A CUDA graph's contract on the CPU, for any nesting of output tensors."""
-
-    def __init__(self, record, device):
-        self.record, self.output = record, None
-
-    def replay(self):
-        result = self.record()
-        if self.output is None:
-            self.output = result
-        else:
-            for static, new in zip(pytree.tree_leaves(self.output), pytree.tree_leaves(result)):
-                static.copy_(new)
-        return self.output
+from graph_stand_in import use_stand_in_graphs, use_stand_in_training_graphs
 
 
 @pytest.fixture
 def stand_in_graphs(monkeypatch):
-    monkeypatch.setattr(graphs, "capture_refusal", lambda device: None)
-    monkeypatch.setattr(graphs, "CapturedGraph", _RerunGraph)
-    monkeypatch.setattr(graphs, "on_side_stream", lambda fn: fn())
+    use_stand_in_graphs(monkeypatch)
 
 
 def _discriminator():
@@ -143,21 +127,19 @@ def test_a_step_whose_capture_fails_runs_eagerly_and_says_why_once(stand_in_grap
 
 @pytest.mark.parametrize("setup", [["architecture=sndcgan", "loss=ns", "d_norm=spectral", "penalty=none", "n_disc=1"],
                                    ["architecture=resnet_cifar", "loss=wgan", "d_norm=none", "penalty=wgan-gp", "n_disc=2"]])
-def test_the_trainers_captured_updates_are_graphed_steps(stand_in_graphs, monkeypatch, tmp_path, setup):
+def test_the_trainers_captured_updates_are_graphed_steps(monkeypatch, tmp_path, setup):
     """The trainer with cuda_graphs runs its D and G updates through GraphedSteps: with the
     stand-in graph (and plain Adam: torch's capturable Adam runs on GPUs only) four iterations
     give the eager trainer's numbers bit for bit, both kinds of update end up replayed, and
     the penalty seed the trainer draws anew each update stays out of the graph's arguments."""
-    monkeypatch.setattr(step, "why_not_capturable", lambda *args, **kwargs: None)
-    monkeypatch.setattr(step, "adam_options", lambda capturable, device_type: {})
-    monkeypatch.setattr(step, "GraphedStep", lambda fn, optimizers=(): graphs.GraphedStep(fn))
+    use_stand_in_training_graphs(monkeypatch)
     common = setup + ["image_size=32", "width=0.125", "batch_size=4", "fid_every=0", "sample_every=0",
                       "checkpoint_every=0", "log_every=0", "progress=false"]
     real = torch.rand(4, 3, 32, 32)
     eager = Trainer(load_config(None, common + [f"out_dir={tmp_path / 'eager'}"]), stream=RepeatedBatch(real))
     graphed = Trainer(load_config(None, common + [f"out_dir={tmp_path / 'graphed'}", "cuda_graphs=true"]),
                       stream=RepeatedBatch(real))
-    assert isinstance(graphed.updates, step.CapturedStep)
+    assert isinstance(graphed.updates, CapturedStep)
     for iteration in range(4):
         ours, theirs = graphed.train_step(), eager.train_step()
         assert all(torch.equal(ours[key], theirs[key]) for key in theirs), (iteration, ours, theirs)

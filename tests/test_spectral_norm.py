@@ -21,6 +21,7 @@ import fastgan
 import importlib
 from fastgan.reference import spectral_norm as reference
 from conftest import DEVICES, KERNEL_BACKENDS, device_backends
+from graph_stand_in import RerunGraph
 
 fsn = importlib.import_module("fastgan.nn.spectral_norm")  # the module; fastgan.nn.spectral_norm is the function
 
@@ -406,25 +407,6 @@ def test_apply_spectral_norm_launches_once_with_per_layer_results(device, backen
             torch.testing.assert_close(b_o, b_t, **TOL[dtype], msg=name)
 
 
-class _RerunGraph:
-    """A CUDA graph's contract, on the CPU: capturing runs nothing, and each replay runs the
-    recorded work again and writes its result into the same output tensor."""
-
-    replays = 0
-
-    def __init__(self, record, device):
-        self.record, self.output = record, None
-
-    def replay(self):
-        _RerunGraph.replays += 1
-        result = self.record()
-        if self.output is None:
-            self.output = result
-        else:
-            self.output.copy_(result)
-        return self.output
-
-
 def _grouped_hook(model):
     (hook,) = [h for h in model._forward_pre_hooks.values() if isinstance(h, fsn._GroupedPowerIteration)]
     return hook
@@ -434,7 +416,7 @@ def _replayed_and_eager(device, monkeypatch):
     """Two copies of a model under apply_spectral_norm: one whose refresh is replayed from a
     graph once its key repeats, one held to the eager launch."""
     if device == "cpu":
-        monkeypatch.setattr(fsn, "_capture_for", lambda device: _RerunGraph)
+        monkeypatch.setattr(fsn, "_capture_for", lambda device: RerunGraph)
     else:  # the comparison is bit for bit: cuDNN's own nondeterminism must not blur it
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -543,11 +525,11 @@ def test_refresh_whose_storage_keeps_changing_stays_eager(monkeypatch):
             replayed(x)
             replayed[-1].parametrizations.weight.original.data = replayed[-1].parametrizations.weight.original.detach().clone()
     assert hook.captures == fsn._MAX_CAPTURES
-    _RerunGraph.replays = 0
+    RerunGraph.replays = 0
     with fastgan.use_backend("reference"):
         replayed(x)
         replayed(x)
-    assert _RerunGraph.replays == 0
+    assert RerunGraph.replays == 0
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])  # per layer / grouped on the CPU

@@ -1,0 +1,57 @@
+"""The benchmarks' GPU-only entries, run on the CPU with the stand-in CUDA graph
+(tests/graph_stand_in.py): everything a GPU run of those entries executes except the GPU, so
+that CI, which has none, catches what would otherwise first break in a rare GPU run. Each
+entry's own same-math check runs as it would there; timing is the benchmarks' business."""
+import pytest
+import torch
+
+from graph_stand_in import use_stand_in_graphs, use_stand_in_training_graphs
+from test_gpu_check import bench_module
+from fastgan.train.runtime import Runtime
+
+# On the CPU wherever they run (a GPU machine runs these entries for real in its benchmarks); the
+# modules read the benchmark device when imported.
+bench_module("timing").configure(quick=True, device="cpu")
+penalty_bench = bench_module("bench_gradient_penalty")
+sn_bench = bench_module("bench_spectral_norm")
+training_bench = bench_module("bench_training")
+
+
+@pytest.mark.parametrize("name", ["plain autograd, graphed", "fastgan [cpp], graphed"])
+def test_graphed_d_step_entries(monkeypatch, name):
+    use_stand_in_graphs(monkeypatch)
+    monkeypatch.setattr(penalty_bench, "BATCH", 8)
+    d, real, fake, alpha = penalty_bench.discriminator_and_batches()
+    step = penalty_bench.entry_step(name, "wgan-gp", (d, real, fake, alpha, None))
+    first, second = float(step()), float(step())
+    assert first != second  # α drawn anew by each replay
+
+
+def test_graph_replay_refresh_entry(monkeypatch):
+    use_stand_in_graphs(monkeypatch)
+    models = sn_bench.Models()
+    torch_refresh, model, _ = sn_bench.refresh_fn(sn_bench.TORCH_PARAM, models)
+    torch_refresh()
+    expected = sn_bench.uv(model)
+    replay, model, _ = sn_bench.refresh_fn(f"{sn_bench.GRAPH_REPLAY} [reference]", models)
+    replay()
+    ours = sn_bench.uv(model)
+    sn_bench.assert_close([u for u, _ in ours], [u for u, _ in expected], "u")
+    sn_bench.assert_close([v for _, v in ours], [v for _, v in expected], "v")
+
+
+@pytest.mark.parametrize("case, option", [
+    ("sndcgan ns+sn", "fastgan graphs + amp + channels_last + cudnn_benchmark"),
+    ("resnet_cifar wgan-gp", "fastgan graphs, tf32 off (fastgan train's default)"),
+])
+def test_training_option_entries(monkeypatch, tmp_path, case, option):
+    """The graphed trainer with the option, after its same-math check against the plain GAN in the
+    same layout and autocast, captured (graphed_step asserts it) and replayed once more."""
+    use_stand_in_training_graphs(monkeypatch)
+    monkeypatch.setattr(training_bench, "BATCH", {name: 4 for name in training_bench.CASES})
+    options, numerics = training_bench.OPTIONS[option]
+    real = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with Runtime().numerics(deterministic=False, **numerics):
+        step, check = training_bench.graphed_step(case, str(tmp_path), real, option, **options)
+        out = step()
+    assert check and all(torch.isfinite(v).all() for v in out.values())
