@@ -8,7 +8,8 @@ whole step launches as one.
 
 >>> def d_update(real, z):
 ...     d_optimizer.zero_grad()
-...     fake = G(z).detach()
+...     with torch.no_grad():
+...         fake = G(z)
 ...     loss = D(fake).mean() - D(real).mean() + 10 * gradient_penalty(D, real, fake)
 ...     loss.backward()
 ...     d_optimizer.step()
