@@ -126,7 +126,8 @@ def test_a_step_whose_capture_fails_runs_eagerly_and_says_why_once(stand_in_grap
 
 
 @pytest.mark.parametrize("setup", [["architecture=sndcgan", "loss=ns", "d_norm=spectral", "penalty=none", "n_disc=1"],
-                                   ["architecture=resnet_cifar", "loss=wgan", "d_norm=none", "penalty=wgan-gp", "n_disc=2"]])
+                                   ["architecture=resnet_cifar", "loss=wgan", "d_norm=none", "penalty=wgan-gp", "n_disc=2"],
+                                   ["architecture=sndcgan", "mixed_batches=true", "lens_steps=3", "n_disc=1"]])
 def test_the_trainers_captured_updates_are_graphed_steps(monkeypatch, tmp_path, setup):
     """The trainer with cuda_graphs runs its D and G updates through GraphedSteps: with the
     stand-in graph (and plain Adam: torch's capturable Adam runs on GPUs only) four iterations
