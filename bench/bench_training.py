@@ -21,6 +21,10 @@ Entries of each group:
 * ``fastgan cuda graphs``: the same with ``cuda_graphs: true`` (D and G updates
   captured and replayed); skipped, with the trainer's reason, wherever it runs them
   eagerly (on the CPU, for instance);
+* ``plain PyTorch, graphed by GraphedStep`` (GPU only, informative): the baseline's whole
+  iteration (its n_disc D updates and its G update, capturable Adam) replayed from one CUDA
+  graph by :class:`fastgan.graphs.GraphedStep` -- what a plain training loop gains from
+  fastgan's graphs alone, beside what the trainer's graphs and kernels give together;
 * ``fastgan graphs + ...`` (GPU only, informative: none is a default, so no target reads
   them; timed after the entries above, so a run short of time drops these first): the
   graphs with fastgan's speed options, one entry each and all together -- the numerics
@@ -57,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import timing
+from fastgan.graphs import GraphedStep
 from fastgan.models import build_models
 from fastgan.train.config import Config
 from fastgan.train.runtime import Runtime
@@ -76,7 +81,8 @@ BATCH = {
     "cpu": {"sndcgan ns+sn": timing.budget(64, 16), "resnet_cifar wgan-gp": timing.budget(16, 4)},
 }[DEVICE.type]
 PLAIN, EAGER, GRAPHS = "plain PyTorch", "fastgan eager", "fastgan cuda graphs"
-VARIANTS = [PLAIN, EAGER, GRAPHS]
+PLAIN_GRAPHED = "plain PyTorch, graphed by GraphedStep"
+VARIANTS = [PLAIN, EAGER, GRAPHS] + ([PLAIN_GRAPHED] if DEVICE.type == "cuda" else [])
 # Informative, GPU only: the graphs with the speed options (config keys and Runtime.numerics
 # switches). Named so that no target's prefix ("fastgan cuda graphs", "fastgan eager") matches.
 # TF32 convolutions, as torch's default (and the entries above) has them; Runtime.numerics switches
@@ -102,7 +108,7 @@ def make_config(case: Dict[str, object], batch: int, out_dir: str, **options) ->
 class PlainGAN:
     """The plain-PyTorch version of the trainer's step for ``config``, from the trainer's current weights."""
 
-    def __init__(self, config: Config, trainer: Trainer, real: Tensor) -> None:
+    def __init__(self, config: Config, trainer: Trainer, real: Tensor, capturable: bool = False) -> None:
         self.config, self.real = config, real
         self.G, self.D = build_models(config.architecture, config.image_size, config.z_dim, "none", config.width)
         if config.d_norm == "spectral":
@@ -117,8 +123,9 @@ class PlainGAN:
         layout = torch.channels_last if config.channels_last else torch.contiguous_format
         self.G.to(DEVICE, memory_format=layout)
         self.D.to(DEVICE, memory_format=layout)
-        self.g_optimizer = torch.optim.Adam(self.G.parameters(), lr=config.g_lr, betas=config.g_betas)
-        self.d_optimizer = torch.optim.Adam(self.D.parameters(), lr=config.discriminator_lr, betas=config.discriminator_betas)
+        self.g_optimizer = torch.optim.Adam(self.G.parameters(), lr=config.g_lr, betas=config.g_betas, capturable=capturable)
+        self.d_optimizer = torch.optim.Adam(self.D.parameters(), lr=config.discriminator_lr, betas=config.discriminator_betas,
+                                            capturable=capturable)
 
     def z(self) -> Tensor:
         return torch.randn(self.config.batch_size, self.config.z_dim, device=DEVICE)
@@ -238,6 +245,16 @@ def graphed_step(case: str, workdir: str, real: Tensor, name: str, **options):
     return graphed.train_step, describe(diffs)
 
 
+def plain_graphed_step(trainer: Trainer, real: Tensor) -> GraphedStep:
+    """The plain GAN's whole iteration as one GraphedStep, from the trainer's weights, warmed up and
+    captured (capturable Adam where the device has it: torch's runs on GPUs only)."""
+    plain = PlainGAN(trainer.config, trainer, real, capturable=DEVICE.type == "cuda")
+    step = GraphedStep(plain.train_step, optimizers=[plain.d_optimizer, plain.g_optimizer] if DEVICE.type == "cuda" else ())
+    step(), step()  # the eager warm-up, then the capture
+    assert step.captured, "the plain GAN's capture failed, its iteration runs eagerly (see the warning)"
+    return step
+
+
 def time_iteration(benchmark, case: str, variant: str, step, flops: float, check: str) -> None:
     batch, n_disc = BATCH[case], CASES[case]["n_disc"]
     timing.measure(benchmark, step, variant, baseline=variant == PLAIN,
@@ -256,6 +273,8 @@ def test_training_iteration(benchmark, runs, workdir, case, variant):
         step = plain.train_step
     elif variant == EAGER:
         step = trainer.train_step
+    elif variant == PLAIN_GRAPHED:
+        step, check = plain_graphed_step(trainer, real), "the baseline itself, captured"
     else:
         step, check = graphed_step(case, workdir, real, "graphs")
     time_iteration(benchmark, case, variant, step, flops, check)

@@ -302,8 +302,10 @@ def summary(groups: dict, device_type: str, junits: List[Path], bench_junit: Opt
         value, text = _speedup(rows, "fastgan graphs")
         if value is not None:
             graphs, _ = _speedup(rows, "fastgan cuda graphs")
+            plain_graphed, _ = _speedup(rows, "plain PyTorch, graphed")
             lines.append(f"{name.removeprefix('training: ')}: fastest option {text}"
-                         + (f"; graphs with torch's numerics {graphs:.2f}×" if graphs else ""))
+                         + (f"; graphs with torch's numerics {graphs:.2f}×" if graphs else "")
+                         + (f"; plain PyTorch graphed by GraphedStep {plain_graphed:.2f}×" if plain_graphed else ""))
     d_step = _find(groups, "gradient_penalty", "gradient_penalty: wgan-gp")
     value, text = _speedup([r for r in d_step if not r["variant"].endswith(", graphed")], "fastgan")
     plain_graphed, _ = _speedup(d_step, "plain autograd, graphed")

@@ -55,3 +55,24 @@ def test_training_option_entries(monkeypatch, tmp_path, case, option):
         step, check = training_bench.graphed_step(case, str(tmp_path), real, option, **options)
         out = step()
     assert check and all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_plain_graphed_training_entry(monkeypatch, tmp_path):
+    """The plain GAN's whole iteration (n_disc D updates, then G's) as one graph, replayed: its
+    numbers are those of the same plain iterations run eagerly."""
+    use_stand_in_graphs(monkeypatch)
+    case = training_bench.CASES["sndcgan ns+sn"]  # torch's spectral-norm parametrization iterating inside the graph
+    real = torch.rand(4, 3, 32, 32)
+    trainer = training_bench.fastgan_trainer(training_bench.make_config(case, 4, str(tmp_path), width=0.25), real)
+    torch.manual_seed(5)
+    graphed = training_bench.plain_graphed_step(trainer, real)  # two iterations: warm-up and capture
+    torch.manual_seed(5)
+    eager = training_bench.PlainGAN(trainer.config, trainer, real)
+    for _ in range(2):
+        eager.train_step()
+    for iteration in range(2):  # each with the same draws of z and α
+        torch.manual_seed(10 + iteration)
+        ours = graphed()
+        torch.manual_seed(10 + iteration)
+        theirs = eager.train_step()
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), (iteration, ours, theirs)

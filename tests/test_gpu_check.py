@@ -130,11 +130,12 @@ def test_the_summary_names_the_fastest_training_option():
     rows = [dict(variant="plain PyTorch", median_us=100.0, baseline=True),
             dict(variant="fastgan cuda graphs", median_us=80.0, baseline=False),
             dict(variant="fastgan graphs + amp", median_us=40.0, baseline=False),
-            dict(variant="fastgan graphs, tf32 off (fastgan train's default)", median_us=120.0, baseline=False)]
+            dict(variant="fastgan graphs, tf32 off (fastgan train's default)", median_us=120.0, baseline=False),
+            dict(variant="plain PyTorch, graphed by GraphedStep", median_us=90.0, baseline=False)]
     groups = {"training": {"training: resnet_cifar wgan-gp, batch 64, n_disc 5": rows}}
     text = report.summary(groups, "cuda", [], None, None, [])
     assert ("resnet_cifar wgan-gp, batch 64, n_disc 5: fastest option 2.50× (fastgan graphs + amp); "
-            "graphs with torch's numerics 1.25×") in text
+            "graphs with torch's numerics 1.25×; plain PyTorch graphed by GraphedStep 1.11×") in text
     assert re.search(r"MISSED resnet_cifar wgan-gp, batch 64, n_disc 5: graphs >= 3x plain\s+1.25×", text)
 
 
