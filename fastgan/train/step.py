@@ -8,12 +8,13 @@ halves), adds ``penalty_weight`` × the configured penalty and takes an Adam ste
 draws it (the trainer from its own generator, for the global batch).
 
 :class:`CapturedStep` runs the same updates as CUDA graphs, each kind a
-:class:`fastgan.graphs.GraphedStep`: the first update of each kind runs eagerly (it also creates Adam's state), the second is captured (D: G's forward,
-D's forward on real and fake, the double-backward penalty, fused spectral norm,
-capturable Adam; G: its forward and backward through D, Adam) into static buffers, and
-every update from then on copies its inputs into those buffers and replays the graph:
-a few launches per update instead of hundreds. :func:`why_not_capturable` says when a
-setup cannot be captured; :func:`build_step` falls back to eager with that one line.
+:class:`fastgan.graphs.GraphedStep`: the first update of each kind runs eagerly (it also
+creates Adam's state), the second is captured (D: G's forward, D's forward on real and
+fake, the double-backward penalty, fused spectral norm, capturable Adam; G: its forward
+and backward through D, Adam) into static buffers, and every update from then on copies
+its inputs into those buffers and replays the graph: a few launches per update instead
+of hundreds. :func:`why_not_capturable` says when a setup cannot be captured;
+:func:`build_step` falls back to eager with that one line.
 
 Mixed batches (``mixed_batches``, :mod:`fastgan.mixed_batches`): D's update reads one mixed
 batch ``mix(real, G(z), mask)`` (never ``cat(real, fake)``) and predicts its proportion of real
