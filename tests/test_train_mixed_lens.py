@@ -265,6 +265,7 @@ def test_captured_mixed_lens_updates_match_eager(tmp_path, device):
                              f"cuda_graphs={str(graphs).lower()}", f"out_dir={tmp_path / str(graphs)}")
         trainer = Trainer(config)
         trainer.fit()
+        assert not graphs or trainer.updates.captured  # replayed, not fallen back to eager
         runs[graphs] = [p.detach().cpu() for m in (trainer.G, trainer.D, trainer.lens) for p in m.parameters()]
     for eager, captured in zip(runs[False], runs[True]):
         # 1e-3: Adam moves a weight whose gradient is pure round-off by ±lr either way (test_train_graphs.py)
