@@ -139,7 +139,8 @@ def gradient_penalty(
             alpha = _per_sample_alpha(alpha, real)
         elif draws_on_device:
             alpha = torch.rand(real.shape[0], device=real.device)
-        point, _ = ops.interpolate(real.detach(), fake.detach(), alpha, _seed(generator))
+        # a given α needs no seed: drawing one anyway would advance the caller's global generator
+        point, _ = ops.interpolate(real.detach(), fake.detach(), alpha, 0 if alpha is not None else _seed(generator))
     elif kind == "dragan":
         point = (reference.dragan_with_noise(real.detach(), torch.rand(real.shape, device=real.device))
                  if draws_on_device else ops.dragan(real.detach(), _seed(generator)))

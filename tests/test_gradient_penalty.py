@@ -272,8 +272,10 @@ def test_options_and_explicit_alpha(one_sided, eps):
     real, fake = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.rand(4, 3, 9, 9, dtype=torch.float64)
     alpha = torch.rand(4, dtype=torch.float64)
     expected = plain_autograd_penalty(d, real, fake, "wgan-gp", alpha=alpha, center=0.5, eps=eps, one_sided=one_sided)
+    state = torch.get_rng_state()
     penalty = gradient_penalty(d, real, fake, alpha=alpha, center=0.5, eps=eps, one_sided=one_sided)
     torch.testing.assert_close(penalty, expected, **TOL[torch.float64])
+    assert torch.equal(torch.get_rng_state(), state)  # a given α draws nothing from the global generator
 
 
 @pytest.mark.parametrize("shape", [(5,), (5, 1), (5, 1, 1), (5, 1, 1, 1)])
