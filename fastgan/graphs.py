@@ -38,9 +38,9 @@ The rules of CUDA graphs (``torch.cuda.graph``'s documentation) hold inside ``fn
   captures (an autocast around the call has its cache turned off while capturing).
 
 Off the GPU (CPU tensors), inside another capture, under ``torch.compile``, or where CUDA
-refuses the capture, GraphedStep runs ``fn`` eagerly and says once why. :class:`~fastgan.train.step.CapturedStep` (the
-trainer's ``cuda_graphs: true``) and :func:`~fastgan.nn.apply_spectral_norm`'s replayed
-refresh are built on the same pieces.
+refuses the capture, GraphedStep runs ``fn`` eagerly and says once why.
+:class:`~fastgan.train.step.CapturedStep` (the trainer's ``cuda_graphs: true``) and
+:func:`~fastgan.nn.apply_spectral_norm`'s replayed refresh are built on the same pieces.
 """
 from __future__ import annotations
 
