@@ -35,7 +35,11 @@ The rules of CUDA graphs (``torch.cuda.graph``'s documentation) hold inside ``fn
 * nothing synchronises with the host (``.item()``, ``.cpu()``, ``print(tensor)``): CUDA
   refuses it during capture (GraphedStep then runs eagerly, saying so);
 * an autocast context inside ``fn`` passes ``cache_enabled=False``, as torch advises for
-  captures (an autocast around the call has its cache turned off while capturing).
+  captures (an autocast around the call has its cache turned off while capturing);
+* the graph keeps the tensors and numbers it read at capture: load checkpoints before the
+  second call (or copy into the parameters and optimizer state in place), and a learning
+  rate changed later reaches the replays only as a tensor changed in place (torch's Adam
+  takes ``lr=torch.tensor(2e-4, device="cuda")`` with ``capturable=True``).
 
 Off the GPU (CPU tensors), inside another capture, under ``torch.compile``, or where CUDA
 refuses the capture, GraphedStep runs ``fn`` eagerly and says once why.
