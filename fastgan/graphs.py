@@ -128,12 +128,14 @@ class GraphedStep:
     its second call on (see the module's documentation for the rules ``fn`` follows).
 
     ``optimizers``: those ``fn`` steps, checked to be built with ``capturable=True`` (torch
-    would refuse them at capture, after the warm-up). Tensor arguments may be nested in
-    lists, tuples and dicts."""
+    would refuse them at capture, after the warm-up) and, once captured, not to have loaded
+    another state (a replay then raises). Tensor arguments may be nested in lists, tuples
+    and dicts."""
 
     def __init__(self, fn: Callable[..., Any], *, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         self.fn = fn
-        for optimizer in optimizers:
+        self._optimizers = list(optimizers)
+        for optimizer in self._optimizers:
             if not all(group.get("capturable") for group in optimizer.param_groups):
                 raise ValueError(
                     f"GraphedStep: {type(optimizer).__name__} must be built with capturable=True: a CUDA graph "
@@ -142,6 +144,7 @@ class GraphedStep:
         self._calls = 0
         self._static: List[Any] = []
         self._spec = None
+        self._optimizer_states: List[dict] = []  # the optimizers' state dicts the graph updates
         self._eager_because: Optional[str] = None  # set when a capture failed: eager from then on
         self._said_why = False
 
@@ -172,6 +175,7 @@ class GraphedStep:
             self._say_once(self._eager_because)
             return self.fn(*args, **kwargs)
         self.graph, self._static, self._spec = graph, static, spec
+        self._optimizer_states = [optimizer.state for optimizer in self._optimizers]
         return self.graph.replay()
 
     def _say_once(self, why: str) -> None:
@@ -180,6 +184,11 @@ class GraphedStep:
             warnings.warn(f"GraphedStep: running eagerly: {why}", RuntimeWarning, stacklevel=3)
 
     def _replay(self, leaves: List[Any], spec) -> Any:
+        for optimizer, state in zip(self._optimizers, self._optimizer_states):
+            if optimizer.state is not state:  # load_state_dict puts new tensors in a new dict
+                raise RuntimeError(f"GraphedStep: {type(optimizer).__name__}'s state was loaded after the capture, but "
+                                   "the graph still updates the tensors it had then; load before the second call, or "
+                                   "make a new GraphedStep")
         if spec != self._spec:
             raise ValueError(f"GraphedStep: called with arguments structured as {spec}, but the graph was captured "
                              f"with {self._spec}; a graph replays one structure (make one GraphedStep per structure)")

@@ -97,6 +97,18 @@ def test_graphed_step_checks_optimizers_and_devices():
         graphs.GraphedStep(lambda x, y: x)(torch.ones(2), torch.ones(2, device="meta"))
 
 
+def test_graphed_step_refuses_an_optimizer_state_loaded_after_its_capture(stand_in_graphs):
+    p = nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.Adam([p], capturable=True)  # (its step runs on GPUs only; this update never steps)
+    step = graphs.GraphedStep(lambda x: (p * x).sum().detach(), optimizers=[optimizer])
+    x = torch.randn(3)
+    for _ in range(3):
+        step(x)
+    optimizer.load_state_dict(optimizer.state_dict())
+    with pytest.raises(RuntimeError, match="Adam's state was loaded after the capture"):
+        step(x)
+
+
 def test_graphed_step_runs_eagerly_off_the_gpu_and_says_why_once():
     d = _discriminator()
     eager_d = copy.deepcopy(d)
