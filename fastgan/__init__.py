@@ -3,6 +3,7 @@
 ``import fastgan`` registers the ``fastgan::*`` ops with ``torch.library``.
 ``fastgan.backends()`` reports which kernels are built and usable here;
 ``fastgan.use_backend(name)`` (or ``FASTGAN_BACKEND``) forces one.
+``fastgan.graphs.GraphedStep`` replays a whole hand-written training update from a CUDA graph.
 """
 import importlib
 import sys
