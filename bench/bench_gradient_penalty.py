@@ -30,7 +30,6 @@ import torch
 
 import fastgan
 import timing
-from fastgan.graphs import GraphedStep
 from fastgan.models import build_models
 from timing import DEVICE
 
@@ -124,11 +123,7 @@ def entry_step(name: str, kind: str, setup) -> Callable[[], torch.Tensor]:
     if penalty_variant != PLAIN:
         same_math_check(penalty_variant, kind, setup)
     step = d_step(d, real, fake, penalty_fn(penalty_variant, d, real, fake, kind))
-    if name.endswith(GRAPHED):
-        step = GraphedStep(step)
-        step(), step()  # the eager warm-up, then the capture
-        assert step.captured, f"{name}: the capture failed, the step runs eagerly (see its warning)"
-    return step
+    return timing.graphed(step, name) if name.endswith(GRAPHED) else step
 
 
 @pytest.mark.parametrize("kind, name", ENTRIES)

@@ -61,7 +61,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import timing
-from fastgan.graphs import GraphedStep
 from fastgan.models import build_models
 from fastgan.train.config import Config
 from fastgan.train.runtime import Runtime
@@ -245,14 +244,13 @@ def graphed_step(case: str, workdir: str, real: Tensor, name: str, **options):
     return graphed.train_step, describe(diffs)
 
 
-def plain_graphed_step(trainer: Trainer, real: Tensor) -> GraphedStep:
+def plain_graphed_step(trainer: Trainer, real: Tensor):
     """The plain GAN's whole iteration as one GraphedStep, from the trainer's weights, warmed up and
     captured (capturable Adam where the device has it: torch's runs on GPUs only)."""
-    plain = PlainGAN(trainer.config, trainer, real, capturable=DEVICE.type == "cuda")
-    step = GraphedStep(plain.train_step, optimizers=[plain.d_optimizer, plain.g_optimizer] if DEVICE.type == "cuda" else ())
-    step(), step()  # the eager warm-up, then the capture
-    assert step.captured, "the plain GAN's capture failed, its iteration runs eagerly (see the warning)"
-    return step
+    capturable = DEVICE.type == "cuda"
+    plain = PlainGAN(trainer.config, trainer, real, capturable=capturable)
+    return timing.graphed(plain.train_step, PLAIN_GRAPHED,
+                          optimizers=[plain.d_optimizer, plain.g_optimizer] if capturable else ())
 
 
 def time_iteration(benchmark, case: str, variant: str, step, flops: float, check: str) -> None:

@@ -118,6 +118,17 @@ def _seconds(fn: Callable[[], object], number: int) -> float:
     return time.perf_counter() - start
 
 
+def graphed(fn: Callable[[], object], what: str, optimizers=()) -> Callable[[], object]:
+    """``fn`` as a :class:`fastgan.graphs.GraphedStep`, warmed up and captured, so that what a
+    benchmark then times is the replay; a capture that fell back to eager fails the entry."""
+    from fastgan.graphs import GraphedStep
+
+    step = GraphedStep(fn, optimizers=optimizers)
+    step(), step()  # the eager warm-up, then the capture
+    assert step.captured, f"{what}: the capture failed, the step runs eagerly (see its warning)"
+    return step
+
+
 def budget(full: float, quick: float) -> float:
     return quick if QUICK else full
 

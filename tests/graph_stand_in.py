@@ -1,9 +1,11 @@
 """A CUDA graph's contract on the CPU, for tests of what captures and replays: fastgan.graphs,
 apply_spectral_norm's replayed refresh, the trainer's captured updates and the benchmarks'
-graphed entries. CI has no GPU; with this stand-in the code around every capture runs there."""
+graphed entries. CI has no GPU; with this stand-in the code around every capture runs there.
+Also the hand-written update those tests capture, on the CPU and on the GPU alike."""
 from torch.utils import _pytree as pytree
 
 from fastgan import graphs
+from fastgan.penalties import gradient_penalty
 from fastgan.train import step
 
 
@@ -43,3 +45,16 @@ def use_stand_in_training_graphs(monkeypatch) -> None:
     monkeypatch.setattr(step, "GraphedStep", lambda fn, optimizers=(): graphs.GraphedStep(fn))
 
 
+
+
+def wgan_gp_update(d, optimizer):
+    """A hand-written WGAN-GP update of ``d``: (real, fake, alpha, weight=10) -> {"loss", "penalty": [...]}
+    (a keyword argument and a nested output, which GraphedStep must carry through)."""
+    def update(real, fake, alpha, *, weight=10.0):
+        optimizer.zero_grad(set_to_none=True)
+        penalty = gradient_penalty(d, real, fake, "wgan-gp", alpha=alpha)
+        loss = d(fake).mean() - d(real).mean() + weight * penalty
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach(), "penalty": [penalty.detach()]}
+    return update

@@ -23,7 +23,7 @@ from fastgan.train.step import CapturedStep
 from fastgan.train.config import load_config
 from fastgan.train.stream import RepeatedBatch
 from fastgan.train.trainer import Trainer
-from graph_stand_in import use_stand_in_graphs, use_stand_in_training_graphs
+from graph_stand_in import use_stand_in_graphs, use_stand_in_training_graphs, wgan_gp_update
 
 
 @pytest.fixture
@@ -37,17 +37,6 @@ def _discriminator():
                          nn.Flatten(), nn.Linear(8 * 2 * 2, 1))
 
 
-def _wgan_gp_update(d, optimizer):
-    def update(real, fake, alpha, *, weight=10.0):
-        optimizer.zero_grad(set_to_none=True)
-        penalty = gradient_penalty(d, real, fake, "wgan-gp", alpha=alpha)
-        loss = d(fake).mean() - d(real).mean() + weight * penalty
-        loss.backward()
-        optimizer.step()
-        return {"loss": loss.detach(), "penalty": [penalty.detach()]}
-    return update
-
-
 def test_graphed_step_gives_the_eager_steps(stand_in_graphs):
     """Four updates with new batches each: the same losses, weights and gradients as eager,
     bit for bit; the outputs are the graph's own tensors, rewritten by each call."""
@@ -55,7 +44,7 @@ def test_graphed_step_gives_the_eager_steps(stand_in_graphs):
     graphed_d = copy.deepcopy(eager_d)
     eager_opt = torch.optim.SGD(eager_d.parameters(), lr=0.1, momentum=0.9)
     graphed_opt = torch.optim.SGD(graphed_d.parameters(), lr=0.1, momentum=0.9)
-    eager, graphed = _wgan_gp_update(eager_d, eager_opt), graphs.GraphedStep(_wgan_gp_update(graphed_d, graphed_opt))
+    eager, graphed = wgan_gp_update(eager_d, eager_opt), graphs.GraphedStep(wgan_gp_update(graphed_d, graphed_opt))
     outputs = []
     for call in range(4):
         real, fake, alpha = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8), torch.rand(5)
@@ -71,7 +60,7 @@ def test_graphed_step_gives_the_eager_steps(stand_in_graphs):
 
 def test_graphed_step_refuses_arguments_its_graph_was_not_captured_with(stand_in_graphs):
     d = _discriminator()
-    step = graphs.GraphedStep(_wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1)))
+    step = graphs.GraphedStep(wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1)))
     real, fake, alpha = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4)
     for _ in range(2):
         step(real, fake, alpha, weight=10.0)
@@ -112,8 +101,8 @@ def test_graphed_step_refuses_an_optimizer_state_loaded_after_its_capture(stand_
 def test_graphed_step_runs_eagerly_off_the_gpu_and_says_why_once():
     d = _discriminator()
     eager_d = copy.deepcopy(d)
-    step = graphs.GraphedStep(_wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1)))
-    eager = _wgan_gp_update(eager_d, torch.optim.SGD(eager_d.parameters(), lr=0.1))
+    step = graphs.GraphedStep(wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1)))
+    eager = wgan_gp_update(eager_d, torch.optim.SGD(eager_d.parameters(), lr=0.1))
     with pytest.warns(RuntimeWarning, match="running eagerly: CUDA graphs need a GPU; the tensors are on cpu") as said:
         for _ in range(3):
             real, fake, alpha = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4)
@@ -128,8 +117,8 @@ def test_a_step_whose_capture_fails_runs_eagerly_and_says_why_once(stand_in_grap
     monkeypatch.setattr(graphs, "CapturedGraph", refused)
     d = _discriminator()
     eager_d = copy.deepcopy(d)
-    step = graphs.GraphedStep(_wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1)))
-    eager = _wgan_gp_update(eager_d, torch.optim.SGD(eager_d.parameters(), lr=0.1))
+    step = graphs.GraphedStep(wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1)))
+    eager = wgan_gp_update(eager_d, torch.optim.SGD(eager_d.parameters(), lr=0.1))
     with pytest.warns(RuntimeWarning, match=r"running eagerly: the capture failed \(CUDA error: operation not") as said:
         for _ in range(4):
             real, fake, alpha = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4)
