@@ -135,8 +135,8 @@ def test_the_trainers_captured_updates_are_graphed_steps(monkeypatch, tmp_path, 
     give the eager trainer's numbers bit for bit, both kinds of update end up replayed, and
     the penalty seed the trainer draws anew each update stays out of the graph's arguments."""
     use_stand_in_training_graphs(monkeypatch)
-    common = setup + ["image_size=32", "width=0.125", "batch_size=4", "fid_every=0", "sample_every=0",
-                      "checkpoint_every=0", "log_every=0", "progress=false"]
+    common = setup + ["device=cpu", "image_size=32", "width=0.125", "batch_size=4", "fid_every=0",
+                      "sample_every=0", "checkpoint_every=0", "log_every=0", "progress=false"]
     real = torch.rand(4, 3, 32, 32)
     eager = Trainer(load_config(None, common + [f"out_dir={tmp_path / 'eager'}"]), stream=RepeatedBatch(real))
     graphed = Trainer(load_config(None, common + [f"out_dir={tmp_path / 'graphed'}", "cuda_graphs=true"]),
