@@ -61,20 +61,22 @@ class LaunchConfig:
                 f"block_final {self.block_final}, {self.num_warps} warps")
 
 
-# The interpreter favours big tiles (fewer Python steps); a GPU favours many small
-# row blocks (all SMs busy) whose tiles stay in registers.
-GPU = LaunchConfig(block_m=16, block_b_max=256, block_k=256, block_j=8, block_final=1024, num_warps=4)
+# The interpreter favours big tiles (fewer Python steps); a GPU favours many programs with
+# wide tiles. GPU is the fastest of the last H100 sweep (bench/results/spectral_norm-cuda-2026-11-28.md,
+# "triton launch configs": SNDCGAN's D replayed from a CUDA graph, 39.5 µs against 58.9 µs for
+# the previous block_m 16, block_b 256, 4 warps): 4 rows a program gives ~470 programs, more
+# loads in flight on 132 SMs, and a 4096-wide finalize tile covers the last layer's 8192-long v in two.
+GPU = LaunchConfig(block_m=4, block_b_max=1024, block_k=512, block_j=16, block_final=4096, num_warps=8)
 INTERPRETER = LaunchConfig(block_m=32, block_b_max=1024, block_k=1024, block_j=4, block_final=1024, num_warps=4)
 # What the GPU benchmark times beside GPU on SNDCGAN's discriminator, replayed from a CUDA graph
-# (bench/bench_spectral_norm.py, "triton launch configs"), so that GPU is chosen by measurement.
-# GPU runs 117 programs of 4 warps there, fewer than an H100's 132 SMs: the candidates cut the
-# rows per program (more programs, more loads in flight), widen the tiles, and give the
-# per-layer finalize (a 8192-long v for the last linear layer) wider tiles.
+# (bench/bench_spectral_norm.py, "triton launch configs"), so that GPU stays chosen by measurement:
+# the previous default (the baseline of the sweep above), and GPU pushed further the way that
+# sweep went -- fewer rows a program, wider column tiles -- and with fewer warps.
 # Three, as each costs the benchmark phase a few seconds of compiling on a fresh machine.
 GPU_CANDIDATES = (
-    LaunchConfig(block_m=8, block_b_max=256, block_k=256, block_j=8, block_final=1024, num_warps=4),
-    LaunchConfig(block_m=8, block_b_max=512, block_k=256, block_j=8, block_final=2048, num_warps=8),
-    LaunchConfig(block_m=4, block_b_max=1024, block_k=512, block_j=16, block_final=4096, num_warps=8),
+    LaunchConfig(block_m=16, block_b_max=256, block_k=256, block_j=8, block_final=1024, num_warps=4),
+    LaunchConfig(block_m=2, block_b_max=2048, block_k=512, block_j=16, block_final=4096, num_warps=8),
+    LaunchConfig(block_m=4, block_b_max=1024, block_k=512, block_j=16, block_final=4096, num_warps=4),
 )
 MIN_BLOCK_B = 16
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

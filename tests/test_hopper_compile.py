@@ -154,8 +154,8 @@ def test_every_triton_kernel_compiles_for_sm90_without_spills(triton_build):
         assert jitted == {k for m, k in kernels if m == module.__name__}, "a kernel is never compile-checked"
     block_bs = {r["constexprs"]["BLOCK_B"] for r in results if r["kernel"] == "_row_pass_kernel"}
     candidates = spectral_norm.GPU_CANDIDATES  # the benchmark's launch configurations, float32 only
-    assert block_bs == {str(b) for b in (16, 32, 64, 128, spectral_norm.GPU.block_b_max)} | {
-        str(c.block_b_max) for c in candidates}
+    widths = range(spectral_norm.MIN_BLOCK_B.bit_length() - 1, spectral_norm.GPU.block_b_max.bit_length())
+    assert block_bs == {str(1 << i) for i in widths} | {str(c.block_b_max) for c in candidates}
     launched = {(r["constexprs"]["BLOCK_M"], r["num_warps"]) for r in results if r["kernel"] == "_row_pass_kernel"}
     assert {(str(c.block_m), c.num_warps) for c in candidates} <= launched, "a benchmarked configuration is never compiled"
     dtypes = {r["signature"]["w_typed_ptr"] for r in results if r["kernel"] == "_row_pass_kernel"}
