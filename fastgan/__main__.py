@@ -495,7 +495,7 @@ def parser() -> argparse.ArgumentParser:
                                                               "(default 1/128 * N/5000, per side)")
     gs.add_argument("--i-max", type=int, default=100, help="holes counted up to i_max - 1 (default 100)")
     gs.add_argument("--seed", type=int, default=0, help="seed of the landmark draws (default 0)")
-    gs.add_argument("--workers", type=int, default=None, help="processes for the complexes (default: one per CPU core)")
+    gs.add_argument("--workers", type=int, default=None, help="processes for the complexes (default: one per CPU core when the work pays for starting them)")
     gs.add_argument("--plot", metavar="OUT.png", help="also draw both MRLTs as bar plots into this image")
     inception_options(gs)
     gs.set_defaults(run=command_gs)

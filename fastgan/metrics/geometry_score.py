@@ -44,7 +44,8 @@ complex):
   ``d - alpha_max <= d_2`` can be in a simplex of dimension <= 2, so only those are sorted out.
 * persistence (Z/2) with gudhi's ``SimplexTree`` and the RLT per set, as the
   authors'; the per-set work runs in ``workers`` processes (default: one per CPU
-  core; gudhi and numpy hold the GIL, so threads would not help). The processes start
+  core when there is enough work to pay for starting them, :func:`default_workers`;
+  gudhi and numpy hold the GIL, so threads would not help). The processes start
   with Python's default method (fork on Linux, as torch's DataLoader workers; they
   run only numpy and gudhi and inherit the distance table without a copy). Where that
   method is spawn or forkserver (macOS, Windows, Python >= 3.14) a script must call
@@ -310,17 +311,31 @@ def _rlts_in_worker(rows: np.ndarray, gamma: float, i_max: int) -> np.ndarray:
     return _rlts_of_sets(_worker_distances, rows, gamma, i_max)
 
 
-def _default_workers() -> int:
+def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# Witness-sets (points x landmark sets) of work that pay for one worker process. A set costs
+# ~4 µs per point in one process (3-4 ms for 1000 points, 22 ms for 5000), and starting a worker
+# from a process that holds torch and a CUDA context took ~60 ms on a 16-core H100 machine: there
+# 16 workers turned 40 sets of 1000 points (0.15 s in one process) into 0.97 s
+# (bench/results/geometry_score-cuda-2026-11-28.md). 100 000 is ~0.4 s of work per worker.
+WORK_PER_WORKER = 100_000
+
+
+def default_workers(num_sets: int, num_points: int) -> int:
+    """Processes for ``num_sets`` landmark sets over ``num_points`` witnesses when ``workers``
+    is None: one per :data:`WORK_PER_WORKER` of work, at most one per available core."""
+    return max(1, min(available_cores(), num_sets * num_points // WORK_PER_WORKER))
 
 
 def _relative_living_times_of_sets(x: Tensor, sets: Tensor, gamma: float, i_max: int,
                                    workers: Optional[int]) -> Tensor:
     """(n, i_max) float64 RLTs of the landmark sets (rows of ``sets``)."""
     if workers is None:
-        workers = _default_workers()
+        workers = default_workers(sets.shape[0], x.shape[0])
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1 or None (one per CPU core), got {workers!r}")
+        raise ValueError(f"workers must be an int >= 1 or None (as many as the work pays for), got {workers!r}")
     workers = min(workers, sets.shape[0])
     _gudhi()  # here, not in every worker
     out: List[np.ndarray] = []
@@ -347,7 +362,7 @@ def relative_living_times(x, *, landmarks, gamma: Optional[float] = None, i_max:
     one set per row, gives (n, i_max). Indices of a set must be distinct.
     gamma: alpha_max = gamma * the largest witness-to-landmark distance of the set;
     default 1/128 * N/5000. workers: processes for the complexes (None: one per core
-    when there are several sets). Returns float64 on the CPU; each row sums to 1
+    when the work pays for them, see :func:`default_workers`). Returns float64 on the CPU; each row sums to 1
     unless some stretch had >= i_max holes."""
     points = _as_points("x", x)
     _check_parameters(i_max, gamma)
