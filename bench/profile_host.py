@@ -125,6 +125,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15, help="ops listed per workload")
     parser.add_argument("--out", help="write the report (markdown) here as well")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible")
     timing.configure(quick=True, device=args.device)  # before the benchmark modules size their cases
@@ -145,8 +146,8 @@ def main(argv: List[str] | None = None) -> int:
             if args.out:  # after every workload: a run stopped at its time budget keeps what it profiled
                 with open(args.out, "w") as f:
                     f.write("\n".join(lines))
-    if args.out:
-        print(f"written: {args.out}")
+    if args.out:  # the time taken, to tell a slow profile from a slow exit when a budget stops the run
+        print(f"written: {args.out} after {time.perf_counter() - started:.0f} s")
     return 0
 
 
