@@ -43,7 +43,8 @@ that it cannot and falls back to ``"symmetric"``:
   match its float32 rate).
 * ``"auto"``: the per-device default of :data:`AUTO_METHOD`: ``"symmetric"`` on the CPU
   (measured: bench/results/fid-cpu-*.md), ``"newton-schulz"`` on CUDA (an H100 at
-  d = 2048: 15.8 ms against ``"symmetric"``'s 28 ms, bench/results/fid-cuda-2026-11-27.md).
+  d = 2048: 15.8 and 16.8 ms in two runs against ``"symmetric"``'s 28 ms,
+  bench/results/fid-cuda-2026-11-2[78].md).
 
 :func:`frechet_distance` validates the statistics first (finite, symmetric and positive
 semi-definite within :data:`SYMMETRY_TOLERANCE` / :data:`PSD_TOLERANCE`), returns
@@ -102,8 +103,8 @@ _NEWTON_SCHULZ = _backend.register(  # (steps, matmul for the residual)
     },
     {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference", "triton")},
     "CPU: bench/results/fid-cpu-2026-11-27.md, d=2048 cpp 1.52x scipy, reference 1.45x; CUDA: "
-    "bench/results/fid-cuda-2026-11-27.md (H100, quick), d=2048 cuda 16.5 ms, reference 17.1 (equal within "
-    "cuda's 2.2 ms IQR: both are cuBLAS float64 products), triton 18.2 (its untuned float64 matmul)",
+    "bench/results/fid-cuda-2026-11-2[78].md (H100, quick), d=2048 cuda 16.5 / 17.7 ms, reference 17.1 / 18.1 "
+    "(equal within noise: both are cuBLAS float64 products), triton 18.2 / 18.9 (its untuned float64 matmul)",
 )
 _FEATURE_MOMENTS = _backend.register(
     "feature_moments",

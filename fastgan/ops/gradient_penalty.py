@@ -71,8 +71,10 @@ def _register(name, reference_fn):
         {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")},
         "CPU: bench/results/gradient_penalty-cpu-2026-11-23.md, a D step is convolution-bound (cpp 1.04x, "
         "reference 1.05x: equal within noise), cpp first as it reads the images once; CUDA: "
-        "bench/results/gradient_penalty-cuda-2026-11-27.md (H100, quick), R1 D step cuda 13.06 ms, triton 13.08, "
-        "reference 13.46 (host-bound: the step's ~530 launches), cuda first for its 16-byte vector loads and device-sized grids",
+        "bench/results/gradient_penalty-cuda-2026-11-2[78].md (H100, quick), R1 D step cuda 13.06 / 12.92 ms, triton "
+        "13.08 / 13.34, reference 13.46 / 11.57 (host-bound: the step's ~530 launches; IQRs 0.5-1.0 ms); WGAN-GP "
+        "(2026-11-28) cuda 11.85, triton 11.95, reference 20.75 (its seeded draw of alpha in plain torch ops); "
+        "cuda first for its 16-byte vector loads and device-sized grids",
     )
 
 

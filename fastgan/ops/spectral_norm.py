@@ -110,8 +110,9 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
 _ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _BASIS = (
     "CPU: bench/results/spectral_norm-cpu-2026-11-27.md, SNDCGAN D refresh cpp 3.47x torch (multi-layer op 2.79x), reference 0.92x; "
-    "CUDA: bench/results/spectral_norm-cuda-2026-11-27.md (H100, quick), multi-layer op cuda 313 us eager / "
-    "57.8 us replayed, triton 271 / 60.6 (eager: host-bound, IQRs 165 and 294 us), reference 1468 / 276"
+    "CUDA: bench/results/spectral_norm-cuda-2026-11-28.md (H100, quick), multi-layer op cuda 337 us eager / "
+    "41.4 us replayed, triton 560 / 58.9 (39.5 replayed with the launch configuration now default), reference "
+    "2524 / 273; 2026-11-27: cuda 313 / 57.8, triton 271 / 60.6 (eager: host-bound, IQRs 165 and 294 us)"
 )
 _POWER_ITERATION = _backend.register(
     "spectral_norm_power_iteration",
