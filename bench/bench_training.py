@@ -88,12 +88,13 @@ VARIANTS = [PLAIN, EAGER, GRAPHS] + ([PLAIN_GRAPHED] if DEVICE.type == "cuda" el
 # TF32 matmuls on with them (one linear layer in G and one in D).
 TORCH_NUMERICS = dict(tf32=True)
 AUTOTUNED = dict(TORCH_NUMERICS, cudnn_benchmark=True)
+ALL_OPTIONS = "fastgan graphs + amp + channels_last + cudnn_benchmark"
 OPTIONS = {
     "fastgan graphs, tf32 off (fastgan train's default)": (dict(), dict(tf32=False)),
     "fastgan graphs + cudnn_benchmark": (dict(), AUTOTUNED),
     "fastgan graphs + channels_last": (dict(channels_last=True), TORCH_NUMERICS),
     "fastgan graphs + amp": (dict(amp=True), TORCH_NUMERICS),
-    "fastgan graphs + amp + channels_last + cudnn_benchmark": (dict(amp=True, channels_last=True), AUTOTUNED),
+    ALL_OPTIONS: (dict(amp=True, channels_last=True), AUTOTUNED),
 }
 SAME_MATH = 1e-4  # relative |fastgan − plain| of one D step's losses, in float32
 SAME_MATH_BF16 = 1e-2  # the same under bfloat16 autocast on both sides

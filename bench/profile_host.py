@@ -17,9 +17,12 @@ Workloads, each a benchmark's own setup (bench_spectral_norm.py, bench_training.
 multi-layer op on the device's default backend; ``penalty``: one WGAN-GP D step (SNDCGAN,
 batch 64) with the hand-written autograd penalty and with fastgan's; ``training``: one
 iteration of each training benchmark case (at the benchmarks' quick-mode batch: 64 on a
-GPU, 16 and 4 on the CPU), plain and with fastgan's eager trainer.
+GPU, 16 and 4 on the CPU), plain and with fastgan's eager trainer; ``graphed`` (GPU only):
+the convolution-bound ResNet CIFAR case replayed from the trainer's CUDA graphs with every
+speed option (bench_training.ALL_OPTIONS), whose host work is gone: its kernel table is where
+the GPU time of the fastest way to train it goes.
 
-Run: python bench/profile_host.py [--device cuda] [--workloads sn penalty training] [--out FILE.md]
+Run: python bench/profile_host.py [--device cuda] [--workloads sn penalty training graphed] [--out FILE.md]
 (make gpu-check runs it and keeps the report in build/gpu-check/profile.md).
 """
 from __future__ import annotations
@@ -114,13 +117,26 @@ def training_workloads(workdir: str) -> Dict[str, Callable[[], object]]:
     return workloads
 
 
+def graphed_workloads(workdir: str) -> Dict[str, Callable[[], object]]:
+    import bench_training as training
+    from fastgan.train.runtime import Runtime
+
+    case = "resnet_cifar wgan-gp"
+    _, _, real = training.build_case(case, workdir)
+    options, numerics = training.OPTIONS[training.ALL_OPTIONS]
+    with Runtime().numerics(deterministic=False, **numerics):  # the capture records the kernels these pick
+        step, _ = training.graphed_step(case, workdir, real, training.ALL_OPTIONS, **options)
+    return {f"training iteration, {case}, batch {training.BATCH[case]}: {training.ALL_OPTIONS} (replayed)": step}
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Reports where each workload's eager time goes (see the module docstring).")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to profile on (default: cuda when visible)")
-    parser.add_argument("--workloads", nargs="+", choices=("sn", "penalty", "training"), default=["sn", "penalty", "training"])
+    parser.add_argument("--workloads", nargs="+", choices=("sn", "penalty", "training", "graphed"),
+                        default=["sn", "penalty", "training", "graphed"], help="graphed: on a GPU only")
     parser.add_argument("--calls", type=int, default=20, help="profiled calls per SN workload (the slower ones: a quarter)")
     parser.add_argument("--top", type=int, default=15, help="ops listed per workload")
     parser.add_argument("--out", help="write the report (markdown) here as well")
@@ -140,6 +156,8 @@ def main(argv: List[str] | None = None) -> int:
             workloads.update(penalty_workloads())
         if "training" in args.workloads:
             workloads.update(training_workloads(workdir))
+        if "graphed" in args.workloads and device.type == "cuda":
+            workloads.update(graphed_workloads(workdir))
         for workload, call in workloads.items():
             calls = args.calls if workload.startswith("SN") else max(2, args.calls // 4)  # the others take ms
             lines += profile_workload(workload, call, device, calls, args.top)

@@ -15,6 +15,7 @@ bench_module("timing").configure(quick=True, device="cpu")
 penalty_bench = bench_module("bench_gradient_penalty")
 sn_bench = bench_module("bench_spectral_norm")
 training_bench = bench_module("bench_training")
+profile_host = bench_module("profile_host")
 
 
 @pytest.mark.parametrize("name", ["plain autograd, graphed", "fastgan [cpp], graphed"])
@@ -76,3 +77,14 @@ def test_plain_graphed_training_entry(monkeypatch, tmp_path):
         torch.manual_seed(10 + iteration)
         theirs = eager.train_step()
         assert all(torch.equal(ours[key], theirs[key]) for key in theirs), (iteration, ours, theirs)
+
+
+def test_host_profile_graphed_workload(monkeypatch, tmp_path):
+    """profile_host's GPU-only workload: ResNet CIFAR WGAN-GP captured with every speed option
+    (after the benchmark's same-math check), a replay per call."""
+    use_stand_in_training_graphs(monkeypatch)
+    monkeypatch.setattr(training_bench, "BATCH", {name: 4 for name in training_bench.CASES})
+    ((name, step),) = profile_host.graphed_workloads(str(tmp_path)).items()
+    assert training_bench.ALL_OPTIONS in name
+    out = step()
+    assert {"d_loss", "penalty", "g_loss"} <= set(out) and all(torch.isfinite(v).all() for v in out.values())
