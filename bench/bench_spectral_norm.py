@@ -18,6 +18,9 @@ Three groups; ``refresh`` and ``normalized weights`` have torch's parametrizatio
   training forward spends on SN. torch's modules against fastgan's
   ``apply_spectral_norm``, the drop-in ``fastgan.nn.spectral_norm`` on each layer and
   the hook-form drop-in ``fastgan.nn.utils.spectral_norm`` (compare it with torch's hook form).
+* ``W / sigma backward``: the gradient of every layer's W / sigma with respect to W for a
+  given upstream gradient (what a D update's backward spends on SN), torch's parametrization
+  against the drop-in per backend of ``spectral_normalize``.
 
 Before timing, every variant runs once from the same weights and u, v as torch's
 parametrization and must give the same u, v (refresh) or W / sigma (normalized
@@ -63,9 +66,11 @@ REFRESH = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
                                       + (MULTI_LAYER_OP, "fastgan single-layer op x8")
                                       + ((GRAPH_REPLAY,) if DEVICE.type == "cuda" else ())]
 FASTGAN_HOOK = "fastgan utils.spectral_norm (hook) per layer"
+PER_LAYER = "fastgan spectral_norm per layer"
 NORMALIZED = [TORCH_PARAM, TORCH_HOOK] + [f"{kind} [{b}]" for b in BACKENDS
-                                         for kind in ("fastgan apply_spectral_norm", "fastgan spectral_norm per layer",
-                                                      FASTGAN_HOOK)]
+                                         for kind in ("fastgan apply_spectral_norm", PER_LAYER, FASTGAN_HOOK)]
+# W / σ's backward runs on the spectral_normalize backends (a forced Triton would rerun the default)
+BACKWARD = [TORCH_PARAM] + [f"{PER_LAYER} [{b}]" for b in timing.kernel_backends(DEVICE, "spectral_normalize")]
 RTOL = 1e-5  # float32: one power iteration over <= 4608-long dot products
 # On a GPU with Triton: the Triton kernels' launch configurations (the default, then the candidates),
 # each replayed from a CUDA graph -- the kernels' own time, which picks the default by measurement.
@@ -291,6 +296,24 @@ def normalized_fn(name: str, models: Models) -> Callable[[], List[Tensor]]:
     return per_layer_forward
 
 
+def backward_fn(name: str, models: Models) -> Callable[[], Tuple[Tensor, ...]]:
+    """The backward of every layer's W / σ (the forward recorded once, its graph kept), for
+    the same upstream gradients whatever the variant."""
+    backend = None if name == TORCH_PARAM else name[:-1].split(" [")[1]
+    with fastgan.use_backend(backend):
+        layers = weight_layers(models.torch_param() if backend is None else models.fastgan_per_layer(backend))
+        outputs = [m.weight for m in layers]
+    originals = [m.parametrizations.weight.original for m in layers]
+    generator = torch.Generator().manual_seed(2)
+    grads = [torch.randn(w.shape, generator=generator).to(DEVICE) for w in outputs]
+
+    def backward():
+        with fastgan.use_backend(backend):
+            return torch.autograd.grad(outputs, originals, grads, retain_graph=True)
+
+    return backward
+
+
 @pytest.fixture(scope="module")
 def models() -> Models:
     return Models()
@@ -360,3 +383,17 @@ def test_normalized_weights(benchmark, models, torch_normalized, torch_hook_norm
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "--benchmark-only"]))
+
+
+@pytest.fixture(scope="module")
+def torch_backward(models):
+    return backward_fn(TORCH_PARAM, models)()
+
+
+@pytest.mark.parametrize("name", BACKWARD)
+def test_normalized_weights_backward(benchmark, models, torch_backward, name):
+    fn = backward_fn(name, models)
+    assert_close(list(fn()), list(torch_backward), f"{name}: the gradient of W / sigma")
+    # read W and the upstream gradient, write the weight gradient
+    timing.measure(benchmark, fn, name, baseline=name == TORCH_PARAM, group="spectral_norm: W / sigma backward",
+                   bytes=3 * models.weight_bytes, warmup=5)

@@ -14,6 +14,7 @@ TORCH_LIBRARY(fastgan_C, m) {
       "spectral_norm_power_iteration_multi(Tensor[] weights, Tensor[] us, Tensor[] vs, int[] dims, "
       "int n_power_iterations, float eps, bool u_first) -> (Tensor, Tensor, Tensor)");
   m.def("spectral_normalize(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
+  m.def("spectral_normalize_backward(Tensor grad, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
   m.def(
       "spectral_norm_weight(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float eps, "
       "bool u_first) -> Tensor");

@@ -92,6 +92,44 @@ inline void check_spectral_normalize_args(const at::Tensor& weight, const at::Te
               " on ", sigma.device());
 }
 
+// spectral_normalize_backward(grad, weight, u, v, sigma, dim): dL/dW of W / sigma with u and v
+// held constant, grad / sigma - (<grad, W> / sigma^2) u v^T laid out like W (the math:
+// fastgan/reference/spectral_norm.py, normalize_weight_backward). The CPU and CUDA kernels
+// read grad and W in two passes -- <grad, W>, then the output -- where the same formula in ATen
+// ops is eight launches and six passes; they take contiguous grad and W of one dtype with u, v
+// and sigma of that dtype (what a layer's backward gets), anything else goes to the ATen
+// formula. The result has grad's layout either way.
+inline void check_spectral_normalize_backward_args(const at::Tensor& grad, const at::Tensor& weight,
+                                                   const at::Tensor& u, const at::Tensor& v,
+                                                   const at::Tensor& sigma, int64_t dim) {
+  check_spectral_normalize_args(weight, u, v, sigma, dim);
+  TORCH_CHECK(grad.sizes() == weight.sizes() && grad.device() == weight.device(),
+              "spectral_normalize_backward: grad ", grad.sizes(), " on ", grad.device(),
+              " must match the weight's shape ", weight.sizes(), " and device ", weight.device());
+}
+
+inline bool spectral_normalize_backward_is_fused(const at::Tensor& grad, const at::Tensor& weight,
+                                                 const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma) {
+  const auto dtype = weight.scalar_type();
+  return grad.is_contiguous() && weight.is_contiguous() && u.is_contiguous() && v.is_contiguous() &&
+         grad.scalar_type() == dtype && u.scalar_type() == dtype && v.scalar_type() == dtype &&
+         sigma.scalar_type() == dtype;
+}
+
+// The same gradient in ATen ops (spectral_normalize.cpp), differentiable: the double backward
+// and the layouts the kernels leave out.
+at::Tensor spectral_normalize_backward_aten(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u,
+                                            const at::Tensor& v, const at::Tensor& sigma, int64_t dim);
+
+// W as (A, M, B) around `dim`, as the power iteration reads it: element (a, m, b) of a
+// contiguous W is u v^T's (m, a*B + b).
+inline std::tuple<int64_t, int64_t, int64_t> spectral_norm_view3(const at::Tensor& weight, int64_t dim) {
+  int64_t A = 1, B = 1;
+  for (int64_t j = 0; j < dim; ++j) A *= weight.size(j);
+  for (int64_t j = dim + 1; j < weight.dim(); ++j) B *= weight.size(j);
+  return {A, weight.size(dim), B};
+}
+
 enum class Finalize { UV, V, U, Eval };
 
 // The schedule above, for any backend: `it` provides pass(dot, accum) and finalize(kind).

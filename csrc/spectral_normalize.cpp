@@ -4,9 +4,11 @@
 //
 // This runs once per spectral-normalized layer per forward, so its autograd lives in C++:
 // the same function registered from Python (torch.library.register_autograd) cost ~20 us
-// more per call, about a third of a small layer's whole forward. Division and backward are
-// ATen ops. The forward kernels: CUDA here, CPU in cpu/spectral_norm.cpp; fake tensors in
-// fastgan/ops/spectral_norm.py.
+// more per call, about a third of a small layer's whole forward. The forward kernels: CUDA
+// here (ATen's division), CPU in cpu/spectral_norm.cpp. The backward is the
+// spectral_normalize_backward op (kernels beside the forward's: two passes over W instead of
+// the ATen formula's eight launches), except in a double backward, which needs the ATen
+// formula's own graph. Fake tensors: fastgan/ops/spectral_norm.py.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -35,6 +37,17 @@ at::Tensor outer_like(const at::Tensor& u, const at::Tensor& v, const at::Tensor
   return at::outer(u, v).reshape_symint(moved).movedim(0, dim);
 }
 
+}  // namespace
+
+at::Tensor spectral_normalize_backward_aten(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u,
+                                            const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+  dim = at::maybe_wrap_dim(dim, weight.dim());
+  const at::Tensor coeff = (grad * weight).sum() / (sigma * sigma);
+  return grad / sigma - coeff * outer_like(u, v, weight, dim);
+}
+
+namespace {
+
 class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& u,
@@ -55,14 +68,20 @@ class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
     at::Tensor sigma = saved[3];
     const int64_t dim = at::maybe_wrap_dim(ctx->saved_data["dim"].toInt(), weight.dim());
     const at::Tensor& grad = grads[0];
+    at::Tensor grad_weight;
     if (at::GradMode::is_enabled()) {
       // Double backward: sigma must depend on W (same value) for the second-order terms.
       const at::Tensor recomputed = at::dot(u, at::mv(weight.movedim(dim, 0).flatten(1), v));
       sigma = sigma + (recomputed - recomputed.detach());
+      grad_weight = spectral_normalize_backward_aten(grad, weight, u, v, sigma, dim);
+    } else {
+      static auto fused = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("fastgan_C::spectral_normalize_backward", "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, int64_t)>();
+      grad_weight = fused.call(grad, weight, u, v, sigma, dim);
     }
-    const at::Tensor coeff = (grad * weight).sum() / (sigma * sigma);
-    return {grad / sigma - coeff * outer_like(u, v, weight, dim), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    return {grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

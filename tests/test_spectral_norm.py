@@ -659,6 +659,93 @@ def test_cpp_normalize_forward_is_the_exact_division(make_weight, threads, one_t
     assert out.stride() == expected.stride()
 
 
+def _cpp_normalize_backward():
+    fastgan._backend.extension()
+    return torch.ops.fastgan_C.spectral_normalize_backward
+
+
+def _normalize_backward_inputs(shape, dim, dtype, device, layout):
+    """(grad, weight, u, v, sigma) for the backward kernel; ``layout`` "contiguous" is what the
+    fused kernels take, the others go to the ATen formula."""
+    weight, u, v = _layer_inputs(shape, dim, dtype, device)
+    grad = torch.randn_like(weight)
+    sigma = (torch.rand((), device=device) + 0.5).to(dtype)
+    if layout == "channels-last":
+        weight, grad = (x.contiguous(memory_format=torch.channels_last) for x in (weight, grad))
+    elif layout == "transposed-grad":
+        grad = grad.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "float64-sigma":
+        sigma = sigma.double()
+    return grad, weight, u, v, sigma
+
+
+# Odd shapes; (517, 509) spans several CPU chunks and CUDA blocks, (3, 17001) a long row.
+BACKWARD_SHAPES = [((37, 3, 3, 3), 0), ((5, 11, 4, 4), 1), ((3, 7, 5), 2), ((517, 509), 0), ((3, 17001), 0)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,dim", BACKWARD_SHAPES)
+def test_normalize_backward_kernel_matches_float64(shape, dim, dtype, device):
+    """spectral_normalize's backward kernel (two passes over W) against the float64 formula."""
+    grad, weight, u, v, sigma = _normalize_backward_inputs(shape, dim, dtype, device, "contiguous")
+    got = _cpp_normalize_backward()(grad, weight, u, v, sigma, dim)
+    expected = reference.normalize_weight_backward(*(x.double() for x in (grad, weight, u, v, sigma)), dim)
+    assert got.dtype == dtype and got.stride() == grad.stride()
+    torch.testing.assert_close(got.double(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels-last", "transposed-grad", "float64-sigma"])
+def test_normalize_backward_other_layouts_take_the_aten_formula(layout, device):
+    shape = (6, 5, 3, 3) if layout == "channels-last" else (9, 13)
+    grad, weight, u, v, sigma = _normalize_backward_inputs(shape, 0, torch.float32, device, layout)
+    got = _cpp_normalize_backward()(grad, weight, u, v, sigma, 0)
+    expected = reference.normalize_weight_backward(*(x.double() for x in (grad, weight, u, v, sigma)), 0)
+    assert got.stride() == grad.stride()
+    torch.testing.assert_close(got.double(), expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_normalize_backward_kernel_is_deterministic(device, one_torch_thread):
+    """<grad, W> is summed in a fixed order: the same bits for any thread count (CPU) and run."""
+    grad, weight, u, v, sigma = _normalize_backward_inputs((517, 509), 0, torch.float32, device, "contiguous")
+    results = []
+    for threads in (1, 2, 1):
+        torch.set_num_threads(threads)
+        results.append(_cpp_normalize_backward()(grad, weight, u, v, sigma, 0))
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_normalize_backward_opcheck_and_errors(device):
+    grad, weight, u, v, sigma = _normalize_backward_inputs((7, 3, 2, 2), 0, torch.float64, device, "contiguous")
+    op = _cpp_normalize_backward()
+    torch.library.opcheck(op.default, (grad, weight, u, v, sigma, 0))
+    with pytest.raises(RuntimeError, match="grad .* must match the weight's shape"):
+        op(grad[:-1], weight, u, v, sigma, 0)
+    with pytest.raises(RuntimeError, match="do not fit a weight"):
+        op(grad, weight, u[:-1], v, sigma, 0)
+
+
+def test_layer_backward_runs_the_kernel_and_its_double_backward_the_formula():
+    """A first-order backward of the C++ W / σ goes through spectral_normalize_backward; a
+    create_graph backward keeps the differentiable ATen formula (gradgradcheck: test_gradcheck_normalize)."""
+    weight, u, v = _layer_inputs((6, 4, 3), 0, torch.float64, "cpu")
+    sigma = torch.dot(u, reference.weight_matrix(weight, 0) @ v)
+    grad = torch.randn_like(weight)
+    results = {}
+    for create_graph in (False, True):
+        w = weight.clone().requires_grad_()
+        out = _cpp_normalize()(w, u, v, sigma, 0)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            (results[create_graph],) = torch.autograd.grad(out, w, grad, create_graph=create_graph)
+        ran = {event.name for event in profiler.events()}
+        assert ("fastgan_C::spectral_normalize_backward" in ran) == (not create_graph), sorted(ran)
+    assert results[True].requires_grad
+    torch.testing.assert_close(results[False], results[True].detach(), **TOL[torch.float64])
+
+
 def _fused():
     fastgan._backend.extension()
     return torch.ops.fastgan_C.spectral_norm_weight
@@ -669,8 +756,9 @@ def _fused():
 @pytest.mark.parametrize("steps,u_first", [(1, True), (3, False), (0, True)])
 @pytest.mark.parametrize("shape,dim", [((37, 3, 3, 3), 0), ((5, 11, 4, 4), 1), ((600, 1200), 0)])
 def test_fused_layer_forward_is_the_ops_one_by_one(shape, dim, steps, u_first, dtype, device):
-    # The modules' one-call forward against the ops it composes: same W / σ, same buffer
-    # updates, same gradient, bit for bit.
+    # The modules' one-call forward against the ops it composes: same W / σ and buffer
+    # updates, bit for bit; the same gradient within the dtype's tolerance (the C++ backward is
+    # the fused spectral_normalize_backward kernel, the Python op's the reference formula).
     weight, u, v = _layer_inputs(shape, dim, dtype, device)
     results = []
     for fused in (True, False):
@@ -686,8 +774,9 @@ def test_fused_layer_forward_is_the_ops_one_by_one(shape, dim, steps, u_first, d
             out = OPS.spectral_normalize(w, u_new, v_new, sigma, dim)
         (grad,) = torch.autograd.grad(out, w, torch.ones_like(out))
         results.append((out, u_buf, v_buf, grad))
-    for ours, theirs in zip(*results):
+    for ours, theirs in zip(results[0][:3], results[1][:3]):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(results[0][3], results[1][3], **TOL[dtype])
     if steps == 0:
         assert torch.equal(results[0][1], u) and torch.equal(results[0][2], v)
 

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -319,12 +321,77 @@ at::Tensor spectral_normalize_cpu(const at::Tensor& weight, const at::Tensor& u,
   return weight / sigma;
 }
 
+// spectral_normalize's backward (../spectral_norm.h): <grad, W> summed over fixed chunks whose
+// partial sums are added in order, so the result is the same for any thread count; then each
+// of W's rows (a, m) written as one run of B elements.
+constexpr int64_t kDotChunk = 1 << 14;
+
+template <typename scalar_t, typename acc_t>
+FASTGAN_MULTIVERSION acc_t chunk_dot(const scalar_t* g, const scalar_t* w, int64_t n) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<acc_t>(g[i + j]) * static_cast<acc_t>(w[i + j]);
+  acc_t total = 0;
+  for (; i < n; ++i) total += static_cast<acc_t>(g[i]) * static_cast<acc_t>(w[i]);
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+template <typename scalar_t, typename acc_t>
+FASTGAN_MULTIVERSION void normalize_backward_rows(const scalar_t* g, const scalar_t* u, const scalar_t* v, acc_t sigma,
+                                                  acc_t coeff, int64_t M, int64_t B, int64_t first, int64_t last,
+                                                  scalar_t* out) {
+  for (int64_t r = first; r < last; ++r) {
+    const acc_t scaled_u = coeff * static_cast<acc_t>(u[r % M]);
+    const scalar_t* v_row = v + (r / M) * B;
+    const scalar_t* g_row = g + r * B;
+    scalar_t* out_row = out + r * B;
+    for (int64_t b = 0; b < B; ++b)
+      out_row[b] = static_cast<scalar_t>(static_cast<acc_t>(g_row[b]) / sigma - scaled_u * static_cast<acc_t>(v_row[b]));
+  }
+}
+
+at::Tensor spectral_normalize_backward_cpu(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u,
+                                           const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+  check_spectral_normalize_backward_args(grad, weight, u, v, sigma, dim);
+  dim = at::maybe_wrap_dim(dim, weight.dim());
+  if (!spectral_normalize_backward_is_fused(grad, weight, u, v, sigma))
+    return at::empty_like(grad).copy_(spectral_normalize_backward_aten(grad, weight, u, v, sigma, dim));
+  at::Tensor out = at::empty_like(grad);
+  int64_t A, M, B;  // not a structured binding: C++17 lambdas cannot capture one
+  std::tie(A, M, B) = spectral_norm_view3(weight, dim);
+  const int64_t n = weight.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_normalize_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    std::vector<acc_t> partials((n + kDotChunk - 1) / kDotChunk);
+    at::parallel_for(0, static_cast<int64_t>(partials.size()), 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c)
+        partials[c] = chunk_dot<scalar_t, acc_t>(g + c * kDotChunk, w + c * kDotChunk, std::min(kDotChunk, n - c * kDotChunk));
+    });
+    acc_t dot = 0;
+    for (const acc_t p : partials) dot += p;
+    const acc_t s = static_cast<acc_t>(*sigma.const_data_ptr<scalar_t>());
+    const acc_t coeff = dot / (s * s);
+    const scalar_t* u_data = u.const_data_ptr<scalar_t>();
+    const scalar_t* v_data = v.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, A * M, std::max<int64_t>(1, kDotChunk / B), [&](int64_t first, int64_t last) {
+      normalize_backward_rows<scalar_t, acc_t>(g, u_data, v_data, s, coeff, M, B, first, last, o);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgan_C, CPU, m) {
   m.impl("spectral_norm_power_iteration", &power_iteration_cpu);
   m.impl("spectral_norm_power_iteration_multi", &power_iteration_multi_cpu);
   m.impl("spectral_normalize", &spectral_normalize_cpu);
+  m.impl("spectral_normalize_backward", &spectral_normalize_backward_cpu);
 }
 
 }  // namespace fastgan

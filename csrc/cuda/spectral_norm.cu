@@ -45,6 +45,7 @@
 #include <limits>
 #include <list>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -609,11 +610,100 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(const at::Te
   return power_iteration_impl({weight}, {u}, {v}, {dim}, n_power_iterations, eps, u_first, /*scalar_sigma=*/true);
 }
 
+// ---------------------------------------------------------------------------
+// spectral_normalize's backward (../spectral_norm.h): two launches per layer, where the
+// ATen formula takes eight. The first sums grad * W into kNormalizeDotBlocks block
+// partials (grid-stride, fixed order: the same sum on every run); the second has every
+// block add the partials in the same order, so all agree on <grad, W>, and write
+// grad / sigma - (<grad, W> / sigma^2) u[m] v[a*B + b] for their elements (a, m, b).
+// ---------------------------------------------------------------------------
+
+constexpr int kNormalizeDotBlocks = 256;
+constexpr int kNormalizeElementsPerThread = 4;  // per block pass of the output kernel
+constexpr int64_t kNormalizeMaxBlocks = 8192;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    normalize_backward_dot_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ weight, int64_t n,
+                                  acc_t* __restrict__ partials) {
+  __shared__ acc_t partial[kFinalizeThreads / kWarpSize];
+  acc_t sum = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kFinalizeThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kFinalizeThreads + threadIdx.x; i < n; i += stride)
+    sum += to_acc<acc_t>(grad[i]) * to_acc<acc_t>(weight[i]);
+  sum = block_sum(sum, partial);
+  if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+}
+
+// index_t: uint32_t where every index fits (the divisions by B and M are then 32-bit), else int64_t.
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    normalize_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ u,
+                              const scalar_t* __restrict__ v, const scalar_t* __restrict__ sigma,
+                              const acc_t* __restrict__ partials, int num_partials, index_t M, index_t B, index_t n,
+                              scalar_t* __restrict__ out) {
+  __shared__ acc_t partial[kFinalizeThreads / kWarpSize];
+  acc_t dot = 0;
+  for (int j = threadIdx.x; j < num_partials; j += kFinalizeThreads) dot += partials[j];
+  dot = block_sum(dot, partial);
+  const acc_t s = to_acc<acc_t>(*sigma);
+  const acc_t coeff = div_rn(dot, s * s);
+  const index_t stride = static_cast<index_t>(gridDim.x) * kFinalizeThreads;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * kFinalizeThreads + threadIdx.x; i < n; i += stride) {
+    const index_t row = i / B, b = i - row * B;
+    const index_t a = row / M, m = row - a * M;
+    out[i] = static_cast<scalar_t>(div_rn(to_acc<acc_t>(grad[i]), s) -
+                                   coeff * to_acc<acc_t>(u[m]) * to_acc<acc_t>(v[a * B + b]));
+  }
+}
+
+at::Tensor spectral_normalize_backward_cuda(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u,
+                                            const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+  check_spectral_normalize_backward_args(grad, weight, u, v, sigma, dim);
+  dim = at::maybe_wrap_dim(dim, weight.dim());
+  if (!spectral_normalize_backward_is_fused(grad, weight, u, v, sigma))
+    return at::empty_like(grad).copy_(spectral_normalize_backward_aten(grad, weight, u, v, sigma, dim));
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor out = at::empty_like(grad);
+  int64_t A, M, B;
+  std::tie(A, M, B) = spectral_norm_view3(weight, dim);
+  const int64_t n = weight.numel();
+  if (n == 0) return out;
+  const int dot_blocks = static_cast<int>(std::min<int64_t>(kNormalizeDotBlocks, (n + kFinalizeThreads - 1) / kFinalizeThreads));
+  const int64_t per_block = static_cast<int64_t>(kFinalizeThreads) * kNormalizeElementsPerThread;
+  const int blocks = static_cast<int>(std::min<int64_t>(kNormalizeMaxBlocks, (n + per_block - 1) / per_block));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor partials = at::empty({dot_blocks}, weight.options().dtype(at::toOpMathType(weight.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_normalize_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    acc_t* p = partials.mutable_data_ptr<acc_t>();
+    normalize_backward_dot_kernel<scalar_t, acc_t>
+        <<<dot_blocks, kFinalizeThreads, 0, stream>>>(g, weight.const_data_ptr<scalar_t>(), n, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t *u_data = u.const_data_ptr<scalar_t>(), *v_data = v.const_data_ptr<scalar_t>(),
+                   *s = sigma.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    // Indices up to n plus one grid stride must fit the index type.
+    if (n + static_cast<int64_t>(blocks) * kFinalizeThreads <= std::numeric_limits<uint32_t>::max()) {
+      normalize_backward_kernel<scalar_t, acc_t, uint32_t><<<blocks, kFinalizeThreads, 0, stream>>>(
+          g, u_data, v_data, s, p, dot_blocks, static_cast<uint32_t>(M), static_cast<uint32_t>(B),
+          static_cast<uint32_t>(n), o);
+    } else {
+      normalize_backward_kernel<scalar_t, acc_t, int64_t>
+          <<<blocks, kFinalizeThreads, 0, stream>>>(g, u_data, v_data, s, p, dot_blocks, M, B, n, o);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgan_C, CUDA, m) {
   m.impl("spectral_norm_power_iteration", &power_iteration_cuda);
   m.impl("spectral_norm_power_iteration_multi", &power_iteration_multi_cuda);
+  m.impl("spectral_normalize_backward", &spectral_normalize_backward_cuda);
 }
 
 }  // namespace fastgan
