@@ -48,7 +48,7 @@ def default_backend(device: torch.device, op: str) -> str:
     """The backend ``op`` runs on ``device`` by default (its registry order, what users get)."""
     from fastgan import _backend
 
-    return _backend.registered()[op].choose(device.type)[0]
+    return _backend.registered()[op].backend(device.type)
 
 
 def kernel_backends(device: torch.device, *ops: str) -> List[str]:

@@ -193,7 +193,7 @@ def _power_iteration(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dim = check_layer(weight, u, v, dim, "spectral_norm_power_iteration")
     _check_iteration(n_power_iterations, eps)
-    backend = _POWER_ITERATION.choose(weight.device.type)[0]
+    backend = _POWER_ITERATION.backend(weight.device.type)
     impl = _POWER_ITERATION.impls[backend]
     if backend == "reference":  # plain torch reads any layout
         return impl(weight, u, v, dim, n_power_iterations, eps, u_first)
@@ -225,7 +225,7 @@ def _power_iteration_multi(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dims = _check_multi(weights, us, vs, dims)
     _check_iteration(n_power_iterations, eps)
-    backend = _POWER_ITERATION_MULTI.choose(weights[0].device.type)[0]
+    backend = _POWER_ITERATION_MULTI.backend(weights[0].device.type)
     impl = _POWER_ITERATION_MULTI.impls[backend]
     us = [u.contiguous() for u in us]
     vs = [v.contiguous() for v in vs]
@@ -313,7 +313,7 @@ def normalized_weight(
     if (
         not _backend.registered_ops_only()
         and weight.is_contiguous()
-        and _POWER_ITERATION.choose(weight.device.type)[0] in ("cpp", "cuda")
+        and _POWER_ITERATION.backend(weight.device.type) in ("cpp", "cuda")
     ):
         _check_iteration(n_power_iterations, eps)
         return torch.ops.fastgan_C.spectral_norm_weight(weight, u, v, dim, n_power_iterations, eps, u_first)
@@ -327,17 +327,23 @@ def normalized_weight(
 
 def multi_layer_backend(device: torch.device) -> str:
     """The backend the multi-layer op runs on ``device`` now (forced or default)."""
-    return _POWER_ITERATION_MULTI.choose(device.type)[0]
+    return _POWER_ITERATION_MULTI.backend(device.type)
 
 
 def one_launch_pays(device: torch.device) -> bool:
     """Whether ``apply_spectral_norm`` should run its layers' power iterations as one
-    multi-layer launch on ``device``: yes, except where that op runs on the CPU C++ backend.
+    multi-layer launch on ``device`` (see :func:`one_launch_pays_on`)."""
+    return one_launch_pays_on(multi_layer_backend(device))
+
+
+def one_launch_pays_on(backend: str) -> bool:
+    """Whether one multi-layer launch pays on the multi-layer op's ``backend``: yes, except on
+    the CPU C++ backend.
     There a launch is a function call, and each layer's own one-call forward keeps W in
     cache between its power iteration and W / σ: the SNDCGAN discriminator's
     apply_spectral_norm forward measured 1.88-2.07x torch's grouped, 3.26x layer by layer
     (bench/results/spectral_norm-cpu-2026-11-27.md, two threads)."""
-    return multi_layer_backend(device) != "cpp"
+    return backend != "cpp"
 
 
 def _normalize_backward_fake(grad, weight, u, v, sigma, dim):
