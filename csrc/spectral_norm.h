@@ -106,6 +106,9 @@ inline void check_spectral_normalize_backward_args(const at::Tensor& grad, const
   TORCH_CHECK(grad.sizes() == weight.sizes() && grad.device() == weight.device(),
               "spectral_normalize_backward: grad ", grad.sizes(), " on ", grad.device(),
               " must match the weight's shape ", weight.sizes(), " and device ", weight.device());
+  TORCH_CHECK(u.device() == weight.device() && v.device() == weight.device(),
+              "spectral_normalize_backward: u (on ", u.device(), ") and v (on ", v.device(),
+              ") must be on the weight's device ", weight.device());
 }
 
 inline bool spectral_normalize_backward_is_fused(const at::Tensor& grad, const at::Tensor& weight,

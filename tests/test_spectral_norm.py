@@ -726,6 +726,9 @@ def test_normalize_backward_opcheck_and_errors(device):
         op(grad[:-1], weight, u, v, sigma, 0)
     with pytest.raises(RuntimeError, match="do not fit a weight"):
         op(grad, weight, u[:-1], v, sigma, 0)
+    if device != "cpu":  # a kernel must not read another device's memory
+        with pytest.raises(RuntimeError, match="must be on the weight's device"):
+            op(grad, weight, u.cpu(), v, sigma, 0)
 
 
 def test_layer_backward_runs_the_kernel_and_its_double_backward_the_formula():
