@@ -124,6 +124,18 @@ inline bool spectral_normalize_backward_is_fused(const at::Tensor& grad, const a
 at::Tensor spectral_normalize_backward_aten(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u,
                                             const at::Tensor& v, const at::Tensor& sigma, int64_t dim);
 
+// What every device's spectral_normalize_backward does first: check the arguments, wrap `dim`,
+// and compute what the kernels leave out with the ATen formula (in grad's layout); an undefined
+// tensor means the kernel takes it.
+inline at::Tensor spectral_normalize_backward_unfused(const at::Tensor& grad, const at::Tensor& weight,
+                                                      const at::Tensor& u, const at::Tensor& v,
+                                                      const at::Tensor& sigma, int64_t& dim) {
+  check_spectral_normalize_backward_args(grad, weight, u, v, sigma, dim);
+  dim = at::maybe_wrap_dim(dim, weight.dim());
+  if (spectral_normalize_backward_is_fused(grad, weight, u, v, sigma)) return at::Tensor();
+  return at::empty_like(grad).copy_(spectral_normalize_backward_aten(grad, weight, u, v, sigma, dim));
+}
+
 // W as (A, M, B) around `dim`, as the power iteration reads it: element (a, m, b) of a
 // contiguous W is u v^T's (m, a*B + b).
 inline std::tuple<int64_t, int64_t, int64_t> spectral_norm_view3(const at::Tensor& weight, int64_t dim) {

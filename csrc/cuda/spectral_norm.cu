@@ -659,10 +659,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
 at::Tensor spectral_normalize_backward_cuda(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u,
                                             const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
-  check_spectral_normalize_backward_args(grad, weight, u, v, sigma, dim);
-  dim = at::maybe_wrap_dim(dim, weight.dim());
-  if (!spectral_normalize_backward_is_fused(grad, weight, u, v, sigma))
-    return at::empty_like(grad).copy_(spectral_normalize_backward_aten(grad, weight, u, v, sigma, dim));
+  if (at::Tensor unfused = spectral_normalize_backward_unfused(grad, weight, u, v, sigma, dim); unfused.defined())
+    return unfused;
   const c10::cuda::CUDAGuard guard(weight.device());
   at::Tensor out = at::empty_like(grad);
   int64_t A, M, B;
