@@ -211,7 +211,8 @@ class _GroupedPowerIteration:
     On a GPU the launch is replayed from a private CUDA graph (:class:`_ReplayedRefresh`)
     once the same layers, weights and buffers come a second time in a row: eager, the
     host's work around the kernels took ~5x their time (an H100: 271-313 µs a refresh of
-    SNDCGAN's D, 58 µs replayed; the hook's refresh with the replay then measured 119 µs). New weight or buffer storage (``.to()``, ``.data =``)
+    SNDCGAN's D, 58 µs replayed; the hook's refresh with the replay then measured 119 and 48 µs
+    in two runs). New weight or buffer storage (``.to()``, ``.data =``)
     goes back to the eager launch; a model whose storage keeps changing stops capturing
     after :data:`_MAX_CAPTURES` captures."""
 

@@ -110,9 +110,10 @@ def _check_multi(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[T
 _ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _BASIS = (
     "CPU: bench/results/spectral_norm-cpu-2026-11-27.md, SNDCGAN D refresh cpp 3.47x torch (multi-layer op 2.79x), reference 0.92x; "
-    "CUDA: bench/results/spectral_norm-cuda-2026-11-28.md (H100, quick), multi-layer op cuda 337 us eager / "
-    "41.4 us replayed, triton 560 / 58.9 (39.5 replayed with the launch configuration now default), reference "
-    "2524 / 273; 2026-11-27: cuda 313 / 57.8, triton 271 / 60.6 (eager: host-bound, IQRs 165 and 294 us)"
+    "CUDA: bench/results/spectral_norm-cuda-2026-11-28.md (H100, quick, with Triton's launch configuration "
+    "chosen by the run before it), multi-layer op cuda 120 us eager / 41.1 us replayed, triton 220 / 40.1, "
+    "reference 2264 / 275: replayed equal, eager cuda's launch cheaper; the runs before: cuda 337 / 41.4 and "
+    "313 / 57.8, triton 560 / 58.9 and 271 / 60.6 (eager: host-bound)"
 )
 _POWER_ITERATION = _backend.register(
     "spectral_norm_power_iteration",
@@ -289,8 +290,8 @@ _NORMALIZE = _backend.register(
     },
     {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
     "the same division; the C++ op's autograd skips ~20 us of Python per call (one call per SN layer per forward) "
-    "and its backward is one C++ op (spectral_normalize_backward: 2.49 ms for SNDCGAN D's layers on the 2-core CPU "
-    "against the reference formula's 8.71, bench W / sigma backward); "
+    "and its backward is one C++ op (spectral_normalize_backward, bench W / sigma backward: SNDCGAN D's layers "
+    "2.49 ms on the 2-core CPU against the reference formula's 8.71, 348 us on an H100 against 1159); "
     "bench/results/spectral_norm-cpu-2026-11-27.md: drop-in forward 3.05x torch with it and the one-call layer forward",
 )
 
