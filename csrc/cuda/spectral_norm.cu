@@ -619,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(const at::Te
 // ---------------------------------------------------------------------------
 
 constexpr int kNormalizeDotBlocks = 256;
-constexpr int kNormalizeElementsPerThread = 4;  // per block pass of the output kernel
+constexpr int kNormalizeElementsPerThread = 4;  // what each output-kernel thread writes; sets its grid
 constexpr int64_t kNormalizeMaxBlocks = 8192;
 
 template <typename scalar_t, typename acc_t>
