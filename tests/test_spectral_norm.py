@@ -412,14 +412,20 @@ def _grouped_hook(model):
     return hook
 
 
+def _replays_comparable(device, monkeypatch):
+    """Replays to compare with eager calls: the stand-in graph on the CPU; on a GPU deterministic
+    cuDNN, as the comparison is bit for bit and cuDNN's own nondeterminism must not blur it."""
+    if device == "cpu":
+        monkeypatch.setattr(fsn, "_capture_for", lambda device: RerunGraph)
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+
 def _replayed_and_eager(device, monkeypatch):
     """Two copies of a model under apply_spectral_norm: one whose refresh is replayed from a
     graph once its key repeats, one held to the eager launch."""
-    if device == "cpu":
-        monkeypatch.setattr(fsn, "_capture_for", lambda device: RerunGraph)
-    else:  # the comparison is bit for bit: cuDNN's own nondeterminism must not blur it
-        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    _replays_comparable(device, monkeypatch)
     torch.manual_seed(3)
     base = _small_discriminator().to(device)
     replayed, eager = copy.deepcopy(base), copy.deepcopy(base)
@@ -462,15 +468,15 @@ def test_replayed_refresh_gives_the_eager_refresh(device, monkeypatch):
     losses = _train_steps((replayed, eager), device, 3, backend)
     assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
     _assert_bit_identical(replayed, eager)
-    assert hook.captures == 1 and set(hook.replays) == {True}
-    assert _grouped_hook(eager).captures == 0  # cuda_graphs=False
+    assert hook.refreshes.captures == 1 and set(hook.refreshes.replays) == {True}
+    assert _grouped_hook(eager).refreshes.captures == 0  # cuda_graphs=False
     x = torch.randn(2, 3, 8, 8, device=device)
     for model in (replayed, eager):
         model.eval()
     with fastgan.use_backend(backend):
         for _ in range(3):
             assert torch.equal(replayed(x), eager(x))
-    assert hook.captures == 2 and set(hook.replays) == {True, False}
+    assert hook.refreshes.captures == 2 and set(hook.refreshes.replays) == {True, False}
     for model in (replayed, eager):
         model.train()
         layer = model[0].parametrizations.weight
@@ -478,7 +484,7 @@ def test_replayed_refresh_gives_the_eager_refresh(device, monkeypatch):
     losses = _train_steps((replayed, eager), device, 3, backend)
     assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
     _assert_bit_identical(replayed, eager)
-    assert hook.captures == 3
+    assert hook.refreshes.captures == 3
 
 
 def test_a_model_with_a_replayed_refresh_can_be_copied(monkeypatch):
@@ -490,13 +496,13 @@ def test_a_model_with_a_replayed_refresh_can_be_copied(monkeypatch):
     with fastgan.use_backend("reference"):
         for _ in range(3):
             replayed(x)
-    assert _grouped_hook(replayed).captures == 1
+    assert _grouped_hook(replayed).refreshes.captures == 1
     copied = copy.deepcopy(replayed)
-    assert _grouped_hook(copied).captures == 0 and not _grouped_hook(copied).replays
+    assert _grouped_hook(copied).refreshes.captures == 0 and not _grouped_hook(copied).refreshes.replays
     with fastgan.use_backend("reference"):
         for _ in range(3):
             assert torch.equal(copied(x), replayed(x))
-    assert _grouped_hook(copied).captures == 1
+    assert _grouped_hook(copied).refreshes.captures == 1
     for (name, a), (_, b) in zip(copied.named_buffers(), replayed.named_buffers()):
         assert torch.equal(a, b), name
 
@@ -512,7 +518,7 @@ def test_a_refresh_that_cannot_be_captured_stays_eager_and_says_so(monkeypatch):
         losses = _train_steps((replayed, eager), "cpu", 3, "reference")
     assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
     _assert_bit_identical(replayed, eager)
-    assert not _grouped_hook(replayed).replays
+    assert not _grouped_hook(replayed).refreshes.replays
 
 
 def test_refresh_whose_storage_keeps_changing_stays_eager(monkeypatch):
@@ -524,12 +530,71 @@ def test_refresh_whose_storage_keeps_changing_stays_eager(monkeypatch):
             replayed(x)
             replayed(x)
             replayed[-1].parametrizations.weight.original.data = replayed[-1].parametrizations.weight.original.detach().clone()
-    assert hook.captures == fsn._MAX_CAPTURES
+    assert hook.refreshes.captures == fsn._MAX_CAPTURES
     RerunGraph.replays = 0
     with fastgan.use_backend("reference"):
         replayed(x)
         replayed(x)
     assert RerunGraph.replays == 0
+
+
+def _per_layer_replayed_and_eager(device, monkeypatch):
+    """Two copies of a model with the drop-in spectral_norm on each layer: one whose layers
+    replay their own refresh from a graph once its key repeats, one held to the eager call."""
+    _replays_comparable(device, monkeypatch)
+    torch.manual_seed(3)
+    base = _small_discriminator().to(device)
+    models = []
+    for cuda_graphs in (True, False):
+        model = copy.deepcopy(base)
+        torch.manual_seed(4)
+        for layer in model:
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                fastgan.nn.spectral_norm(layer, cuda_graphs=cuda_graphs)
+        models.append(model)
+    return models
+
+
+def _layer_replays(model):
+    return [layer.parametrizations.weight[0]._replays for layer in model if hasattr(layer, "parametrizations")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_layer_replays_its_own_refresh(device, monkeypatch):
+    """The drop-in spectral_norm: from the second forward with the same storage, each layer's
+    refresh is replayed from a graph of its own -- bit-identical losses, gradients and buffers
+    to the eager call, with two forwards before one backward; eval mode its own group; new
+    storage re-keys that layer alone; cuda_graphs=False keeps every layer eager."""
+    replayed, eager = _per_layer_replayed_and_eager(device, monkeypatch)
+    losses = _train_steps((replayed, eager), device, 3, None)
+    assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
+    _assert_bit_identical(replayed, eager)
+    assert all(r.captures == 1 and set(r.replays) == {True} for r in _layer_replays(replayed))
+    assert all(r.captures == 0 and not r.enabled for r in _layer_replays(eager))
+    x = torch.randn(2, 3, 8, 8, device=device)
+    for model in (replayed, eager):
+        model.eval()
+    for _ in range(3):
+        assert torch.equal(replayed(x), eager(x))
+    assert all(r.captures == 2 and set(r.replays) == {True, False} for r in _layer_replays(replayed))
+    for model in (replayed, eager):
+        model.train()
+        layer = model[0].parametrizations.weight
+        layer.original.data = layer.original.detach().clone()
+    losses = _train_steps((replayed, eager), device, 3, None)
+    assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
+    _assert_bit_identical(replayed, eager)
+    assert [r.captures for r in _layer_replays(replayed)] == [3, 2, 2, 2]
+    copied = copy.deepcopy(replayed)  # the copy starts eager, then captures its own
+    assert all(r.captures == 0 and r.enabled for r in _layer_replays(copied))
+    for _ in range(3):
+        assert torch.equal(copied(x), replayed(x))
+
+
+def test_apply_spectral_norm_without_graphs_keeps_its_layers_eager():
+    model = fastgan.nn.apply_spectral_norm(_small_discriminator(), cuda_graphs=False)
+    assert not _grouped_hook(model).refreshes.enabled
+    assert not any(r.enabled for r in _layer_replays(model))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])  # per layer / grouped on the CPU

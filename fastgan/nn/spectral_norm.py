@@ -101,11 +101,15 @@ def _checked_weight(module: nn.Module, name: str, n_power_iterations: int, dim: 
 class SpectralNorm(nn.Module):
     """The parametrization behind :func:`spectral_norm` (buffers ``_u``, ``_v`` like torch's)."""
 
-    def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12) -> None:
+    def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
+                 cuda_graphs: bool = True) -> None:
         super().__init__()
         self.dim = dim % weight.dim()
         self.eps = eps
         self.n_power_iterations = n_power_iterations
+        # This layer's own refresh replayed from a CUDA graph on a GPU (_RefreshReplays), when no
+        # apply_spectral_norm hook refreshed it already.
+        self._replays = _RefreshReplays(cuda_graphs)
         u, v = _random_unit_vectors(weight.detach(), self.dim, eps)
         self.register_buffer("_u", u)
         self.register_buffer("_v", v)
@@ -118,6 +122,11 @@ class SpectralNorm(nn.Module):
             _set_group_result(self, None)
             return ops.normalize(weight, u, v, sigma, self.dim)
         steps = self.n_power_iterations if self.training else 0
+        capture = _capture_for(weight.device) if self._replays.enabled and not weight.is_complex() else None
+        if capture is not None:
+            backend = ops.multi_layer_backend(weight.device)
+            ((u, v, sigma),) = self._replays.refresh(self.training, [self], [weight], steps, backend, capture)
+            return ops.normalize(weight, u, v, sigma, self.dim)
         return normalized_weight(weight, self._u, self._v, self.dim, steps, self.eps, True)
 
     def right_inverse(self, value: Tensor) -> Tensor:
@@ -137,13 +146,17 @@ class SpectralNorm(nn.Module):
 
 
 def spectral_norm(
-    module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12, dim: Optional[int] = None
+    module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12, dim: Optional[int] = None,
+    *, cuda_graphs: bool = True,
 ) -> nn.Module:
-    """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm`` on fastgan's kernels."""
+    """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm`` on fastgan's kernels. On a
+    GPU the layer's power iteration is replayed from a private CUDA graph once the same weight
+    and buffers come a second time in a row (the same numbers, bit for bit; ``cuda_graphs=False``
+    keeps it eager), as :func:`apply_spectral_norm` does for a whole model."""
     if dim is None:
         dim = default_dim(module)
     weight = _checked_weight(module, name, n_power_iterations, dim, _describe(module, name))
-    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps))
+    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps, cuda_graphs))
     return module
 
 
@@ -217,7 +230,6 @@ class _GroupedPowerIteration:
     after :data:`_MAX_CAPTURES` captures."""
 
     def __init__(self, layers: Sequence[nn.Module], cuda_graphs: bool = True) -> None:
-        self.cuda_graphs = cuda_graphs
         # The parametrizations are fixed from here on; reaching them through each module
         # (module.parametrizations.weight[0]) is ~10 Python calls per layer per forward.
         lists = [m.parametrizations.weight for m in layers]
@@ -226,20 +238,7 @@ class _GroupedPowerIteration:
         # weight that was not a Parameter); the dicts stay when .to() replaces what is in them
         self.originals = [plist._parameters if "original" in plist._parameters else plist._buffers
                           for plist in lists]
-        self._forget_captures()
-
-    def _forget_captures(self) -> None:
-        self.replays: Dict[bool, _ReplayedRefresh] = {}  # per group (training or eval layers)
-        self.last_keys: Dict[bool, tuple] = {}
-        self.captures = 0
-
-    def __getstate__(self) -> dict:
-        # A copy (copy.deepcopy) starts eager: graphs cannot be copied, and a copy's storage is new.
-        return {key: value for key, value in self.__dict__.items() if key not in ("replays", "last_keys", "captures")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._forget_captures()
+        self.refreshes = _RefreshReplays(cuda_graphs)  # per group: training and eval layers
 
     def __call__(self, model: nn.Module, inputs) -> None:
         backend = ops.multi_layer_backend(self.params[0]._buffers["_u"].device)
@@ -255,34 +254,12 @@ class _GroupedPowerIteration:
                 params, weights = groups[p.training]
                 params.append(p)
                 weights.append(weight)
+        capture = _capture_for(self.params[0]._buffers["_u"].device) if self.refreshes.enabled else None
         for training, (params, weights) in groups.items():
             if params:
                 steps = params[0].n_power_iterations if training else 0
-                for p, result in zip(params, self._refresh(training, params, weights, steps, backend)):
+                for p, result in zip(params, self.refreshes.refresh(training, params, weights, steps, backend, capture)):
                     _set_group_result(p, result)
-
-    def _refresh(self, training: bool, params: List["SpectralNorm"], weights: List[Tensor], steps: int, backend: str):
-        capture = _capture_for(weights[0].device) if self.cuda_graphs else None
-        if capture is None or self.captures >= _MAX_CAPTURES:
-            return iterate_together(params, weights, steps)
-        key = _replay_key(params, weights, steps, backend)
-        replay = self.replays.get(training)
-        if replay is not None and replay.key == key:
-            return replay(params)
-        self.replays.pop(training, None)
-        if self.last_keys.get(training) != key:  # a first call: eager (it also builds the kernels' layer table)
-            self.last_keys[training] = key
-            return iterate_together(params, weights, steps)
-        self.captures += 1
-        try:
-            replay = _ReplayedRefresh(key, params, weights, steps, capture)
-        except RuntimeError as error:  # a capture CUDA refused (nothing ran): eager from now on, said once
-            self.captures = _MAX_CAPTURES
-            warnings.warn(f"apply_spectral_norm: the spectral-norm refresh could not be captured in a CUDA graph "
-                          f"({error}); this model's refresh stays eager", RuntimeWarning, stacklevel=2)
-            return iterate_together(params, weights, steps)
-        self.replays[training] = replay
-        return replay(params)
 
     def clear(self, model: nn.Module, inputs, output=None) -> None:
         for p in self.params:
@@ -292,6 +269,59 @@ class _GroupedPowerIteration:
 
 # A hook recaptures when its layers' storage changes; past this many captures it stays eager.
 _MAX_CAPTURES = 8
+
+
+class _RefreshReplays:
+    """Refreshes of groups of layers (:func:`iterate_together`), replayed from private CUDA
+    graphs: a group's first call with a key (:func:`_replay_key`) runs eagerly (it also builds
+    the kernels' layer table), the next with the same key is captured (:class:`_ReplayedRefresh`)
+    and replayed, and so on while the key repeats. New weight or buffer storage (``.to()``,
+    ``.data =``) goes back to the eager launch; past :data:`_MAX_CAPTURES` captures, or when
+    CUDA refuses one (said once, in a warning), the refresh stays eager. Used by
+    :func:`apply_spectral_norm`'s hook (a group per training mode) and by each
+    :class:`SpectralNorm` layer refreshing on its own (a group of one)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._forget()
+
+    def _forget(self) -> None:
+        self.replays: Dict[bool, _ReplayedRefresh] = {}
+        self.last_keys: Dict[bool, tuple] = {}
+        self.captures = 0
+
+    def __getstate__(self) -> dict:
+        # A copy (copy.deepcopy, pickle) starts eager: graphs cannot be copied, and a copy's storage is new.
+        return {"enabled": self.enabled}
+
+    def __setstate__(self, state: dict) -> None:
+        self.enabled = state["enabled"]
+        self._forget()
+
+    def refresh(self, group: bool, params: List["SpectralNorm"], weights: List[Tensor], steps: int, backend: str,
+                capture) -> List[Tuple[Tensor, Tensor, Tensor]]:
+        """Each layer's (u, v, σ) after ``steps`` iterations, their buffers updated; replayed
+        where ``capture`` (:func:`_capture_for`) can capture, else eager."""
+        if capture is None or self.captures >= _MAX_CAPTURES:
+            return iterate_together(params, weights, steps)
+        key = _replay_key(params, weights, steps, backend)
+        replay = self.replays.get(group)
+        if replay is not None and replay.key == key:
+            return list(replay(params))
+        self.replays.pop(group, None)
+        if self.last_keys.get(group) != key:  # a first call: eager (it also builds the kernels' layer table)
+            self.last_keys[group] = key
+            return iterate_together(params, weights, steps)
+        self.captures += 1
+        try:
+            replay = _ReplayedRefresh(key, params, weights, steps, capture)
+        except RuntimeError as error:  # a capture CUDA refused (nothing ran): eager from now on, said once
+            self.captures = _MAX_CAPTURES
+            warnings.warn(f"spectral norm: the power-iteration refresh could not be captured in a CUDA graph "
+                          f"({error}); it stays eager", RuntimeWarning, stacklevel=3)
+            return iterate_together(params, weights, steps)
+        self.replays[group] = replay
+        return list(replay(params))
 
 
 def _replay_key(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int, backend: str) -> tuple:
@@ -389,7 +419,8 @@ def apply_spectral_norm(
             dim = default_dim(module)
             where = f"{qualified or type(model).__name__}.weight"
             weight = _checked_weight(module, "weight", n_power_iterations, dim, where)
-            parametrize.register_parametrization(module, "weight", SpectralNorm(weight, n_power_iterations, dim, eps))
+            parametrize.register_parametrization(module, "weight",
+                                                 SpectralNorm(weight, n_power_iterations, dim, eps, cuda_graphs))
             layers.append(module)
     if not layers:
         raise ValueError(f"apply_spectral_norm: {type(model).__name__} has no layer of types {[t.__name__ for t in layer_types]}")
