@@ -1,6 +1,6 @@
 """Benchmark: spectral norm of the whole SNDCGAN discriminator (8 layers, 5.9M weights).
 
-Three groups; ``refresh`` and ``normalized weights`` have torch's parametrization
+Four groups; ``refresh`` and ``normalized weights`` have torch's parametrization
 (``torch.nn.utils.parametrizations.spectral_norm``, the baseline) and hook form
 (``torch.nn.utils.spectral_norm``) beside fastgan on every backend usable on the device:
 
@@ -381,10 +381,6 @@ def test_normalized_weights(benchmark, models, torch_normalized, torch_hook_norm
                    bytes=2 * models.weight_bytes, warmup=5)
 
 
-if __name__ == "__main__":
-    raise SystemExit(pytest.main([__file__, "--benchmark-only"]))
-
-
 @pytest.fixture(scope="module")
 def torch_backward(models):
     return backward_fn(TORCH_PARAM, models)()
@@ -397,3 +393,7 @@ def test_normalized_weights_backward(benchmark, models, torch_backward, name):
     # read W and the upstream gradient, write the weight gradient
     timing.measure(benchmark, fn, name, baseline=name == TORCH_PARAM, group="spectral_norm: W / sigma backward",
                    bytes=3 * models.weight_bytes, warmup=5)
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "--benchmark-only"]))

@@ -28,6 +28,15 @@
 
 namespace fastgan {
 
+// W as (A, M, B) around `dim`, as the power iteration reads it: element (a, m, b) of a
+// contiguous W is u v^T's (m, a*B + b).
+inline std::tuple<int64_t, int64_t, int64_t> spectral_norm_view3(const at::Tensor& weight, int64_t dim) {
+  int64_t A = 1, B = 1;
+  for (int64_t j = 0; j < dim; ++j) A *= weight.size(j);
+  for (int64_t j = dim + 1; j < weight.dim(); ++j) B *= weight.size(j);
+  return {A, weight.size(dim), B};
+}
+
 // One layer's inputs after validation; a row/column offset locates it in the
 // concatenated u/v outputs of the multi-layer op.
 struct SpectralNormLayerShape {
@@ -51,10 +60,8 @@ inline std::vector<SpectralNormLayerShape> spectral_norm_layer_shapes(
                 "spectral norm: all weights must share dtype and device (layer ", i, ")");
     const int64_t d = dims[i];
     TORCH_CHECK(d >= 0 && d < w.dim(), "spectral norm: layer ", i, " dim ", d, " out of range");
-    int64_t A = 1, B = 1;
-    for (int64_t j = 0; j < d; ++j) A *= w.size(j);
-    for (int64_t j = d + 1; j < w.dim(); ++j) B *= w.size(j);
-    shapes.push_back({A, w.size(d), B, rows, cols});
+    const auto [A, M, B] = spectral_norm_view3(w, d);
+    shapes.push_back({A, M, B, rows, cols});
     rows += w.size(d);
     cols += A * B;
   }
@@ -134,15 +141,6 @@ inline at::Tensor spectral_normalize_backward_unfused(const at::Tensor& grad, co
   dim = at::maybe_wrap_dim(dim, weight.dim());
   if (spectral_normalize_backward_is_fused(grad, weight, u, v, sigma)) return at::Tensor();
   return at::empty_like(grad).copy_(spectral_normalize_backward_aten(grad, weight, u, v, sigma, dim));
-}
-
-// W as (A, M, B) around `dim`, as the power iteration reads it: element (a, m, b) of a
-// contiguous W is u v^T's (m, a*B + b).
-inline std::tuple<int64_t, int64_t, int64_t> spectral_norm_view3(const at::Tensor& weight, int64_t dim) {
-  int64_t A = 1, B = 1;
-  for (int64_t j = 0; j < dim; ++j) A *= weight.size(j);
-  for (int64_t j = dim + 1; j < weight.dim(); ++j) B *= weight.size(j);
-  return {A, weight.size(dim), B};
 }
 
 enum class Finalize { UV, V, U, Eval };

@@ -241,7 +241,8 @@ class _GroupedPowerIteration:
         self.refreshes = _RefreshReplays(cuda_graphs)  # per group: training and eval layers
 
     def __call__(self, model: nn.Module, inputs) -> None:
-        backend = ops.multi_layer_backend(self.params[0]._buffers["_u"].device)
+        device = self.params[0]._buffers["_u"].device
+        backend = ops.multi_layer_backend(device)
         if not ops.one_launch_pays_on(backend):
             return
         # Training and eval layers iterate apart; complex layers on their own (the multi-tensor
@@ -254,7 +255,7 @@ class _GroupedPowerIteration:
                 params, weights = groups[p.training]
                 params.append(p)
                 weights.append(weight)
-        capture = _capture_for(self.params[0]._buffers["_u"].device) if self.refreshes.enabled else None
+        capture = _capture_for(device) if self.refreshes.enabled else None
         for training, (params, weights) in groups.items():
             if params:
                 steps = params[0].n_power_iterations if training else 0
