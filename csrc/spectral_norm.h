@@ -17,6 +17,8 @@
 //     pass(DOT, +ACCUM unless last) -> u = t/max(|t|,eps), v as above when ACCUM,
 //     and after the last sigma = |t|^2/max(|t|,eps);
 //   eval (n_power_iterations = 0): pass(DOT) -> sigma = u . t, u and v unchanged.
+// So u_first iterations never read the given u (torch's parametrization does not either):
+// power_iteration_reads_u says when a backend must load it.
 // Sums accumulate in float (double for double weights); u and v are rounded to the
 // weight dtype after each normalization, as torch's buffers are.
 #pragma once
@@ -141,6 +143,10 @@ inline at::Tensor spectral_normalize_backward_unfused(const at::Tensor& grad, co
   dim = at::maybe_wrap_dim(dim, weight.dim());
   if (spectral_normalize_backward_is_fused(grad, weight, u, v, sigma)) return at::Tensor();
   return at::empty_like(grad).copy_(spectral_normalize_backward_aten(grad, weight, u, v, sigma, dim));
+}
+
+inline bool power_iteration_reads_u(int64_t n_power_iterations, bool u_first) {
+  return n_power_iterations == 0 || !u_first;
 }
 
 enum class Finalize { UV, V, U, Eval };

@@ -228,6 +228,11 @@ def schedule(n_power_iterations: int, u_first: bool) -> Iterator[Tuple[bool, boo
             yield True, not last, FINALIZE_U if last else FINALIZE_UV
 
 
+def reads_u(n_power_iterations: int, u_first: bool) -> bool:
+    """Whether the schedule reads the given u: u-first iterations compute it from W v."""
+    return n_power_iterations == 0 or not u_first
+
+
 def config_for(device: torch.device) -> LaunchConfig:
     return INTERPRETER if device.type == "cpu" else GPU
 
@@ -338,7 +343,8 @@ def power_iteration_multi(
     with device_guard(first):
         tab = _table(weights, dims, config)
         acc = triton_dtype(_acc(first.dtype))
-        u_out, v_out = torch.cat(list(us)), torch.cat(list(vs))
+        u_out = torch.cat(list(us)) if reads_u(n_power_iterations, u_first) else first.new_empty(tab.rows)
+        v_out = torch.cat(list(vs))
         t = torch.empty(tab.rows, dtype=_acc(first.dtype), device=first.device)
         s = torch.empty(tab.cols, dtype=t.dtype, device=first.device)
         part = torch.empty(max(tab.partials, 1), dtype=t.dtype, device=first.device)

@@ -86,6 +86,24 @@ def test_multi_tensor_matches_layer_by_layer(device, backend, dtype, n_power_ite
     torch.testing.assert_close(sigmas, exp_sigma, **TOL[dtype])
 
 
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+@pytest.mark.parametrize("n_power_iterations", [1, 2])
+def test_u_first_iterations_never_read_u(device, backend, n_power_iterations):
+    """The parametrization's schedule computes u from W v: the kernels skip loading the given u
+    (one launch less a refresh on a GPU), so a NaN u must change nothing."""
+    layers = [_layer_inputs(shape, dim, torch.float32, device) for shape, dim in LAYER_SHAPES]
+    weights, us, vs = (list(x) for x in zip(*layers))
+    dims = [dim for _, dim in LAYER_SHAPES]
+    nan_us = [torch.full_like(u, float("nan")) for u in us]
+    with fastgan.use_backend(backend):
+        expected = OPS.spectral_norm_power_iteration_multi(weights, us, vs, dims, n_power_iterations, 1e-12, True)
+        got = OPS.spectral_norm_power_iteration_multi(weights, nan_us, vs, dims, n_power_iterations, 1e-12, True)
+        expected_single = OPS.spectral_norm_power_iteration(weights[0], us[0], vs[0], dims[0], n_power_iterations, 1e-12, True)
+        single = OPS.spectral_norm_power_iteration(weights[0], nan_us[0], vs[0], dims[0], n_power_iterations, 1e-12, True)
+    for a, e in [*zip(got, expected), *zip(single, expected_single)]:
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("n_power_iterations,u_first", [(1, True), (2, False), (0, True)])

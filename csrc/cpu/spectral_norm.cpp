@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_multi_cpu(
     it.t.resize(rows);
     it.s.resize(cols);
     it.sigma.resize(shapes.size());
-    load<scalar_t>(us, it.u);
+    if (power_iteration_reads_u(n_power_iterations, u_first)) load<scalar_t>(us, it.u);
     load<scalar_t>(vs, it.v);
     run_power_iteration(it, n_power_iterations, u_first);
     scalar_t* up = u_out.data_ptr<scalar_t>();

@@ -568,8 +568,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(at::TensorLi
   const int64_t rows = shapes.back().row_offset + shapes.back().M;
   const int64_t cols = shapes.back().col_offset + shapes.back().K();
   const auto options = weights[0].options();
-  // The inputs are left alone: the iteration works in place on these copies.
-  at::Tensor u_out = at::cat(us), v_out = at::cat(vs);
+  // The inputs are left alone: the iteration works in place on these copies (of u only where
+  // it is read: one launch less in the parametrization's refresh).
+  at::Tensor u_out = power_iteration_reads_u(n_power_iterations, u_first) ? at::cat(us) : at::empty({rows}, options);
+  at::Tensor v_out = at::cat(vs);
   at::Tensor sigma_out = scalar_sigma ? at::empty({}, options) : at::empty({num_layers}, options);
   const DeviceTable table = cached_table(weights, shapes);
   at::Tensor scratch =

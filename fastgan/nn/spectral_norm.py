@@ -344,28 +344,29 @@ def _capture_for(device: torch.device) -> Optional[Callable[[Callable[[], Tensor
 
 class _ReplayedRefresh:
     """One group's :func:`iterate_together` (the multi-layer op and the u, v buffer update)
-    captured once and replayed. The replay rewrites the graph's own output, so each call
+    captured once and replayed. The replay rewrites the graph's own outputs, so each call
     hands out a copy: a layer's W / σ keeps its u, v, σ for its backward, and two forwards
     before one backward (D on real, then fake) must not share them."""
 
     def __init__(self, key: tuple, params, weights, steps: int, capture) -> None:
         self.key = key
-        # the packed output's pieces: each layer's u, then each layer's v, then the σ's
+        # the copy's pieces: each layer's u, then each layer's v, then the σ's
         self.pieces = [p._buffers["_u"].numel() for p in params] + [p._buffers["_v"].numel() for p in params] + [len(params)]
-        self.graph = capture(lambda: _packed_refresh(params, weights, steps), weights[0].device)
+        self.graph = capture(lambda: _concatenated_refresh(params, weights, steps), weights[0].device)
 
     def __call__(self, params) -> Iterable[Tuple[Tensor, Tensor, Tensor]]:
-        # One split of one copy into every layer's pieces: this runs before every forward.
-        pieces = self.graph.replay().clone().split_with_sizes(self.pieces)
+        # The copy is one cat of the op's three outputs (one launch, outside the graph: packing
+        # them inside would add a node to every replay), split into every layer's pieces.
+        pieces = torch.cat(self.graph.replay()).split_with_sizes(self.pieces)
         count = len(params)
         return zip(pieces[:count], pieces[count:2 * count], pieces[-1].unbind())
 
 
-def _packed_refresh(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int) -> Tensor:
-    """The refresh as one tensor (each layer's u, then each v, then the σ's), autocast off:
-    nothing in it is cast, and a capture must not fill autocast's cache."""
+def _concatenated_refresh(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int) -> Tuple[Tensor, ...]:
+    """The refresh's (u's, v's, σ's) concatenated, autocast off: nothing in it is cast, and a
+    capture must not fill autocast's cache."""
     with torch.autocast("cuda", enabled=False):
-        return torch.cat(_refresh_together(params, weights, steps)[0])
+        return _refresh_together(params, weights, steps)[0]
 
 
 def _refresh_together(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int):
