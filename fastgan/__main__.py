@@ -138,7 +138,9 @@ def command_is(args) -> None:
     from fastgan.metrics.inception import WEIGHTS_FILENAME
     from fastgan.metrics.inception_score import InceptionScore
 
-    network, metric = _network(args), InceptionScore(splits=args.splits)
+    metric, files = InceptionScore(splits=args.splits), image_files(args.path)
+    metric.check_count(len(files))  # before the network is loaded and any image read
+    network = _network(args)
     if network.fc is None:  # before reading any image
         raise ValueError(
             "the Inception Score needs Inception weights with the 1008-way classifier, and these have none "
@@ -146,9 +148,8 @@ def command_is(args) -> None:
             f"{WEIGHTS_FILENAME} once with `python -c 'from fastgan.metrics.inception import download_weights; "
             "download_weights()'`, or pass --weights FILE (that file, or NVIDIA's inception-2015-12-05.pt)")
     with torch.no_grad():
-        for images in image_batches(image_files(args.path), args.batch_size, _device(args.device), "Inception logits",
-                                    args.resize):
-            metric.update(network.logits(images, bias=False).cpu())
+        for images in image_batches(files, args.batch_size, _device(args.device), "Inception logits", args.resize):
+            metric.update(network.logits(images).cpu())
     mean, std = metric.compute()
     print(f"IS: {float(mean):.4f} ± {float(std):.4f}")
 
@@ -158,10 +159,13 @@ def command_kid(args) -> None:
 
     from fastgan.metrics.kid import KID
 
-    network, metric = _network(args), KID(subsets=args.subsets, subset_size=args.subset_size)
+    metric = KID(subsets=args.subsets, subset_size=args.subset_size)
+    files = {path: image_files(path) for path in (args.path_a, args.path_b)}
+    metric.check_counts(len(files[args.path_a]), len(files[args.path_b]))  # before any feature is extracted
+    network = _network(args)
     with torch.no_grad():
         for side, path in (("real_features", args.path_a), ("fake_features", args.path_b)):
-            for images in image_batches(image_files(path), args.batch_size, _device(args.device), f"features of {path}",
+            for images in image_batches(files[path], args.batch_size, _device(args.device), f"features of {path}",
                                         args.resize):
                 metric.update(**{side: network(images).cpu()})
     mean, std = metric.compute()
@@ -303,21 +307,17 @@ def _gs_points(path: str, features: str, args, network) -> "torch.Tensor":
             return torch.cat([network(images).double().cpu() for images in
                               image_batches(files, args.batch_size, _device(args.device), f"features of {path}",
                                             args.resize)])
-    from PIL import Image
+    from fastgan.metrics.images import load_image
 
     rows, size = [], None
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                rgb = image.convert("RGB")
-        except OSError as exc:
-            raise ValueError(f"cannot read image {file}: {exc}") from exc
+    for file in files:  # read as FID reads images: 16-bit, grayscale and transparency included
+        pixels = load_image(file)
         if size is None:
-            size = rgb.size
-        elif rgb.size != size:
-            raise ValueError(f"{file} is {rgb.size[0]}x{rgb.size[1]}, the images before it are {size[0]}x{size[1]}: "
-                             "pixels need one size (or use --features inception)")
-        rows.append(np.asarray(rgb, dtype=np.float64).reshape(-1) / 255.0)
+            size = pixels.shape[:2]
+        elif pixels.shape[:2] != size:
+            raise ValueError(f"{file} is {pixels.shape[1]}x{pixels.shape[0]}, the images before it are "
+                             f"{size[1]}x{size[0]}: pixels need one size (or use --features inception)")
+        rows.append(pixels.astype(np.float64).reshape(-1))
     return torch.from_numpy(np.stack(rows))
 
 

@@ -56,6 +56,17 @@ def test_errors_are_clear(tmp_path, weights, capsys):
     assert "contains no images" in capsys.readouterr().err
 
 
+def test_kid_and_inception_score_check_their_sizes_before_any_work(tmp_path, capsys):
+    """The weights named do not exist: an error about them would mean the network was loaded first."""
+    a = _folder(tmp_path / "a", 3, 2, 16)
+    b = _folder(tmp_path / "b", 4, 3, 16)
+    missing = str(tmp_path / "no-weights.pth")
+    assert main(["kid", a, b, "--weights", missing, "--device", "cpu"]) == 1
+    assert "KID subset_size=1000 exceeds the samples available (3 real, 4 fake)" in capsys.readouterr().err
+    assert main(["is", a, "--weights", missing, "--device", "cpu"]) == 1
+    assert "needs at least splits=10 samples (one per split), got 3" in capsys.readouterr().err
+
+
 def test_help_explains_the_commands(help_run, capsys):
     for command in ("fid", "is", "kid", "stats", "backends", "train", "sample", "study"):
         assert f"\n  {command} " in help_run["help"]
@@ -73,7 +84,7 @@ def test_kid_and_inception_score_commands(tmp_path, weights, capsys):
     assert main(["kid", a, b, "--subsets", "3", "--subset-size", "3", "--weights", weights, "--device", "cpu"]) == 0
     assert "KID:" in capsys.readouterr().out
     # fid-helper's network has no classifier: the Inception Score needs pytorch-fid's weights, and says so
-    assert main(["is", a, "--weights", weights, "--device", "cpu"]) == 1
+    assert main(["is", a, "--splits", "2", "--weights", weights, "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1008-way classifier" in err and "download_weights()" in err
 

@@ -490,6 +490,20 @@ def test_gradcheck_wrt_second_statistics():
     )
 
 
+@pytest.mark.parametrize("method", ["symmetric", "newton-schulz"])
+def test_gradcheck_wrt_both_statistics(method):
+    """FID as a loss may put either side first (torchmetrics: real, fake). The covariances are
+    symmetrized inside so that finite differences see what a covariance can do (the Cholesky
+    of Σ1 reads one triangle)."""
+    a, b = statistics_pair(60, 6, "full-rank", seed=5)
+    inputs = [x.clone().requires_grad_() for x in (a.mean, a.covariance, b.mean, b.covariance)]
+
+    def fid(mu1, x1, mu2, x2):
+        return ops.frechet_distance(mu1, (x1 + x1.T) / 2, mu2, (x2 + x2.T) / 2, method)
+
+    assert torch.autograd.gradcheck(fid, inputs)
+
+
 def test_opcheck():
     a, b = statistics_pair(60, 7, "full-rank", seed=4)
     torch.library.opcheck(torch.ops.fastgan.trace_sqrt_product.default, (a.covariance, b.covariance, "symmetric", None))
@@ -563,6 +577,51 @@ def test_fid_metric_object(device, tmp_path):
     metric.set_real_statistics(FeatureStatistics.load(str(tmp_path / "real.npz")))  # loaded on the CPU
     metric.update(fake.to(device), real=False)
     assert metric.compute() == pytest.approx(expected, rel=1e-10)
+
+
+class _FeaturesOf:
+    """A stand-in feature extractor with a preprocessing convention, as InceptionV3 has."""
+
+    resize_convention = "pil-bicubic"
+
+    def __call__(self, images):
+        return images.flatten(1)
+
+
+def test_fid_metric_refuses_statistics_of_another_convention(tmp_path):
+    FeatureStatistics(resize="tf-bilinear").update(torch.rand(40, 12)).save(str(tmp_path / "real.npz"))
+    metric = FID(_FeaturesOf(), feature_dim=12)
+    metric.set_real_statistics(FeatureStatistics.load(str(tmp_path / "real.npz")))
+    metric.update(torch.rand(30, 3, 2, 2), real=False)
+    with pytest.raises(ValueError, match=r"resize='tf-bilinear' .* resize='pil-bicubic': FIDs across preprocessing"):
+        metric.compute()
+    FeatureStatistics(resize="pil-bicubic").update(torch.rand(40, 12)).save(str(tmp_path / "same.npz"))
+    metric.set_real_statistics(FeatureStatistics.load(str(tmp_path / "same.npz")))
+    assert metric.compute() > 0
+
+
+def test_fid_metric_names_the_wrong_width_and_the_empty_side():
+    metric = FID(feature_dim=8)
+    with pytest.raises(ValueError, match=r"FID\(feature_dim=8\).update: features must have shape \(N, 8\), got \(10, 5\)"):
+        metric.update(torch.rand(10, 5), real=True)
+    with pytest.raises(ValueError, match=r"feature extractor's output must have shape \(N, 8\)"):
+        FID(_FeaturesOf(), feature_dim=8).update(torch.rand(4, 3, 2, 2), real=False)
+    metric.update(torch.rand(10, 8), real=True)
+    with pytest.raises(ValueError, match="the statistics of the fake features have 0"):
+        metric.compute()
+
+
+def test_merging_statistics_takes_empty_sides_and_refuses_what_cannot_add(tmp_path):
+    x = torch.rand(30, 6)
+    stats = FeatureStatistics(resize="tf-bilinear").update(x)
+    for merged in (stats.merge(FeatureStatistics()), FeatureStatistics().merge(stats)):
+        assert merged.count == 30 and merged.resize == "tf-bilinear"
+        torch.testing.assert_close(merged.covariance, stats.covariance, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="different preprocessing conventions cannot be merged"):
+        stats.merge(FeatureStatistics(resize="pil-bicubic").update(x))
+    stats.save(str(tmp_path / "s.npz"))
+    with pytest.raises(ValueError, match=r"loaded as \(mu, sigma\) and cannot be merged"):
+        stats.merge(FeatureStatistics.load(str(tmp_path / "s.npz")))
 
 
 def test_metric_states_follow_to_through_reset_and_reach_nccl_on_a_gpu(monkeypatch):

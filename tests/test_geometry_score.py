@@ -365,6 +365,22 @@ def test_cli_image_folders(tmp_path, capsys, monkeypatch):
     assert set(seen) == {(3, 299, 299)} and len(seen) == 3 + 2
 
 
+def test_cli_pixels_are_read_as_fid_reads_images(tmp_path):
+    """16-bit grayscale is k / 65535 replicated to RGB (PIL's convert("RGB") clips it to white)."""
+    from PIL import Image
+
+    from fastgan.__main__ import _gs_points
+
+    folder = tmp_path / "gray16"
+    folder.mkdir()
+    values = np.random.default_rng(0).integers(1000, 31000, (3, 5, 4)).astype(np.uint16)
+    for i, image in enumerate(values):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    points = _gs_points(str(folder), "pixels", None, None)
+    expected = np.repeat(values[..., None] / 65535.0, 3, axis=3).reshape(3, -1)
+    np.testing.assert_allclose(points.numpy(), expected, rtol=1e-6)
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     from fastgan.__main__ import main
 

@@ -90,10 +90,18 @@ def test_preprocess_is_pytorch_fids_resize_and_scaling():
     (torch.rand(1, 1, 64, 64), r"\(N, 3, H, W\)"),
     (torch.rand(3, 64, 64), r"\(N, 3, H, W\)"),
     (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "float images"),
+    (torch.rand(2, 3, 16, 16) * 2 - 1, r"images in \[0, 1\], got values in \[-.*map tanh outputs with \(x \+ 1\) / 2"),
+    (torch.rand(2, 3, 16, 16) * 255, r"got values in \[\d.*, \d{2,}.*\]; .*x / 255"),
 ])
 def test_bad_images_are_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         InceptionV3.preprocess(bad)
+
+
+def test_a_resize_overshoot_passes_unclipped():
+    images = torch.rand(1, 3, 16, 16) * 1.1 - 0.05  # [-0.05, 1.05): within the slack
+    torch.testing.assert_close(InceptionV3.preprocess(images), 2 * F.interpolate(
+        images, size=(299, 299), mode="bilinear", align_corners=False) - 1, rtol=0, atol=0)
 
 
 def test_module_is_frozen():
@@ -237,8 +245,8 @@ def test_nvidia_torchscript_layout_loads_with_logits(native, reference, tmp_path
 
     images = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        features, logits = model.features_and_logits(images)
-        unbiased = model.logits(images, bias=False)
+        features, logits = model.features_and_logits(images, bias=True)
+        unbiased = model.logits(images)  # the Inception Score's logits by default
     assert logits.shape == (1, inception.NUM_CLASSES)
     torch.testing.assert_close(logits, scripted.output(features))
     torch.testing.assert_close(unbiased, features @ scripted.output.weight.T)

@@ -389,6 +389,11 @@ def test_kid_bad_input():
         metric.compute()
     with pytest.raises(ValueError, match="subset_size must be an int >= 2"):
         KID(subset_size=1)
+    fresh = KID()  # a rejected first call does not fix the width either
+    nan = torch.full((4, 8), float("nan"))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fresh.update(real_features=torch.randn(4, 8), fake_features=nan)
+    fresh.update(real_features=torch.randn(4, 16), fake_features=torch.randn(4, 16))
 
 
 def test_msssim_bad_input():

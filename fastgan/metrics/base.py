@@ -133,26 +133,29 @@ class FeatureSets(Metric):
         self._batches_seen = 0
         self._dimension = None
 
-    def _check_features(self, name: str, features) -> None:
+    def _check_features(self, name: str, features, dimension: Optional[int]) -> int:
+        """Validate one side of a call against the width ``dimension`` known so far (None: none
+        yet); return the width. Nothing is recorded here: a call is stored only whole."""
         check_floating_finite(name, features, self._batches_seen)
         if features.dim() != 2:
             raise ValueError(
                 f"{name} must have shape (N, d), got {tuple(features.shape)} (batch {self._batches_seen}); "
                 f"flatten images with .flatten(1)")
-        if self._dimension is None:
-            self._dimension = features.shape[1]
-        elif features.shape[1] != self._dimension:
+        if dimension is not None and features.shape[1] != dimension:
             raise ValueError(
                 f"{name} has {features.shape[1]} features per sample in batch {self._batches_seen}, "
-                f"the features given before have {self._dimension}")
+                f"the features given before have {dimension}")
+        return features.shape[1]
 
     def update(self, real_features: Optional[Tensor] = None, fake_features: Optional[Tensor] = None) -> None:
         self._batches_seen += 1
         if real_features is None and fake_features is None:
             raise ValueError(f"{type(self).__name__}.update needs real_features or fake_features (batch {self._batches_seen})")
+        dimension = self._dimension
         for name, features in (("real_features", real_features), ("fake_features", fake_features)):
             if features is not None:
-                self._check_features(name, features)
+                dimension = self._check_features(name, features, dimension)
+        self._dimension = dimension
         if real_features is not None:
             self.real_features.append(real_features.detach())
         if fake_features is not None:

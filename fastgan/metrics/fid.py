@@ -62,10 +62,21 @@ class FeatureStatistics:
         return self
 
     def merge(self, other: "FeatureStatistics") -> "FeatureStatistics":
-        """Add another accumulator's batches (e.g. another process's) to this one."""
-        merged = FeatureStatistics(source=self.source, resize=self.resize)
+        """This accumulator's batches and another's (e.g. another process's) as a new one. Either
+        may be empty (a process that saw no images); statistics loaded as (μ, Σ) hold no sums to
+        add, and statistics of another preprocessing convention do not mix: both raise ValueError."""
+        for stats in (self, other):
+            if stats._total is None and stats._mean is not None:
+                raise ValueError(f"the statistics of {stats.source} were loaded as (mu, sigma) and cannot be merged: "
+                                 "merging adds feature sums, which mu and sigma do not give back")
+        mismatch = _convention_mismatch(self, other)
+        if mismatch:
+            raise ValueError(f"{mismatch}: features of different preprocessing conventions cannot be merged")
+        merged = FeatureStatistics(source=self.source, resize=self.resize or other.resize)
         merged.count, merged.batches = self.count + other.count, self.batches + other.batches
-        merged._total, merged._outer = self._total + other._total, self._outer + other._outer
+        sums = [(stats._total, stats._outer) for stats in (self, other) if stats._total is not None]
+        if sums:
+            merged._total, merged._outer = (sum(parts) for parts in zip(*sums))
         return merged
 
     @property
@@ -103,7 +114,8 @@ class FeatureStatistics:
         if self._mean is not None:
             return
         if self.count < 2:
-            raise ValueError(f"FID statistics need at least 2 feature vectors, got {self.count}")
+            raise ValueError(f"FID statistics need at least 2 feature vectors, the statistics of {self.source} "
+                             f"have {self.count}")
         self._mean, self._covariance = reference.statistics_from_moments(self.count, self._total, self._outer)
 
     @staticmethod
@@ -144,6 +156,14 @@ class FeatureStatistics:
         return cls(mean, covariance, count, source=path, resize=resize)
 
 
+def _convention_mismatch(a: FeatureStatistics, b: FeatureStatistics) -> Optional[str]:
+    """What differs when both statistics know their preprocessing conventions and they differ."""
+    if a.resize is not None and b.resize is not None and a.resize != b.resize:
+        return (f"the statistics of {a.source} were computed with resize={a.resize!r} and those of {b.source} "
+                f"with resize={b.resize!r}")
+    return None
+
+
 def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, method: str = "auto") -> float:
     """FID between two statistics objects (``a`` is the reference; its factor is cached).
 
@@ -152,9 +172,9 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, method: str = "
     if a.dim != b.dim:
         raise ValueError(f"the statistics of {a.source} have dimension {a.dim} and those of {b.source} {b.dim}: "
                          "FID compares features of the same network layer")
-    if a.resize is not None and b.resize is not None and a.resize != b.resize:
-        raise ValueError(f"the statistics of {a.source} were computed with resize={a.resize!r} and those of {b.source} "
-                         f"with resize={b.resize!r}: FIDs across preprocessing conventions are not comparable")
+    mismatch = _convention_mismatch(a, b)
+    if mismatch:
+        raise ValueError(f"{mismatch}: FIDs across preprocessing conventions are not comparable")
     a.check()
     b.check()
     factor = a.factor() if method in ("auto", "symmetric") and a.mean.device.type == "cpu" else None
@@ -171,12 +191,14 @@ class FID(Metric):
     ``FID(feature_extractor)``: ``update(images, real=True/False)`` runs the extractor
     (e.g. :class:`fastgan.metrics.inception.InceptionV3`); without one, ``update`` takes
     features (N, feature_dim). ``set_real_statistics`` fixes the real side (e.g. loaded
-    from an ``.npz``) instead of accumulating it."""
+    from an ``.npz``) instead of accumulating it; statistics saved with another preprocessing
+    convention than the extractor's (its ``resize_convention``) are refused at ``compute``."""
 
     def __init__(self, feature_extractor: Optional[Callable[[Tensor], Tensor]] = None, feature_dim: int = 2048,
                  method: str = "auto") -> None:
         super().__init__()
         self.feature_extractor = feature_extractor
+        self.feature_dim = feature_dim
         self.method = method
         self.real_statistics: Optional[FeatureStatistics] = None
         self._batches = 0
@@ -192,6 +214,10 @@ class FID(Metric):
     def update(self, batch: Tensor, real: bool) -> None:
         features = self.feature_extractor(batch) if self.feature_extractor is not None else batch
         check_floating_finite("features", features, self._batches + 1)
+        if features.dim() != 2 or features.shape[1] != self.feature_dim:
+            source = "the feature extractor's output" if self.feature_extractor is not None else "features"
+            raise ValueError(f"FID(feature_dim={self.feature_dim}).update: {source} must have shape "
+                             f"(N, {self.feature_dim}), got {tuple(features.shape)} in batch {self._batches + 1}")
         side = "real" if real else "fake"
         total, outer = ops.feature_moments(features)
         setattr(self, f"{side}_count", getattr(self, f"{side}_count") + features.shape[0])
@@ -200,7 +226,8 @@ class FID(Metric):
         self._batches += 1
 
     def _statistics(self, states, side: str) -> FeatureStatistics:
-        stats = FeatureStatistics(source=f"the {side} features")
+        stats = FeatureStatistics(source=f"the {side} features",
+                                  resize=getattr(self.feature_extractor, "resize_convention", None))
         stats.count = int(states[f"{side}_count"])
         stats._total, stats._outer = states[f"{side}_total"], states[f"{side}_outer"]
         return stats

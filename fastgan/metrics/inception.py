@@ -3,7 +3,7 @@
 >>> net = InceptionV3.load()            # weights: see "Weights" below
 >>> with torch.no_grad():
 ...     features = net(images)         # (N, 2048) pool3 features, for FID and KID
-...     logits = net.logits(images)    # (N, 1008) classifier logits, for the Inception Score
+...     logits = net.logits(images)    # (N, 1008) classifier logits without the bias, for the Inception Score
 
 The network is the one FID is conventionally computed with: the TensorFlow
 Inception graph ``inception-2015-12-05`` (the ``pool_3:0`` tensor), as reproduced
@@ -35,7 +35,7 @@ Conventions:
   ``fc``...), so a pytorch-fid state dict loads by name.
 * The Inception Score of Salimans et al. (and StyleGAN2-ADA's ``no_output_bias``,
   torch-fidelity's ``logits_unbiased``) uses the logits *without* the classifier's
-  bias: ``net.logits(images, bias=False)``.
+  bias: what ``net.logits(images)`` gives (``bias=True`` adds it back).
 
 Weights (:meth:`InceptionV3.load`, :func:`resolve_weights_path`), tried in order:
 
@@ -92,6 +92,9 @@ __all__ = [
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
+# How far outside [0, 1] input may stray (a resize's overshoot, as pytorch-fid accepts) before
+# it is taken for images of another range: tanh's [-1, 1] or [0, 255] go far beyond it.
+RANGE_SLACK = 0.1
 ENV_VAR = "FASTGAN_INCEPTION"
 
 # pytorch-fid's port of the TF graph's weights; the hash is that of the released file
@@ -303,8 +306,8 @@ class InceptionV3(nn.Module):
     1008-way classifier (``fc``), for weight files that have none.
 
     * ``forward(images) -> (N, 2048)``: pool3 features (FID, KID).
-    * ``logits(images, bias=True) -> (N, 1008)``: classifier logits (IS; see ``bias``).
-    * ``features_and_logits(images, bias=True)``: both from one pass.
+    * ``logits(images, bias=False) -> (N, 1008)``: classifier logits (IS; see ``bias``).
+    * ``features_and_logits(images, bias=False)``: both from one pass.
     * ``preprocess(images, convention)``: the resize to 299x299 and the scaling alone.
 
     ``resize`` picks the preprocessing convention of :mod:`fastgan.metrics.images`
@@ -344,7 +347,9 @@ class InceptionV3(nn.Module):
     def preprocess(images: Tensor, convention: str = images_module.DEFAULT_RESIZE) -> Tensor:
         """(N, 3, H, W) floats in [0, 1] -> (N, 3, 299, 299), the network's input by
         ``convention`` (default pytorch-fid's: bilinear resize with ``align_corners=False``
-        and no antialiasing, then ``2x - 1``). Values outside [0, 1] are not clipped."""
+        and no antialiasing, then ``2x - 1``). Values slightly outside [0, 1] (a resize's
+        overshoot) are not clipped; images clearly in another range (beyond
+        :data:`RANGE_SLACK` of it: tanh outputs in [-1, 1], pixels in [0, 255]) raise ValueError."""
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"InceptionV3 expects images of shape (N, 3, H, W), got {shape}")
@@ -353,6 +358,11 @@ class InceptionV3(nn.Module):
                 f"InceptionV3 expects float images in [0, 1], got dtype {images.dtype} "
                 "(for uint8 images in [0, 255], pass images.float() / 255)"
             )
+        if images.numel() and not torch.compiler.is_compiling():
+            low, high = (float(x) for x in torch.aminmax(images.detach()))
+            if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+                raise ValueError(f"InceptionV3 expects images in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+                                 "map tanh outputs with (x + 1) / 2, pixels in [0, 255] with x / 255")
         return images_module.to_network_range(InceptionV3.resize(images, convention), convention)
 
     @staticmethod
@@ -395,16 +405,17 @@ class InceptionV3(nn.Module):
         """Images (N, 3, H, W) in [0, 1] -> pool3 features (N, 2048)."""
         return self._pool3(self._input(images))
 
-    def logits(self, images: Tensor, bias: bool = True) -> Tensor:
+    def logits(self, images: Tensor, bias: bool = False) -> Tensor:
         """Images (N, 3, H, W) in [0, 1] -> classifier logits (N, 1008).
 
-        ``bias=False`` drops the classifier's bias, as the original Inception Score code
-        (and StyleGAN2-ADA's IS) does; pytorch-fid / torchmetrics keep it.
+        Without the classifier's bias by default, as the Inception Score is computed: the
+        original code, StyleGAN2-ADA, and torch-fidelity's ``logits_unbiased`` (torchmetrics'
+        ``InceptionScore`` default). ``bias=True`` gives the classifier's own logits.
         """
         self._require_classifier()
         return self._classify(self.forward(images), bias)
 
-    def features_and_logits(self, images: Tensor, bias: bool = True) -> Tuple[Tensor, Tensor]:
+    def features_and_logits(self, images: Tensor, bias: bool = False) -> Tuple[Tensor, Tensor]:
         """Both ``forward`` and ``logits`` from a single pass through the network."""
         self._require_classifier()
         features = self.forward(images)

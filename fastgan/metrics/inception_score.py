@@ -60,12 +60,17 @@ class InceptionScore(Metric):
                 f"(batch {self._batches_seen})")
         self.logits.append(logits.detach())
 
-    def compute(self) -> Tuple[Tensor, Tensor]:
-        logits = self.reduced_states()["logits"]
-        num_samples = logits.shape[0]
+    def check_count(self, num_samples: int) -> None:
+        """Raise ValueError unless ``num_samples`` fill the splits (``compute`` checks what it got,
+        the command line the image count before any logit is computed)."""
         if num_samples < self.splits:
             raise ValueError(
                 f"InceptionScore needs at least splits={self.splits} samples (one per split), got {num_samples}")
+
+    def compute(self) -> Tuple[Tensor, Tensor]:
+        logits = self.reduced_states()["logits"]
+        num_samples = logits.shape[0]
+        self.check_count(num_samples)
         log_probs = torch.log_softmax(logits.to(torch.float64), dim=1)
         split_scores = []
         for i in range(self.splits):

@@ -66,20 +66,24 @@ class KID(FeatureSets):
         gamma = 1.0 / x.shape[1] if self.gamma is None else self.gamma
         return (gamma * (x @ y.T) + self.coef0) ** self.degree
 
-    def compute(self) -> Tuple[Tensor, Tensor]:
-        states = self.reduced_states()
-        real, fake = states["real_features"], states["fake_features"]
-        if real.shape[0] < 2 or fake.shape[0] < 2:
-            raise ValueError(
-                f"KID needs at least 2 real and 2 fake samples, got {real.shape[0]} real and {fake.shape[0]} fake")
-        if real.shape[1] != fake.shape[1]:
-            raise ValueError(f"real features have {real.shape[1]} dimensions, fake features {fake.shape[1]}")
-        num_real, num_fake = real.shape[0], fake.shape[0]
+    def check_counts(self, num_real: int, num_fake: int) -> None:
+        """Raise ValueError unless these sample counts allow this KID: ``compute`` checks what it
+        got, the command line the image counts before any feature is extracted."""
+        if num_real < 2 or num_fake < 2:
+            raise ValueError(f"KID needs at least 2 real and 2 fake samples, got {num_real} real and {num_fake} fake")
         if self.subset_size > min(num_real, num_fake):
             raise ValueError(
                 f"KID subset_size={self.subset_size} exceeds the samples available ({num_real} real, {num_fake} fake): "
                 f"every subset would hold the whole set and the std would be 0; use subset_size <= "
                 f"{min(num_real, num_fake)} (CLI: --subset-size), or more samples")
+
+    def compute(self) -> Tuple[Tensor, Tensor]:
+        states = self.reduced_states()
+        real, fake = states["real_features"], states["fake_features"]
+        num_real, num_fake = real.shape[0], fake.shape[0]
+        self.check_counts(num_real, num_fake)
+        if real.shape[1] != fake.shape[1]:
+            raise ValueError(f"real features have {real.shape[1]} dimensions, fake features {fake.shape[1]}")
         m = n = self.subset_size
         generator = torch.Generator().manual_seed(self.seed)
         estimates = []

@@ -276,7 +276,8 @@ def _(sigma1, sigma2, method="auto", factor1=None):
 @torch.library.custom_op("fastgan::trace_sqrt_product_grad", mutates_args=())
 def trace_sqrt_product_grad(sigma1: Tensor, sigma2: Tensor) -> Tensor:
     """∂ tr sqrt(Σ1 Σ2) / ∂Σ2 (float64); an op of its own so the backward stays opaque
-    to tracing (its factorization branches on the data)."""
+    to tracing (its factorization branches on the data). tr sqrt(Σ1 Σ2) = tr sqrt(Σ2 Σ1), so
+    the arguments swapped give ∂/∂Σ1."""
     return reference.trace_sqrt_product_grad_sigma2(sigma1, sigma2)
 
 
@@ -292,10 +293,12 @@ def _trace_setup_context(ctx, inputs, output):
 
 def _trace_backward(ctx, grad):
     sigma1, sigma2 = ctx.saved_tensors
-    grad_sigma2 = None
+    grad_sigma1 = grad_sigma2 = None
+    if ctx.needs_input_grad[0]:
+        grad_sigma1 = (grad * trace_sqrt_product_grad(sigma2, sigma1)).to(sigma1.dtype)
     if ctx.needs_input_grad[1]:
         grad_sigma2 = (grad * trace_sqrt_product_grad(sigma1, sigma2)).to(sigma2.dtype)
-    return None, grad_sigma2, None, None
+    return grad_sigma1, grad_sigma2, None, None
 
 
 trace_sqrt_product.register_autograd(_trace_backward, setup_context=_trace_setup_context)

@@ -72,7 +72,7 @@ class FIDEvaluator:
         interrupted = False
         if self.runtime.rank == 0 and not cache.exists():  # rank 0 alone; the others wait at the barrier
             order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + _REAL_SUBSET_STREAM))
-            statistics = FeatureStatistics()
+            statistics = FeatureStatistics(source=str(cache), resize=getattr(network, "resize_convention", None))
             try:
                 with torch.no_grad():
                     for indices in self._checked(order[:count].split(CHUNK), "FID: real features", stop):
