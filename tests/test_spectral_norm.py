@@ -486,7 +486,7 @@ def test_replayed_refresh_gives_the_eager_refresh(device, monkeypatch):
     losses = _train_steps((replayed, eager), device, 3, backend)
     assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
     _assert_bit_identical(replayed, eager)
-    assert hook.refreshes.captures == 1 and set(hook.refreshes.replays) == {True}
+    assert hook.refreshes.captures == 1 and {training for training, _, _ in hook.refreshes.replays} == {True}
     assert _grouped_hook(eager).refreshes.captures == 0  # cuda_graphs=False
     x = torch.randn(2, 3, 8, 8, device=device)
     for model in (replayed, eager):
@@ -494,7 +494,7 @@ def test_replayed_refresh_gives_the_eager_refresh(device, monkeypatch):
     with fastgan.use_backend(backend):
         for _ in range(3):
             assert torch.equal(replayed(x), eager(x))
-    assert hook.refreshes.captures == 2 and set(hook.refreshes.replays) == {True, False}
+    assert hook.refreshes.captures == 2 and {training for training, _, _ in hook.refreshes.replays} == {True, False}
     for model in (replayed, eager):
         model.train()
         layer = model[0].parametrizations.weight
@@ -632,6 +632,56 @@ def test_apply_spectral_norm_eval_and_shared_layer_semantics(backend):
         torch.testing.assert_close(ours(x) + head_o(feats), theirs(x) + head_t(feats), **TOL[torch.float64])
     for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
         torch.testing.assert_close(b_o, b_t, **TOL[torch.float64], msg=name)
+
+
+class _OptionalHead(nn.Module):
+    """A discriminator whose auxiliary head only some forwards use."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _small_discriminator()
+        self.head = nn.Linear(3 * 8 * 8, 5)
+
+    def forward(self, x, with_head):
+        y = self.body(x)
+        return y + self.head(x.flatten(1)).sum(1, keepdim=True) if with_head else y
+
+
+class _MixedPrecision(nn.Module):
+    """Layers of two dtypes in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Linear(6, 9).double()
+        self.narrow = nn.Linear(9, 4)
+
+    def forward(self, x, with_head=True):
+        return self.narrow(self.wide(x.double()).float())
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+@pytest.mark.parametrize("make,shape", [(_OptionalHead, (2, 3, 8, 8)), (_MixedPrecision, (3, 6))])
+def test_apply_spectral_norm_matches_torch_on_skipped_layers_and_mixed_dtypes(device, backend, make, shape):
+    """A layer a forward skips keeps its u, v (torch's iterate only on use); layers of different
+    dtypes iterate in separate groups."""
+    torch.manual_seed(5)
+    base = make().to(device)
+    theirs, ours = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(6)
+    for m in theirs.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            torch.nn.utils.parametrizations.spectral_norm(m)
+    torch.manual_seed(6)
+    with fastgan.use_backend(backend):
+        fastgan.nn.apply_spectral_norm(ours)
+    for with_head in (False, False, True, False):
+        x = torch.randn(shape, device=device)
+        with fastgan.use_backend(backend):
+            out_o = ours(x, with_head)
+        torch.testing.assert_close(out_o, theirs(x, with_head), rtol=1e-4, atol=1e-5)
+        for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
+            assert b_o.dtype == b_t.dtype
+            torch.testing.assert_close(b_o, b_t, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_apply_spectral_norm_follows_a_conversion_and_layers_in_eval_mode():

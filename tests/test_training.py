@@ -561,6 +561,55 @@ def test_cross_process_batch_norm_is_batch_norm_in_one_process():
     torch.testing.assert_close(converted(x), torch.nn.BatchNorm2d(5)(x))
 
 
+def test_batch_norm_conversion_keeps_dtype_and_device():
+    bn = torch.nn.BatchNorm1d(3).double()
+    converted = convert_batch_norm(bn)
+    assert {t.dtype for t in converted.parameters()} == {torch.float64}
+    assert converted.running_var.dtype == torch.float64
+    assert converted.num_batches_tracked.dtype == torch.long
+
+
+def _batch_norm_worker(rank, world, init_file, inputs, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    bn = CrossProcessBatchNorm(inputs[rank].shape[1])
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, bn.num_features))
+    x = inputs[rank].clone().requires_grad_()
+    out = bn(x)
+    (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin()).sum().backward()
+    torch.save({"out": out.detach(), "grad": x.grad, "weight_grad": bn.weight.grad,
+                "running_mean": bn.running_mean, "running_var": bn.running_var}, f"{result_file}.{rank}")
+    exit_worker()
+
+
+def test_cross_process_batch_norm_is_batch_norm_on_the_combined_batch(tmp_path):
+    """2 gloo processes with uneven float32 batches (3 and 5 samples) whose channels have a mean
+    of ~1000 and a std of ~0.01 (E[x²] − mean² would be round-off there) against float64 batch
+    norm on the combined batch: outputs, input and weight gradients, running statistics."""
+    torch.manual_seed(11)
+    combined = (1000 + 0.01 * torch.randn(8, 4, 3, 2, dtype=torch.float64)) * torch.tensor([1.0, -1, 0.5, 2]).view(1, 4, 1, 1)
+    inputs = [combined[:3].float(), combined[3:].float()]
+    result = str(tmp_path / "result")
+    mp.spawn(_batch_norm_worker, args=(2, str(tmp_path / "init"), inputs, result), nprocs=2)
+    got = [torch.load(f"{result}.{rank}") for rank in (0, 1)]
+    bn = torch.nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, 4))
+    x = torch.cat(inputs).double().requires_grad_()
+    out = bn(x)
+    weights = torch.cat([torch.arange(t.numel(), dtype=torch.float64).view_as(t).sin() for t in inputs])
+    (out * weights).sum().backward()
+    # float32 inputs near 1000 carry ~3e-5 of absolute rounding against a std of 0.01: ~1e-3 relative
+    torch.testing.assert_close(torch.cat([g["out"] for g in got]).double(), out.detach(), rtol=0, atol=5e-3)
+    torch.testing.assert_close(torch.cat([g["grad"] for g in got]).double(), x.grad, rtol=5e-3, atol=5)
+    # each rank's weight gradient is its samples' share (DDP sums them)
+    torch.testing.assert_close(sum(g["weight_grad"].double() for g in got), bn.weight.grad, rtol=5e-3, atol=1e-2)
+    for g in got:
+        torch.testing.assert_close(g["running_mean"].double(), bn.running_mean, rtol=1e-6, atol=0)
+        torch.testing.assert_close(g["running_var"].double(), bn.running_var, rtol=5e-3, atol=0)
+
+
 def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
     """gloo, 2 CPU processes × 4 samples vs 1 process × 8: the same parameters after 3 steps,
     with spectral norm in D, batch norm in G (cross-process) and the WGAN-GP penalty.

@@ -42,26 +42,30 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         from torch.distributed.nn.functional import all_reduce
 
-        reduce_dims = [0] + list(range(2, input.dim()))
-        count = torch.full((1,), input.numel() / input.shape[1], dtype=input.dtype, device=input.device)
-        moments = torch.cat([input.sum(reduce_dims), (input * input).sum(reduce_dims), count])
-        moments = all_reduce(moments)
+        # Two passes, mean then the centred second moment: E[x²] − mean² cancels catastrophically
+        # when |mean| ≫ std. The per-channel sums are taken in at least float32 and reduced in
+        # float64, so neither a half-precision input nor a large count (held exactly) rounds them.
         channels = input.shape[1]
-        total = moments[-1]
-        mean = moments[:channels] / total
-        var = moments[channels : 2 * channels] / total - mean * mean
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        reduce_dims = [0] + list(range(2, input.dim()))
+        accumulate = torch.promote_types(input.dtype, torch.float32)
+        count = input.new_full((1,), input.numel() // channels, dtype=torch.float64)
+        sums = all_reduce(torch.cat([input.sum(reduce_dims, dtype=accumulate).double(), count]))
+        total = sums[-1]
+        mean = (sums[:channels] / total).to(accumulate)
+        centered = input.to(accumulate) - mean.view(shape)
+        var = (all_reduce((centered * centered).sum(reduce_dims).double()) / total).to(accumulate)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                unbiased = var * (total / (total - 1).clamp_min(1))
+                unbiased = var * (total / (total - 1).clamp_min(1)).to(accumulate)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        shape = [1, channels] + [1] * (input.dim() - 2)
-        out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        out = centered * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return out.to(input.dtype)
 
 
 def convert_batch_norm(module: nn.Module) -> nn.Module:
@@ -70,7 +74,7 @@ def convert_batch_norm(module: nn.Module) -> nn.Module:
     converted module (a new one when ``module`` itself is a batch norm)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
         converted = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                          module.track_running_stats, device=_device_of(module))
+                                          module.track_running_stats, **_factory_of(module))
         converted.load_state_dict(module.state_dict())
         converted.train(module.training)
         return converted
@@ -79,9 +83,10 @@ def convert_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _device_of(module: nn.Module):
-    tensors = list(module.parameters()) + list(module.buffers())
-    return tensors[0].device if tensors else None
+def _factory_of(module: nn.Module) -> dict:
+    """The device and floating dtype of a module's tensors (num_batches_tracked is an integer)."""
+    floating = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    return {"device": floating[0].device, "dtype": floating[0].dtype} if floating else {}
 
 
 __all__ = ["CrossProcessBatchNorm", "convert_batch_norm"]

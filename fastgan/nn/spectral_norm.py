@@ -115,12 +115,19 @@ class SpectralNorm(nn.Module):
         self.register_buffer("_v", v)
         normalized_weight(weight.detach(), self._u, self._v, self.dim, _WARMUP_ITERATIONS, eps, True)
         self._group_result: Optional[tuple] = None
+        # (u, v) of apply_spectral_norm's refresh that this layer used, written to its buffers
+        # at the end of the model's forward (or at its next use, if sooner)
+        self._pending_buffers: Optional[Tuple[Tensor, Tensor]] = None
 
     def forward(self, weight: Tensor) -> Tensor:
         if self._group_result is not None:
             u, v, sigma = self._group_result
             _set_group_result(self, None)
+            if self.training:
+                object.__setattr__(self, "_pending_buffers", (u, v))
             return ops.normalize(weight, u, v, sigma, self.dim)
+        if self._pending_buffers is not None:  # a second use in one forward iterates on from the first's u, v
+            write_pending_buffers([self])
         steps = self.n_power_iterations if self.training else 0
         capture = _capture_for(weight.device) if self._replays.enabled and not weight.is_complex() else None
         if capture is not None:
@@ -220,6 +227,11 @@ class _GroupedPowerIteration:
     sharing) or outside the model's forward iterates on its own, as torch's would.
     Where one launch does not pay (:func:`fastgan.ops.spectral_norm.one_launch_pays`:
     the CPU C++ backend) the hook leaves every layer to its own one-call forward.
+    Layers iterate in groups of one training mode, dtype and device.
+
+    The refresh does not write the u, v buffers: a layer that uses its result keeps it,
+    and the model's forward hook (:meth:`clear`) writes the used layers' buffers in one
+    multi-tensor copy, so a layer the forward skips keeps its buffers, as under torch's.
 
     On a GPU the launch is replayed from a private CUDA graph (:class:`_ReplayedRefresh`)
     once the same layers, weights and buffers come a second time in a row: eager, the
@@ -238,34 +250,39 @@ class _GroupedPowerIteration:
         # weight that was not a Parameter); the dicts stay when .to() replaces what is in them
         self.originals = [plist._parameters if "original" in plist._parameters else plist._buffers
                           for plist in lists]
-        self.refreshes = _RefreshReplays(cuda_graphs)  # per group: training and eval layers
+        # per group: (training, dtype, device)
+        self.refreshes = _RefreshReplays(cuda_graphs, writes_buffers=False)
 
     def __call__(self, model: nn.Module, inputs) -> None:
-        device = self.params[0]._buffers["_u"].device
-        backend = ops.multi_layer_backend(device)
-        if not ops.one_launch_pays_on(backend):
-            return
-        # Training and eval layers iterate apart; complex layers on their own (the multi-tensor
-        # op is real-only). Parameters and buffers straight from their dicts: nn.Module's
-        # __getattr__ costs ~0.7 us a lookup, and this runs for every layer on every forward.
-        groups: dict = {True: ([], []), False: ([], [])}
+        # Complex layers refresh on their own (the multi-tensor op is real-only). Parameters and
+        # buffers straight from their dicts: nn.Module's __getattr__ costs ~0.7 us a lookup, and
+        # this runs for every layer on every forward.
+        groups: dict = {}
         for p, original in zip(self.params, self.originals):
             weight = original["original"]
             if not weight.is_complex():
-                params, weights = groups[p.training]
+                params, weights = groups.setdefault((p.training, weight.dtype, weight.device), ([], []))
                 params.append(p)
                 weights.append(weight)
-        capture = _capture_for(device) if self.refreshes.enabled else None
-        for training, (params, weights) in groups.items():
-            if params:
-                steps = params[0].n_power_iterations if training else 0
-                for p, result in zip(params, self.refreshes.refresh(training, params, weights, steps, backend, capture)):
-                    _set_group_result(p, result)
+        for group, (params, weights) in groups.items():
+            training, _, device = group
+            backend = ops.multi_layer_backend(device)
+            if not ops.one_launch_pays_on(backend):
+                continue
+            capture = _capture_for(device) if self.refreshes.enabled else None
+            steps = params[0].n_power_iterations if training else 0
+            for p, result in zip(params, self.refreshes.refresh(group, params, weights, steps, backend, capture)):
+                _set_group_result(p, result)
 
     def clear(self, model: nn.Module, inputs, output=None) -> None:
+        used = []
         for p in self.params:
             if p._group_result is not None:  # a layer the forward did not use (each use clears its own)
                 _set_group_result(p, None)
+            elif p._pending_buffers is not None:
+                used.append(p)
+        if used:
+            write_pending_buffers(used)
 
 
 # A hook recaptures when its layers' storage changes; past this many captures it stays eager.
@@ -282,29 +299,31 @@ class _RefreshReplays:
     :func:`apply_spectral_norm`'s hook (a group per training mode) and by each
     :class:`SpectralNorm` layer refreshing on its own (a group of one)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, writes_buffers: bool = True) -> None:
         self.enabled = enabled
+        self.writes_buffers = writes_buffers
         self._forget()
 
     def _forget(self) -> None:
-        self.replays: Dict[bool, _ReplayedRefresh] = {}
-        self.last_keys: Dict[bool, tuple] = {}
+        self.replays: Dict[object, _ReplayedRefresh] = {}
+        self.last_keys: Dict[object, tuple] = {}
         self.captures = 0
 
     def __getstate__(self) -> dict:
         # A copy (copy.deepcopy, pickle) starts eager: graphs cannot be copied, and a copy's storage is new.
-        return {"enabled": self.enabled}
+        return {"enabled": self.enabled, "writes_buffers": self.writes_buffers}
 
     def __setstate__(self, state: dict) -> None:
         self.enabled = state["enabled"]
+        self.writes_buffers = state.get("writes_buffers", True)
         self._forget()
 
-    def refresh(self, group: bool, params: List["SpectralNorm"], weights: List[Tensor], steps: int, backend: str,
+    def refresh(self, group: object, params: List["SpectralNorm"], weights: List[Tensor], steps: int, backend: str,
                 capture) -> List[Tuple[Tensor, Tensor, Tensor]]:
-        """Each layer's (u, v, σ) after ``steps`` iterations, their buffers updated; replayed
-        where ``capture`` (:func:`_capture_for`) can capture, else eager."""
+        """Each layer's (u, v, σ) after ``steps`` iterations, their buffers updated if
+        ``writes_buffers``; replayed where ``capture`` (:func:`_capture_for`) can capture, else eager."""
         if capture is None or self.captures >= _MAX_CAPTURES:
-            return iterate_together(params, weights, steps)
+            return iterate_together(params, weights, steps, self.writes_buffers)
         key = _replay_key(params, weights, steps, backend)
         replay = self.replays.get(group)
         if replay is not None and replay.key == key:
@@ -312,15 +331,15 @@ class _RefreshReplays:
         self.replays.pop(group, None)
         if self.last_keys.get(group) != key:  # a first call: eager (it also builds the kernels' layer table)
             self.last_keys[group] = key
-            return iterate_together(params, weights, steps)
+            return iterate_together(params, weights, steps, self.writes_buffers)
         self.captures += 1
         try:
-            replay = _ReplayedRefresh(key, params, weights, steps, capture)
+            replay = _ReplayedRefresh(key, params, weights, steps, self.writes_buffers, capture)
         except RuntimeError as error:  # a capture CUDA refused (nothing ran): eager from now on, said once
             self.captures = _MAX_CAPTURES
             warnings.warn(f"spectral norm: the power-iteration refresh could not be captured in a CUDA graph "
                           f"({error}); it stays eager", RuntimeWarning, stacklevel=3)
-            return iterate_together(params, weights, steps)
+            return iterate_together(params, weights, steps, self.writes_buffers)
         self.replays[group] = replay
         return list(replay(params))
 
@@ -348,11 +367,11 @@ class _ReplayedRefresh:
     hands out a copy: a layer's W / σ keeps its u, v, σ for its backward, and two forwards
     before one backward (D on real, then fake) must not share them."""
 
-    def __init__(self, key: tuple, params, weights, steps: int, capture) -> None:
+    def __init__(self, key: tuple, params, weights, steps: int, writes_buffers: bool, capture) -> None:
         self.key = key
         # the copy's pieces: each layer's u, then each layer's v, then the σ's
         self.pieces = [p._buffers["_u"].numel() for p in params] + [p._buffers["_v"].numel() for p in params] + [len(params)]
-        self.graph = capture(lambda: _concatenated_refresh(params, weights, steps), weights[0].device)
+        self.graph = capture(lambda: _concatenated_refresh(params, weights, steps, writes_buffers), weights[0].device)
 
     def __call__(self, params) -> Iterable[Tuple[Tensor, Tensor, Tensor]]:
         # The copy is one cat of the op's three outputs (one launch, outside the graph: packing
@@ -362,16 +381,17 @@ class _ReplayedRefresh:
         return zip(pieces[:count], pieces[count:2 * count], pieces[-1].unbind())
 
 
-def _concatenated_refresh(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int) -> Tuple[Tensor, ...]:
+def _concatenated_refresh(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int,
+                          writes_buffers: bool) -> Tuple[Tensor, ...]:
     """The refresh's (u's, v's, σ's) concatenated, autocast off: nothing in it is cast, and a
     capture must not fill autocast's cache."""
     with torch.autocast("cuda", enabled=False):
-        return _refresh_together(params, weights, steps)[0]
+        return _refresh_together(params, weights, steps, writes_buffers)[0]
 
 
-def _refresh_together(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int):
-    """The multi-layer op on these layers, their u, v buffers updated: ((u's, v's, σ's)
-    concatenated, each layer's (u, v, σ))."""
+def _refresh_together(params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int, writes_buffers: bool):
+    """The multi-layer op on these layers, their u, v buffers updated if ``writes_buffers``:
+    ((u's, v's, σ's) concatenated, each layer's (u, v, σ))."""
     u_buffers = [p._buffers["_u"] for p in params]  # the dicts, not nn.Module's slow __getattr__
     v_buffers = [p._buffers["_v"] for p in params]
     with torch.no_grad():
@@ -379,9 +399,23 @@ def _refresh_together(params: Sequence["SpectralNorm"], weights: Sequence[Tensor
             [w.detach() for w in weights], u_buffers, v_buffers, [p.dim for p in params], steps, params[0].eps, True,
         )
         per_layer = _per_layer(params, *concatenated)
-        if steps > 0:  # one multi-tensor copy for all u's and v's: one launch, one graph node
-            torch._foreach_copy_(u_buffers + v_buffers, [u for u, _, _ in per_layer] + [v for _, v, _ in per_layer])
+        if steps > 0 and writes_buffers:
+            _write_buffers(params, [u for u, _, _ in per_layer], [v for _, v, _ in per_layer])
     return concatenated, per_layer
+
+
+def _write_buffers(params: Sequence["SpectralNorm"], us: Sequence[Tensor], vs: Sequence[Tensor]) -> None:
+    """One multi-tensor copy into all the layers' u and v buffers: one launch, one graph node."""
+    with torch.no_grad():
+        torch._foreach_copy_([p._buffers["_u"] for p in params] + [p._buffers["_v"] for p in params], [*us, *vs])
+
+
+def write_pending_buffers(params: Sequence["SpectralNorm"]) -> None:
+    """Write the u, v that these layers took from :func:`apply_spectral_norm`'s refresh to their buffers."""
+    pending = [p._pending_buffers for p in params]
+    for p in params:
+        object.__setattr__(p, "_pending_buffers", None)
+    _write_buffers(params, [u for u, _ in pending], [v for _, v in pending])
 
 
 def _per_layer(params: Sequence["SpectralNorm"], u_cat: Tensor, v_cat: Tensor, sigmas: Tensor) -> List[Tuple[Tensor, Tensor, Tensor]]:
@@ -391,12 +425,12 @@ def _per_layer(params: Sequence["SpectralNorm"], u_cat: Tensor, v_cat: Tensor, s
 
 
 def iterate_together(
-    params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int
+    params: Sequence["SpectralNorm"], weights: Sequence[Tensor], steps: int, writes_buffers: bool = True,
 ) -> List[Tuple[Tensor, Tensor, Tensor]]:
     """``steps`` power iterations of the layers whose :class:`SpectralNorm` parametrizations
-    and weights are given, in one launch of the multi-tensor op (the same ``eps`` for all),
-    their u, v buffers updated; returns each layer's (u, v, sigma)."""
-    return _refresh_together(params, weights, steps)[1]
+    and weights are given, in one launch of the multi-tensor op (the same ``eps``, dtype and
+    device for all), their u, v buffers updated if ``writes_buffers``; returns each layer's (u, v, sigma)."""
+    return _refresh_together(params, weights, steps, writes_buffers)[1]
 
 
 def _set_group_result(param: "SpectralNorm", result: Optional[tuple]) -> None:
