@@ -15,9 +15,9 @@ backend of that order that can run here is used.
 
 Overrides, in order of precedence: the :func:`use_backend` context manager, then
 the ``FASTGAN_BACKEND`` environment variable (read at each call). A forced backend
-that cannot run on the tensors' device at all raises; a forced backend that can
-run there but that this op has no kernel for falls back to the op's own default
-(so ``FASTGAN_BACKEND=triton`` never breaks an op without a Triton kernel).
+that this op has no kernel for falls back to the op's own default (so
+``FASTGAN_BACKEND=triton`` never breaks an op without a Triton kernel, on any
+device); one it has that cannot run on the tensors' device raises.
 :func:`backends` reports, per op and device, what runs and why.
 
 Adding an op touches one place (its ``register`` call); adding a backend touches
@@ -122,16 +122,16 @@ class Op:
 
     def _select(self, device_type: str, explain: bool) -> Tuple[str, str]:
         forced = forced_backend()
-        if forced is not None:
-            ok, why = _status(forced, device_type)
-            if not ok:
-                raise RuntimeError(f"fastgan backend {forced!r} was requested but cannot run on {device_type}: {why}")
-            if forced in self.impls:
-                return forced, f"forced ({_forced_source()})" if explain else ""
+        if forced is None:
+            return self._default(device_type, explain)
+        if forced not in self.impls:
             default, why_default = self._default(device_type, explain)
             return default, (f"forced {forced!r} ({_forced_source()}) has no {self.name} kernel; the op's default: "
                              f"{why_default}" if explain else "")
-        return self._default(device_type, explain)
+        ok, why = _status(forced, device_type)
+        if not ok:
+            raise RuntimeError(f"fastgan backend {forced!r} was requested but cannot run on {device_type}: {why}")
+        return forced, f"forced ({_forced_source()})" if explain else ""
 
     def _default(self, device_type: str, explain: bool) -> Tuple[str, str]:
         skipped = []
@@ -218,8 +218,9 @@ def _validate_name(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force every fastgan op in this context onto backend ``name`` where the op has it
-    (others keep their default); ``None`` restores automatic choice. Takes precedence
-    over FASTGAN_BACKEND."""
+    (others keep their default). Takes precedence over FASTGAN_BACKEND. ``None`` lifts
+    the overrides of enclosing ``use_backend`` contexts: FASTGAN_BACKEND, if set, applies
+    again, else each op's own choice."""
     token = _forced.set(None if name is None else _validate_name(name))
     try:
         yield
