@@ -1044,6 +1044,36 @@ def test_ops_reject_bad_vectors(device, backend):
             OPS.spectral_norm_power_iteration_multi([weight, weight], [u, u], [v, v[:3]], [0, 0], 1, 1e-12, True)
         with pytest.raises(ValueError, match="n_power_iterations must be >= 0"):
             OPS.spectral_norm_power_iteration(weight, u, v, 0, -1, 1e-12, True)
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            OPS.spectral_norm_power_iteration(weight, u, v, 0, 1, -1.0, True)
+
+
+def test_normalize_op_checks_sigma_u_and_v_as_the_extension_does():
+    """torch.ops.fastgan.spectral_normalize (plain torch) and its fake refuse what the C++ op refuses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    weight, u, v = _layer_inputs((6, 4), 0, torch.float32, "cpu")
+    sigma = torch.tensor(2.5)
+    bad = [((weight, u, v, sigma.reshape(1), 0), "sigma must be a 0-d tensor"),
+           ((weight, u[:5], v, sigma, 0), r"u \(5,\) and v \(4,\) do not fit"),
+           ((weight, u, v[:, None], sigma, 0), "do not fit"),
+           ((weight, u, v, sigma, 2), "dim=2 is out of range")]
+    for args, message in bad:
+        with pytest.raises((ValueError, IndexError), match=message):
+            OPS.spectral_normalize(*args)
+        with FakeTensorMode() as mode, pytest.raises((ValueError, IndexError), match=message):
+            OPS.spectral_normalize(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def test_eps_zero_is_accepted_as_torch_accepts_it():
+    torch.manual_seed(8)
+    theirs = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(7, 5).double(), eps=0.0)
+    torch.manual_seed(8)
+    ours = fastgan.nn.spectral_norm(nn.Linear(7, 5).double(), eps=0.0)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 7, dtype=torch.float64)
+    for _ in range(2):
+        torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float64])
 
 
 _BAD_CALLS_TO_THE_EXTENSION = """

@@ -22,6 +22,7 @@ through :func:`normalized_weight`, :func:`power_iteration_multi` and :func:`norm
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -74,8 +75,8 @@ def check_layer(weight: Tensor, u: Tensor, v: Tensor, dim: int, where: object) -
 def _check_iteration(n_power_iterations: int, eps: float) -> None:
     if n_power_iterations < 0:
         raise ValueError(f"n_power_iterations must be >= 0 (0 = eval mode), got {n_power_iterations}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    if not (math.isfinite(eps) and eps >= 0):  # 0 as in torch's F.normalize: a zero vector then gives NaN
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
 
 
 class _LayerName:
@@ -252,13 +253,27 @@ def _(weights, us, vs, dims, n_power_iterations, eps, u_first):
     return first.new_empty((rows,)), first.new_empty((cols,)), first.new_empty((len(weights),))
 
 
+def _check_normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> None:
+    """What the C++ spectral_normalize checks, for the Python op and its fake."""
+    dim = check_weight(weight, dim, "spectral_normalize")
+    rows = weight.shape[dim]
+    if u.dim() != 1 or v.dim() != 1 or u.numel() != rows or rows * v.numel() != weight.numel():
+        raise ValueError(f"spectral_normalize: u {tuple(u.shape)} and v {tuple(v.shape)} do not fit a weight of "
+                         f"shape {tuple(weight.shape)} with dim={dim}")
+    if sigma.dim() != 0 or sigma.device != weight.device:
+        raise ValueError(f"spectral_normalize: sigma must be a 0-d tensor on the weight's device, got shape "
+                         f"{tuple(sigma.shape)} on {sigma.device}")
+
+
 @torch.library.custom_op("fastgan::spectral_normalize", mutates_args=())
 def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    _check_normalize(weight, u, v, sigma, dim)
     return weight / sigma
 
 
 @spectral_normalize.register_fake
 def _normalize_fake(weight, u, v, sigma, dim):
+    _check_normalize(weight, u, v, sigma, dim)
     return torch.empty_like(weight)
 
 
