@@ -27,7 +27,7 @@ The rules of CUDA graphs (``torch.cuda.graph``'s documentation) hold inside ``fn
 
 * every call passes tensors of the same shapes, dtypes and device, and the same non-tensor
   arguments (they are frozen into the graph); GraphedStep checks both;
-* optimizers are built with ``capturable=True`` (checked when they are given);
+* optimizers of GPU parameters are built with ``capturable=True`` (checked when they are given);
 * random numbers come from torch's CUDA generator (``torch.rand(..., device="cuda")``),
   which draws anew at every replay. Host-side randomness is read once, at capture:
   :func:`fastgan.penalties.gradient_penalty` therefore draws its α (and DRAGAN's noise) on
@@ -127,8 +127,9 @@ class GraphedStep:
     """``fn(*args, **kwargs)`` -- one whole training update -- replayed from a CUDA graph from
     its second call on (see the module's documentation for the rules ``fn`` follows).
 
-    ``optimizers``: those ``fn`` steps, checked to be built with ``capturable=True`` (torch
-    would refuse them at capture, after the warm-up) and, once captured, not to have loaded
+    ``optimizers``: those ``fn`` steps, checked to be built with ``capturable=True`` where
+    their parameters are off the CPU (torch would refuse them at capture, after the warm-up;
+    on the CPU the update runs eagerly anyway) and, once captured, not to have loaded
     another state (a replay then raises). Tensor arguments may be nested in lists, tuples
     and dicts."""
 
@@ -136,7 +137,9 @@ class GraphedStep:
         self.fn = fn
         self._optimizers = list(optimizers)
         for optimizer in self._optimizers:
-            if not all(group.get("capturable") for group in optimizer.param_groups):
+            # CPU parameters run eagerly (no graph), where torch's capturable optimizers do not run at all
+            on_cpu = all(p.device.type == "cpu" for group in optimizer.param_groups for p in group["params"])
+            if not on_cpu and not all(group.get("capturable") for group in optimizer.param_groups):
                 raise ValueError(
                     f"GraphedStep: {type(optimizer).__name__} must be built with capturable=True: a CUDA graph "
                     "replays its step only when the step count lives on the GPU")

@@ -78,12 +78,35 @@ def test_graphed_step_refuses_arguments_its_graph_was_not_captured_with(stand_in
 
 
 def test_graphed_step_checks_optimizers_and_devices():
-    p = nn.Parameter(torch.randn(3))
+    off_cpu = nn.Parameter(torch.empty(3, device="meta"))
     with pytest.raises(ValueError, match="capturable=True"):
-        graphs.GraphedStep(lambda x: x, optimizers=[torch.optim.Adam([p])])
-    graphs.GraphedStep(lambda x: x, optimizers=[torch.optim.Adam([p], capturable=True)])
+        graphs.GraphedStep(lambda x: x, optimizers=[torch.optim.Adam([off_cpu])])
+    graphs.GraphedStep(lambda x: x, optimizers=[torch.optim.Adam([off_cpu], capturable=True)])
     with pytest.raises(ValueError, match="several devices"):
         graphs.GraphedStep(lambda x, y: x)(torch.ones(2), torch.ones(2, device="meta"))
+
+
+def test_graphed_step_runs_a_cpu_update_eagerly_with_a_plain_optimizer():
+    """On the CPU torch's capturable optimizers do not run; a plain one is taken and the
+    update runs eagerly, with one warning saying why."""
+    p = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    optimizer = torch.optim.Adam([p], lr=0.1)
+    reference = p.detach().clone().requires_grad_()
+    reference_optimizer = torch.optim.Adam([reference], lr=0.1)
+
+    def update(param, opt, x):
+        opt.zero_grad()
+        loss = (param * x).square().sum()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step = graphs.GraphedStep(lambda x: update(p, optimizer, x), optimizers=[optimizer])
+    with pytest.warns(RuntimeWarning, match="running eagerly: CUDA graphs need a GPU"):
+        for _ in range(3):
+            x = torch.randn(3, dtype=torch.float64)
+            torch.testing.assert_close(step(x), update(reference, reference_optimizer, x), rtol=0, atol=0)
+    assert torch.equal(p, reference) and not step.captured
 
 
 def test_graphed_step_refuses_an_optimizer_state_loaded_after_its_capture(stand_in_graphs):
