@@ -41,14 +41,19 @@ from fastgan.reference.gradient_penalty import KINDS, SQUARED_NORM_KINDS
 _NEEDS_FAKE = ("wgan-gp", "r2")
 
 
+def _check_generator(generator: Union[None, int, torch.Generator]) -> None:
+    # bool is an int to Python: generator=True would silently be seed 1
+    if isinstance(generator, bool) or not (generator is None or isinstance(generator, (int, torch.Generator))):
+        raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {generator!r}")
+
+
 def _seed(generator: Union[None, int, torch.Generator]) -> int:
+    _check_generator(generator)
     if isinstance(generator, int):
         return generator
     if generator is None:
         return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    if isinstance(generator, torch.Generator):
-        return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=generator.device).item())
-    raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=generator.device).item())
 
 
 def _draws_on_device(real: Tensor, kind: str, alpha: Optional[Tensor], generator) -> bool:
@@ -56,6 +61,7 @@ def _draws_on_device(real: Tensor, kind: str, alpha: Optional[Tensor], generator
     the device: while a CUDA graph records the call, where a seed drawn on the host would be
     read once and every replay would reuse its draw. An int seed keeps its fixed draw, as it
     does eagerly; a torch.Generator, read on the host, cannot be replayed."""
+    _check_generator(generator)
     if kind not in ("wgan-gp", "dragan") or alpha is not None or isinstance(generator, int):
         return False
     if not graphs.is_capturing(real.device):
@@ -70,14 +76,20 @@ def _draws_on_device(real: Tensor, kind: str, alpha: Optional[Tensor], generator
 def _check_inputs(real: Tensor, fake: Optional[Tensor], kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown gradient penalty kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if not isinstance(real, Tensor) or not real.is_floating_point():
-        raise ValueError(f"real must be a floating-point tensor, got {getattr(real, 'dtype', type(real).__name__)}")
+    for name, samples in (("real", real), ("fake", fake)):
+        if samples is not None and not isinstance(samples, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(samples).__module__}.{type(samples).__name__} "
+                             f"(convert NumPy arrays with torch.from_numpy)")
+    if not real.is_floating_point():
+        raise ValueError(f"real must be a floating-point tensor, got {real.dtype}")
+    if real.dim() == 0:
+        raise ValueError("real must be a batch of samples, shape (B, ...); got a 0-d tensor")
     if fake is None:
         if kind in _NEEDS_FAKE:
             raise ValueError(f"the {kind!r} penalty needs fake samples; got fake=None")
         return
-    if not isinstance(fake, Tensor) or not fake.is_floating_point():
-        raise ValueError(f"fake must be a floating-point tensor, got {getattr(fake, 'dtype', type(fake).__name__)}")
+    if not fake.is_floating_point():
+        raise ValueError(f"fake must be a floating-point tensor, got {fake.dtype}")
     if fake.shape != real.shape or fake.dtype != real.dtype:
         raise ValueError(
             f"real and fake must have the same shape and dtype: real {tuple(real.shape)} {real.dtype}, "
@@ -170,10 +182,9 @@ def _couples_samples(G: Callable[[Tensor], Tensor]) -> bool:
 
 def _perturbation(z: Tensor, eps: float, generator: Union[None, int, torch.Generator]) -> Tensor:
     """δ ~ N(0, I) per sample, rescaled to ‖δ‖ = eps."""
+    _check_generator(generator)
     if isinstance(generator, int):
         generator = torch.Generator(device=z.device).manual_seed(generator)
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
     if generator is not None and generator.device.type != z.device.type:
         raise ValueError(f"the generator is on {generator.device} but z is on {z.device}")
     direction = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)

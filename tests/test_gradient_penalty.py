@@ -490,5 +490,11 @@ def test_bad_input_raises_value_error():
         gradient_penalty(lambda x: d(x).repeat(1, 2), real, fake)
     with pytest.raises(ValueError, match="alpha must be"):
         gradient_penalty(d, real, fake, alpha=torch.rand(3))
+    with pytest.raises(ValueError, match=r"real must be a torch.Tensor, got numpy.ndarray.*from_numpy"):
+        gradient_penalty(d, real.numpy(), fake)
+    with pytest.raises(ValueError, match="0-d tensor"):
+        gradient_penalty(lambda x: x.reshape(1), torch.tensor(0.5), None, "r1")
+    with pytest.raises(TypeError, match="generator must be None, an int seed or a torch.Generator, got True"):
+        gradient_penalty(d, real, fake, generator=True)
     assert gradient_penalty(d, real, None, "r1").ndim == 0
     assert gradient_penalty(d, real, None, "dragan").ndim == 0
