@@ -380,9 +380,10 @@ def _small_discriminator():
     )
 
 
-def _sn_pair(dtype, device, backend):
+def _sn_pair(dtype, device, backend, make=_small_discriminator):
+    """A model under torch's spectral norm and a copy under apply_spectral_norm (dtype None: the model's own)."""
     torch.manual_seed(3)
-    base = _small_discriminator().to(device=device, dtype=dtype)
+    base = make().to(device=device, dtype=dtype)
     theirs, ours = copy.deepcopy(base), copy.deepcopy(base)
     torch.manual_seed(4)
     for m in theirs.modules():
@@ -664,16 +665,7 @@ class _MixedPrecision(nn.Module):
 def test_apply_spectral_norm_matches_torch_on_skipped_layers_and_mixed_dtypes(device, backend, make, shape):
     """A layer a forward skips keeps its u, v (torch's iterate only on use); layers of different
     dtypes iterate in separate groups."""
-    torch.manual_seed(5)
-    base = make().to(device)
-    theirs, ours = copy.deepcopy(base), copy.deepcopy(base)
-    torch.manual_seed(6)
-    for m in theirs.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            torch.nn.utils.parametrizations.spectral_norm(m)
-    torch.manual_seed(6)
-    with fastgan.use_backend(backend):
-        fastgan.nn.apply_spectral_norm(ours)
+    theirs, ours = _sn_pair(None, device, backend, make)
     for with_head in (False, False, True, False):
         x = torch.randn(shape, device=device)
         with fastgan.use_backend(backend):
