@@ -446,6 +446,23 @@ def test_different_dimensions_are_refused_before_any_arithmetic(tmp_path):
         frechet_distance(a, b)
 
 
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    (mu, sigma), (other_mu, other_sigma) = _valid(5), _valid(5)
+    path = tmp_path / "stats.npz"
+    FeatureStatistics(mu, sigma).save(str(path))
+    before = path.read_bytes()
+
+    def disk_full(file, **arrays):
+        file.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="stats.npz"):
+        FeatureStatistics(other_mu, other_sigma).save(str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
+    assert path.read_bytes() == before
+
+
 def test_file_errors_name_the_file(tmp_path):
     mu, sigma = _valid()
     bad = sigma.clone()

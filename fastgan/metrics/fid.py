@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import os
 import zipfile
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fastgan.files import atomic_file
 from fastgan.metrics.base import Metric, check_floating_finite
 from fastgan.ops import frechet as ops
 from fastgan.reference import frechet as reference
@@ -130,9 +132,8 @@ class FeatureStatistics:
         """Write ``mu`` and ``sigma`` (float64), ``count`` and ``resize`` to ``path`` (.npz), atomically."""
         self.check_destination(path)
         extra = {} if self.resize is None else {"resize": np.array(self.resize)}
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, mu=self.mean.cpu().numpy(), sigma=self.covariance.cpu().numpy(), count=self.count, **extra)
-        os.replace(tmp, path)
+        with atomic_file(Path(path)) as partial, open(partial, "wb") as f:  # a file object: savez adds no ".npz"
+            np.savez(f, mu=self.mean.cpu().numpy(), sigma=self.covariance.cpu().numpy(), count=self.count, **extra)
 
     @classmethod
     def load(cls, path: str) -> "FeatureStatistics":
