@@ -216,12 +216,11 @@ def _is_folder_target(out: str) -> bool:
 
 def command_sample(args) -> None:
     import torch
+    from tqdm import tqdm
 
     from fastgan.train.outputs import save_image_grid
     from fastgan.train.trainer import draw_latents, load_generator
 
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
     generator, config = load_generator(args.checkpoint, args.device)
     z = draw_latents(args.n, config, torch.Generator().manual_seed(args.seed))
     device = next(generator.parameters()).device
@@ -231,7 +230,8 @@ def command_sample(args) -> None:
         out.mkdir(parents=True, exist_ok=True)
     grid, index = [], 0
     with torch.no_grad():
-        for chunk in z.split(256):  # a folder of 50k samples never has to fit in memory at once
+        # A folder of 50k samples never has to fit in memory at once.
+        for chunk in tqdm(z.split(256), desc="samples", unit="batch", file=sys.stderr):
             images = generator(chunk.to(device)).cpu()
             if not to_folder:
                 grid.append(images)
@@ -383,6 +383,16 @@ def config_keys_help() -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose epilog may be a function, called only when help is shown
     (the train command's list of config keys needs the config module)."""
@@ -422,7 +432,7 @@ def parser() -> argparse.ArgumentParser:
                     "one grid; --out DIR/ (a trailing slash or an existing folder) writes DIR/sample-00000.png ... one "
                     "image each, e.g. for `python -m fastgan fid real/ DIR/`.")
     sample.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a training run")
-    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", default="samples.png", help="output PNG grid, or a folder DIR/ for one PNG per sample (default samples.png)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
     sample.add_argument("--columns", type=int, default=None, help="images per grid row (default: a square grid)")
@@ -559,8 +569,22 @@ def describe_os_error(error: OSError) -> str:
     return f"{paths}: {advice}" if paths else advice
 
 
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The command line's arguments. ``key=value`` overrides (train, study) may sit on both sides
+    of a flag (``train steps=3 --config C.yaml loss=hinge``): argparse gives the first run of them
+    to ``overrides`` and leaves the later ones unparsed, so those are appended here."""
+    main_parser = parser()
+    args, extra = main_parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        main_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides += extra
+    return args
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         return args.run(args) or 0
     except OSError as exc:  # before the others: FileNotFoundError is an OSError

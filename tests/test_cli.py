@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import FID_HELPER_WEIGHTS, FullDisk, needs_fid_helper
 from fastgan.__main__ import main
+from fastgan.train.config import load_config
 
 
 def _folder(path, count, seed, size):
@@ -107,6 +108,7 @@ def test_train_three_steps_then_sample(tmp_path, capsys):
     folder = tmp_path / "fake"
     assert main(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--n", "5", "--out", f"{folder}/"]) == 0
     assert sorted(p.name for p in folder.iterdir()) == [f"sample-{i:05d}.png" for i in range(5)]
+    assert "samples: 100%" in capsys.readouterr().err  # a progress bar, as for --n 50000
     with Image.open(grid) as whole, Image.open(folder / "sample-00004.png") as single:
         assert single.size == (16, 16)  # the grid's fifth image (row 1, column 1) is the same sample
         np.testing.assert_array_equal(np.asarray(single), np.asarray(whole)[20:36, 20:36])
@@ -137,6 +139,21 @@ def test_train_and_sample_errors(tmp_path, capsys):
     assert "loss='kl' is not one of" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(tmp_path / "none.pt")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage_error:
+        main(["sample", "--checkpoint", str(tmp_path / "none.pt"), "--n", "0"])
+    assert usage_error.value.code == 2 and "argument --n: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_overrides_may_sit_on_both_sides_of_a_flag(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 5\nloss: hinge\n")
+    run = tmp_path / "run"
+    assert main(["train", *TINY_RUN, "--config", str(config), "steps=1", "--resume", f"out_dir={run}"]) == 0
+    saved = load_config(str(run / "config.yaml"))
+    assert (saved.steps, saved.loss) == (1, "hinge")
+    with pytest.raises(SystemExit) as usage_error:
+        main(["train", "steps=1", "--config", str(config), "--seed", "3", f"out_dir={run}"])
+    assert usage_error.value.code == 2 and "unrecognized arguments: --seed" in capsys.readouterr().err
 
 
 def test_study_runs_a_two_trial_grid_and_skips_finished_trials(tmp_path, capsys):

@@ -142,6 +142,29 @@ def test_grid_errors(tmp_path):
         run_study(read_study(grid), index=1)
 
 
+def test_base_settings_overrides_and_axes_merge_key_by_key(tmp_path):
+    """Each layer sets only the keys it names, sections included (as load_config merges a YAML
+    file and its overrides): later layers win, and a section never replaces a whole earlier one."""
+    (tmp_path / "base.yaml").write_text("generator: {jacobian_clamping: {weight: 1.0, eps: 2.0}}\nlens.steps: 3\n")
+    (tmp_path / "grid.yaml").write_text(
+        "base: base.yaml\nsettings: {generator: {jacobian_clamping: {eps: 0.5}}, lens: {steps: 4, hidden: 8}}\n"
+        f"out_dir: {tmp_path / 'study'}\naxes:\n  clamping:\n    - {{generator: {{jacobian_clamping: {{lambda_max: 10.0}}}}}}\n"
+        "    - {generator: {jacobian_clamping: {lambda_max: 15.0}}}\n")
+    trials = read_study(str(tmp_path / "grid.yaml"), ["lens.steps=5"]).trials
+    for trial, lambda_max in zip(trials, (10.0, 15.0)):
+        config = trial.config
+        assert (config.generator_jacobian_clamping_weight, config.generator_jacobian_clamping_eps) == (1.0, 0.5)
+        assert config.generator_jacobian_clamping_lambda_max == lambda_max
+        assert (config.lens_steps, config.lens_hidden) == (5, 8)
+
+
+def test_a_grid_out_dir_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "grid.yaml").write_text("out_dir: ~/study\naxes: {loss: [ns]}\n")
+    study = read_study(str(tmp_path / "grid.yaml"))
+    assert study.out_dir == tmp_path / "study" and study.trials[0].out_dir.parent == tmp_path / "study"
+
+
 def test_base_out_dir_is_ignored_and_the_shipped_grids_read(tmp_path):
     root = Path(__file__).resolve().parent.parent / "configs" / "study"
     sizes = {"demo": 4, "loss_x_normalization": 16, "landscape": 768}

@@ -24,7 +24,7 @@ from fastgan.train.outputs import MetricsLog, plot_curves, save_image_grid
 from fastgan.train.callbacks import Callback
 from fastgan.train.step import GANStep
 from fastgan.train.trainer import BEST, CHECKPOINT, EXIT_INTERRUPTED, SUMMARY, Trainer, draw_latents, models_for
-from training_support import TINY_TRAINING, train_in_two_processes
+from training_support import TINY_TRAINING, metrics_records, train_in_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TINY_TRAINING + ["deterministic=true"]
@@ -106,6 +106,14 @@ def test_config_yaml_overrides_and_types(tmp_path):
     (["z_distribution=normal"], "z_distribution is now z_prior"),
     (["z_prior=gaussian"], "z_prior='gaussian' is not one of"),
     (["dtype=float16"], "dtype='float16' is not one of"),
+    (["g_lr=.inf"], "g_lr must be a finite number > 0"),
+    (["d_lr=inf"], "d_lr must be a finite number > 0"),  # YAML reads inf as a string, which float() accepts
+    (["lens_steps=10", "lens_lr=.inf"], "lens_lr must be a finite number > 0"),
+    (["penalty_weight=.nan"], "penalty_weight must be a finite number >= 0"),
+    (["penalty_weight=.inf"], "penalty_weight must be a finite number >= 0"),
+    (["width=.inf"], "width must be a finite number > 0"),
+    (["seed=-1"], r"seed must be in \[0, "),
+    ([f"seed={2**64}"], r"seed must be in \[0, "),
     (["amp=true", "dtype=float64"], "amp .* needs dtype=float32"),
     # shapes are checked with the config, before any data is read or decoded
     (["architecture=resnet19", "image_size=32"], "resnet19 needs image_size a positive multiple of 64"),
@@ -122,6 +130,20 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="a config is a mapping"):
         load_config(str(tmp_path / "list.yaml"))
+
+
+def test_yaml_syntax_errors_name_the_file_or_override_and_the_line(tmp_path, capsys):
+    from fastgan.__main__ import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("loss: hinge\ng_betas: [0.5, 0.9\nsteps: 10\n")
+    with pytest.raises(ValueError, match=rf"{path} is not valid YAML: line 3, column 6: expected ',' or ']'"):
+        load_config(str(path))
+    with pytest.raises(ValueError, match=r"override 'g_betas=\[0.5, 0.9': the value is not valid YAML \(line 1, column 10"):
+        load_config(None, ["g_betas=[0.5, 0.9"])
+    assert main(["train", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is not valid YAML: line 3") and err.count("\n") == 1
 
 
 def test_shipped_configs_and_grids_load():
@@ -424,6 +446,18 @@ def test_existing_run_needs_resume_and_same_setup(tmp_path):
         Trainer(tiny_config(tmp_path, "steps=2", f"data_root={tmp_path}"), resume=True)
 
 
+def test_a_resume_may_change_the_sample_grid(tmp_path):
+    from PIL import Image
+
+    Trainer(tiny_config(tmp_path, "steps=1", "sample_grid=4")).fit()
+    resumed = Trainer(tiny_config(tmp_path, "steps=2", "sample_grid=9", "sample_every=1"), resume=True)
+    assert resumed.fixed_z.shape[0] == 9
+    resumed.fit()
+    with Image.open(tmp_path / "run" / "samples.png") as grid:
+        assert grid.size == (2 + 3 * 18, 2 + 3 * 18)  # 9 images of 16 px, 3 columns, 2 px padding
+    assert checkpoint.load(tmp_path / "run" / CHECKPOINT)["fixed_z"].shape[0] == 9
+
+
 def test_bad_setups_raise_clearly(tmp_path):
     with pytest.raises(ValueError, match="fewer than batch_size"):
         Trainer(tiny_config(tmp_path, "batch_size=4096"))
@@ -450,6 +484,26 @@ def test_outputs_of_a_run(tmp_path):
         assert grid.size == (2 + 4 * 18, 2 + 3 * 18)  # 10 images of 16 px, 4 columns, 2 px padding
     assert load_config(str(run / "config.yaml")) == tiny_config(tmp_path, "steps=4", "sample_every=2",
                                                                  "checkpoint_every=2", "sample_grid=10")
+
+
+def test_a_failed_config_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    from fastgan.train.config import save_config
+
+    path = tmp_path / "config.yaml"
+    save_config(tiny_config(tmp_path, "steps=1"), str(path))
+    previous = path.read_text()
+
+    def write_half_then_fail(self, text):
+        Path.write_bytes(self, text[: len(text) // 2].encode())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_fail)
+    with pytest.raises(OSError):
+        save_config(tiny_config(tmp_path, "steps=2"), str(path))
+    monkeypatch.undo()
+    assert path.read_text() == previous and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
 
 
 def test_metrics_log_drops_records_after_the_resumed_step(tmp_path):
@@ -504,13 +558,20 @@ class SlowInception(torch.nn.Module):
         return torch.randn(images.shape[0], self.feature_dim, generator=torch.Generator().manual_seed(int(images.sum() * 1e3)))
 
 
+def stand_in_weights(path: Path, content: bytes = b"stand-in") -> str:
+    """A file to name as inception_weights when InceptionV3.load is replaced (the run checks that it exists)."""
+    path.write_bytes(content)
+    return str(path)
+
+
 def test_a_stop_signal_during_fid_checkpoints_at_once_and_resume_evaluates_it(tmp_path, monkeypatch):
     """SIGTERM during the FID at step 2 (the 2nd of 5 chunks of generated features): the run
     writes its checkpoint before any further chunk and stops, unfinished; --resume evaluates
     that FID first and ends as an uninterrupted run does."""
     from fastgan.metrics.inception import InceptionV3
 
-    common = ["steps=2", "fid_every=2", "fid_samples=500", "fid_real_samples=100", "penalty=wgan-gp"]
+    common = ["steps=2", "fid_every=2", "fid_samples=500", "fid_real_samples=100", "penalty=wgan-gp",
+              f"inception_weights={stand_in_weights(tmp_path / 'weights.pt')}"]
     network = SlowInception(signal_at=3)  # call 1: the 100 real images; calls 2-6: the 5 chunks of 100 samples
     monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: network)
     summary = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'stopped'}")).fit()
@@ -526,6 +587,41 @@ def test_a_stop_signal_during_fid_checkpoints_at_once_and_resume_evaluates_it(tm
     assert [step for step, _ in fids] == [2]
     for a, b in zip(_final_state(tmp_path / "straight"), _final_state(tmp_path / "stopped")):
         _assert_identical({"x": a}, {"x": b})
+    # the resume checkpointed once the pending FID was done: resuming the finished run again evaluates
+    # nothing and logs nothing twice
+    assert not checkpoint.load(tmp_path / "stopped" / CHECKPOINT)["fid_pending"]
+    calls = network.calls
+    again = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'stopped'}"), resume=True).fit()
+    assert again == resumed and network.calls == calls
+    assert [r["step"] for r in metrics_records(tmp_path / "stopped") if "fid" in r] == [2]
+
+
+def test_the_real_statistics_cache_is_keyed_on_the_inception_weights(tmp_path, monkeypatch):
+    """A run resumed with other Inception weights computes the real statistics again (the
+    old cache would give a wrong FID); unchanged weights reuse the cache."""
+    from fastgan.metrics.inception import InceptionV3
+
+    network = SlowInception(signal_at=-1)
+    monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: network)
+    first, other = stand_in_weights(tmp_path / "a.pt", b"weights a"), stand_in_weights(tmp_path / "b.pt", b"weights b")
+    common = ["fid_every=1", "fid_samples=10", "fid_real_samples=10"]
+    Trainer(tiny_config(tmp_path, *common, "steps=1", f"inception_weights={first}")).fit()
+    Trainer(tiny_config(tmp_path, *common, "steps=2", f"inception_weights={first}"), resume=True).fit()
+    assert len(list((tmp_path / "run").glob("fid_real_*.npz"))) == 1
+    Trainer(tiny_config(tmp_path, *common, "steps=3", f"inception_weights={other}"), resume=True).fit()
+    assert len(list((tmp_path / "run").glob("fid_real_*.npz"))) == 2
+
+
+def test_out_dir_and_inception_weights_expand_the_home_folder(tmp_path, monkeypatch):
+    from fastgan.metrics.inception import InceptionV3
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: SlowInception(signal_at=-1))
+    stand_in_weights(tmp_path / "weights.pt")
+    summary = Trainer(tiny_config(tmp_path, "steps=1", "fid_every=1", "fid_samples=10", "fid_real_samples=10",
+                                  "out_dir=~/run", "inception_weights=~/weights.pt")).fit()
+    assert summary["out_dir"] == str(tmp_path / "run") and summary["final_fid"] is not None
+    assert (tmp_path / "run" / CHECKPOINT).is_file() and not Path("~").exists()
 
 
 def test_the_cli_exits_with_a_distinct_status_when_stopped(tmp_path, monkeypatch, capsys):
@@ -533,18 +629,19 @@ def test_the_cli_exits_with_a_distinct_status_when_stopped(tmp_path, monkeypatch
     from fastgan.metrics.inception import InceptionV3
 
     monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: SlowInception(signal_at=2))
-    run = ["train", *TINY, "steps=4", "fid_every=2", "fid_samples=200", "fid_real_samples=50", f"out_dir={tmp_path / 'run'}"]
+    run = ["train", *TINY, "steps=4", "fid_every=2", "fid_samples=200", "fid_real_samples=50", f"out_dir={tmp_path / 'run'}",
+           f"inception_weights={stand_in_weights(tmp_path / 'weights.pt')}"]
     assert main(run) == EXIT_INTERRUPTED == 75
     assert "stopped at step 2" in capsys.readouterr().err
 
 
 def test_fid_without_inception_weights_says_how_to_get_them(tmp_path, monkeypatch, capsys):
-    from fastgan.metrics.inception import InceptionV3
+    from fastgan.metrics import inception
 
     def no_weights(*args, **kwargs):
         raise RuntimeError("no Inception weights found")
 
-    monkeypatch.setattr(InceptionV3, "load", no_weights)
+    monkeypatch.setattr(inception, "resolve_weights_path", no_weights)
     summary = Trainer(tiny_config(tmp_path, "steps=2", "fid_every=1")).fit()
     assert summary["finished"] and summary["best_fid"] is None
     assert "FID disabled: no Inception weights found" in capsys.readouterr().err

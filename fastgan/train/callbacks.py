@@ -131,7 +131,7 @@ class Samples(Callback):
 class FIDTracking(Callback):
     """Every ``fid_every`` steps: FID (a separate metrics record), the best one kept in ``best.pt``.
     An evaluation that a stop signal interrupted stays pending in the checkpoint and runs first
-    when the run resumes."""
+    when the run resumes, which then checkpoints at once."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -139,6 +139,9 @@ class FIDTracking(Callback):
     def start(self, trainer: "Trainer") -> None:
         if trainer.fid_pending and trainer.config.fid_every:
             self._evaluate(trainer)
+            # Else the checkpoint stays pending until the next one (never, after the last step),
+            # and every later resume would evaluate and log this FID again.
+            trainer.save_checkpoint()
         trainer.fid_pending = False
 
     def after(self, trainer: "Trainer", out: Outputs) -> None:

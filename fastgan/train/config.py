@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+from fastgan.files import write_text_atomic
+
 LOSSES = ("ns", "wgan", "lsgan", "hinge")
 PENALTIES = ("none", "wgan-gp", "dragan", "r1", "l2")
 Z_PRIORS = ("uniform", "normal")
@@ -152,6 +154,7 @@ class Config:
         from fastgan.models import ARCHITECTURES, D_NORMALIZATIONS, check_model_shape
         from fastgan.models.vae import LIKELIHOODS, MARGINALS
         from fastgan.train.data import DATASETS
+        from fastgan.train.stream import MAX_SEED
 
         choices = {"architecture": ARCHITECTURES, "d_norm": D_NORMALIZATIONS, "loss": LOSSES,
                    "penalty": PENALTIES, "z_prior": Z_PRIORS, "dtype": DTYPES, "dataset": DATASETS, "model": MODELS,
@@ -170,16 +173,18 @@ class Config:
                 raise ValueError(f"{key} must be >= 0 (0 = never), got {getattr(self, key)}")
         for key in ("g_lr", "d_lr", "lens_lr"):
             value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise ValueError(f"{key} must be > 0, got {value}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a finite number > 0, got {value}")
         for key in ("g_betas", "d_betas", "lens_betas"):
             value = getattr(self, key)
             if value is not None and not all(0 <= b < 1 for b in value):
                 raise ValueError(f"{key} must be two numbers in [0, 1), got {value}")
-        if not self.width > 0:
-            raise ValueError(f"width must be > 0, got {self.width}")
-        if self.penalty_weight < 0:
-            raise ValueError(f"penalty_weight must be >= 0, got {self.penalty_weight}")
+        if not (math.isfinite(self.width) and self.width > 0):
+            raise ValueError(f"width must be a finite number > 0, got {self.width}")
+        if not (math.isfinite(self.penalty_weight) and self.penalty_weight >= 0):
+            raise ValueError(f"penalty_weight must be a finite number >= 0, got {self.penalty_weight}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         self._validate_jacobian_clamping()
         self._validate_model()
         self._validate_mixed_batches_and_lens()
@@ -340,6 +345,14 @@ def from_mapping(values: Mapping[str, Any]) -> Config:
     return Config(**{k: _coerce(k, v) for k, v in values.items()}).validate()
 
 
+def _yaml_problem(error: Exception) -> str:
+    """A ``yaml.YAMLError`` in one line: where (1-based) and what."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def read_yaml(path: str) -> Dict[str, Any]:
     import yaml
 
@@ -347,7 +360,10 @@ def read_yaml(path: str) -> Dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     with open(file) as f:
-        values = yaml.safe_load(f)
+        try:
+            values = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {_yaml_problem(error)}") from error
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -364,22 +380,35 @@ def parse_overrides(pairs: Iterable[str]) -> Dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"an override is key=value, got {pair!r}")
-        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        try:
+            values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {pair!r}: the value is not valid YAML ({_yaml_problem(error)})") from error
     return values
+
+
+def merge_settings(*layers: Mapping[str, Any]) -> Dict[str, Any]:
+    """Config mappings merged key by key, later layers winning: each is flattened first, so a
+    section (``vae: {marginal: vamp}``) sets only its own keys and never replaces a whole
+    section of an earlier layer, and ``vae.marginal=vamp`` and ``vae_marginal`` are one key."""
+    merged = {}
+    for layer in layers:
+        merged.update(_flatten(layer))
+    return merged
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
     """The config of ``path`` (YAML; None = the defaults) with ``key=value`` overrides."""
     values = read_yaml(path) if path else {}
-    return from_mapping({**_flatten(values), **_flatten(parse_overrides(overrides))})
+    return from_mapping(merge_settings(values, parse_overrides(overrides)))
 
 
 def save_config(config: Config, path: str) -> None:
+    """``config`` as YAML, written atomically (a kill never leaves a torn ``config.yaml``)."""
     import yaml
 
-    with open(path, "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    write_text_atomic(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 __all__ = ["Config", "DTYPES", "LOSSES", "MIXED_BATCH_LOSSES", "PENALTIES", "Z_PRIORS", "FIELDS", "from_mapping", "load_config",
-           "parse_overrides", "read_yaml", "save_config"]
+           "merge_settings", "parse_overrides", "read_yaml", "save_config"]

@@ -3,12 +3,16 @@
 :class:`FIDEvaluator` loads the Inception network once (or says once, on rank 0, how to
 get weights and disables itself), computes the real side's statistics once per run
 (cached as ``fid_real_*.npz`` in ``out_dir``) and then evaluates ``fid_samples``
-images of G from the same z every time, each process a share. Long loops poll a stop
-callback before every chunk of 100 images and raise :class:`Interrupted` when it says
-stop, so a pre-empted run checkpoints within one chunk instead of after the whole FID.
+images of G from the same z every time, each process a share. The cache's name holds a
+digest of the Inception weight file and the resize convention, so a run resumed with other
+weights computes the statistics again (caches of older versions, named without it, are
+never read). Long loops poll a stop callback before every chunk of 100 images and raise
+:class:`Interrupted` when it says stop, so a pre-empted run checkpoints within one chunk
+instead of after the whole FID.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from pathlib import Path
@@ -56,10 +60,11 @@ class FIDEvaluator:
         if self._metric is not None or self.unavailable:
             return self._metric
         from fastgan.metrics import FID, FeatureStatistics
-        from fastgan.metrics.inception import InceptionV3
+        from fastgan.metrics.inception import InceptionV3, resolve_weights_path
 
         try:
-            network = InceptionV3.load(self.config.inception_weights).to(self.runtime.device).eval()
+            weights = resolve_weights_path(self.config.inception_weights)
+            network = InceptionV3.load(weights).to(self.runtime.device).eval()
         except RuntimeError as exc:  # none found anywhere (a named file that is missing or wrong raised earlier)
             self.unavailable = True
             if self.runtime.rank == 0:
@@ -68,11 +73,13 @@ class FIDEvaluator:
             return None
         count = min(self.config.fid_real_samples, len(self.data))
         name = self.data.name.replace("/", "_").replace(":", "_")
-        cache = self.out_dir / f"fid_real_{name}_{self.config.image_size}_{count}.npz"
+        resize = getattr(network, "resize_convention", None)
+        extractor = _extractor_digest(weights, resize)
+        cache = self.out_dir / f"fid_real_{name}_{self.config.image_size}_{count}_{extractor}.npz"
         interrupted = False
         if self.runtime.rank == 0 and not cache.exists():  # rank 0 alone; the others wait at the barrier
             order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + _REAL_SUBSET_STREAM))
-            statistics = FeatureStatistics(source=str(cache), resize=getattr(network, "resize_convention", None))
+            statistics = FeatureStatistics(source=str(cache), resize=resize)
             try:
                 with torch.no_grad():
                     for indices in self._checked(order[:count].split(CHUNK), "FID: real features", stop):
@@ -96,6 +103,17 @@ class FIDEvaluator:
             if stop():
                 raise Interrupted(description)
             yield chunk
+
+
+def _extractor_digest(weights: Path, resize: Optional[str]) -> str:
+    """A short hex digest of the weight file's content and the resize convention: what the
+    real statistics depend on besides the data."""
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(str(resize).encode())
+    return digest.hexdigest()[:16]
 
 
 __all__ = ["CHUNK", "FIDEvaluator", "Interrupted"]

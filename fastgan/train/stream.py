@@ -30,6 +30,9 @@ from fastgan.train.runtime import Runtime
 # Share of the free GPU memory a data set may take to be kept on the device.
 RESIDENT_FRACTION = 0.25
 _ORDER_SEED_MULTIPLIER = 1_000_003
+# The largest run seed whose epoch seeds (seed * _ORDER_SEED_MULTIPLIER + epoch, for up to 2**32 epochs)
+# torch.manual_seed accepts (< 2**64); the config refuses larger ones before anything runs.
+MAX_SEED = (2**64 - 1 - 2**32) // _ORDER_SEED_MULTIPLIER
 
 
 class BatchStream:
@@ -140,4 +143,4 @@ def _on_device(images: np.ndarray, device: torch.device) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(images)).to(device)
 
 
-__all__ = ["BatchStream", "RepeatedBatch", "RESIDENT_FRACTION"]
+__all__ = ["BatchStream", "MAX_SEED", "RepeatedBatch", "RESIDENT_FRACTION"]

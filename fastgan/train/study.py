@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from fastgan.train.config import Config, from_mapping, parse_overrides, read_yaml
+from fastgan.train.config import Config, from_mapping, merge_settings, parse_overrides, read_yaml
 from fastgan.files import write_text_atomic
 from fastgan.train.trainer import CHECKPOINT, SUMMARY, TRAINER_VERSION, Trainer
 
@@ -158,19 +158,18 @@ def read_study(path: str, overrides: Iterable[str] = ()) -> Study:
         raise ValueError(f"{path}: 'axes' must map each axis name to a non-empty list of choices")
     base = read_yaml(str(Path(path).parent / grid["base"])) if grid.get("base") else {}
     name = Path(path).stem
-    out_dir = Path(grid.get("out_dir") or f"runs/study/{name}")
+    out_dir = Path(grid.get("out_dir") or f"runs/study/{name}").expanduser()
     base.pop("out_dir", None)  # the trials' folders go below the grid's out_dir
-    common = {**(grid.get("settings") or {}), **parse_overrides(overrides)}
+    common = merge_settings(grid.get("settings") or {}, parse_overrides(overrides))
     if "out_dir" in common:
         raise ValueError(f"{path}: out_dir is a key of the grid itself (the trials' folders go below it), "
                          "not a setting or an override")
-    common = {**base, **common}
+    common = merge_settings(base, common)
     trials, folders = [], {}
     for index, combination in enumerate(itertools.product(*(axes[a] for a in axes))):
-        settings = {}
-        for axis, item in zip(axes, combination):
-            settings.update(_axis_choice(axis, item))
-        config = from_mapping({**common, **settings})
+        choices = [_axis_choice(axis, item) for axis, item in zip(axes, combination)]
+        settings = {key: value for choice in choices for key, value in choice.items()}
+        config = from_mapping(merge_settings(common, *choices))
         folder = out_dir / f"{_TRIAL_PREFIX}{config_hash(config)[:16]}"
         if folder in folders:
             raise ValueError(f"{path}: trials {folders[folder]} and {index} have the same config "

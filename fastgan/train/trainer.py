@@ -120,8 +120,8 @@ class Trainer:
         if config.mixed_batches and config.batch_size // runtime.world < 2:
             raise ValueError(f"mixed_batches=true needs at least 2 images per process to mix (batch_size={config.batch_size} "
                              f"over {runtime.world} process(es))")
-        self.out_dir = Path(config.out_dir)
-        if config.fid_every and config.inception_weights and not Path(config.inception_weights).is_file():
+        self.out_dir = Path(config.out_dir).expanduser()
+        if config.fid_every and config.inception_weights and not Path(config.inception_weights).expanduser().is_file():
             raise FileNotFoundError(f"Inception weight file not found: {config.inception_weights}")
         saved = self._saved_state(config, resume)
         self.config = config = self._resumed_config(saved["config"], config) if saved else config
@@ -380,7 +380,8 @@ class Trainer:
         self.stream.load_state_dict({"batches_drawn": state["batches_drawn"]})
         self.random.set_state(state["random"])
         torch.set_rng_state(state["torch_random"])
-        self.fixed_z = state["fixed_z"]
+        if len(state["fixed_z"]) == self.config.sample_grid:  # a resume that changes sample_grid draws its new z above
+            self.fixed_z = state["fixed_z"]
         self.conditioning_z = state.get("conditioning_z", self.conditioning_z)  # absent in older checkpoints
         self.step = state["step"]
         self.best_fid, self.best_step = state["best_fid"], state["best_step"]
