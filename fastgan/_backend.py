@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import importlib
 import os
 from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
@@ -45,33 +44,45 @@ _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastgan
 _on_extension_load = []
 
 
-@functools.lru_cache(maxsize=None)
+# What the first attempt to load each optional part gave: "extension" -> (fastgan._C or None, why not),
+# "triton" -> (importable, why not). A plain dict, not functools.lru_cache: torch.compile traces the
+# backend choice, and dynamo warns of every lru_cache-wrapped call it meets.
+_loaded: Dict[str, Tuple[object, str]] = {}
+
+
 def _load_extension():
     """Import ``fastgan._C`` once; return (module or None, reason it is missing)."""
-    try:
-        module = importlib.import_module("fastgan._C")
-    except ImportError as exc:
-        return None, f"fastgan._C is not built or failed to load ({exc}); reinstall with `pip install --no-build-isolation -e .`"
-    for register in _on_extension_load:
-        register()
-    return module, ""
+    if "extension" not in _loaded:
+        try:
+            module = importlib.import_module("fastgan._C")
+        except ImportError as exc:
+            _loaded["extension"] = (None, f"fastgan._C is not built or failed to load ({exc}); "
+                                          "reinstall with `pip install --no-build-isolation -e .`")
+        else:
+            for register in _on_extension_load:
+                register()
+            _loaded["extension"] = (module, "")
+    return _loaded["extension"]
 
 
 def when_extension_loads(register: Callable[[], None]) -> None:
     """Run ``register`` (e.g. a fake-tensor registration for a ``fastgan_C`` op) once
     ``fastgan._C`` is loaded -- now, if it already is. The C++ ops exist only from then on."""
     _on_extension_load.append(register)
-    if _load_extension.cache_info().currsize and _load_extension()[0] is not None:
+    if _loaded.get("extension", (None,))[0] is not None:
         register()
 
 
-@functools.lru_cache(maxsize=None)
 def _load_triton():
-    try:
-        importlib.import_module("fastgan.kernels")
-    except ImportError as exc:
-        return False, f"triton is not importable ({exc})"
-    return True, ""
+    """Import ``fastgan.kernels`` once; return (whether it imported, reason it did not)."""
+    if "triton" not in _loaded:
+        try:
+            importlib.import_module("fastgan.kernels")
+        except ImportError as exc:
+            _loaded["triton"] = (False, f"triton is not importable ({exc})")
+        else:
+            _loaded["triton"] = (True, "")
+    return _loaded["triton"]
 
 
 def triton_interpreted() -> bool:
