@@ -195,9 +195,14 @@ def refresh_fn(name: str, models: Models) -> Tuple[Callable[[], object], nn.Modu
         model = models.fastgan_grouped(backend)
         hook = grouped_refresh_hook(model)
 
-        def grouped_refresh():  # before every forward; on a GPU replayed from a graph from the second call on
+        def grouped_refresh():
+            # What a training forward spends on the refresh: the hook's launch (on a GPU replayed from a
+            # graph from the second call on), each layer taking its u, v, σ, and the buffers' write when
+            # the forward returns (a layer that took nothing keeps its buffers).
             with fastgan.use_backend(backend):
                 hook(model, ())
+                for p in hook.params:
+                    p.take_group_result()
                 hook.clear(model, ())
 
         return grouped_refresh, model, backend
@@ -281,10 +286,12 @@ def normalized_fn(name: str, models: Models) -> Callable[[], List[Tensor]]:
         model = models.fastgan_grouped(backend)
         hook, layers = grouped_refresh_hook(model), weight_layers(model)
 
-        def grouped_forward():
+        def grouped_forward():  # the model's pre-hook, every layer's weight, the model's forward hook
             with fastgan.use_backend(backend):
                 hook(model, ())
-                return [m.weight for m in layers]
+                weights = [m.weight for m in layers]
+                hook.clear(model, ())
+                return weights
 
         return grouped_forward
     layers = weight_layers(models.fastgan_per_layer(backend))

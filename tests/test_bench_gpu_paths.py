@@ -41,6 +41,27 @@ def test_graph_replay_refresh_entry(monkeypatch):
     sn_bench.assert_close([v for _, v in ours], [v for _, v in expected], "v")
 
 
+@pytest.mark.parametrize("stand_in", [False, True], ids=["eager", "replayed"])
+def test_apply_spectral_norm_entries_refresh_and_normalize_as_torch(monkeypatch, stand_in):
+    """The hook's entries, eager (as on the CPU) and replayed (as on a GPU), called three times
+    from the common state: their u, v and W / σ are torch's after as many refreshes (the refresh
+    entry once wrote no buffers, since the refresh leaves them to the layers that use it)."""
+    if stand_in:
+        use_stand_in_graphs(monkeypatch)
+    models = sn_bench.Models()
+    torch_refresh, expected_model, _ = sn_bench.refresh_fn(sn_bench.TORCH_PARAM, models)
+    refresh, model, _ = sn_bench.refresh_fn(f"{sn_bench.GROUPED_HOOK} [reference]", models)
+    torch_forward = sn_bench.normalized_fn(sn_bench.TORCH_PARAM, models)
+    forward = sn_bench.normalized_fn("fastgan apply_spectral_norm [reference]", models)
+    with torch.no_grad():
+        for _ in range(3):  # eager, captured, replayed
+            torch_refresh()
+            refresh()
+            sn_bench.assert_close([u for u, _ in sn_bench.uv(model)], [u for u, _ in sn_bench.uv(expected_model)], "u")
+            sn_bench.assert_close([v for _, v in sn_bench.uv(model)], [v for _, v in sn_bench.uv(expected_model)], "v")
+            sn_bench.assert_close(forward(), torch_forward(), "W / sigma")
+
+
 @pytest.mark.parametrize("case, option", [
     ("sndcgan ns+sn", "fastgan graphs + amp + channels_last + cudnn_benchmark"),
     ("resnet_cifar wgan-gp", "fastgan graphs, tf32 off (fastgan train's default)"),

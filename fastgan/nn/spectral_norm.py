@@ -119,12 +119,21 @@ class SpectralNorm(nn.Module):
         # at the end of the model's forward (or at its next use, if sooner)
         self._pending_buffers: Optional[Tuple[Tensor, Tensor]] = None
 
-    def forward(self, weight: Tensor) -> Tensor:
-        if self._group_result is not None:
-            u, v, sigma = self._group_result
+    def take_group_result(self) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        """This forward's (u, v, σ) from :func:`apply_spectral_norm`'s refresh, or None (no
+        hook, or taken already): handed out once, and in training its u, v are then written to
+        the buffers when the model's forward returns (or at this layer's next use)."""
+        result = self._group_result
+        if result is not None:
             _set_group_result(self, None)
             if self.training:
-                object.__setattr__(self, "_pending_buffers", (u, v))
+                object.__setattr__(self, "_pending_buffers", result[:2])
+        return result
+
+    def forward(self, weight: Tensor) -> Tensor:
+        result = self.take_group_result()
+        if result is not None:
+            u, v, sigma = result
             return ops.normalize(weight, u, v, sigma, self.dim)
         if self._pending_buffers is not None:  # a second use in one forward iterates on from the first's u, v
             write_pending_buffers([self])
