@@ -14,6 +14,7 @@ file that only one process writes, when that process starts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -82,6 +83,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         partial.write_text(text)
 
 
+def file_hash(path: Path, algorithm: str):
+    """The ``hashlib`` hash (``algorithm``: "md5", "sha256"...) of the file's content, read in
+    1 MiB blocks; the caller may update it further (``hashlib.file_digest`` needs Python 3.11)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest
+
+
 def remove_stale_parts(path: Path) -> List[Path]:
     """Delete the temporary files that killed writes of ``path`` left beside it; returns them.
 
@@ -96,4 +107,4 @@ def remove_stale_parts(path: Path) -> List[Path]:
     return stale
 
 
-__all__ = ["atomic_file", "atomic_folder", "remove_stale_parts", "write_text_atomic"]
+__all__ = ["atomic_file", "atomic_folder", "file_hash", "remove_stale_parts", "write_text_atomic"]

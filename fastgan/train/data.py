@@ -57,7 +57,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from fastgan.files import atomic_file, atomic_folder
+from fastgan.files import atomic_file, atomic_folder, file_hash
 
 __all__ = ["DATASETS", "ImageData", "load_dataset", "data_root"]
 
@@ -192,7 +192,7 @@ def _cifar10_images(root: Path, download: bool) -> np.ndarray:
     archive = root / CIFAR10_ARCHIVE
     if not folder.is_dir():
         if archive.is_file():
-            digest = _md5(archive)
+            digest = file_hash(archive, "md5").hexdigest()
             if digest != CIFAR10_MD5:
                 raise ValueError(
                     f"{archive} is corrupt: MD5 {digest} instead of {CIFAR10_MD5}; delete it and load again to "
@@ -208,14 +208,6 @@ def _cifar10_images(root: Path, download: bool) -> np.ndarray:
             )
         _extract_cifar10(archive, folder)
     return np.concatenate([_read_cifar10_batch(folder / batch) for batch in CIFAR10_TRAIN_BATCHES])
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download_cifar10(archive: Path) -> None:

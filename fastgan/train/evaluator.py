@@ -12,7 +12,6 @@ instead of after the whole FID.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from fastgan.files import file_hash
 from fastgan.train.config import Config
 from fastgan.train.data import ImageData
 from fastgan.train.runtime import Runtime
@@ -108,10 +108,7 @@ class FIDEvaluator:
 def _extractor_digest(weights: Path, resize: Optional[str]) -> str:
     """A short hex digest of the weight file's content and the resize convention: what the
     real statistics depend on besides the data."""
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    digest = file_hash(weights, "sha256")
     digest.update(str(resize).encode())
     return digest.hexdigest()[:16]
 
