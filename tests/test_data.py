@@ -269,6 +269,28 @@ def test_folder_decodes_crops_and_caches(image_folder, tmp_path, monkeypatch):
     assert len(grown) == 4 and len(_cache_files(cache_dir)) == 2
 
 
+def test_folder_reads_16_bit_and_transparent_images_as_the_metrics_do(tmp_path):
+    """A 16-bit gray PNG and an RGBA PNG whose transparent pixels store red: the training
+    images are the metrics' reading of the files (PIL's RGB conversion made the 16-bit one
+    white and showed the hidden red), so G learns what FID compares it with."""
+    from fastgan.metrics.images import load_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    deep = rng.integers(1000, 60000, (9, 9), dtype=np.uint16)
+    PIL.Image.fromarray(deep).save(folder / "deep.png")
+    rgba = rng.integers(1, 255, (9, 9, 4), dtype=np.uint8)
+    rgba[:4, :, :3] = (255, 0, 0)
+    rgba[:4, :, 3] = 0
+    PIL.Image.fromarray(rgba, "RGBA").save(folder / "glass.png")
+    images = load_dataset("folder", root=str(folder), image_size=9, cache_dir=str(tmp_path / "cache"))
+    for decoded, name in zip(images.images, ("deep.png", "glass.png")):
+        expected = np.rint(load_image(folder / name) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(decoded, expected)
+    assert (images.images[1, :4] == 255).all()  # transparent rows white, not the stored red
+
+
 def test_folder_cache_defaults_under_env_root(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTGAN_DATA", str(tmp_path / "data"))
     load_dataset("folder", root=str(image_folder), image_size=4)

@@ -18,7 +18,9 @@ uint8 ``(N, S, S, 3)`` array, served as float32 ``(B, 3, S, S)`` batches in [0, 
     says where to put a copy (``root``, i.e. the config's ``data_root``).
 ``folder``
     Every png/jpg/jpeg/bmp/webp file under the folder ``root`` (recursively, e.g.
-    CelebA-HQ or LSUN bedrooms prepared as image folders), center-cropped to a square.
+    CelebA-HQ or LSUN bedrooms prepared as image folders), read as the metrics read
+    images (16-bit files scaled by 1/65535, transparency composited onto white; see
+    ``fastgan.metrics.images.load_image``), center-cropped to a square.
     The decoded images are cached once as a ``.npy`` file in ``cache_dir`` and
     memory-mapped afterwards, so data sets larger than memory work. The cache file is
     named by a hash of the folder's absolute path, ``image_size`` and its sorted file
@@ -58,6 +60,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastgan.files import atomic_file, atomic_folder, file_hash
+from fastgan.metrics.images import load_image
 
 __all__ = ["DATASETS", "ImageData", "load_dataset", "data_root"]
 
@@ -77,7 +80,7 @@ CIFAR10_SIZE = 32
 _DOWNLOAD_TIMEOUT_S = 60
 
 # Bumped whenever folder decoding changes, so caches written by older code are not reused.
-_FOLDER_CACHE_FORMAT = 1
+_FOLDER_CACHE_FORMAT = 2
 
 Indices = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
@@ -325,13 +328,17 @@ def _folder_images(folder: Path, size: int, cache_dir: Path) -> np.ndarray:
 
 
 def _decode_image(path: Path, size: int) -> np.ndarray:
-    """An image file as RGB, center-cropped to a square and resized: uint8 (size, size, 3)."""
+    """An image file as RGB, center-cropped to a square and resized: uint8 (size, size, 3).
+
+    Read as the metrics read real images (:func:`fastgan.metrics.images.load_image`: 16-bit
+    files scaled, transparency composited onto white), so that G learns the images FID
+    compares it with; PIL's own RGB conversion clips 16-bit files to white and drops alpha."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        rgb = load_image(path)
+    except (Image.DecompressionBombError, SyntaxError) as error:  # load_image names the file for the rest
         raise ValueError(f"cannot read image {path}: {error}") from error
-    width, height = image.size
+    height, width = rgb.shape[:2]
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    return _resize(image.crop((left, top, left + side, top + side)), size)
+    square = np.rint(rgb[top:top + side, left:left + side] * 255).astype(np.uint8)
+    return _resize(Image.fromarray(square), size)
