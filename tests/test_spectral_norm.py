@@ -1105,3 +1105,16 @@ def test_extension_checks_its_own_inputs():
     crashed = f"killed by signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}"
     assert child.returncode == 0, f"{crashed}:\n{child.stdout}{child.stderr[-3000:]}"
     assert child.stdout.startswith("cpu ok")
+
+def test_the_discriminator_example_runs():
+    """examples/spectral_norm_discriminator.py, two steps on the CPU: it trains torch's and
+    fastgan's SN discriminators side by side and reports how far apart they end up."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "spectral_norm_discriminator.py"
+    done = subprocess.run([sys.executable, str(path), "--steps", "2", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    difference = next(line for line in done.stdout.splitlines() if line.startswith("largest difference"))
+    assert float(difference.split()[-1]) < 1e-3, done.stdout
+    assert "estimated sigma per layer" in done.stdout
