@@ -2,13 +2,15 @@
 
 A metric declares its states with :meth:`Metric.add_state`, each with a reduction:
 ``"sum"`` (tensors added across processes) or ``"cat"`` (lists of tensors
-concatenated along dim 0 across processes, in rank order). ``compute`` works on
+concatenated along dim 0 across processes, in rank order; dtypes promote as ``torch.cat``'s
+do, and ranks whose per-sample shapes differ raise ValueError on every rank). ``compute`` works on
 :meth:`Metric.reduced_states`, which equals the local states in a single process and
 the all-process reduction under ``torch.distributed`` -- so every rank computes the
 same value, as with torchmetrics.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -46,10 +48,17 @@ def _gather_cat(tensors: List[Tensor], group) -> Tensor:
     meta = None if local is None else (local.shape[0], tuple(local.shape[1:]), local.dtype)
     metas: List = [None] * world
     dist.all_gather_object(metas, meta, group=group)
-    known = next((m for m in metas if m is not None), None)
-    if known is None:
+    known = [m for m in metas if m is not None]
+    if not known:
         return torch.empty(0)
-    _, trailing, dtype = known
+    trailing = known[0][1]
+    if any(m[1] != trailing for m in known):
+        # Every rank sees the same metas, so all raise here; below, a smaller shape would broadcast
+        # silently into the buffer, a larger one fail on its rank alone while the others wait.
+        shapes = ", ".join(f"rank {rank}: {m[1]}" for rank, m in enumerate(metas) if m is not None)
+        raise ValueError(f"the processes hold samples of different shapes ({shapes}); every rank must "
+                         "update with the same per-sample shape")
+    dtype = functools.reduce(torch.promote_types, (m[2] for m in known))  # as torch.cat in one process
     home = local.device if local is not None else torch.device("cpu")
     longest = max(m[0] if m is not None else 0 for m in metas)
     padded = torch.zeros((longest,) + trailing, dtype=dtype, device=_collective_device(group, home))

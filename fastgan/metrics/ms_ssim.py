@@ -19,11 +19,11 @@ compare_gan's ``image_similarity.py``):
   repeating its last row / column (MATLAB's 'symmetric' filtering), so a side s
   becomes ceil(s / 2);
 - small images: at every scale the window is min(11, height, width) taps on each side
-  (a sigma-1.5 Gaussian over that many taps, renormalized), as TF and compare_gan do.
+  (a sigma-1.5 Gaussian over that many taps, renormalized), as compare_gan does.
   Images of at least 161 px on each side keep the 11-tap window at all five scales
-  (pytorch-msssim refuses anything smaller); below that the coarse scales use a
-  smaller window, e.g. 32x32 images give scales 32, 16, 8, 4, 2 px with windows
-  11, 11, 8, 4, 2. Scores of small images are therefore comparable with TF /
+  (TF's ``ssim_multiscale`` and pytorch-msssim refuse anything smaller); below that the
+  coarse scales use a smaller window, e.g. 32x32 images give scales 32, 16, 8, 4, 2 px
+  with windows 11, 11, 8, 4, 2. Scores of small images are therefore comparable with
   compare_gan, not with implementations that pad or refuse;
 - per channel: cs and SSIM are averaged over the positions, negative values are
   clipped to 0 (ReLU, as TF), the clipped values are raised to the exponents and
