@@ -91,6 +91,8 @@ def mix(real: Tensor, fake: Tensor, mask: Tensor) -> MixedBatch:
         raise ValueError(f"real and fake must be floating point, got {real.dtype} and {fake.dtype}")
     if real.shape != fake.shape or real.dim() < 1:
         raise ValueError(f"real and fake must have the same shape (B, ...), got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if real.shape[0] == 0:
+        raise ValueError("real and fake are an empty batch: a mixed batch needs at least one element for its proportion")
     if mask.dtype != torch.bool or tuple(mask.shape) != (real.shape[0],):
         raise ValueError(f"mask must be a bool tensor of shape ({real.shape[0]},), got {mask.dtype} of shape {tuple(mask.shape)}")
     selector = mask.to(real.device).reshape(-1, *([1] * (real.dim() - 1)))
@@ -109,6 +111,8 @@ def _check_logits(logits: Tensor, target: Optional[Tensor] = None) -> None:
     if not logits.is_floating_point() or logits.dim() > 1:
         raise ValueError(f"logits must be a floating-point tensor of shape () or (B,), got {logits.dtype} "
                          f"of shape {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError("logits are empty (a batch of 0 elements): the loss would be a mean over nothing, NaN")
     if target is not None and target.dim() != 0:
         raise ValueError(f"target must be the batch's proportion of real elements, shape (), got {tuple(target.shape)}")
 

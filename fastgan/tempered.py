@@ -43,6 +43,8 @@ def reconstruction_error(lensed: Tensor, real: Tensor) -> Tensor:
     """‖L(x) − x‖²: the squared norm of each image's difference, averaged over the batch (0-d)."""
     if lensed.shape != real.shape or lensed.dim() < 2:
         raise ValueError(f"lensed and real must have the same shape (B, ...), got {tuple(lensed.shape)} and {tuple(real.shape)}")
+    if lensed.shape[0] == 0:
+        raise ValueError("lensed and real are an empty batch: the reconstruction error needs at least one image")
     return (lensed - real.detach()).square().flatten(1).sum(1).mean()
 
 

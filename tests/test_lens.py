@@ -124,3 +124,11 @@ def test_bad_lenses_and_inputs_are_refused():
         Lens(hidden=0)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         Lens()(torch.rand(2, 1, 8, 8))
+
+
+def test_an_empty_batch_is_refused_not_averaged_into_nan():
+    empty = _images(0)
+    with pytest.raises(ValueError, match="at least one image"):
+        reconstruction_error(empty, empty)
+    with pytest.raises(ValueError, match="at least one image"):
+        lens_loss(torch.tensor(1.0, dtype=torch.float64), empty, empty, 0.5)

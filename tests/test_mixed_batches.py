@@ -97,6 +97,19 @@ def test_bad_inputs_are_refused(call, message):
         call()
 
 
+def test_empty_batches_are_refused_not_averaged_into_nan():
+    """A mean over no elements is NaN: an empty batch has no proportion of reals and no logit."""
+    empty = _images(0)
+    t = torch.tensor(0.5, dtype=torch.float64)
+    for call in (lambda: mb.mix(empty, empty, torch.ones(0, dtype=torch.bool)),
+                 lambda: mb.discriminator_loss("ns", torch.randn(0, dtype=torch.float64), t),
+                 lambda: mb.generator_loss("lsgan", torch.randn(0, dtype=torch.float64))):
+        with pytest.raises(ValueError, match="empty"):
+            call()
+    with pytest.raises(ValueError, match="empty"):
+        _symmetric("sndcgan")(empty)
+
+
 # --- losses ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", mb.MIXED_BATCH_LOSSES)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_fid_helper
+from conftest import DEVICES, needs_fid_helper
 from fastgan.models.vae import VAE
 from fastgan.train import checkpoint
 from fastgan.train.config import load_config
 from fastgan.train.data import load_dataset
 from fastgan.train.trainer import BEST, CHECKPOINT, Trainer, load_generator
-from fastgan.train.vae_step import VAESampler, VAEStep, distinct_images, vae_sampler
+from fastgan.train.vae_step import VAESampler, VAEStep, distinct_images, reconstruction_pairs, vae_sampler
 from training_support import TINY_TRAINING, metrics_records
 
 TINY = [*TINY_TRAINING, "model=vae", "z_dim=8", "deterministic=true"]
@@ -163,3 +163,33 @@ def test_final_rate_distortion_averages_the_last_quarter_and_recovers_h():
     run = final_rate_distortion(logged + [{"step": 8, "fid": 3.0}])
     assert run == pytest.approx({"rate": 7.5, "distortion": 92.5, "entropy": 7.0})
     assert final_rate_distortion([{"step": 1, "fid": 2.0}]) is None
+
+
+def test_the_vamp_sampler_stays_finite_far_in_the_tail_in_float32():
+    """In float32 Φ(ε₁) rounds to 1 from ε₁ ≈ 5.4 on (about 3e-8 of the draws): the uniform left for ε'
+    must still stay below 1, or Φ⁻¹ gives an infinite z and a NaN image."""
+    torch.manual_seed(0)
+    vae = VAE(image_size=8, z_dim=3, width=0.125, marginal="vamp", components=4)
+    sampler = VAESampler(vae)
+    first = torch.tensor([5.5, 6.0, 9.0, 40.0, -9.0, -40.0])
+    eps = torch.cat([first[:, None], torch.randn(6, 2, generator=torch.Generator().manual_seed(3))], dim=1)
+    z = sampler.latent(eps)
+    assert torch.isfinite(z).all(), z
+    assert torch.isfinite(sampler.eval()(eps)).all()
+    # Far in either tail the draw is the last / first component, ε' a few standard deviations out.
+    mean, log_std = vae.posterior(vae.marginal.pseudo_images.clamp(0, 1))
+    standardized = (z[:, 0] - mean[[3, 3, 3, 3, 0, 0], 0]) * torch.exp(-log_std[[3, 3, 3, 3, 0, 0], 0])
+    assert (standardized[:4] > 4).all() and (standardized[4:] < -4).all(), standardized
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reconstruction_pairs_take_images_of_any_dtype_and_device(device):
+    """A float64 VAE and float32 images (or images on the GPU): float32 pairs on the CPU, as documented."""
+    torch.manual_seed(0)
+    vae = VAE(image_size=8, z_dim=3, width=0.125).double().to(device)
+    real = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    images, columns = reconstruction_pairs(VAESampler(vae), real.to(device), columns=3)
+    assert columns == 3 and images.dtype == torch.float32 and images.device.type == "cpu"
+    expected = vae.eval().reconstruct(real.double().to(device)).float().cpu()
+    assert torch.equal(images[:3], real[:3]) and torch.equal(images[3:6], expected[:3])
+    assert torch.equal(images[6:8], real[3:]) and torch.equal(images[8:], expected[3:])

@@ -167,3 +167,34 @@ def test_linear_gaussian_low_beta_trades_distortion_for_rate():
     rate_one, distortion_one, _ = _train_linear_gaussian(1.0)
     assert rate_low > rate_one + 2.0
     assert distortion_low < distortion_one - 2.0
+
+
+@pytest.mark.parametrize("likelihood", ["logistic", "gaussian"])
+def test_images_outside_the_unit_range_are_refused(likelihood):
+    """The discretized decoders put a probability on each of the 256 levels of [0, 1]: images scaled to
+    [-1, 1] (or with NaN pixels) would get a finite but meaningless distortion (every negative pixel
+    lumped into the lowest bin), so they are refused."""
+    torch.manual_seed(0)
+    vae = VAE(image_size=8, z_dim=2, width=0.125, likelihood=likelihood).double()
+    images = torch.randint(0, 256, (3, 3, 8, 8), generator=torch.Generator().manual_seed(1)).double() / 255
+    assert torch.isfinite(vae(images).distortion).all()  # 0 and 1 themselves are levels
+    nan = images.clone()
+    nan[1, 2, 3, 4] = math.nan
+    for bad in (images * 2 - 1, images + 1 / 255, nan):
+        with pytest.raises(ValueError, match=r"pixel values in \[0, 1\]"):
+            vae(bad)
+        with pytest.raises(ValueError, match=r"pixel values in \[0, 1\]"):
+            vae.reconstruct(bad)
+
+
+def test_an_empty_batch_is_refused_not_averaged_into_nan():
+    vae = VAE(image_size=8, z_dim=2, width=0.125)
+    with pytest.raises(ValueError, match="at least one image"):
+        vae(torch.rand(0, 3, 8, 8))
+
+
+def test_discretized_log_prob_refuses_an_unknown_family():
+    x = torch.rand(5, dtype=torch.float64)
+    for family in ("bernoulli", "logisitc"):
+        with pytest.raises(ValueError, match="logistic.*gaussian"):
+            discretized_log_prob(x, x, torch.zeros_like(x), family)

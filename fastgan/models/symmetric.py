@@ -67,6 +67,8 @@ class SymmetricDiscriminator(nn.Module):
         self.normalization = discriminator.normalization
 
     def forward(self, x: Tensor, pool: bool = True) -> Tensor:
+        if x.dim() >= 1 and x.shape[0] == 0:
+            raise ValueError("the symmetric discriminator got an empty batch: its batch means (and logit) would be NaN")
         logits = self.discriminator(x)
         return logits.mean(0) if pool else logits
 

@@ -83,6 +83,8 @@ def discretized_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor, family: str
     """log P(x) for pixels x in [0, 1] on ``levels`` equally spaced values, under a logistic or
     Gaussian of ``mean``, scale exp(log_scale) discretized into bins of width 1/(levels − 1)
     (the outermost bins extend to ±∞, so the probabilities sum to 1)."""
+    if family not in ("logistic", "gaussian"):
+        raise ValueError(f"discretized_log_prob: family must be 'logistic' or 'gaussian', got {family!r}")
     half_bin = 0.5 / (levels - 1)
     inv_scale = torch.exp(-log_scale)
     upper = torch.where(x >= 1 - half_bin, torch.full_like(x, math.inf), (x + half_bin - mean) * inv_scale)
@@ -173,6 +175,13 @@ class VAE(nn.Module):
         expected = (3, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"VAE expects images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("VAE got an empty batch: the rate and distortion need at least one image")
+        # The decoders put their mass on the levels of [0, 1]: outside it (images in [-1, 1], NaN) the
+        # distortion would be finite but meaningless, so refuse rather than mislead.
+        if not bool(((x >= 0) & (x <= 1)).all()):
+            raise ValueError(f"VAE expects pixel values in [0, 1], got values from {x.min().item():.4g} to "
+                             f"{x.max().item():.4g} (or NaN); scale 8-bit images by 1/255")
         if self.likelihood == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
             raise ValueError("the bernoulli likelihood needs binary images (every pixel 0 or 1); "
                              "use likelihood 'logistic' or 'gaussian' for 8-bit images")

@@ -28,7 +28,9 @@ from fastgan.train.config import Config
 from fastgan.train.data import ImageData
 from fastgan.train.runtime import Runtime
 
-# Keeps Φ(ε)·K − k away from 0 and 1, where Φ⁻¹ is infinite (a probability of ~1e-12 per draw).
+# Keeps Φ(ε)·K − k away from 0 and 1, where Φ⁻¹ is infinite (a probability of ~1e-12 per draw in
+# float64). In float32 1 − 1e-12 rounds to 1 while Φ(ε) itself rounds to 1 from ε ≈ 5.4 on, so the
+# margin is at least the dtype's epsilon there.
 _UNIFORM_MARGIN = 1e-12
 
 
@@ -53,7 +55,8 @@ class VAESampler(nn.Module):
         count = mean.shape[0]
         scaled = torch.special.ndtr(eps[:, :1]) * count
         component = scaled.detach().floor().clamp(max=count - 1)
-        first = torch.special.ndtri((scaled - component).clamp(_UNIFORM_MARGIN, 1 - _UNIFORM_MARGIN))
+        margin = max(_UNIFORM_MARGIN, torch.finfo(scaled.dtype).eps)
+        first = torch.special.ndtri((scaled - component).clamp(margin, 1 - margin))
         pick = component.squeeze(1).long()
         return mean[pick] + torch.cat([first, eps[:, 1:]], dim=1) * torch.exp(log_std[pick])
 
@@ -124,12 +127,12 @@ def reconstruction_pairs(sampler: VAESampler, real: Tensor, columns: int = 8):
     was_training = vae.training
     vae.eval()
     try:
-        device = next(vae.parameters()).device
-        reconstructed = vae.reconstruct(real.to(device)).float().cpu()
+        like = next(vae.parameters())
+        reconstructed = vae.reconstruct(real.to(device=like.device, dtype=like.dtype)).float().cpu()
     finally:
         vae.train(was_training)
     columns = min(columns, len(real))
-    rows = zip(real.float().split(columns), reconstructed.split(columns))
+    rows = zip(real.float().cpu().split(columns), reconstructed.split(columns))
     return torch.cat([image for pair in rows for image in pair]), columns
 
 
