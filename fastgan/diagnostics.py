@@ -150,7 +150,8 @@ def conditioning_summary(
     * ``log_condition_number_mean`` / ``_std``: mean and standard deviation over the
       batch of log(σ_max/σ_min) -- the quantity plotted over training in Odena et al.;
     * ``log_singular_value_q<P>``: the P-th percentile of log σ over every singular
-      value of every sample (the spectrum; ``quantiles`` picks P);
+      value of every sample (the spectrum; ``quantiles`` picks P; −inf where it
+      reaches a σ of 0);
     * ``rank_deficient_fraction``: the share of samples with σ_min = 0 (their log-CN is
       infinite and left out of the mean and std; both are NaN if every sample is).
     """
@@ -165,7 +166,11 @@ def conditioning_summary(
         "rank_deficient_fraction": 1.0 - finite.numel() / log_cn.numel(),
     }
     log_spectrum = singular_values.log().flatten()
-    levels = torch.quantile(log_spectrum, torch.tensor(list(quantiles), dtype=torch.float64, device=log_spectrum.device))
+    q = torch.tensor(list(quantiles), dtype=torch.float64, device=log_spectrum.device)
+    levels = torch.quantile(log_spectrum, q)
+    # σ = 0 is log σ = −inf, and interpolating from −inf gives NaN (−inf + 0·inf): a percentile
+    # whose lower neighbour is −inf is −inf
+    levels = torch.where(torch.quantile(log_spectrum, q, interpolation="lower").isneginf(), -math.inf, levels)
     for q, value in zip(quantiles, levels.tolist()):
         summary[f"log_singular_value_q{100 * q:g}"] = value
     return summary

@@ -340,3 +340,26 @@ def test_jacobian_clamping_bad_inputs():
         jacobian_clamping(G, z, generator="seed")
     with pytest.raises(ValueError, match=r"output must be a batch of 3 outputs, got \(2, 6\)"):
         jacobian_clamping(G, z, output=torch.randn(2, 6, dtype=F64))
+
+
+def test_conditioning_summary_percentiles_with_zero_singular_values():
+    """σ = 0 exactly (unused latent coordinates) is log σ = −inf: a percentile at or just above
+    those values is −inf, not NaN (linear interpolation from −inf), and the others are unchanged."""
+    W = torch.randn(3, 6, dtype=F64)
+    z = torch.randn(3, 5, dtype=F64)
+    G = lambda x: x[:, :3] @ W  # noqa: E731
+    quantiles = (0.0, 0.1, 0.3, 0.45, 0.5, 0.77, 1.0)
+    summary = diagnostics.conditioning_summary(G, z, quantiles=quantiles)
+    values = np.sort(diagnostics.jacobian_singular_values(G, z).numpy().ravel())
+    assert (values[:6] == 0).all() and (values[6:] > 0).all()
+    logs = np.log(values[6:])
+    for q in quantiles:
+        position = q * (len(values) - 1)
+        low = int(math.floor(position))
+        if low < 6:
+            expected = -math.inf
+        else:
+            high = min(low + 1, len(values) - 1)
+            expected = logs[low - 6] + (position - low) * (logs[high - 6] - logs[low - 6])
+        got = summary[f"log_singular_value_q{100 * q:g}"]
+        assert got == expected or got == pytest.approx(expected, rel=1e-12, abs=0), (q, got, expected)

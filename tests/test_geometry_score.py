@@ -402,3 +402,79 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         assert main(["gs"] + paths + ["--workers", "1", "--device", "cpu"]) == 1
         err = capsys.readouterr().err
         assert message in err and err.startswith("error:"), (paths, err)
+
+
+def test_metric_object_leaves_the_global_random_stream_alone():
+    """Building the metric validates n and L_0 without drawing: its landmarks come from its own
+    seeded generator, and a training script's torch.manual_seed stream must not shift."""
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    GeometryScore(n=30, L_0=16)
+    assert torch.equal(torch.rand(4), expected)
+    with pytest.raises(ValueError, match="L_0 \\(landmarks per set\\) must be an int >= 1"):
+        GeometryScore(L_0=0)
+    with pytest.raises(ValueError, match="n \\(landmark sets\\) must be an int >= 1"):
+        GeometryScore(n=-2)
+
+
+def test_functional_errors_name_the_argument_not_a_batch():
+    """The functions take whole point sets: their messages must not speak of update batches."""
+    x = torch.randn(41, 3, dtype=torch.float64)
+    bad = x.clone()
+    bad[7, 2] = float("inf")
+    for name, call in (("y", lambda: geometry_score(x, bad, n=2, L_0=4)),
+                       ("x", lambda: mean_relative_living_times(bad.numpy(), n=2, L_0=4))):
+        with pytest.raises(ValueError) as error:
+            call()
+        message = str(error.value)
+        assert message.startswith(f"{name} contains NaN or Inf"), message
+        assert "batch" not in message and "update" not in message, message
+    with pytest.raises(ValueError, match="floating-point") as error:
+        relative_living_times(torch.ones(9, 2, dtype=torch.int32), landmarks=torch.arange(3))
+    assert "batch" not in str(error.value)
+
+
+def test_numpy_scalar_gamma_is_accepted():
+    generator = torch.Generator().manual_seed(17)
+    x = torch.randn(151, 3, generator=generator, dtype=torch.float64)
+    sets = draw_landmarks(151, 3, 13, generator)
+    expected = relative_living_times(x, landmarks=sets, gamma=0.125, workers=1)
+    for gamma in (np.float32(0.125), np.float64(0.125), 1 / 8):
+        assert torch.equal(relative_living_times(x, landmarks=sets, gamma=gamma, workers=1), expected)
+    with pytest.raises(ValueError, match="gamma must be a positive finite number"):
+        relative_living_times(x, landmarks=sets, gamma=True)
+
+
+def test_plot_mrlt_with_holes_up_to_i_max_and_the_callers_backend(tmp_path):
+    """The last counted hole number (i_max - 1) can carry mass, e.g. with --i-max 3; and drawing
+    must not switch the caller's matplotlib backend (a notebook's inline one, say)."""
+    import matplotlib
+
+    from fastgan.metrics.geometry_score import plot_mrlt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        plot_mrlt({"a": torch.tensor([0.25, 0.375, 0.375], dtype=torch.float64), "b": np.array([0.5, 0.5, 0.0])},
+                  tmp_path / "mrlt.png")
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    from PIL import Image
+
+    with Image.open(tmp_path / "mrlt.png") as image:
+        assert image.format == "PNG" and image.size == (640, 360)
+
+
+def test_cli_plot_with_a_small_i_max(tmp_path, capsys):
+    from fastgan.__main__ import main
+
+    generator = torch.Generator().manual_seed(19)
+    np.save(tmp_path / "two.npy", torch.cat((circle(90, generator), circle(90, generator, (3.0, 0.0)))).numpy())
+    np.save(tmp_path / "one.npy", circle(150, generator).numpy())
+    plot = tmp_path / "mrlt.png"
+    options = ["--sets", "4", "--landmarks", "24", "--gamma", "0.1", "--i-max", "2", "--workers", "1", "--device", "cpu"]
+    assert main(["gs", str(tmp_path / "two.npy"), str(tmp_path / "one.npy"), "--plot", str(plot)] + options) == 0, \
+        capsys.readouterr().err
+    assert plot.stat().st_size > 1000

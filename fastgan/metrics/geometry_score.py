@@ -55,6 +55,7 @@ complex):
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
@@ -64,7 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastgan.metrics.base import FeatureSets, check_floating_finite
+from fastgan.metrics.base import FeatureSets
 
 __all__ = ["relative_living_times", "mean_relative_living_times", "geometry_score", "draw_landmarks",
            "default_gamma", "plot_mrlt", "GeometryScore", "nearest_landmarks", "witness_complex", "h1_intervals",
@@ -84,20 +85,27 @@ def default_gamma(num_points: int) -> float:
 
 def _as_points(name: str, x) -> Tensor:
     """(N, d) floating, finite points as a float64 tensor on their device."""
+    # not metrics.base.check_floating_finite: its messages count update() batches
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
-    check_floating_finite(name, x, 1)
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating-point, got dtype {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D (N, d) point set, got shape {tuple(x.shape)}")
     if x.shape[0] < 2 or x.shape[1] < 1:
         raise ValueError(f"{name} needs at least 2 points of dimension >= 1, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
     return x.detach().to(torch.float64)
 
 
 def _check_parameters(i_max: int, gamma: Optional[float]) -> None:
     if isinstance(i_max, bool) or not isinstance(i_max, int) or i_max < 1:
         raise ValueError(f"i_max must be an int >= 1, got {i_max!r}")
-    if gamma is not None and not (isinstance(gamma, (int, float)) and 0 < gamma < float("inf")):
+    if gamma is not None and not (isinstance(gamma, numbers.Real) and not isinstance(gamma, bool)
+                                  and 0 < gamma < float("inf")):
         raise ValueError(f"gamma must be a positive finite number or None (1/128 * N/5000), got {gamma!r}")
 
 
@@ -120,14 +128,18 @@ def _check_landmarks(landmarks, num_points: int) -> Tensor:
     return sets
 
 
-def draw_landmarks(num_points: int, n: int, L_0: int, generator: Optional[torch.Generator] = None) -> Tensor:
-    """``n`` landmark sets of ``L_0`` distinct indices in [0, num_points), shape (n, L_0):
-    row k is ``torch.randperm(num_points, generator=generator)[:L_0]``, drawn on the
-    generator's device; returned on the CPU."""
+def _check_set_sizes(n: int, L_0: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n (landmark sets) must be an int >= 1, got {n!r}")
     if isinstance(L_0, bool) or not isinstance(L_0, int) or L_0 < 1:
         raise ValueError(f"L_0 (landmarks per set) must be an int >= 1, got {L_0!r}")
+
+
+def draw_landmarks(num_points: int, n: int, L_0: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``n`` landmark sets of ``L_0`` distinct indices in [0, num_points), shape (n, L_0):
+    row k is ``torch.randperm(num_points, generator=generator)[:L_0]``, drawn on the
+    generator's device; returned on the CPU."""
+    _check_set_sizes(n, L_0)
     if L_0 > num_points:
         raise ValueError(f"L_0 = {L_0} landmarks per set need at least {L_0} points, got N = {num_points}")
     device = generator.device if generator is not None else None
@@ -399,19 +411,21 @@ def geometry_score(x, y, n: int = 1000, L_0: int = 64, gamma: Optional[float] = 
 def plot_mrlt(mrlts: dict, path, title: str = "Mean relative living times") -> None:
     """Bar plot of MRLTs ({label: (i_max,) tensor or array}) against the number of holes,
     written to ``path`` (PNG, PDF, ...); the axis ends after the last non-zero bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure, not pyplot: the caller's backend (a notebook's, say) stays as it is
+    from matplotlib.figure import Figure
 
     arrays = {label: np.asarray(torch.as_tensor(m, dtype=torch.float64)) for label, m in mrlts.items()}
     last = max((int(np.nonzero(a > 1e-4)[0].max()) if (a > 1e-4).any() else 0) for a in arrays.values())
-    shown = np.arange(last + 2)
-    figure, axes = plt.subplots(figsize=(6.4, 3.6))
+    # one empty bar after the last non-zero one, unless that one is already hole number i_max - 1
+    shown = np.arange(min(last + 2, max(len(a) for a in arrays.values())))
+    figure = Figure(figsize=(6.4, 3.6))
+    axes = figure.add_subplot()
     for k, (label, values) in enumerate(arrays.items()):
         color = f"C{k}"
-        axes.bar(shown, values[: len(shown)], width=1.0, alpha=0.3, color=color, edgecolor=color)
-        axes.step(np.append(shown - 0.5, shown[-1] + 0.5), np.append(values[: len(shown)], 0.0), where="post",
+        heights = np.zeros(len(shown))
+        heights[: min(len(values), len(shown))] = values[: len(shown)]
+        axes.bar(shown, heights, width=1.0, alpha=0.3, color=color, edgecolor=color)
+        axes.step(np.append(shown - 0.5, shown[-1] + 0.5), np.append(heights, 0.0), where="post",
                   color=color, lw=2, label=label)
     axes.set_xlabel("number of 1-dimensional holes i")
     axes.set_ylabel("MRLT")
@@ -420,7 +434,6 @@ def plot_mrlt(mrlts: dict, path, title: str = "Mean relative living times") -> N
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 class GeometryScore(FeatureSets):
@@ -438,7 +451,7 @@ class GeometryScore(FeatureSets):
                  seed: int = 0, workers: Optional[int] = None) -> None:
         super().__init__()
         _check_parameters(i_max, gamma)
-        draw_landmarks(L_0, n, L_0)  # validates n and L_0
+        _check_set_sizes(n, L_0)
         self.n, self.L_0, self.gamma, self.i_max, self.seed, self.workers = n, L_0, gamma, i_max, seed, workers
 
     def mrlts(self) -> Tuple[Tensor, Tensor]:
