@@ -137,3 +137,32 @@ def test_generator_rejects_wrong_latents(small_sndcgan, shape):
     g, _ = small_sndcgan
     with pytest.raises(ValueError, match=r"expects z of shape \(B, 128\), got"):
         g(torch.randn(shape))
+
+
+def tf_layer_norm(x, weight, bias):
+    """float64 reference of tf.contrib.layers.layer_norm on NCHW features (compare_gan's D
+    layer norm): statistics over C, H, W of each sample, biased variance, its fixed
+    variance_epsilon 1e-12, then a scale and shift per channel."""
+    x = x.double()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    var = (x - mean).square().mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-12) * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("architecture, image_size", [("sndcgan", 16), ("resnet_cifar", 16)])
+def test_layer_norm_is_tf_layer_norm(architecture, image_size):
+    """Every layer norm of D against the float64 reference, to 1e-9 (the float64 error is
+    ~1e-12). Low-contrast features (a flat image: per-sample variance 1e-6 and below) are where
+    the epsilon shows: torch's default 1e-5 shrank them 3× and more; TF's 1e-12 does not."""
+    _, d = build_models(architecture, image_size, d_norm="layer", width=0.25)
+    norms = [m for m in d.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms
+    for norm in norms:
+        norm.double()
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(norm.num_channels, dtype=torch.float64) + 0.5)
+            norm.bias.copy_(torch.randn(norm.num_channels, dtype=torch.float64))
+        # odd spatial size, per-sample scales from 1 down to 1e-4
+        scales = torch.tensor([1.0, 1e-2, 1e-3, 1e-4], dtype=torch.float64).view(-1, 1, 1, 1)
+        x = 0.5 + scales * torch.randn(4, norm.num_channels, 5, 7, dtype=torch.float64)
+        torch.testing.assert_close(norm(x), tf_layer_norm(x, norm.weight, norm.bias), rtol=1e-9, atol=1e-9)

@@ -12,6 +12,10 @@ D_NORMALIZATIONS = ("none", "batch", "layer", "spectral")
 # compare_gan's GAN Landscape configs: BN decay 0.9 (torch momentum = 1 - decay), eps 1e-5.
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
+# compare_gan's D layer norm is tf.contrib.layers.layer_norm, whose variance epsilon is fixed
+# at 1e-12; torch's default 1e-5 would damp low-contrast inputs (the first ResNet block
+# normalizes the raw image).
+LN_EPS = 1e-12
 INIT_STD = 0.02
 
 
@@ -34,13 +38,13 @@ def check_normalization(normalization: str) -> None:
 def d_norm_layer(normalization: str, channels: int) -> nn.Module:
     """D's feature normalization for ``channels`` channels: BatchNorm2d for "batch";
     GroupNorm(1, C) for "layer" (statistics over C, H, W of each sample, affine per
-    channel, like tf.contrib's layer_norm); Identity for "none" and "spectral"
+    channel, eps 1e-12, like tf.contrib's layer_norm); Identity for "none" and "spectral"
     (spectral norm acts on the weights, see :class:`Discriminator`)."""
     check_normalization(normalization)
     if normalization == "batch":
         return batch_norm_2d(channels)
     if normalization == "layer":
-        return nn.GroupNorm(1, channels)
+        return nn.GroupNorm(1, channels, eps=LN_EPS)
     return nn.Identity()
 
 
