@@ -142,6 +142,30 @@ def test_grid_errors(tmp_path):
         run_study(read_study(grid), index=1)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("settings: [steps, 10]\naxes: {loss: [ns]}\n", r"'settings' must be a mapping of config keys, got list"),
+    ("out_dir: [a, b]\naxes: {loss: [ns]}\n", r"'out_dir' must be a folder name, got \['a', 'b'\]"),
+    ("base: 5\naxes: {loss: [ns]}\n", r"'base' must be a config file name, got 5"),
+])
+def test_a_malformed_grid_names_its_key(tmp_path, text, message):
+    """A wrong grid shape is a one-line error naming the key, not a Python traceback."""
+    (tmp_path / "grid.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_study(str(tmp_path / "grid.yaml"))
+
+
+def test_the_results_table_tells_the_settings_apart(tmp_path):
+    """Learning rates such as 1e-4 and 2e-4 (the landscape grid's optimizer axis) stay distinct in
+    results.md; the FIDs keep three decimals."""
+    (tmp_path / "grid.yaml").write_text(f"settings: {{steps: 100}}\nout_dir: {tmp_path / 'study'}\n"
+                                        "axes:\n  optimizer:\n    - {g_lr: 1.0e-4, g_betas: [0.5, 0.9]}\n"
+                                        "    - {g_lr: 2.0e-4, g_betas: [0.5, 0.999]}\n")
+    run_study(read_study(str(tmp_path / "grid.yaml")))
+    rows = (tmp_path / "study" / "results.md").read_text().splitlines()[4:]
+    assert [row.split(" | ")[1:3] for row in rows] == [["0.0001", "[0.5, 0.9]"], ["0.0002", "[0.5, 0.999]"]]
+    assert all(" | 111.000 | " in row for row in rows)  # final FID (the fake trainer's 11 + steps)
+
+
 def test_base_settings_overrides_and_axes_merge_key_by_key(tmp_path):
     """Each layer sets only the keys it names, sections included (as load_config merges a YAML
     file and its overrides): later layers win, and a section never replaces a whole earlier one."""

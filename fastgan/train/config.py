@@ -168,6 +168,14 @@ class Config:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("fid_samples", "fid_real_samples"):  # a covariance needs two images; fail now, not at the first FID
+            if self.fid_every and getattr(self, key) < 2:
+                raise ValueError(f"{key} must be >= 2 (FID compares feature covariances), got {getattr(self, key)}")
+        # (mixed batches need 2 images per process and say so themselves, in the Trainer)
+        if self.batch_size < 2 and self.architecture == "sndcgan" and not self.mixed_batches:
+            raise ValueError(f"batch_size={self.batch_size} is too small for sndcgan (and the VAE built from its blocks): "
+                             "its generator batch-normalizes a feature vector per image, which needs batch_size >= 2")
+        self._validate_device()
         for key in ("log_every", "sample_every", "checkpoint_every", "fid_every", "diagnostics_condition_number_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0 (0 = never), got {getattr(self, key)}")
@@ -203,6 +211,17 @@ class Config:
         if self.dataset == "folder" and not self.data_root:
             raise ValueError("dataset=folder needs data_root=PATH (a folder of images)")
         return self
+
+    def _validate_device(self) -> None:
+        """A misspelled device fails here naming the key (torch's own error lists every backend it knows)."""
+        if self.device == "auto":
+            return
+        import torch
+
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device={self.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
 
     def _validate_jacobian_clamping(self) -> None:
         prefix = "generator_jacobian_clamping_"

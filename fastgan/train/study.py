@@ -156,6 +156,12 @@ def read_study(path: str, overrides: Iterable[str] = ()) -> Study:
     axes = grid.get("axes") or {}
     if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
         raise ValueError(f"{path}: 'axes' must map each axis name to a non-empty list of choices")
+    for key in ("base", "out_dir"):
+        if grid.get(key) is not None and not isinstance(grid[key], str):
+            what = "a config file name" if key == "base" else "a folder name"
+            raise ValueError(f"{path}: '{key}' must be {what}, got {grid[key]!r}")
+    if grid.get("settings") is not None and not isinstance(grid["settings"], dict):
+        raise ValueError(f"{path}: 'settings' must be a mapping of config keys, got {type(grid['settings']).__name__}")
     base = read_yaml(str(Path(path).parent / grid["base"])) if grid.get("base") else {}
     name = Path(path).stem
     out_dir = Path(grid.get("out_dir") or f"runs/study/{name}").expanduser()
@@ -229,7 +235,7 @@ def write_results(study: Study) -> Path:
     writer.writerows(rows)
     markdown = [f"# Study {study.name}: final and best FID per trial", "",
                 "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    markdown += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    markdown += ["| " + " | ".join(_cell(row[c], c in _MEASURED) for c in columns) + " |" for row in rows]
     write_text_atomic(study.out_dir / "results.csv", text.getvalue())
     path = study.out_dir / "results.md"
     write_text_atomic(path, "\n".join(markdown) + "\n")
@@ -259,8 +265,13 @@ def _plot_rate_distortion(study: Study) -> None:
         plot_rate_distortion(points, study.out_dir / "rate_distortion.png")
 
 
-def _cell(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+# Columns of measured values, shown to 3 decimals; settings are shown as written (a learning rate of
+# 1e-4 or 2e-4 would round to 0.000).
+_MEASURED = frozenset({"final_fid", "best_fid", "rate", "distortion"})
+
+
+def _cell(value: Any, measured: bool) -> str:
+    return f"{value:.3f}" if measured and isinstance(value, float) else str(value)
 
 
 __all__ = ["PRESENTATION_KEYS", "Study", "Trial", "config_hash", "read_study", "results_rows", "run_study",
