@@ -27,7 +27,8 @@ The rules of CUDA graphs (``torch.cuda.graph``'s documentation) hold inside ``fn
 
 * every call passes tensors of the same shapes, dtypes and device, and the same non-tensor
   arguments (they are frozen into the graph); GraphedStep checks both;
-* optimizers of GPU parameters are built with ``capturable=True`` (checked when they are given);
+* optimizers of GPU parameters that take a ``capturable`` option are built with
+  ``capturable=True`` (checked when they are given; SGD, which has none, is captured as it is);
 * random numbers come from torch's CUDA generator (``torch.rand(..., device="cuda")``),
   which draws anew at every replay. Host-side randomness is read once, at capture:
   :func:`fastgan.penalties.gradient_penalty` therefore draws its α (and DRAGAN's noise) on
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -128,10 +129,10 @@ class GraphedStep:
     its second call on (see the module's documentation for the rules ``fn`` follows).
 
     ``optimizers``: those ``fn`` steps, checked to be built with ``capturable=True`` where
-    their parameters are off the CPU (torch would refuse them at capture, after the warm-up;
-    on the CPU the update runs eagerly anyway) and, once captured, not to have loaded
-    another state (a replay then raises). Tensor arguments may be nested in lists, tuples
-    and dicts."""
+    their parameters are off the CPU and they take the option (torch would refuse them at
+    capture, after the warm-up; on the CPU the update runs eagerly anyway) and, once captured,
+    not to have loaded another state or had their parameters moved to new memory (a replay
+    then raises). Tensor arguments may be nested in lists, tuples and dicts."""
 
     def __init__(self, fn: Callable[..., Any], *, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         self.fn = fn
@@ -139,7 +140,8 @@ class GraphedStep:
         for optimizer in self._optimizers:
             # CPU parameters run eagerly (no graph), where torch's capturable optimizers do not run at all
             on_cpu = all(p.device.type == "cpu" for group in optimizer.param_groups for p in group["params"])
-            if not on_cpu and not all(group.get("capturable") for group in optimizer.param_groups):
+            # Optimizers without the option (SGD: no step count) are captured as they are, as in torch's examples
+            if not on_cpu and not all(group.get("capturable", True) for group in optimizer.param_groups):
                 raise ValueError(
                     f"GraphedStep: {type(optimizer).__name__} must be built with capturable=True: a CUDA graph "
                     "replays its step only when the step count lives on the GPU")
@@ -148,6 +150,7 @@ class GraphedStep:
         self._static: List[Any] = []
         self._spec = None
         self._optimizer_states: List[dict] = []  # the optimizers' state dicts the graph updates
+        self._parameter_memory: List[Tuple[List[Tensor], List[int]]] = []  # their parameters' addresses at capture
         self._eager_because: Optional[str] = None  # set when a capture failed: eager from then on
         self._said_why = False
 
@@ -166,10 +169,15 @@ class GraphedStep:
         if refusal is not None:
             self._say_once(refusal)
             return self.fn(*args, **kwargs)
+        if self._calls == 0:
+            output = on_side_stream(lambda: self.fn(*args, **kwargs))
+            # Counted once it returns: a warm-up that raised initialised nothing, and a capture
+            # without one would record Adam's lazy state set-up, which every replay would rerun.
+            self._calls = 1
+            return output
         self._calls += 1
-        if self._calls == 1:
-            return on_side_stream(lambda: self.fn(*args, **kwargs))
-        static = [x.detach().clone() if isinstance(x, Tensor) else x for x in leaves]
+        # An input the caller marked requires_grad stays so (fn may differentiate with respect to it)
+        static = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, Tensor) else x for x in leaves]
         static_args, static_kwargs = pytree.tree_unflatten(static, spec)
         try:
             graph = CapturedGraph(lambda: self.fn(*static_args, **static_kwargs), device)
@@ -179,6 +187,9 @@ class GraphedStep:
             return self.fn(*args, **kwargs)
         self.graph, self._static, self._spec = graph, static, spec
         self._optimizer_states = [optimizer.state for optimizer in self._optimizers]
+        parameters = [[p for group in optimizer.param_groups for p in group["params"]]
+                      for optimizer in self._optimizers]
+        self._parameter_memory = [(ps, list(map(Tensor.data_ptr, ps))) for ps in parameters]
         return self.graph.replay()
 
     def _say_once(self, why: str) -> None:
@@ -192,19 +203,31 @@ class GraphedStep:
                 raise RuntimeError(f"GraphedStep: {type(optimizer).__name__}'s state was loaded after the capture, but "
                                    "the graph still updates the tensors it had then; load before the second call, or "
                                    "make a new GraphedStep")
+        for optimizer, (parameters, addresses) in zip(self._optimizers, self._parameter_memory):
+            now = list(map(Tensor.data_ptr, parameters))
+            if now != addresses:  # the graph would update freed memory, not the model
+                index = next(i for i, (a, b) in enumerate(zip(now, addresses)) if a != b)
+                raise RuntimeError(
+                    f"GraphedStep: {type(optimizer).__name__}'s parameter {index} ({_describe(parameters[index])}) "
+                    "moved to new memory after the capture (model.to(dtype or memory_format), p.data = ...), but the "
+                    "graph still reads and updates the memory it had then; convert the model before the second call, "
+                    "copy into parameters in place, or make a new GraphedStep")
         if spec != self._spec:
             raise ValueError(f"GraphedStep: called with arguments structured as {spec}, but the graph was captured "
                              f"with {self._spec}; a graph replays one structure (make one GraphedStep per structure)")
-        for index, (new, static) in enumerate(zip(leaves, self._static)):
-            if isinstance(static, Tensor):
-                if not (isinstance(new, Tensor) and new.shape == static.shape and new.dtype == static.dtype
-                        and new.device == static.device):
-                    raise ValueError(f"GraphedStep: argument {index} is {_describe(new)}, but the graph was captured "
-                                     f"with {_describe(static)} (a graph reads one shape, dtype and device per input)")
-                static.copy_(new, non_blocking=True)
-            elif isinstance(new, Tensor) or (new is not static and new != static):
-                raise ValueError(f"GraphedStep: non-tensor argument {index} is {_describe(new)}, but the graph was "
-                                 f"captured with {_describe(static)}, which it keeps (pass values that change as tensors)")
+        with torch.no_grad():  # an input buffer may require grad, as its argument did
+            for index, (new, static) in enumerate(zip(leaves, self._static)):
+                if isinstance(static, Tensor):
+                    if not (isinstance(new, Tensor) and new.shape == static.shape and new.dtype == static.dtype
+                            and new.device == static.device):
+                        raise ValueError(f"GraphedStep: argument {index} is {_describe(new)}, but the graph was "
+                                         f"captured with {_describe(static)} (a graph reads one shape, dtype and "
+                                         "device per input)")
+                    static.copy_(new, non_blocking=True)
+                elif isinstance(new, Tensor) or (new is not static and new != static):
+                    raise ValueError(f"GraphedStep: non-tensor argument {index} is {_describe(new)}, but the graph "
+                                     f"was captured with {_describe(static)}, which it keeps (pass values that "
+                                     "change as tensors)")
         return self.graph.replay()
 
 

@@ -125,6 +125,25 @@ def test_graphed_step_gives_the_eager_updates(full_float32):
     assert step.captured
 
 
+def test_graphed_step_captures_plain_sgd(full_float32):
+    """SGD takes no capturable option (it keeps no step count) and is captured as it is, as in
+    torch's whole-network capture example: side by side with its eager twin, the same losses
+    and weights at every call (SGD does not amplify round-off as Adam does)."""
+    torch.manual_seed(0)
+    graphed_d = sndcgan_discriminator(width=8).cuda()
+    eager_d = copy.deepcopy(graphed_d)
+    graphed_opt = torch.optim.SGD(graphed_d.parameters(), lr=1e-3, momentum=0.9)
+    eager_opt = torch.optim.SGD(eager_d.parameters(), lr=1e-3, momentum=0.9)
+    step, eager = GraphedStep(wgan_gp_update(graphed_d, graphed_opt), optimizers=[graphed_opt]), wgan_gp_update(eager_d, eager_opt)
+    for call in range(4):  # 1 eager warm-up, 2 captured, 3-4 replayed
+        real, fake, alpha = torch.rand(7, 3, 32, 32, device="cuda"), torch.rand(7, 3, 32, 32, device="cuda"), torch.rand(7, device="cuda")
+        ours, theirs = step(real, fake, alpha), eager(real, fake, alpha)
+        torch.testing.assert_close(ours["loss"], theirs["loss"], rtol=1e-4, atol=1e-5, msg=lambda why: f"call {call}: {why}")
+        for (name, a), b in zip(graphed_d.named_parameters(), eager_d.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda why: f"call {call}, {name}: {why}")
+    assert step.captured
+
+
 def test_captured_penalty_draws_alpha_anew_at_every_replay():
     """D(x) = Σ x² (elementwise, deterministic, and its gradient norm moves with the
     interpolation point): replays with the same batches differ by their α, unless the

@@ -82,6 +82,8 @@ def test_graphed_step_checks_optimizers_and_devices():
     with pytest.raises(ValueError, match="capturable=True"):
         graphs.GraphedStep(lambda x: x, optimizers=[torch.optim.Adam([off_cpu])])
     graphs.GraphedStep(lambda x: x, optimizers=[torch.optim.Adam([off_cpu], capturable=True)])
+    # SGD has no capturable option (no step count to keep on the GPU): torch captures it as it is
+    graphs.GraphedStep(lambda x: x, optimizers=[torch.optim.SGD([off_cpu], lr=0.1, momentum=0.9)])
     with pytest.raises(ValueError, match="several devices"):
         graphs.GraphedStep(lambda x, y: x)(torch.ones(2), torch.ones(2, device="meta"))
 
@@ -225,3 +227,120 @@ def test_the_graphed_wgan_gp_example_runs():
     with pytest.warns(RuntimeWarning, match="running eagerly"):
         eager, graphed, apart = example.main(["--steps", "3", "--batch", "2", "--device", "cpu"])
     assert eager == graphed and apart == 0.0
+
+
+def test_a_warm_up_that_raised_is_retried_before_the_capture(stand_in_graphs):
+    """A first call that raised (a bad batch, an OOM) warmed nothing up: the next call is
+    the warm-up again, not the capture (a capture records Adam's lazy state initialisation,
+    which every replay would then rerun, zeroing its moments)."""
+    d = _discriminator()
+    update = wgan_gp_update(d, torch.optim.SGD(d.parameters(), lr=0.1))
+    step = graphs.GraphedStep(update)
+    real, fake, alpha = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4)
+    with pytest.raises(ValueError, match="same shape"):
+        step(real[:, :2], fake, alpha)
+    step(real, fake, alpha)
+    assert not step.captured
+    step(real, fake, alpha)
+    assert step.captured
+
+
+def test_graphed_step_keeps_an_input_that_requires_grad(stand_in_graphs):
+    """An update that differentiates with respect to an input the caller marked (an R1-style
+    penalty on ``real.requires_grad_()``): the graph's input buffer requires grad as the
+    argument did, and copying the next argument into it is not an autograd in-place error."""
+    d = _discriminator().double()
+
+    def update(real):
+        (grad,) = torch.autograd.grad(d(real).sum(), real, create_graph=True)
+        return grad.square().sum().detach()
+
+    step = graphs.GraphedStep(update)
+    for call in range(4):
+        real = torch.rand(3, 3, 8, 8, dtype=torch.float64).requires_grad_()
+        torch.testing.assert_close(step(real), update(real), rtol=1e-12, atol=0, msg=f"call {call}")
+    assert step.captured
+
+
+@pytest.mark.parametrize("change", ["to_double", "channels_last", "data"])
+def test_graphed_step_refuses_parameters_moved_after_its_capture(stand_in_graphs, change):
+    """A graph reads and updates the parameters' memory of its capture: after model.double(),
+    model.to(memory_format=...) or ``p.data = ...`` a replay would update freed memory while the
+    model never trains, so it raises instead."""
+    d = _discriminator()
+    optimizer = torch.optim.SGD(d.parameters(), lr=0.1)
+    step = graphs.GraphedStep(wgan_gp_update(d, optimizer), optimizers=[optimizer])
+    real, fake, alpha = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4)
+    for _ in range(3):
+        step(real, fake, alpha)
+    if change == "to_double":
+        d.double()
+    elif change == "channels_last":
+        d.to(memory_format=torch.channels_last)
+    else:
+        d[-1].bias.data = d[-1].bias.data.clone()
+    with pytest.raises(RuntimeError, match="SGD's parameter .* moved to new memory after the capture"):
+        step(real, fake, alpha)
+
+
+# ------------------------------------------------------------------ fastgan.nn batch norm
+# (its cross-process tests, with two gloo processes, are in tests/test_training.py)
+
+
+def test_convert_batch_norm_keeps_the_modules_parameters_and_buffers():
+    """As torch's SyncBatchNorm.convert_sync_batchnorm: the converted module holds the very
+    parameters and buffers (a frozen scale stays frozen, an optimizer built before the
+    conversion still trains the model), in nested modules, keeping each one's mode."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4)),
+                          nn.ModuleDict({"plain": nn.BatchNorm1d(6, affine=False, track_running_stats=False)}))
+    frozen = model[1][0]
+    frozen.weight.requires_grad_(False)
+    frozen.eval()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    before = {name: t for name, t in list(frozen.named_parameters()) + list(frozen.named_buffers())}
+    converted = fastgan.nn.convert_batch_norm(model)
+    bn, plain = converted[1][0], converted[2]["plain"]
+    assert isinstance(bn, fastgan.nn.CrossProcessBatchNorm) and isinstance(plain, fastgan.nn.CrossProcessBatchNorm)
+    assert not bn.training and plain.training and not bn.weight.requires_grad and bn.bias.requires_grad
+    for name, tensor in list(bn.named_parameters()) + list(bn.named_buffers()):
+        assert tensor is before[name], name
+    assert plain.weight is None and plain.running_mean is None and plain.num_batches_tracked is None
+    bias = bn.bias.detach().clone()
+    converted.train()
+    converted[1](converted[0](torch.rand(5, 3, 7, 7) + 0.5)).mean().backward()
+    optimizer.step()
+    assert not torch.equal(bn.bias, bias)  # the optimizer's parameter is the converted module's
+
+
+def _one_process_all_reduce(monkeypatch):
+    """CrossProcessBatchNorm's cross-process path in this process: a one-rank all-reduce is the identity."""
+    import torch.distributed.nn.functional as distributed_functional
+    from fastgan.nn import batch_norm
+
+    monkeypatch.setattr(batch_norm, "_distributed", lambda: True)
+    monkeypatch.setattr(distributed_functional, "all_reduce", lambda tensor, *args, **kwargs: tensor)
+
+
+@pytest.mark.skipif("bias" not in __import__("inspect").signature(nn.BatchNorm2d).parameters,
+                    reason="this torch's batch norm has no bias=False")
+def test_batch_norm_built_without_bias_converts_and_trains_across_processes(monkeypatch):
+    """nn.BatchNorm2d(..., bias=False) (a scale, no shift): converted, and through the
+    cross-process path, its outputs and gradients are the float64 module's (odd sizes,
+    channels with |mean| > std)."""
+    torch.manual_seed(3)
+    reference = nn.BatchNorm2d(5, bias=False).double()
+    with torch.no_grad():
+        reference.weight.copy_(torch.linspace(0.5, 1.5, 5))
+    converted = fastgan.nn.convert_batch_norm(copy.deepcopy(reference))
+    assert converted.bias is None and set(converted.state_dict()) == set(reference.state_dict())
+    _one_process_all_reduce(monkeypatch)
+    x = (torch.randn(3, 5, 7, 3, dtype=torch.float64) * 0.7 + torch.linspace(-2, 3, 5).view(1, 5, 1, 1))
+    weights = torch.randn(3, 5, 7, 3, dtype=torch.float64)
+    grads = []
+    for bn in (converted, reference):
+        point = x.clone().requires_grad_()
+        out = bn(point)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), point.grad, bn.weight.grad, bn.running_mean, bn.running_var))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)

@@ -333,3 +333,33 @@ def test_a_run_trains_under_its_numerics_and_restores_the_callers(tmp_path):
 def test_the_progress_bar_shows_images_per_second(tmp_path, capsys):
     Trainer(tiny_config(tmp_path, "steps=3", "progress=true")).fit()
     assert re.search(r"img/s=\d+", capsys.readouterr().err)
+
+
+def test_the_progress_bars_gpu_memory_is_the_peak_of_this_run(monkeypatch, capsys):
+    """Runs in one process (a study's trials) share CUDA's peak counter: without a reset at
+    the start, each run's bar showed the largest peak of any earlier run. Stands in for CUDA's
+    counters on a CPU-only machine."""
+    from types import SimpleNamespace
+
+    from fastgan.train.callbacks import Progress
+
+    memory = {"allocated": 0, "peak": 0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: memory.update(peak=memory["allocated"]))
+
+    def run(peak_gib):
+        trainer = SimpleNamespace(step=0, config=SimpleNamespace(steps=1, progress=True, batch_size=8),
+                                  runtime=SimpleNamespace(rank=0, device=torch.device("cuda", 0)))
+        progress = Progress()
+        progress.start(trainer)
+        memory["allocated"], memory["peak"] = 2**30, max(memory["peak"], peak_gib * 2**30)
+        trainer.step = 1
+        progress.after(trainer, {})
+        shown = progress.postfix["mem"]
+        progress.end(trainer)
+        memory["allocated"] = 0  # the run's tensors freed
+        return shown
+
+    assert run(peak_gib=5) == "5.00GiB"
+    assert run(peak_gib=2) == "2.00GiB"

@@ -752,6 +752,14 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
             else:
                 assert torch.equal(got[name][key], value), f"{name}.{key}"
     assert moved > 2e-5
+    # the logged losses are the whole batch's (the mean over the processes), not rank 0's share's
+    rates = ("steps_per_s", "images_per_s")
+    logged, expected = ([{k: v for k, v in r.items() if k not in rates} for r in metrics_records(tmp_path / run)]
+                        for run in ("ddp", "single"))
+    assert [r["step"] for r in logged] == [r["step"] for r in expected] == [3]
+    assert logged[0].keys() == expected[0].keys()
+    for key, value in expected[0].items():
+        assert logged[0][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 class SignalOnRankZeroAt(SignalAt):
@@ -786,3 +794,86 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     summaries = [torch.load(f"{result}.{rank}") for rank in (0, 1)]
     assert [s["step"] for s in summaries] == [10, 10] and not any(s["finished"] for s in summaries)
     assert checkpoint.load(tmp_path / "run" / CHECKPOINT)["step"] == 10
+
+
+class PixelFeatures(torch.nn.Module):
+    """A stand-in Inception whose features are a fixed projection of each image alone, so a
+    FID does not depend on how its images are split into chunks or processes."""
+
+    feature_dim = 8
+
+    def forward(self, images):
+        flat = images.flatten(1).double()
+        projection = torch.randn(flat.shape[1], self.feature_dim, dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(0))
+        return (flat @ projection).float()
+
+
+def _fid_worker(rank, world, init_file, overrides, result_file):
+    from fastgan.metrics.inception import InceptionV3
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    InceptionV3.load = lambda *args, **kwargs: PixelFeatures()
+    torch.save(Trainer(load_config(None, overrides)).evaluate_fid(), f"{result_file}.{rank}")
+    exit_worker()
+
+
+def test_two_processes_evaluate_the_fid_of_one_when_their_shares_differ_in_chunks(tmp_path, monkeypatch):
+    """201 samples over 2 processes: rank 0 generates 101 (two chunks of the evaluator), rank 1
+    100 (one). Every process polls the stop request (a collective) once per chunk, so the ranks
+    must take the same number of polls; the FID is the one-process FID of the 201 samples."""
+    from fastgan.metrics.inception import InceptionV3
+
+    common = TINY + ["fid_every=1", "fid_samples=201", "fid_real_samples=50",
+                     f"inception_weights={stand_in_weights(tmp_path / 'weights.pt')}"]
+    monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: PixelFeatures())
+    for run in ("single", "two"):  # evaluated without fit, which makes out_dir
+        (tmp_path / run).mkdir()
+    expected = Trainer(load_config(None, common + [f"out_dir={tmp_path / 'single'}"])).evaluate_fid()
+    result = str(tmp_path / "fid")
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = mp.spawn(_fid_worker, args=(2, os.path.join(tmp, "init"), common + [f"out_dir={tmp_path / 'two'}"], result),
+                           nprocs=2, join=False)
+        for _ in range(6):  # a minute at most: mismatched collectives hang instead of failing
+            if workers.join(timeout=10):
+                break
+        else:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the processes' FID evaluations did not finish together")
+    fids = [torch.load(f"{result}.{rank}") for rank in (0, 1)]
+    assert fids[0] == fids[1]
+    assert fids[0] == pytest.approx(expected, rel=1e-9)
+
+
+class _DraganNoise:
+    """Stands in for the step: the DRAGAN noise U (uniforms by element index from the step's
+    seed, as the kernel draws them) that the penalty would add to this process's share."""
+
+    def discriminator_update(self, real, z, alpha, seed, mask):
+        from fastgan.reference.gradient_penalty import philox_uniform
+
+        self.noise = philox_uniform(seed, real.numel()).reshape(real.shape)
+        return {}
+
+
+def test_each_process_perturbs_its_share_with_noise_of_its_own_under_dragan(tmp_path):
+    """The DRAGAN kernel draws element i's uniform from (seed, i): with the step's one seed on
+    every process, each process added the same noise pattern to its own images (the global
+    batch's noise repeated world times). Rank 0 keeps the one-process run's noise; the draws of
+    the run's generator (z, data) are unchanged."""
+    from fastgan.train.runtime import Runtime
+    from fastgan.train.stream import RepeatedBatch
+
+    noise, latents = {}, {}
+    for world, rank in ((1, 0), (2, 0), (2, 1)):
+        trainer = Trainer(tiny_config(tmp_path, "penalty=dragan", f"out_dir={tmp_path / f'{world}-{rank}'}"),
+                          stream=RepeatedBatch(torch.rand(8 // world, 3, 16, 16)))
+        trainer.runtime, trainer.updates = Runtime(rank, world), _DraganNoise()
+        trainer.discriminator_step()
+        noise[world, rank] = trainer.updates.noise
+        latents[world, rank] = draw_latents(8, trainer.config, trainer.random)  # the next draw of the run
+    assert not torch.equal(noise[2, 0], noise[2, 1])
+    assert torch.equal(noise[2, 0], noise[1, 0][:4])
+    assert torch.equal(latents[2, 0], latents[1, 0]) and torch.equal(latents[2, 1], latents[1, 0])

@@ -63,30 +63,32 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
         out = centered * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:  # torch's batch norm may be built affine with bias=False
+            out = out + self.bias.view(shape)
         return out.to(input.dtype)
 
 
 def convert_batch_norm(module: nn.Module) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a
-    :class:`CrossProcessBatchNorm` with the same parameters and buffers. Returns the
-    converted module (a new one when ``module`` itself is a batch norm)."""
+    :class:`CrossProcessBatchNorm` holding the same parameter and buffer tensors (as
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does). Returns the converted module
+    (a new one when ``module`` itself is a batch norm)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"convert_batch_norm: {type(module).__name__} has no shape yet; run a forward first")
+        # The module's own tensors, not copies: a frozen scale stays frozen, and an optimizer
+        # built before the conversion still trains the model.
         converted = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                          module.track_running_stats, **_factory_of(module))
-        converted.load_state_dict(module.state_dict())
+                                          module.track_running_stats, device="meta")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(converted, name, getattr(module, name))
         converted.train(module.training)
         return converted
     for name, child in module.named_children():
         module.add_module(name, convert_batch_norm(child))
     return module
-
-
-def _factory_of(module: nn.Module) -> dict:
-    """The device and floating dtype of a module's tensors (num_batches_tracked is an integer)."""
-    floating = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
-    return {"device": floating[0].device, "dtype": floating[0].dtype} if floating else {}
 
 
 __all__ = ["CrossProcessBatchNorm", "convert_batch_norm"]

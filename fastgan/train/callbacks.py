@@ -48,8 +48,8 @@ class Callback:
 
 class Progress(Callback):
     """A progress bar (rank 0, ``progress``): steps, losses at each log step, images/s and, on a
-    GPU, the peak memory allocated; the same numbers go to the metrics as ``steps_per_s`` and
-    ``images_per_s`` (through :attr:`rates`)."""
+    GPU, the peak memory allocated since this run started; the same numbers go to the metrics
+    as ``steps_per_s`` and ``images_per_s`` (through :attr:`rates`)."""
 
     def start(self, trainer: "Trainer") -> None:
         from tqdm import tqdm
@@ -59,6 +59,8 @@ class Progress(Callback):
                         disable=not config.progress or trainer.runtime.rank != 0, dynamic_ncols=True)
         self.started, self.first_step = time.perf_counter(), trainer.step
         self.postfix: Dict[str, str] = {}
+        if trainer.runtime.device.type == "cuda":  # the counter is per process: a study's earlier trials set it
+            torch.cuda.reset_peak_memory_stats(trainer.runtime.device)
 
     def rates(self, trainer: "Trainer") -> Dict[str, float]:
         steps_per_s = (trainer.step - self.first_step) / max(time.perf_counter() - self.started, 1e-9)
@@ -85,8 +87,9 @@ class Progress(Callback):
 
 
 class Metrics(Callback):
-    """Every ``log_every`` steps: the iteration's outputs (the last D update's and the G update's)
-    and the rates, to ``metrics.jsonl`` / TensorBoard (rank 0) and the progress bar."""
+    """Every ``log_every`` steps: the iteration's outputs (the last D update's and the G update's,
+    averaged over the processes: the global batch's) and the rates, to ``metrics.jsonl`` /
+    TensorBoard (rank 0) and the progress bar."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -94,7 +97,7 @@ class Metrics(Callback):
     def after(self, trainer: "Trainer", out: Outputs) -> None:
         if not due(trainer, trainer.config.log_every):
             return
-        record = {k: float(v) for k, v in out.items()}
+        record = trainer.runtime.mean(out)  # a collective: due() is the same on every process
         self.progress.show_losses(record)
         record.update(self.progress.rates(trainer))
         if trainer.log is not None:

@@ -52,8 +52,12 @@ class FIDEvaluator:
         metric.reset()
         share = math.ceil(z.shape[0] / self.runtime.world)
         mine = z[self.runtime.rank * share : (self.runtime.rank + 1) * share]
-        for chunk in self._checked(mine.split(CHUNK), "FID: generated features", lambda: self.runtime.any(stop())):
-            metric.update(generate(chunk).to(self.runtime.device, torch.float32), real=False)
+        # Chunks of the full share on every rank: each poll is a collective, so a last rank
+        # with fewer images (or none) must still take as many polls as the others.
+        chunks = [mine[start : start + CHUNK] for start in range(0, share, CHUNK)]
+        for chunk in self._checked(chunks, "FID: generated features", lambda: self.runtime.any(stop())):
+            if len(chunk):
+                metric.update(generate(chunk).to(self.runtime.device, torch.float32), real=False)
         return metric.compute()
 
     def _fid_metric(self, stop: Callable[[], bool]):

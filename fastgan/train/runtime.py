@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -93,6 +93,17 @@ class Runtime:
         value = torch.tensor([float(flag)], device=self.device if self.backend == "nccl" else "cpu")
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
+
+    def mean(self, values: Dict[str, Tensor]) -> Dict[str, float]:
+        """Each one-element tensor of ``values`` averaged over the processes (every process
+        calls it, with the same keys): a batch mean of each process's share becomes the mean
+        over the global batch, as one process computes it."""
+        if self.world == 1:
+            return {k: float(v) for k, v in values.items()}
+        device = self.device if self.backend == "nccl" else "cpu"
+        stacked = torch.stack([torch.as_tensor(v).detach().reshape(()).to(device, torch.float64) for v in values.values()])
+        dist.all_reduce(stacked)
+        return dict(zip(values, (stacked / self.world).tolist()))
 
     def close(self) -> None:
         """Leave the process group this runtime joined (one passed in by the caller is the caller's)."""

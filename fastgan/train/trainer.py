@@ -17,7 +17,8 @@ from the trainer's own generator, drawn for the *global* batch and sliced per ra
 run under ``torchrun`` with W processes therefore computes what one process computes on
 the combined batch (batch norm is cross-process); checkpoints hold that generator's
 state, so ``resume`` continues bit-for-bit on CPU (GPU too with ``deterministic``).
-Exception: DRAGAN's noise scale is the std of each rank's own batch. With ``mixed_batches``
+Exception: DRAGAN's noise scale is the std of each rank's own batch, and each rank draws its
+noise from a seed of its own (the step's seed + rank). With ``mixed_batches``
 each process mixes its own share (a symmetric D judges that batch as one set): one mask per
 process, all drawn from the run's generator in rank order.
 
@@ -237,7 +238,11 @@ class Trainer:
         z = self._local(draw_latents(config.batch_size, config, self.random))
         alpha = self._local(torch.rand(config.batch_size, generator=self.random, dtype=config.torch_dtype)) \
             if config.penalty == "wgan-gp" else None
-        seed = int(torch.randint(0, 2**62, (), generator=self.random)) if config.penalty not in ("none", "l2") else None
+        seed = None
+        if config.penalty not in ("none", "l2"):
+            # DRAGAN's kernel draws element i's noise from (seed, i): one seed on every process would
+            # give each share the same noise. Rank 0 keeps the one-process stream; nothing more is drawn.
+            seed = int(torch.randint(0, 2**62, (), generator=self.random)) + self.runtime.rank
         mask = None
         if config.mixed_batches:  # every process draws every process's mask, keeping the generators in step
             masks = [draw_mask(config.batch_size // self.runtime.world, config.batch_smoothing, generator=self.random)
