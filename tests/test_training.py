@@ -4,6 +4,8 @@ bit-identical resume, kill-safe), outputs, DDP equivalence, FID during training.
 Runs use SNDCGAN at 16×16 with a quarter of the channels on the embedded digits,
 so each step takes milliseconds on a CPU.
 """
+import copy
+import inspect
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from conftest import exit_worker, needs_fid_helper
 from fastgan.nn import CrossProcessBatchNorm, convert_batch_norm
@@ -684,6 +687,65 @@ def test_batch_norm_conversion_keeps_dtype_and_device():
     assert {t.dtype for t in converted.parameters()} == {torch.float64}
     assert converted.running_var.dtype == torch.float64
     assert converted.num_batches_tracked.dtype == torch.long
+
+
+def test_convert_batch_norm_keeps_the_modules_parameters_and_buffers():
+    """As torch's SyncBatchNorm.convert_sync_batchnorm: the converted module holds the very
+    parameters and buffers (a frozen scale stays frozen, an optimizer built before the
+    conversion still trains the model), in nested modules, keeping each one's mode."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4)),
+                          nn.ModuleDict({"plain": nn.BatchNorm1d(6, affine=False, track_running_stats=False)}))
+    frozen = model[1][0]
+    frozen.weight.requires_grad_(False)
+    frozen.eval()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    before = {name: t for name, t in list(frozen.named_parameters()) + list(frozen.named_buffers())}
+    converted = convert_batch_norm(model)
+    bn, plain = converted[1][0], converted[2]["plain"]
+    assert isinstance(bn, CrossProcessBatchNorm) and isinstance(plain, CrossProcessBatchNorm)
+    assert not bn.training and plain.training and not bn.weight.requires_grad and bn.bias.requires_grad
+    for name, tensor in list(bn.named_parameters()) + list(bn.named_buffers()):
+        assert tensor is before[name], name
+    assert plain.weight is None and plain.running_mean is None and plain.num_batches_tracked is None
+    bias = bn.bias.detach().clone()
+    converted.train()
+    converted[1](converted[0](torch.rand(5, 3, 7, 7) + 0.5)).mean().backward()
+    optimizer.step()
+    assert not torch.equal(bn.bias, bias)  # the optimizer's parameter is the converted module's
+
+
+def _one_process_all_reduce(monkeypatch):
+    """CrossProcessBatchNorm's cross-process path in this process: a one-rank all-reduce is the identity."""
+    import torch.distributed.nn.functional as distributed_functional
+    from fastgan.nn import batch_norm
+
+    monkeypatch.setattr(batch_norm, "_distributed", lambda: True)
+    monkeypatch.setattr(distributed_functional, "all_reduce", lambda tensor, *args, **kwargs: tensor)
+
+
+@pytest.mark.skipif("bias" not in inspect.signature(nn.BatchNorm2d).parameters,
+                    reason="this torch's batch norm has no bias=False")
+def test_batch_norm_built_without_bias_converts_and_trains_across_processes(monkeypatch):
+    """nn.BatchNorm2d(..., bias=False) (a scale, no shift): converted, and through the
+    cross-process path, its outputs and gradients are the float64 module's (odd sizes,
+    channels with |mean| > std)."""
+    torch.manual_seed(3)
+    reference = nn.BatchNorm2d(5, bias=False).double()
+    with torch.no_grad():
+        reference.weight.copy_(torch.linspace(0.5, 1.5, 5))
+    converted = convert_batch_norm(copy.deepcopy(reference))
+    assert converted.bias is None and set(converted.state_dict()) == set(reference.state_dict())
+    _one_process_all_reduce(monkeypatch)
+    x = (torch.randn(3, 5, 7, 3, dtype=torch.float64) * 0.7 + torch.linspace(-2, 3, 5).view(1, 5, 1, 1))
+    weights = torch.randn(3, 5, 7, 3, dtype=torch.float64)
+    grads = []
+    for bn in (converted, reference):
+        point = x.clone().requires_grad_()
+        out = bn(point)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), point.grad, bn.weight.grad, bn.running_mean, bn.running_var))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
 def _batch_norm_worker(rank, world, init_file, inputs, result_file):
