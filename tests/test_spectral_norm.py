@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 import fastgan
 import importlib
@@ -701,6 +702,34 @@ def test_apply_spectral_norm_state_dict_matches_torch():
     torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+@pytest.mark.parametrize("leave_parametrized", [True, False])
+def test_apply_spectral_norm_after_removing_a_layers_parametrization(device, backend, leave_parametrized):
+    """parametrize.remove_parametrizations on a layer of an apply_spectral_norm model leaves it a plain
+    layer, as under torch's: the model's hook must not go on iterating its detached u, v (which
+    model.float() no longer converts), whether the layer stays plain or gets spectral norm again."""
+    theirs, ours = _sn_pair(torch.float64, device, backend)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=device)
+    with fastgan.use_backend(backend):
+        torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float64])
+    for model, renormalize in ((theirs, torch.nn.utils.parametrizations.spectral_norm), (ours, fastgan.nn.spectral_norm)):
+        parametrize.remove_parametrizations(model[0], "weight", leave_parametrized=leave_parametrized)
+        parametrize.remove_parametrizations(model[4], "weight", leave_parametrized=leave_parametrized)
+        torch.manual_seed(5)
+        with fastgan.use_backend(backend):
+            renormalize(model[4], n_power_iterations=2)
+        model.float()
+    for training in (True, True, False):
+        x = torch.randn(2, 3, 8, 8, device=device)
+        for model in (theirs, ours):
+            model.train(training)
+        with fastgan.use_backend(backend):
+            torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+        for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
+            assert b_o.dtype == torch.float32
+            torch.testing.assert_close(b_o, b_t, **TOL[torch.float32], msg=name)
+
+
 # ---------------------------------------------------------------- opcheck, gradcheck, compile
 
 
@@ -1028,6 +1057,24 @@ def test_bad_layers_get_errors_naming_them(apply):
 def test_apply_spectral_norm_names_the_bad_layer():
     model = nn.Sequential(nn.Linear(4, 3), nn.Sequential(nn.Linear(0, 2)))
     with pytest.raises(ValueError, match=r"1\.0\.weight.*zero-size"):
+        fastgan.nn.apply_spectral_norm(model)
+
+
+def test_apply_spectral_norm_refusing_a_layer_leaves_the_model_unchanged():
+    """Retried after the fix (the dummy forward the message asks for), it normalizes every layer."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"1\.weight\)$"):
+        fastgan.nn.apply_spectral_norm(model)
+    assert not parametrize.is_parametrized(model[0]) and not model._forward_pre_hooks
+    model(torch.randn(1, 4))
+    fastgan.nn.apply_spectral_norm(model)
+    (hook,) = model._forward_pre_hooks.values()
+    assert len(hook.params) == 2
+
+
+def test_apply_spectral_norm_twice_says_so():
+    model = fastgan.nn.apply_spectral_norm(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match=r"parametrized already \(0\.weight, 2\.weight\): was spectral norm applied twice"):
         fastgan.nn.apply_spectral_norm(model)
 
 

@@ -422,6 +422,31 @@ def test_hook_pickles():
     m(torch.randn(2, 5))
 
 
+# The misuses torch's spectral norm itself checks (not ones it fails on deep inside).
+MISUSES = [
+    ("parametrization", lambda: nn.Linear(4, 3), dict(n_power_iterations=0)),
+    ("parametrization", lambda: nn.Linear(4, 3), dict(dim=2)),
+    ("parametrization", lambda: nn.Conv2d(2, 3, 3), dict(dim=-5)),
+    ("parametrization", lambda: nn.Linear(4, 3), dict(name="bogus")),
+    ("parametrization", lambda: nn.Linear(4, 3, bias=False), dict(name="bias")),
+    ("hook", lambda: nn.Linear(4, 3), dict(n_power_iterations=0)),
+    ("hook", lambda: nn.LazyLinear(3), dict()),
+    ("hook", lambda: nn.Linear(4, 3, bias=False), dict(name="bias")),
+]
+
+
+@pytest.mark.parametrize("form,make,kwargs", MISUSES, ids=[f"{form}-{kwargs}" for form, _, kwargs in MISUSES])
+def test_misuse_raises_torchs_error_in_torchs_words(form, make, kwargs):
+    """The same exception type and torch's message, then the layer (code matches on torch's words)."""
+    theirs, ours = {"parametrization": (torch.nn.utils.parametrizations.spectral_norm, PARAMETRIZATION),
+                    "hook": (torch.nn.utils.spectral_norm, HOOK)}[form]
+    with pytest.raises(Exception) as expected:
+        theirs(make(), **kwargs)
+    with pytest.raises(expected.type) as got:
+        ours(make(), **kwargs)
+    assert str(got.value).startswith(str(expected.value))
+
+
 # ---------------------------------------------------------------- the documented differences
 
 

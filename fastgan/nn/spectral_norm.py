@@ -85,14 +85,25 @@ def _random_unit_vectors(weight: Tensor, dim: int, eps: float):
     return u, v
 
 
-def _checked_weight(module: nn.Module, name: str, n_power_iterations: int, dim: int, where: str) -> Tensor:
+def _checked_weight(module: nn.Module, name: str, n_power_iterations: int, dim: int, where: str,
+                    hook_form: bool = False) -> Tensor:
+    # Where torch's own spectral norm raises a message of its own, the same type and wording
+    # (code matches on them), then the layer.
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
-        raise ValueError(f"{where}: module {type(module).__name__} has no tensor parameter {name!r}")
+        if hook_form and name in module._parameters:  # a slot holding None, e.g. Linear(bias=False).bias
+            raise ValueError(f"`SpectralNorm` cannot be applied as parameter `{name}` is None ({where})")
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}' ({where})")
     if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(f"{where}: {name!r} is uninitialized; run a dummy forward before applying spectral norm")
+        raise ValueError("The module passed to `SpectralNorm` can't have uninitialized parameters. Make sure to "
+                         f"run the dummy forward before applying spectral normalization ({where})")
     if n_power_iterations <= 0:
-        raise ValueError(f"{where}: n_power_iterations must be positive, got {n_power_iterations}")
+        raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations} "
+                         f"({where})")
+    ndim = weight.dim()
+    if ndim and not -ndim <= dim < ndim:
+        raise IndexError(f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim}) "
+                         f"({where})")
     # The shape checks apply to complex weights too; a complex weight's real view has its shape.
     ops.check_weight(weight.real if weight.is_complex() else weight, dim, where)
     return weight
@@ -195,7 +206,7 @@ class HookSpectralNorm(torch_hook_sn.SpectralNorm):
                 f"Cannot register two spectral_norm hooks on the same parameter {name} "
                 f"({where} already has one; remove it first with fastgan.nn.utils.remove_spectral_norm)"
             )
-        weight = _checked_weight(module, name, n_power_iterations, dim, where)
+        weight = _checked_weight(module, name, n_power_iterations, dim, where, hook_form=True)
         if weight.is_complex():
             raise TypeError(
                 f"{where}: the hook form of spectral norm does not take complex weights (torch's transposes "
@@ -259,6 +270,9 @@ class _GroupedPowerIteration:
         # weight that was not a Parameter); the dicts stay when .to() replaces what is in them
         self.originals = [plist._parameters if "original" in plist._parameters else plist._buffers
                           for plist in lists]
+        # parametrize.remove_parametrizations detaches a layer's list: from then on its u, v are
+        # no longer the model's (.float() leaves them as they were), so the refresh skips it
+        self.lists = list(zip(layers, lists))
         # per group: (training, dtype, device)
         self.refreshes = _RefreshReplays(cuda_graphs, writes_buffers=False)
 
@@ -267,7 +281,10 @@ class _GroupedPowerIteration:
         # buffers straight from their dicts: nn.Module's __getattr__ costs ~0.7 us a lookup, and
         # this runs for every layer on every forward.
         groups: dict = {}
-        for p, original in zip(self.params, self.originals):
+        for p, original, (layer, plist) in zip(self.params, self.originals, self.lists):
+            attached = layer._modules.get("parametrizations")
+            if attached is None or attached._modules.get("weight") is not plist:
+                continue
             weight = original["original"]
             if not weight.is_complex():
                 params, weights = groups.setdefault((p.training, weight.dtype, weight.device), ([], []))
@@ -458,15 +475,23 @@ def apply_spectral_norm(
     Per-layer results equal layer-by-layer spectral norm. On a GPU that launch is
     replayed from a private CUDA graph once the same layers and storage come again
     (the same numbers, bit for bit); ``cuda_graphs=False`` keeps it eager. Returns ``model``."""
-    layers = []
+    layers, weights, parametrized = [], [], []
     for qualified, module in model.named_modules():
-        if isinstance(module, tuple(layer_types)) and not parametrize.is_parametrized(module, "weight"):
-            dim = default_dim(module)
-            where = f"{qualified or type(model).__name__}.weight"
-            weight = _checked_weight(module, "weight", n_power_iterations, dim, where)
-            parametrize.register_parametrization(module, "weight",
-                                                 SpectralNorm(weight, n_power_iterations, dim, eps, cuda_graphs))
+        if not isinstance(module, tuple(layer_types)):
+            continue
+        where = f"{qualified or type(model).__name__}.weight"
+        if parametrize.is_parametrized(module, "weight"):
+            parametrized.append(where)
+        else:  # every layer checked before any is changed: a bad layer leaves the model as it was
+            weights.append(_checked_weight(module, "weight", n_power_iterations, default_dim(module), where))
             layers.append(module)
+    for module, weight in zip(layers, weights):
+        parametrize.register_parametrization(
+            module, "weight", SpectralNorm(weight, n_power_iterations, default_dim(module), eps, cuda_graphs))
+    if not layers and parametrized:
+        raise ValueError(f"apply_spectral_norm: every layer of {type(model).__name__} of types "
+                         f"{[t.__name__ for t in layer_types]} is parametrized already ({', '.join(parametrized[:3])}"
+                         f"{', ...' if len(parametrized) > 3 else ''}): was spectral norm applied twice?")
     if not layers:
         raise ValueError(f"apply_spectral_norm: {type(model).__name__} has no layer of types {[t.__name__ for t in layer_types]}")
     hook = _GroupedPowerIteration(layers, cuda_graphs)
