@@ -730,6 +730,26 @@ def test_apply_spectral_norm_after_removing_a_layers_parametrization(device, bac
             torch.testing.assert_close(b_o, b_t, **TOL[torch.float32], msg=name)
 
 
+def test_apply_spectral_norm_leaves_data_parallel_replicas_to_their_layers(monkeypatch):
+    """nn.DataParallel's replicas share the model's forward hooks but hold replicated layers:
+    the hook must not refresh the original layers from every replica's thread (work no replica
+    uses, and captures from several threads on a GPU). A replica made as DataParallel makes it
+    (_replicate_for_data_parallel, which needs no GPU) runs its layers' own iterations."""
+    from fastgan.ops import spectral_norm as sn_ops
+
+    theirs, ours = _sn_pair(torch.float64, "cpu", "reference")
+    replica = ours._replicate_for_data_parallel()
+    launches = []
+    multi = sn_ops.power_iteration_multi
+    monkeypatch.setattr(sn_ops, "power_iteration_multi", lambda *args, **kwargs: launches.append(1) or multi(*args, **kwargs))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with fastgan.use_backend("reference"):
+        torch.testing.assert_close(replica(x), theirs(x), **TOL[torch.float64])
+    assert launches == []
+    for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
+        torch.testing.assert_close(b_o, b_t, **TOL[torch.float64], msg=name)
+
+
 # ---------------------------------------------------------------- opcheck, gradcheck, compile
 
 

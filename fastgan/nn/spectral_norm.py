@@ -277,6 +277,10 @@ class _GroupedPowerIteration:
         self.refreshes = _RefreshReplays(cuda_graphs, writes_buffers=False)
 
     def __call__(self, model: nn.Module, inputs) -> None:
+        if model.__dict__.get("_is_replica", False):
+            # nn.DataParallel's replicas share this hook but hold layers of their own, which
+            # iterate on their own (as torch's do there); the hook's layers are the originals.
+            return
         # Complex layers refresh on their own (the multi-tensor op is real-only). Parameters and
         # buffers straight from their dicts: nn.Module's __getattr__ costs ~0.7 us a lookup, and
         # this runs for every layer on every forward.
@@ -301,6 +305,8 @@ class _GroupedPowerIteration:
                 _set_group_result(p, result)
 
     def clear(self, model: nn.Module, inputs, output=None) -> None:
+        if model.__dict__.get("_is_replica", False):
+            return
         used = []
         for p in self.params:
             if p._group_result is not None:  # a layer the forward did not use (each use clears its own)
