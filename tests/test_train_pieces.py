@@ -363,3 +363,33 @@ def test_the_progress_bars_gpu_memory_is_the_peak_of_this_run(monkeypatch, capsy
 
     assert run(peak_gib=5) == "5.00GiB"
     assert run(peak_gib=2) == "2.00GiB"
+
+
+def _patient_worker(rank, world, init_file, result_pattern, wait):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+    from conftest import exit_worker
+
+    # a collective timeout far shorter than rank 0's work, as NCCL's 10 minutes are for decoding LSUN
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=2))
+    runtime = Runtime.from_environment("cpu")
+    if rank == 0:
+        time.sleep(6)  # the long work rank 0 does alone
+    getattr(runtime, wait)()
+    with open(result_pattern.format(rank), "w") as done:
+        done.write("through")
+    exit_worker()
+
+
+def test_processes_wait_for_rank_zeros_long_work_beyond_the_collective_timeout(tmp_path):
+    """While rank 0 alone decodes a data set or extracts the FID's real features, the others wait
+    in patient_barrier, whose gloo group outlasts the process group's collective timeout (here
+    2 s against 6 s of work; a plain barrier there fails at the timeout)."""
+    import torch.multiprocessing as mp
+
+    pattern = str(tmp_path / "rank{}.txt")
+    mp.spawn(_patient_worker, args=(2, str(tmp_path / "init"), pattern, "patient_barrier"), nprocs=2)
+    assert [open(pattern.format(r)).read() for r in range(2)] == ["through", "through"]

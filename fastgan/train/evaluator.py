@@ -91,7 +91,7 @@ class FIDEvaluator:
                 statistics.save(str(cache))
             except Interrupted:
                 interrupted = True
-        self.runtime.barrier()
+        self.runtime.patient_barrier()
         if self.runtime.any(interrupted):
             raise Interrupted("FID: real features")
         metric = FID(network, feature_dim=getattr(network, "feature_dim", 2048))  # a stand-in network may be narrower

@@ -14,10 +14,11 @@ KeyboardInterrupt at once. :data:`EXIT_INTERRUPTED` is the exit status of
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -27,6 +28,11 @@ from torch import Tensor
 # sysexits' EX_TEMPFAIL ("temporary failure, try again"): the run stopped early on a signal,
 # wrote its checkpoint and continues with --resume; schedulers can requeue on this status.
 EXIT_INTERRUPTED = 75
+
+# How long the other processes wait while rank 0 alone decodes a folder data set, downloads
+# CIFAR-10 or extracts the FID's real features: far beyond the process group's own collective
+# timeout (NCCL's 10 minutes), which such work outlasts (hours, for LSUN decoded once).
+PATIENT_TIMEOUT = datetime.timedelta(hours=24)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,6 +53,8 @@ class Runtime:
     world: int = 1
     device: torch.device = torch.device("cpu")
     owns_process_group: bool = False  # joined by from_environment, so close() leaves it
+    # a gloo group whose timeout is PATIENT_TIMEOUT, for patient_barrier (made by from_environment)
+    patient_group: Optional[object] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_environment(cls, device: str = "auto") -> "Runtime":
@@ -63,7 +71,9 @@ class Runtime:
             resolved = torch.device("cuda", index)
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
-        return cls(rank, world, resolved, joined)
+        # every process makes it here, at once: new_group is a collective
+        patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT) if world > 1 else None
+        return cls(rank, world, resolved, joined, patient)
 
     @property
     def backend(self) -> Optional[str]:
@@ -73,6 +83,13 @@ class Runtime:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def patient_barrier(self) -> None:
+        """A barrier for the processes that wait while rank 0 alone does long work (a data set's
+        first decoding or download, the FID's real statistics): it may wait up to
+        :data:`PATIENT_TIMEOUT`, where a plain barrier fails at the process group's timeout."""
+        if self.world > 1:
+            dist.barrier(group=self.patient_group)  # None (a runtime made by hand): the default group
 
     def rank_share(self, global_batch: Tensor) -> Tensor:
         """This rank's contiguous slice of a tensor drawn for the global batch."""

@@ -132,11 +132,11 @@ class Trainer:
         from fastgan.train.data import load_dataset
 
         if runtime.rank != 0:
-            runtime.barrier()
+            runtime.patient_barrier()
         self.data = load_dataset(config.dataset, root=config.data_root, image_size=config.image_size,
                                  download=config.download and runtime.rank == 0)
         if runtime.rank == 0:
-            runtime.barrier()
+            runtime.patient_barrier()
         if stream is None:
             stream = BatchStream(self.data, config.batch_size, config.seed, runtime, config.torch_dtype,
                                  channels_last=config.channels_last)
