@@ -14,7 +14,7 @@ import torch
 from fastgan.train.callbacks import Callback
 from fastgan.train.config import load_config
 from fastgan.train.data import ImageData
-from fastgan.train.runtime import Runtime
+from fastgan.train.runtime import PATIENT_TIMEOUT, Runtime
 from fastgan.train.step import CapturedStep, GANStep, adam_options, load_optimizer_state, build_step, why_not_capturable
 from fastgan.train.stream import BatchStream, RepeatedBatch
 from fastgan.train.trainer import Trainer, models_for
@@ -140,6 +140,7 @@ def test_runtime_gives_the_gpu_an_index_and_picks_the_process_groups_backend(wor
     monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: int(local_rank))
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    monkeypatch.setattr(torch.distributed, "new_group", lambda **options: options)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     if local_rank is not None:
         monkeypatch.setenv("LOCAL_RANK", local_rank)
@@ -148,6 +149,8 @@ def test_runtime_gives_the_gpu_an_index_and_picks_the_process_groups_backend(wor
         runtime = Runtime.from_environment(device)
         assert runtime.device == torch.device(expected) and selected[-1] == torch.device(expected)
         assert groups == (["nccl"] if world > 1 else [])
+        # the patient barrier's group: gloo (it waits on the host), with the long timeout
+        assert runtime.patient_group == ({"backend": "gloo", "timeout": PATIENT_TIMEOUT} if world > 1 else None)
     groups.clear()
     assert Runtime.from_environment("cpu").device == torch.device("cpu")  # gloo for a CPU run, GPU or not
     assert groups == (["gloo"] if world > 1 else [])
