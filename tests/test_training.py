@@ -594,12 +594,15 @@ def test_a_stop_signal_during_fid_checkpoints_at_once_and_resume_evaluates_it(tm
     from fastgan.metrics.inception import InceptionV3
 
     common = ["steps=2", "fid_every=2", "fid_samples=500", "fid_real_samples=100", "penalty=wgan-gp",
+              "diagnostics_condition_number_every=2", "diagnostics_condition_number_samples=2",
               f"inception_weights={stand_in_weights(tmp_path / 'weights.pt')}"]
     network = SlowInception(signal_at=3)  # call 1: the 100 real images; calls 2-6: the 5 chunks of 100 samples
     monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: network)
     summary = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'stopped'}")).fit()
     assert summary["step"] == 2 and not summary["finished"] and network.calls_after_signal == 0
     assert checkpoint.load(tmp_path / "stopped" / CHECKPOINT)["fid_pending"]
+    # the step's callbacks after the FID still ran: its conditioning record is not lost to the stop
+    assert [r["step"] for r in metrics_records(tmp_path / "stopped") if "log_condition_number_mean" in r] == [2]
 
     network.signal_at = -1  # no more signals
     resumed = Trainer(tiny_config(tmp_path, *common, f"out_dir={tmp_path / 'stopped'}"), resume=True).fit()
@@ -608,6 +611,7 @@ def test_a_stop_signal_during_fid_checkpoints_at_once_and_resume_evaluates_it(tm
         {k: v for k, v in straight.items() if k != "out_dir"}
     fids = [(r["step"], r["fid"]) for r in map(json.loads, open(tmp_path / "stopped" / "metrics.jsonl")) if "fid" in r]
     assert [step for step, _ in fids] == [2]
+    assert (tmp_path / "stopped" / "curves.png").is_file()  # redrawn with the resumed FID
     for a, b in zip(_final_state(tmp_path / "straight"), _final_state(tmp_path / "stopped")):
         _assert_identical({"x": a}, {"x": b})
     # the resume checkpointed once the pending FID was done: resuming the finished run again evaluates

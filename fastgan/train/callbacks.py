@@ -143,8 +143,8 @@ class FIDTracking(Callback):
         if trainer.fid_pending and trainer.config.fid_every:
             self._evaluate(trainer)
             # Else the checkpoint stays pending until the next one (never, after the last step),
-            # and every later resume would evaluate and log this FID again.
-            trainer.save_checkpoint()
+            # and every later resume would evaluate and log this FID again; the curves gain the FID.
+            write_checkpoint(trainer)
         trainer.fid_pending = False
 
     def after(self, trainer: "Trainer", out: Outputs) -> None:
@@ -187,12 +187,17 @@ class Checkpoints(Callback):
 
     def after(self, trainer: "Trainer", out: Outputs) -> None:
         if trainer.step == trainer.config.steps or (trainer.config.checkpoint_every and due(trainer, trainer.config.checkpoint_every)):
-            trainer.save_checkpoint()
-            if trainer.log is not None:
-                trainer.log.flush()
-                plot_curves(trainer.log.records, trainer.out_dir / "curves.png")
-                if any(CONDITIONING_KEY in r for r in trainer.log.records):
-                    plot_conditioning(trainer.log.records, trainer.out_dir / "conditioning.png")
+            write_checkpoint(trainer)
+
+
+def write_checkpoint(trainer: "Trainer") -> None:
+    """``checkpoint.pt``, the metrics flushed and the curves redrawn (rank 0)."""
+    trainer.save_checkpoint()
+    if trainer.log is not None:
+        trainer.log.flush()
+        plot_curves(trainer.log.records, trainer.out_dir / "curves.png")
+        if any(CONDITIONING_KEY in r for r in trainer.log.records):
+            plot_conditioning(trainer.log.records, trainer.out_dir / "conditioning.png")
 
 
 def default_callbacks() -> List[Callback]:

@@ -192,7 +192,8 @@ class Trainer:
         """Train to ``config.steps``, writing outputs; returns the run's summary.
 
         SIGINT/SIGTERM (Ctrl-C, a cluster's pre-emption) finish the current iteration (or abandon
-        a running FID evaluation, which the resumed run repeats first), write a checkpoint and
+        a running FID evaluation, which the resumed run repeats first; the step's other callbacks
+        still run), write a checkpoint and
         return a summary with ``finished: False``; a second Ctrl-C stops at once."""
         config, runtime = self.config, self.runtime
         self._open_outputs()
@@ -203,8 +204,14 @@ class Trainer:
                     callback.start(self)
                 while self.step < config.steps and not self._stop_agreed():
                     out = self.train_step()
+                    interrupted = None
                     for callback in self.callbacks:
-                        callback.after(self, out)
+                        try:
+                            callback.after(self, out)
+                        except Interrupted as error:  # the step's other callbacks still run (a conditioning
+                            interrupted = error       # record, the curves): a resume does not repeat them
+                    if interrupted is not None:
+                        raise interrupted
             except Interrupted:  # agreed by every process, like the loop's own check
                 self.fid_pending = True
                 self.stop.request()
