@@ -86,7 +86,9 @@ def _load_triton():
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    # Read as Triton reads it (knobs.runtime.interpret): TRITON_INTERPRET=true makes its
+    # kernels interpreted too, so triton must not be refused on CPU tensors then.
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def _status(name: str, device_type: str) -> Tuple[bool, str]:
@@ -231,7 +233,9 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force every fastgan op in this context onto backend ``name`` where the op has it
     (others keep their default). Takes precedence over FASTGAN_BACKEND. ``None`` lifts
     the overrides of enclosing ``use_backend`` contexts: FASTGAN_BACKEND, if set, applies
-    again, else each op's own choice."""
+    again, else each op's own choice. The override is the calling thread's (a ContextVar, so
+    one thread's choice never switches another's kernels mid-step): threads started inside,
+    nn.DataParallel's replicas among them, keep FASTGAN_BACKEND or the defaults."""
     token = _forced.set(None if name is None else _validate_name(name))
     try:
         yield

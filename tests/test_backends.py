@@ -1,4 +1,7 @@
 """Backend selection: what is built, each op's own defaults per device, and the overrides."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -76,6 +79,34 @@ def test_context_manager_overrides_environment(monkeypatch):
             assert op.choose("cpu")[0] == "reference"
 
 
+def test_use_backend_is_the_calling_threads_own():
+    """A use_backend in one thread neither reaches threads started inside it nor a thread
+    already running (a metric computed beside the training loop)."""
+    import threading
+
+    op = _backend.registered()["gp_penalty"]
+    inside, entered, release, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def other():
+        entered.set()
+        inside.wait(10)
+        seen["during"] = op.choose("cpu")[0]
+        release.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    entered.wait(10)
+    with fastgan.use_backend("reference"):
+        inside.set()
+        release.wait(10)
+        child = threading.Thread(target=lambda: seen.setdefault("child", op.choose("cpu")[0]))
+        child.start()
+        child.join()
+        assert op.choose("cpu")[0] == "reference"
+    thread.join()
+    assert seen == {"during": "cpp", "child": "cpp"}
+
+
 # Where triton runs here: CPU tensors under the interpreter, else a GPU.
 TRITON_DEVICE = "cpu" if _backend.triton_interpreted() else ("cuda" if HAS_CUDA else None)
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="triton cannot run here (no GPU, no TRITON_INTERPRET=1)")
@@ -124,6 +155,16 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert _backend.registered()["gp_penalty"].choose("cpu")[0] == "cpp"
 
 
+@pytest.mark.parametrize("value", ["1", "0", "", "true", "True", "ON", "yes", "y", "false", "off", "2", " 1"])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
+    """TRITON_INTERPRET=true interprets Triton's kernels as =1 does: fastgan refused triton on
+    CPU tensors then ("runs on CPU tensors only under TRITON_INTERPRET=1")."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _backend.triton_interpreted() == bool(triton.knobs.runtime.interpret)
+    assert _backend._status("triton", "cpu")[0] == bool(triton.knobs.runtime.interpret)
+
+
 def test_a_forced_backend_an_op_lacks_falls_back_even_where_it_cannot_run(monkeypatch):
     """FASTGAN_BACKEND=triton on a CPU without the interpreter still computes the ops that have
     no Triton kernel, as documented; the ops that have one raise."""
@@ -141,3 +182,13 @@ def test_memory_order_reads_dense_layouts_and_rejects_gaps():
     assert _backend.memory_order(x) == (0, 2, 3, 1)
     assert _backend.memory_order(torch.empty(4, 3)) == (0, 1)
     assert _backend.memory_order(torch.empty(4, 6)[:, ::2]) is None
+
+
+def test_import_fastgan_registers_the_ops_under_another_packages_python_m(tmp_path):
+    """`python -m mygan` (or `-m mygan.train`) imports mygan, which imports fastgan, while argv[0]
+    is still "-m": fastgan took that for its own CLI and left the ops unregistered."""
+    (tmp_path / "mygan").mkdir()
+    (tmp_path / "mygan" / "__init__.py").write_text("import fastgan\n")
+    (tmp_path / "mygan" / "run.py").write_text("import torch\nprint(torch.ops.fastgan.gp_penalty.__name__)\n")
+    run = subprocess.run([sys.executable, "-m", "mygan.run"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0 and "gp_penalty" in run.stdout, run.stderr[-2000:]
