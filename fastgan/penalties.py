@@ -27,6 +27,7 @@ it keeps the finite-difference gain ‖G(z+δ) − G(z)‖/‖δ‖ within [λ_m
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Optional, Union
 
 import torch
@@ -114,10 +115,18 @@ def _per_sample_alpha(alpha: Tensor, real: Tensor) -> Tensor:
     return alpha.reshape(batch)
 
 
-def _eager(discriminator: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """The eager module behind a ``torch.compile``'d one: torch cannot double-backward
-    through compiled graphs, and the eager module shares the same parameters."""
-    return getattr(discriminator, "_orig_mod", discriminator)
+def _evaluate_eagerly(discriminator: Callable[[Tensor], Tensor], point: Tensor) -> Tensor:
+    """D(x̂) with any compiled code in D run eagerly, same parameters: torch cannot
+    double-backward through a compiled graph. ``_orig_mod`` unwraps ``torch.compile(D)``;
+    the force_eager stance covers the rest (``D.compile()``, compiled submodules, DDP
+    around a compiled D)."""
+    discriminator = getattr(discriminator, "_orig_mod", discriminator)
+    # Nothing is compiled before torch.compile imports torch._dynamo: skip the stance (~10 us,
+    # and the seconds of importing dynamo). Dynamo refuses to trace set_stance itself.
+    if torch.compiler.is_compiling() or "torch._dynamo" not in sys.modules:
+        return discriminator(point)
+    with torch.compiler.set_stance("force_eager"):
+        return discriminator(point)
 
 
 def gradient_penalty(
@@ -137,12 +146,20 @@ def gradient_penalty(
     ``discriminator`` maps a batch to one value per sample (shape (B,) or (B, 1)).
     ``alpha`` fixes the WGAN-GP interpolation weights: one per sample, shape (B,) or
     (B, 1, ..., 1) up to the images' rank (e.g. (B, 1, 1, 1), as WGAN-GP code writes it);
-    it is only used by ``"wgan-gp"``. A
-    ``torch.compile``'d discriminator is evaluated through its eager module here
-    (same parameters). Under DistributedDataParallel pass the DDP-wrapped model:
-    its gradients are all-reduced by the backward of the total loss.
+    it is only used by ``"wgan-gp"``. A compiled discriminator (``torch.compile(D)``,
+    ``D.compile()``, compiled submodules) is evaluated eagerly here, same parameters.
+    Under DistributedDataParallel pass the DDP-wrapped model: its gradients are
+    all-reduced by the backward of the total loss.
+
+    D is evaluated once more, at x̂, in the mode it is in: in train mode its batch norm
+    normalizes x̂ with x̂'s own batch statistics and updates its running statistics, as
+    any forward does (and spectral norm takes a power-iteration step). DRAGAN's clip
+    to [0, 1] assumes images in [0, 1].
     """
     _check_inputs(real, fake, kind)
+    if not torch.is_grad_enabled():
+        raise RuntimeError("gradient_penalty differentiates D with respect to its input, which needs autograd: call it "
+                           "outside torch.no_grad() / torch.inference_mode() (or inside torch.enable_grad())")
     if alpha is not None and kind != "wgan-gp":
         raise ValueError(f"alpha (the interpolation weights) is only used by the 'wgan-gp' penalty, not by {kind!r}")
     draws_on_device = _draws_on_device(real, kind, alpha, generator)
@@ -158,13 +175,23 @@ def gradient_penalty(
                  if draws_on_device else ops.dragan(real.detach(), _seed(generator)))
     else:
         point = (real if kind == "r1" else fake).detach()
+        # Made under torch.inference_mode, it cannot require grad; a copy can. (Dynamo cannot
+        # trace is_inference; a traced call fails at autograd.grad anyway, as documented.)
+        if not torch.compiler.is_compiling() and point.is_inference():
+            point = point.clone()
     point.requires_grad_(True)
-    scores = _eager(discriminator)(point)
+    scores = _evaluate_eagerly(discriminator, point)
     batch = real.shape[0]
     if not isinstance(scores, Tensor) or scores.shape[:1] != (batch,) or scores.numel() != batch:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"the discriminator must return one value per sample, shape ({batch},) or ({batch}, 1); got {shape}")
-    (grad,) = torch.autograd.grad(scores.sum(), point, create_graph=True)
+    grad = None
+    if scores.requires_grad:
+        (grad,) = torch.autograd.grad(scores.sum(), point, create_graph=True, allow_unused=True)
+    if grad is None:
+        # torch's own error here would ask for allow_unused=True, which the caller cannot pass.
+        raise ValueError("the discriminator's output does not depend on its input, so it has no input gradient to "
+                         "penalize: does D detach its input, or run it under torch.no_grad()?")
     penalty, _ = ops.penalty(grad, kind in SQUARED_NORM_KINDS, center, eps, one_sided)
     return penalty
 

@@ -278,6 +278,20 @@ def test_options_and_explicit_alpha(one_sided, eps):
     assert torch.equal(torch.get_rng_state(), state)  # a given α draws nothing from the global generator
 
 
+@pytest.mark.parametrize("kind", ["r1", "r2"])
+def test_r1_r2_take_samples_made_under_inference_mode(kind):
+    """Samples made under torch.inference_mode (cannot require grad themselves) work for every
+    kind, as they already did for wgan-gp and dragan, whose x̂ is a new tensor."""
+    d = small_sndcgan_d().double()
+    with torch.inference_mode():
+        real, fake = torch.rand(5, 3, 9, 9, dtype=torch.float64), torch.rand(5, 3, 9, 9, dtype=torch.float64)
+    expected = plain_autograd_penalty(d, real.clone(), fake.clone(), kind)
+    penalty = gradient_penalty(d, real, fake, kind)
+    torch.testing.assert_close(penalty, expected, **TOL[torch.float64])
+    for g, e in zip(param_grads(penalty, d), param_grads(expected, d)):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("shape", [(5,), (5, 1), (5, 1, 1), (5, 1, 1, 1)])
 def test_alpha_in_any_per_sample_shape(shape):
     """(B, 1, 1, 1) is how compare_gan / WGAN-GP code write α; every per-sample shape gives the same penalty."""
@@ -348,6 +362,45 @@ def test_gradcheck_penalty(squared_norm, one_sided, entry):
     assert torch.autograd.gradgradcheck(penalty, (grad,))
 
 
+@pytest.mark.parametrize("entry", PENALTY_ENTRY_POINTS)
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_plain_norm_at_a_zero_gradient_has_a_finite_derivative(one_sided, entry):
+    """eps=0 ("the plain ‖g‖") with a sample whose input gradient is exactly 0 (a ReLU D can
+    give one): the derivative is torch.linalg.vector_norm's (0 at 0), as hand-written WGAN-GP
+    code gets it, not NaN; its double backward stays finite. The zero sample is the point of
+    the test; the other samples are random."""
+    grad = torch.randn(5, 3, 7, dtype=torch.float64) * 0.5
+    grad[2] = 0.0
+    grad.requires_grad_()
+    (got,) = torch.autograd.grad(PENALTY_ENTRY_POINTS[entry](grad, False, 1.0, 0.0, one_sided)[0], grad, create_graph=True)
+    gap = torch.linalg.vector_norm(grad.flatten(1), dim=1) - 1.0
+    (expected,) = torch.autograd.grad((gap.clamp(min=0) if one_sided else gap).square().mean(), grad)
+    torch.testing.assert_close(got, expected, **TOL[torch.float64])
+    (second,) = torch.autograd.grad((got * torch.randn_like(got)).sum(), grad)
+    assert torch.isfinite(second).all()
+
+
+def test_plain_norm_penalty_of_a_relu_discriminator_with_a_dead_sample():
+    """End to end: a ReLU D whose hidden units are all off at one sample; with eps=0 the
+    parameter gradients equal the hand-written (vector_norm) penalty's, NaN-free."""
+    d = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1)).double()
+    with torch.no_grad():
+        d[0].weight.copy_(torch.rand(5, 3, dtype=torch.float64) * 0.2 + 1.0)
+        d[0].bias.fill_(-1.5)  # every unit on for inputs in [0.6, 1], off for inputs in [0, 0.3]
+    real = torch.rand(7, 3, dtype=torch.float64) * 0.4 + 0.6
+    real[4] = torch.rand(3, dtype=torch.float64) * 0.3  # every unit off: D's input gradient is 0 there
+    fake = torch.rand(7, 3, dtype=torch.float64) * 0.4 + 0.6
+    alpha = torch.rand(7, dtype=torch.float64)
+    alpha[4] = 0.0
+    point = (real + alpha[:, None] * (fake - real)).requires_grad_()
+    (g,) = torch.autograd.grad(d(point).sum(), point, create_graph=True)
+    assert g[4].abs().max() == 0 and (g.flatten(1).abs().sum(1) > 0).sum() == 6
+    expected = param_grads((torch.linalg.vector_norm(g, dim=1) - 1).square().mean(), d)
+    got = param_grads(gradient_penalty(d, real, fake, alpha=alpha, eps=0.0), d)
+    for (name, _), x, e in zip(d.named_parameters(), got, expected):
+        torch.testing.assert_close(x, e, **TOL[torch.float64], msg=name)
+
+
 @pytest.mark.parametrize("entry", INTERPOLATE_ENTRY_POINTS)
 def test_gradcheck_interpolate(entry):
     real, fake = (torch.rand(3, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -407,6 +460,28 @@ def test_compiled_discriminator_works_through_its_eager_module():
     got = torch.autograd.grad(d_loss + LAMBDA * gradient_penalty(compiled, real, fake, alpha=alpha), list(d.parameters()))
     eager_loss = d(fake).mean() - d(real).mean() + LAMBDA * plain_autograd_penalty(d, real, fake, "wgan-gp", alpha=alpha)
     expected = torch.autograd.grad(eager_loss, list(d.parameters()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("how", ["D.compile()", "compiled submodule"])
+def test_discriminator_compiled_in_place_works_too(how):
+    """nn.Module.compile() (no _orig_mod to unwrap) and a D with a torch.compile'd part: the
+    penalty runs them eagerly; before, its backward raised torch's 'does not currently support
+    double backward'."""
+    d = small_sndcgan_d().double()
+    eager = small_sndcgan_d().double()
+    eager.load_state_dict(d.state_dict())
+    if how == "D.compile()":
+        d.compile()
+    else:
+        d[2] = torch.compile(d[2])
+    real, fake = torch.rand(5, 3, 9, 9, dtype=torch.float64), torch.rand(5, 3, 9, 9, dtype=torch.float64)
+    alpha = torch.rand(5, dtype=torch.float64)
+    loss = d(fake).mean() - d(real).mean() + LAMBDA * gradient_penalty(d, real, fake, alpha=alpha)
+    got = torch.autograd.grad(loss, list(d.parameters()))
+    eager_loss = eager(fake).mean() - eager(real).mean() + LAMBDA * plain_autograd_penalty(eager, real, fake, "wgan-gp", alpha=alpha)
+    expected = torch.autograd.grad(eager_loss, list(eager.parameters()))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, **TOL[torch.float64])
 
@@ -498,3 +573,18 @@ def test_bad_input_raises_value_error():
         gradient_penalty(d, real, fake, generator=True)
     assert gradient_penalty(d, real, None, "r1").ndim == 0
     assert gradient_penalty(d, real, None, "dragan").ndim == 0
+
+
+@pytest.mark.parametrize("kind", ["wgan-gp", "dragan", "r1", "r2"])
+def test_discriminator_that_ignores_its_input_raises_a_clear_error(kind):
+    """torch's own errors ('appears to not have been used in the graph. Set allow_unused=True',
+    'element 0 of tensors does not require grad') name an argument the caller cannot pass."""
+    d = small_sndcgan_d()
+    real, fake = torch.rand(4, 3, 9, 9), torch.rand(4, 3, 9, 9)
+    constant = nn.Parameter(torch.ones(1))
+    for ignores_input in (lambda x: d(x.detach()), lambda x: constant.expand(x.shape[0]) * 2.0, lambda x: torch.ones(x.shape[0])):
+        with pytest.raises(ValueError, match="does not depend on its input"):
+            gradient_penalty(ignores_input, real, fake, kind)
+    for no_autograd in (torch.no_grad, torch.inference_mode):
+        with no_autograd(), pytest.raises(RuntimeError, match=r"needs autograd.*torch.no_grad\(\)"):
+            gradient_penalty(d, real, fake, kind)

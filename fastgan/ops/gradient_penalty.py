@@ -182,11 +182,18 @@ def _penalty_backward(ctx, grad_penalty, _grad_sq):
     if squared_norm:
         coeff = torch.full_like(sq, 1.0 / batch)
     else:
-        slope = torch.sqrt(eps + sq)
+        # eps = 0 and g_b = 0: the slope's derivative g/‖g‖ is 0/0 there. Take 0, as the
+        # backward of torch.linalg.vector_norm (hand-written WGAN-GP code's norm) does, not a
+        # NaN that reaches every parameter of D; masked before the sqrt so that double
+        # backward stays finite too.
+        degenerate = sq == 0 if eps == 0 else None
+        slope = torch.sqrt(eps + sq if degenerate is None else sq.masked_fill(degenerate, 1.0))
         gap = slope - center
         if one_sided:
             gap = gap.clamp(min=0)
         coeff = 2.0 / batch * gap / slope
+        if degenerate is not None:
+            coeff = coeff.masked_fill(degenerate, 0.0)
     coeff = (coeff * grad_penalty).to(grad.dtype).reshape((-1,) + (1,) * (grad.dim() - 1))
     return grad * coeff, None, None, None, None
 
