@@ -20,7 +20,7 @@ tf-bilinear (TF FID / StyleGAN / torch-fidelity / torchmetrics) or pil-bicubic
 Formulas, conventions and defaults: docs/ in the repository (docs/README.md).
 
 Exit status: 0 done, 1 error (one line on stderr), 2 usage error, 75 stopped by Ctrl-C or
-SIGTERM with a checkpoint to --resume from (train, study), 130 a second Ctrl-C.
+SIGTERM with a checkpoint to --resume from (train, study), 130 Ctrl-C (in train and study: a second one).
 """
 from __future__ import annotations
 
@@ -240,18 +240,45 @@ def _is_folder_target(out: str) -> bool:
     return out.endswith(("/", "\\")) or Path(out).is_dir()
 
 
+def _sample_index(name: str) -> int:
+    """i for a file name ``sample-{i:05d}.png`` that `sample` writes, else -1."""
+    import re
+
+    match = re.fullmatch(r"sample-(\d+)\.png", name)
+    return int(match[1]) if match and name == f"sample-{int(match[1]):05d}.png" else -1
+
+
+def _check_sample_folder(folder: Path, n: int) -> None:
+    """`fid` reads every image below a folder: images there that this run does not overwrite (those
+    of an earlier, larger --n, say) would silently count as samples of this checkpoint."""
+    from fastgan.train.data import IMAGE_SUFFIXES
+
+    if not folder.is_dir():
+        return
+    others = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not (p.parent == folder and 0 <= _sample_index(p.name) < n))
+    if others:
+        raise ValueError(f"{folder} already holds {len(others)} image(s) that {n} samples would not overwrite "
+                         f"({others[0].relative_to(folder)}{', ...' if len(others) > 1 else ''}); `fid` would count "
+                         "them as samples: move them away or choose another folder")
+
+
 def command_sample(args) -> None:
     import torch
     from tqdm import tqdm
 
-    from fastgan.train.outputs import save_image_grid
+    from fastgan.train.outputs import image_format, save_image_grid
     from fastgan.train.trainer import draw_latents, load_generator
 
+    out = Path(args.out)
+    to_folder = _is_folder_target(args.out)
+    if to_folder:  # both checked before the checkpoint is loaded and any sample drawn
+        _check_sample_folder(out, args.n)
+    else:
+        image_format(out)
     generator, config = load_generator(args.checkpoint, args.device)
     z = draw_latents(args.n, config, torch.Generator().manual_seed(args.seed))
     device = next(generator.parameters()).device
-    out = Path(args.out)
-    to_folder = _is_folder_target(args.out)
     if to_folder:
         out.mkdir(parents=True, exist_ok=True)
     grid, index = [], 0
@@ -259,6 +286,11 @@ def command_sample(args) -> None:
         # A folder of 50k samples never has to fit in memory at once.
         for chunk in tqdm(z.split(256), desc="samples", unit="batch", file=sys.stderr):
             images = generator(chunk.to(device)).cpu()
+            finite = torch.isfinite(images).flatten(1).all(1)
+            if not finite.all():  # NaN would be written as black pixels, and FID computed on them
+                first = index + sum(len(g) for g in grid) + int((~finite).nonzero()[0])
+                raise ValueError(f"{args.checkpoint}: the generator's output holds NaN or infinite values, first in "
+                                 f"sample {first} (a diverged run?); stopped before writing it")
             if not to_folder:
                 grid.append(images)
                 continue
@@ -312,16 +344,32 @@ def _gs_points(path: str, features: str, args, network) -> "torch.Tensor":
     import torch
 
     if path.endswith((".npy", ".npz")):
+        import zipfile
+        import zlib
+
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such point-set file")
-        array = np.load(path)
-        if not isinstance(array, np.ndarray):  # .npz
-            with array as arrays:
-                if "points" not in arrays.files and len(arrays.files) != 1:
-                    raise ValueError(f"{path} holds arrays {arrays.files}: name the point set 'points'")
-                array = arrays["points" if "points" in arrays.files else arrays.files[0]]
-        if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-            raise ValueError(f"{path}: a point set is a 2-D numeric array (N, d), got {array.dtype} {array.shape}")
+        try:
+            array = np.load(path)
+            if not isinstance(array, np.ndarray):  # .npz
+                with array as arrays:
+                    if "points" not in arrays.files and len(arrays.files) != 1:
+                        raise ValueError(f"{path} holds arrays {arrays.files}: name the point set 'points'")
+                    array = arrays["points" if "points" in arrays.files else arrays.files[0]]
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            if str(error).startswith(path):
+                raise
+            # numpy's own message names no file and may advise allow_pickle=True, i.e. running
+            # whatever a pickle of unknown origin holds: never passed on.
+            raise ValueError(f"{path}: numpy cannot read it as an array (a truncated file, another format, or an array "
+                             f"of Python objects; {type(error).__name__})") from None
+        # complex numbers would lose their imaginary parts to float64 with only a warning
+        if array.ndim != 2 or array.dtype.kind not in "iuf":
+            raise ValueError(f"{path}: a point set is a 2-D numeric array (N, d) of real numbers, got {array.dtype} {array.shape}")
+        finite = np.isfinite(array).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"{path}: {int((~finite).sum())} of its {len(array)} points have NaN or infinite "
+                             f"coordinates (the first: row {int(np.flatnonzero(~finite)[0])})")
         return torch.from_numpy(array.astype(np.float64))
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path} is neither an image folder nor a .npy/.npz point set")
@@ -347,11 +395,24 @@ def _gs_points(path: str, features: str, args, network) -> "torch.Tensor":
     return torch.from_numpy(np.stack(rows))
 
 
+def _check_plot_destination(path: str) -> None:
+    """`gs --plot`: a format matplotlib writes, and the folder made (as `sample` and `dirac` make theirs)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kind = Path(path).suffix.lstrip(".").lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if kind and kind not in supported:
+        raise ValueError(f"{path}: matplotlib writes no .{kind} files (use one of: {', '.join(sorted(supported))})")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def command_gs(args) -> None:
     from fastgan.metrics.geometry_score import mean_relative_living_times, plot_mrlt
 
     import torch
 
+    if args.plot:  # before the work, not after it
+        _check_plot_destination(args.plot)
     network = _network(args) if args.features == "inception" and not all(
         p.endswith((".npy", ".npz")) for p in (args.path_a, args.path_b)) else None
     points = [_gs_points(path, args.features, args, network) for path in (args.path_a, args.path_b)]
@@ -456,12 +517,14 @@ def parser() -> argparse.ArgumentParser:
         "sample", help="samples of a trained generator: a PNG grid, or one PNG per image in a folder",
         description="Draw --n samples of a checkpoint's generator (eval mode, z from --seed). --out FILE.png writes "
                     "one grid; --out DIR/ (a trailing slash or an existing folder) writes DIR/sample-00000.png ... one "
-                    "image each, e.g. for `python -m fastgan fid real/ DIR/`.")
+                    "image each, e.g. for `python -m fastgan fid real/ DIR/`; a folder holding images these would not overwrite (of an "
+                    "earlier, larger --n) is refused, as `fid` would count them. A generator whose output is not finite "
+                    "(a diverged run) is an error.")
     sample.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a training run")
     sample.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", default="samples.png", help="output PNG grid, or a folder DIR/ for one PNG per sample (default samples.png)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
-    sample.add_argument("--columns", type=int, default=None, help="images per grid row (default: a square grid)")
+    sample.add_argument("--columns", type=_positive_int, default=None, help="images per grid row (default: a square grid)")
     sample.add_argument("--device", default="auto", help="device (default auto: cuda when visible, else cpu)")
     sample.set_defaults(run=command_sample)
 

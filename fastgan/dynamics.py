@@ -111,7 +111,7 @@ class DiracGAN:
         if penalty == "none":
             penalty = None
         if penalty not in PENALTIES:
-            names = ", ".join(str(p) for p in PENALTIES)
+            names = ", ".join("none" if p is None else p for p in PENALTIES)  # as the CLI and configs spell it
             raise ValueError(f"unknown penalty {penalty!r}; choose one of {names}")
         if penalty is None:
             if weight not in (None, 0, 0.0):

@@ -398,3 +398,110 @@ def test_train_under_torchrun_with_two_cpu_processes(tmp_path):
     from fastgan.train import checkpoint
 
     assert checkpoint.load(run / "checkpoint.pt")["world_size"] == 2
+
+
+# --------------------------------------------------------------------------- sample and gs: misuse
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("sample") / "run"
+    assert main(["train", *TINY_RUN, "steps=1", "sample_every=0", f"out_dir={run}"]) == 0
+    return run / "checkpoint.pt"
+
+
+def test_sample_checks_its_arguments_before_any_work(tmp_path, capsys):
+    """A destination PIL cannot write (no suffix, .txt) used to fail only after every sample was drawn
+    (the checkpoint named here does not exist: an error about it would mean it was loaded first);
+    --columns 0 was silently a square grid, a negative one a tensor-size error after the work."""
+    missing = str(tmp_path / "none.pt")
+    for out in (tmp_path / "samples", tmp_path / "grid.txt"):
+        assert main(["sample", "--checkpoint", missing, "--out", str(out)]) == 1
+        assert f"error: {out}: not the name of an image file" in _one_line_error(capsys)
+    for columns in ("0", "-3"):
+        with pytest.raises(SystemExit) as usage_error:
+            main(["sample", "--checkpoint", missing, "--columns", columns])
+        assert usage_error.value.code == 2
+        assert f"argument --columns: must be an integer >= 1, got {columns}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_into_a_folder_refuses_images_it_would_not_overwrite(tiny_checkpoint, tmp_path, capsys):
+    """`fid real/ fake/` reads every image in fake/: 3 new samples over 5 old ones used to leave
+    sample-00003.png and sample-00004.png of the old checkpoint among them."""
+    folder = tmp_path / "fake"
+    assert main(["sample", "--checkpoint", str(tiny_checkpoint), "--n", "5", "--out", f"{folder}/"]) == 0
+    capsys.readouterr()
+    old = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["sample", "--checkpoint", str(tiny_checkpoint), "--n", "3", "--seed", "1", "--out", str(folder)]) == 1
+    err = _one_line_error(capsys)
+    assert f"{folder} already holds 2 image(s) that 3 samples would not overwrite (sample-00003.png, ...)" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old
+    # the same count (a rerun, another seed or checkpoint) replaces them all; other files do not matter
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["sample", "--checkpoint", str(tiny_checkpoint), "--n", "5", "--seed", "1", "--out", str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*old, "notes.txt"])
+    assert all((folder / name).read_bytes() != data for name, data in old.items())
+
+
+def test_sample_refuses_a_diverged_generator(tiny_checkpoint, tmp_path, capsys):
+    """NaN used to become black pixels (NaN cast to uint8): PNGs of nothing, and an FID computed on them."""
+    import torch
+
+    from fastgan.train import checkpoint
+
+    state = checkpoint.load(tiny_checkpoint)
+    state["G"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state["G"].items()}
+    diverged = tmp_path / "diverged.pt"
+    torch.save(state, diverged)
+    for out in (tmp_path / "grid.png", tmp_path / "fake"):
+        assert main(["sample", "--checkpoint", str(diverged), "--n", "3", "--out", f"{out}/" if out.suffix == "" else str(out)]) == 1
+        last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+        assert last.startswith(f"error: {diverged}: the generator's output holds NaN or infinite values, first in sample 0")
+    assert not (tmp_path / "grid.png").exists() and list((tmp_path / "fake").iterdir()) == []
+
+
+def test_sample_is_reproducible_by_seed(tiny_checkpoint, tmp_path, capsys):
+    run = lambda seed, name: main(["sample", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--seed", seed,
+                                   "--out", str(tmp_path / name)])  # noqa: E731
+    assert run("7", "a.png") == 0 and run("7", "b.png") == 0 and run("8", "c.png") == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes() != (tmp_path / "c.png").read_bytes()
+
+
+def test_gs_point_set_errors_name_the_file(tmp_path, capsys):
+    """NaN used to be reported as "x contains NaN or Inf" (which side?), an unreadable .npy with numpy's
+    advice to unpickle it, a truncated .npz as a BadZipFile traceback, a complex array not at all."""
+    rng = np.random.default_rng(0)
+    good = str(tmp_path / "good.npy")
+    np.save(good, rng.normal(size=(80, 3)))
+    with_nan = rng.normal(size=(80, 3))
+    with_nan[[5, 9], 1] = np.nan
+    np.save(tmp_path / "nan.npy", with_nan)
+    (tmp_path / "text.npy").write_text("not an array")
+    np.savez(tmp_path / "full.npz", points=rng.normal(size=(80, 3)))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "full.npz").read_bytes()[:200])
+    np.save(tmp_path / "complex.npy", rng.normal(size=(80, 3)) + 1j)
+    cases = {"nan.npy": "2 of its 80 points have NaN or infinite coordinates (the first: row 5)",
+             "text.npy": "numpy cannot read it as an array", "cut.npz": "numpy cannot read it as an array",
+             "complex.npy": "a point set is a 2-D numeric array (N, d) of real numbers, got complex128"}
+    for name, message in cases.items():
+        path = str(tmp_path / name)
+        assert main(["gs", good, path, "--sets", "2", "--workers", "1", "--device", "cpu"]) == 1
+        err = _one_line_error(capsys)
+        assert f"error: {path}: {message}" in err and "allow_pickle" not in err, err
+
+
+def test_gs_plot_destination_is_checked_before_the_work(tmp_path, capsys):
+    """A format matplotlib cannot write used to fail after the score was computed (hours, for large
+    sets); a folder that did not exist yet too, where `sample` and `dirac` make theirs."""
+    rng = np.random.default_rng(1)
+    a, b = str(tmp_path / "a.npy"), str(tmp_path / "b.npy")
+    np.save(a, rng.normal(size=(40, 2)))
+    np.save(b, rng.normal(size=(40, 2)))
+    options = ["--sets", "2", "--landmarks", "8", "--workers", "1", "--device", "cpu"]
+    assert main(["gs", a, b, "--plot", str(tmp_path / "mrlt.xyz"), *options]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "mrlt.xyz: matplotlib writes no .xyz files" in captured.err
+    plot = tmp_path / "plots" / "mrlt.png"
+    assert main(["gs", a, b, "--plot", str(plot), *options]) == 0
+    assert plot.stat().st_size > 0

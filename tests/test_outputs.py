@@ -1,4 +1,6 @@
 """What a run leaves for people to look at: curves.png's panels and the TensorBoard events files."""
+import pytest
+
 from fastgan.train.outputs import MetricsLog, curves_figure, plot_curves
 
 
@@ -52,3 +54,107 @@ def test_tensorboard_gets_one_events_file_per_process_that_logs(tmp_path):
     resumed.close()
     assert len(_events_files(tmp_path)) == 2
     assert [r["step"] for r in resumed.records] == [1, 2, 3]
+
+
+def test_rewriting_the_log_on_resume_never_loses_it(tmp_path, monkeypatch):
+    """A resume rewrites metrics.jsonl without the records after its checkpoint; a full disk (or a
+    kill) during that rewrite used to leave the run's whole history truncated."""
+    import builtins
+
+    from conftest import FullDisk
+    from fastgan.train import outputs
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    for step in range(1, 5):
+        log.write(step, {"d_loss": float(step)})
+    before = (tmp_path / "metrics.jsonl").read_text()
+    monkeypatch.setattr(outputs, "open", lambda name, mode="r": FullDisk(builtins.open(name, mode)) if "w" in mode
+                        else builtins.open(name, mode), raising=False)
+    try:
+        MetricsLog(tmp_path, resume_step=2, tensorboard=False)
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no partial file left behind
+
+
+def test_a_failed_write_leaves_the_previous_grid_and_curves(tmp_path, monkeypatch):
+    """samples.png and curves.png are redrawn during the run while people look at them: a kill or a
+    failure mid-write used to leave them (or a `sample` folder's last PNG) torn."""
+    import torch
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from fastgan.train.outputs import save_image_grid
+
+    grid, curves = tmp_path / "samples.png", tmp_path / "curves.png"
+    save_image_grid(torch.rand(4, 3, 8, 8), grid)
+    plot_curves(_records([]), curves)
+    before = {path: path.read_bytes() for path in (grid, curves)}
+
+    def write_half_then_stop(original):
+        def save(self, target, *args, **kwargs):
+            with open(target, "wb") as f:
+                f.write(b"\x89PNG\r\n\x1a\n torn")
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the write
+        return save
+
+    monkeypatch.setattr(Image.Image, "save", write_half_then_stop(Image.Image.save))
+    monkeypatch.setattr(Figure, "savefig", write_half_then_stop(Figure.savefig))
+    for write in (lambda: save_image_grid(torch.rand(4, 3, 8, 8), grid), lambda: plot_curves(_records([]), curves),
+                  lambda: save_image_grid(torch.rand(1, 3, 8, 8), tmp_path / "new.png")):
+        try:
+            write()
+        except KeyboardInterrupt:
+            pass
+    monkeypatch.undo()
+    assert {path: path.read_bytes() for path in (grid, curves)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "samples.png"]
+
+
+def test_grid_layout_and_quantization(tmp_path):
+    """Row-major cells of --columns images, `padding` white pixels around each; [0, 1] -> round(255 x),
+    values outside clamped."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from fastgan.train.outputs import save_image_grid
+
+    images = torch.stack([torch.full((3, 4, 5), v) for v in (0.0, 0.5, 1.0, 0.2, 1.5)])
+    save_image_grid(images, tmp_path / "g.png", columns=2, padding=1)
+    with Image.open(tmp_path / "g.png") as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape == (1 + 3 * 5, 1 + 2 * 6, 3)
+    cells = [pixels[1 + r * 5 : 5 + r * 5, 1 + c * 6 : 6 + c * 6] for r in range(3) for c in range(2)]
+    assert [int(cell[0, 0, 0]) for cell in cells[:5]] == [0, 128, 255, 51, 255]
+    assert all((cell == cell[0, 0]).all() for cell in cells) and (cells[5] == 255).all()  # the empty cell: white
+    with pytest.raises(ValueError, match="not the name of an image file"):
+        save_image_grid(images, tmp_path / "grid.txt")
+
+
+def test_a_copy_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    """samples.png / lens.png / reconstructions.png are copies of the step's grid, made while
+    people look at them: a kill mid-copy leaves the previous image, and no temporary file."""
+    import shutil
+
+    from fastgan.train.outputs import copy_atomically
+
+    source, destination = tmp_path / "step-0000100.png", tmp_path / "samples.png"
+    source.write_bytes(b"new grid" * 1000)
+    destination.write_bytes(b"old grid")
+
+    def copy_half_then_stop(src, dst, *args, **kwargs):
+        with open(dst, "wb") as f:
+            f.write(b"new g")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", copy_half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        copy_atomically(source, destination)
+    monkeypatch.undo()
+    assert destination.read_bytes() == b"old grid" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "samples.png", "step-0000100.png"]
+    copy_atomically(source, destination)
+    assert destination.read_bytes() == source.read_bytes()

@@ -13,7 +13,6 @@ run's last step.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from typing import TYPE_CHECKING, Dict, List
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Dict, List
 import torch
 from torch import Tensor
 
-from fastgan.train.outputs import CONDITIONING_KEY, plot_conditioning, plot_curves, save_image_grid
+from fastgan.train.outputs import CONDITIONING_KEY, copy_atomically, plot_conditioning, plot_curves, save_image_grid
 
 if TYPE_CHECKING:
     from fastgan.train.trainer import Trainer
@@ -116,19 +115,19 @@ class Samples(Callback):
             return
         grid_file = trainer.out_dir / "samples" / f"step-{trainer.step:07d}.png"
         save_image_grid(trainer.generate(trainer.fixed_z), grid_file)
-        shutil.copyfile(grid_file, trainer.out_dir / "samples.png")
+        copy_atomically(grid_file, trainer.out_dir / "samples.png")
         if trainer.lens is not None:
             lens_file = trainer.out_dir / "samples" / f"lens_{trainer.step:06d}.png"
             images, columns = trainer.lens_pairs()
             save_image_grid(images, lens_file, columns=columns)
-            shutil.copyfile(lens_file, trainer.out_dir / "lens.png")
+            copy_atomically(lens_file, trainer.out_dir / "lens.png")
         if trainer.config.model == "vae":
             from fastgan.train.vae_step import reconstruction_pairs
 
             pairs_file = trainer.out_dir / "samples" / f"reconstructions-{trainer.step:07d}.png"
             images, columns = reconstruction_pairs(trainer.G, trainer.vae_real)
             save_image_grid(images, pairs_file, columns=columns)
-            shutil.copyfile(pairs_file, trainer.out_dir / "reconstructions.png")
+            copy_atomically(pairs_file, trainer.out_dir / "reconstructions.png")
 
 
 class FIDTracking(Callback):

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
+
+from fastgan.files import atomic_file
 
 
 class MetricsLog:
@@ -29,7 +32,9 @@ class MetricsLog:
     def __init__(self, out_dir: Path, resume_step: int = 0, tensorboard: bool = True) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.records = [r for r in read_records(self.path) if r["step"] <= resume_step] if resume_step else []
-        with open(self.path, "w") as f:
+        # Atomic: a kill or a full disk during this rewrite would otherwise leave the whole
+        # history of the run truncated, and a reader (a study's --summarize) could see it half written.
+        with atomic_file(self.path) as partial, open(partial, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.records)
         self._tensorboard = (out_dir / "tensorboard", resume_step) if tensorboard else None
         self.writer = None  # created at the first record
@@ -78,10 +83,31 @@ def _tensorboard_writer(folder: Path, resume_step: int):
     return SummaryWriter(str(folder), purge_step=resume_step or None)
 
 
-def save_image_grid(images: Tensor, path: Path, columns: Optional[int] = None, padding: int = 2) -> None:
-    """(N, 3, H, W) images in [0, 1] -> one PNG, ``columns`` wide (default ~square)."""
+def copy_atomically(source: Path, destination: Path) -> None:
+    """``destination`` becomes a copy of ``source`` at once (samples.png from the step's grid):
+    a reader, or a kill mid-copy, never sees it half written."""
+    with atomic_file(Path(destination)) as partial:
+        shutil.copyfile(source, partial)
+
+
+def image_format(path: Path) -> str:
+    """PIL's name of the image format that ``path``'s suffix asks for (PNG for .png), or a
+    ValueError naming the path: a caller can check its destination before any work."""
     from PIL import Image
 
+    name = Image.registered_extensions().get(Path(path).suffix.lower())
+    if name is None or name not in Image.SAVE:
+        raise ValueError(f"{path}: not the name of an image file (its suffix names no format PIL writes; use .png)")
+    return name
+
+
+def save_image_grid(images: Tensor, path: Path, columns: Optional[int] = None, padding: int = 2) -> None:
+    """(N, 3, H, W) images in [0, 1] -> one PNG, ``columns`` wide (default ~square), written
+    atomically: a kill or a failure never leaves a torn image at ``path``."""
+    from PIL import Image
+
+    path = Path(path)
+    kind = image_format(path)  # the temporary file's name tells PIL nothing
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
     n, _, h, w = images.shape
@@ -92,8 +118,8 @@ def save_image_grid(images: Tensor, path: Path, columns: Optional[int] = None, p
         top, left = padding + (index // columns) * (h + padding), padding + (index % columns) * (w + padding)
         grid[:, top : top + h, left : left + w] = image
     pixels = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
+    with atomic_file(path) as partial:
+        Image.fromarray(pixels).save(partial, format=kind)
 
 
 def curves_figure(records: List[dict]):
@@ -136,8 +162,15 @@ def plot_curves(records: List[dict], path: Path) -> None:
     figure = curves_figure(records)
     import matplotlib.pyplot as plt  # after curves_figure chose the file-only backend
 
-    figure.savefig(path, dpi=100)
+    _save_figure(figure, path)
     plt.close(figure)
+
+
+def _save_figure(figure, path: Path) -> None:
+    # Redrawn at every checkpoint while people may be looking at it: never left torn by a kill.
+    path = Path(path)
+    with atomic_file(path) as partial:
+        figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=100)
 
 
 CONDITIONING_KEY = "log_condition_number_mean"
@@ -162,9 +195,9 @@ def plot_conditioning(records: List[dict], path: Path) -> None:
     axis.set_xlabel("step (D updates)")
     axis.set_ylabel("log(σ_max / σ_min)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    _save_figure(figure, path)
     plt.close(figure)
 
 
-__all__ = ["CONDITIONING_KEY", "MetricsLog", "curves_figure", "plot_conditioning", "plot_curves", "read_records",
-           "save_image_grid"]
+__all__ = ["CONDITIONING_KEY", "MetricsLog", "curves_figure", "image_format", "plot_conditioning", "plot_curves",
+           "read_records", "save_image_grid"]
