@@ -18,13 +18,13 @@ tensors under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, FrozenSet, Iterator, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastgan.kernels import device_guard
+from fastgan.kernels import device_guard, int_forms, triton_dtype
 
 
 @triton.jit
@@ -56,20 +56,56 @@ def _blocks(device: torch.device) -> Tuple[int, int, int]:
     return (32, 32, 32) if device.type == "cpu" else (64, 64, 32)
 
 
+def _dense_aligned(x: torch.Tensor) -> bool:
+    return x.is_contiguous() and x.data_ptr() % 16 == 0
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, out: torch.Tensor = None) -> torch.Tensor:
-    """alpha · a @ b + beta · I for square float32 or float64 matrices."""
-    out = torch.empty_like(a) if out is None else out
-    _launch((a, b, out), (a, b, out), alpha, beta, pairs=1)
-    return out
+    """alpha · a @ b + beta · I for square float32 or float64 matrices, of any layout."""
+    # The kernel reads and writes row-major matrices (a transposed view would read as its
+    # transpose), and is compiled for 16-byte aligned ones only: float64 tiles at unaligned
+    # addresses spill (Triton 3.8, sm_90). A copy is n² next to the product's n³.
+    a, b = (x if _dense_aligned(x) else x.contiguous().clone() for x in (a, b))
+    result = out if out is not None and _dense_aligned(out) else torch.empty_like(a)
+    _launch((a, b, result), (a, b, result), alpha, beta, pairs=1)
+    if out is not None and out is not result:
+        out.copy_(result)
+        return out
+    return result
+
+
+MAX_N = 46340  # the kernel's offsets row * n + column are 32-bit: n * n < 2**31
 
 
 def _launch(first, second, alpha, beta, pairs):
     n = first[0].shape[0]
+    if n > MAX_N:
+        raise ValueError(f"frechet: {n} x {n} matrices have over 2**31 elements; the Triton kernel indexes them with 32 bits")
     bm, bn, bk = _blocks(first[0].device)
     acc = tl.float64 if first[0].dtype == torch.float64 else tl.float32
     grid = (triton.cdiv(n, bm), triton.cdiv(n, bn), pairs)
     with device_guard(first[0]):
-        _matmul_epilogue_kernel[grid](*first, *second, n, alpha, beta, ACC=acc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        # floats whatever the caller passed: an int alpha of 1 would be a kernel of its own
+        _matmul_epilogue_kernel[grid](*first, *second, n, float(alpha), float(beta), ACC=acc, BLOCK_M=bm, BLOCK_N=bn,
+                                      BLOCK_K=bk)
+
+
+def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, object], int, FrozenSet[str]]]:
+    """Every (kernel, signature, constexprs, num_warps, arguments divisible by 16) the launchers
+    above can emit on a GPU, for the Hopper compile check: float32 and float64, and each form
+    Triton gives n (:func:`fastgan.kernels.int_forms`); the matrices are always 16-byte aligned."""
+    bm, bn, bk = _blocks(torch.device("cuda"))
+    pointers = ("a0_ptr", "b0_ptr", "c0_ptr", "a1_ptr", "b1_ptr", "c1_ptr")
+    for dtype in (torch.float32, torch.float64):
+        t = triton_dtype(dtype).name
+        for kind, value, divisible in int_forms(1, MAX_N):
+            signature = {name: f"*{t}" for name in pointers}
+            signature.update(n=kind, alpha="fp32", beta="fp32", ACC="constexpr", BLOCK_M="constexpr",
+                             BLOCK_N="constexpr", BLOCK_K="constexpr")
+            constexprs = dict(ACC=triton_dtype(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+            if value is not None:
+                constexprs["n"] = value
+            yield _matmul_epilogue_kernel, signature, constexprs, 4, frozenset(pointers) | ({"n"} if divisible else set())
 
 
 def newton_schulz_steps(y: torch.Tensor, z: torch.Tensor, iterations: int) -> Tuple[torch.Tensor, torch.Tensor]:

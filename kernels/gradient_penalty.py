@@ -25,13 +25,14 @@ CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterator, Optional, Tuple
+import itertools
+from typing import Dict, FrozenSet, Iterator, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastgan.kernels import device_guard, triton_dtype
+from fastgan.kernels import device_guard, int_forms, triton_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,6 @@ GPU = LaunchConfig(block=1024, block_sq_max=2048, block_batch=1024, max_chunks=6
 INTERPRETER = LaunchConfig(block=1024, block_sq_max=1024, block_batch=1024, max_chunks=65535, num_warps=4)
 MIN_BLOCK_SQ = 16
 IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-ALPHA_DTYPES = IMAGE_DTYPES  # a given alpha may have any floating dtype
 
 
 @triton.jit
@@ -56,7 +56,9 @@ def _uniform(word):
     return (word.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
-@triton.jit
+# The seed is not specialized: Triton would make a seed of 1 a constant and mark one divisible
+# by 16 -- kernels of their own, compiled anew at a launch, that no code here benefits from.
+@triton.jit(do_not_specialize=["seed"])
 def _interpolate_kernel(
     real_ptr, fake_ptr, alpha_ptr, out_ptr, alpha_out_ptr, per_sample, seed,
     RANDOM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -81,7 +83,7 @@ def _interpolate_kernel(
         tl.store(out_ptr + base + offs, real + alpha * (fake - real), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dragan_kernel(real_ptr, std_ptr, out_ptr, numel, seed, ACC: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -186,36 +188,77 @@ def gp_penalty(grad: torch.Tensor, squared_norm: bool, center: float, eps: float
             grad, sq, per_sample, ACC=acc, BLOCK=block_sq_for(config, per_sample), num_warps=config.num_warps
         )
         _penalty_kernel[(1,)](
-            sq, penalty, batch, center, eps,
+            # floats whatever the caller passed: an int center of 1 would be a kernel of its own
+            sq, penalty, batch, float(center), float(eps),
             SQUARED_NORM=squared_norm, ONE_SIDED=one_sided, ACC=acc, BLOCK=config.block_batch, num_warps=config.num_warps,
         )
     return penalty, sq
 
 
-def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, object], int]]:
-    """Every (kernel, signature, constexprs, num_warps) the launchers above can emit on a GPU,
-    derived from :data:`GPU` and :func:`block_sq_for` (for the Hopper compile check)."""
-    block_sqs = sorted({block_sq_for(GPU, 1 << i) for i in range(24)})
+def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, object], int, FrozenSet[str]]]:
+    """Every (kernel, signature, constexprs, num_warps, arguments divisible by 16) the launchers
+    above can emit on a GPU, derived from :data:`GPU` and :func:`block_sq_for` (for the Hopper
+    compile check): each dtype, and each form Triton gives the sizes (:func:`int_forms`) and the
+    seed. Inputs may be views at any offset (unaligned, each independently); the buffers
+    allocated here are aligned."""
+    largest = 2**63 - 1
+    batches = int_forms(1, 2**31 - 1)  # one program per sample on grid axis 0
+    seeds = int_forms(0, largest, specialize=False)
+    sizes = int_forms(0, largest)
     for dtype in IMAGE_DTYPES:
         x, a = triton_dtype(dtype).name, triton_dtype(_acc(dtype)).name
         acc = triton_dtype(_acc(dtype))
-        for random, alpha_dtypes in ((True, (dtype,)), (False, ALPHA_DTYPES)):
-            for alpha_dtype in alpha_dtypes:
-                yield _interpolate_kernel, {
-                    "real_ptr": f"*{x}", "fake_ptr": f"*{x}", "alpha_ptr": f"*{triton_dtype(alpha_dtype).name}",
-                    "out_ptr": f"*{x}", "alpha_out_ptr": f"*{x}", "per_sample": "i32", "seed": "i64",
-                    "RANDOM": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
-                }, dict(RANDOM=random, ACC=acc, BLOCK=GPU.block), GPU.num_warps
-        yield _dragan_kernel, {
-            "real_ptr": f"*{x}", "std_ptr": f"*{x}", "out_ptr": f"*{x}", "numel": "i64", "seed": "i64",
-            "ACC": "constexpr", "BLOCK": "constexpr",
-        }, dict(ACC=acc, BLOCK=GPU.block), GPU.num_warps
-        for block in block_sqs:
-            yield _squared_norm_kernel, {
-                "grad_ptr": f"*{x}", "sq_ptr": f"*{a}", "per_sample": "i32", "ACC": "constexpr", "BLOCK": "constexpr",
-            }, dict(ACC=acc, BLOCK=block), GPU.num_warps
+        # alpha_ptr is the launcher's alpha_out, in real's dtype, whichever alpha was given
+        signature = {
+            "real_ptr": f"*{x}", "fake_ptr": f"*{x}", "alpha_ptr": f"*{x}", "out_ptr": f"*{x}", "alpha_out_ptr": f"*{x}",
+            "per_sample": None, "seed": None, "RANDOM": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
+        }
+        for random in (True, False):
+            for inputs in _alignments(("real_ptr", "fake_ptr")):
+                yield from _with_ints(_interpolate_kernel, signature, dict(RANDOM=random, ACC=acc, BLOCK=GPU.block),
+                                      inputs | {"alpha_ptr", "out_ptr", "alpha_out_ptr"}, per_sample=sizes, seed=seeds)
+        signature = {"real_ptr": f"*{x}", "std_ptr": f"*{x}", "out_ptr": f"*{x}", "numel": None, "seed": None,
+                     "ACC": "constexpr", "BLOCK": "constexpr"}
+        for inputs in _alignments(("real_ptr",)):
+            yield from _with_ints(_dragan_kernel, signature, dict(ACC=acc, BLOCK=GPU.block),
+                                  inputs | {"std_ptr", "out_ptr"}, numel=sizes, seed=seeds)
+        signature = {"grad_ptr": f"*{x}", "sq_ptr": f"*{a}", "per_sample": None, "ACC": "constexpr", "BLOCK": "constexpr"}
+        for block, per_sample in _blocks_sq():
+            for inputs in _alignments(("grad_ptr",)):
+                yield from _with_ints(_squared_norm_kernel, signature, dict(ACC=acc, BLOCK=block), inputs | {"sq_ptr"},
+                                      per_sample=per_sample)
+        signature = {"sq_ptr": f"*{a}", "penalty_ptr": f"*{x}", "batch": None, "center": "fp32", "eps": "fp32",
+                     "SQUARED_NORM": "constexpr", "ONE_SIDED": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr"}
         for squared_norm, one_sided in ((True, False), (False, False), (False, True)):
-            yield _penalty_kernel, {
-                "sq_ptr": f"*{a}", "penalty_ptr": f"*{x}", "batch": "i32", "center": "fp32", "eps": "fp32",
-                "SQUARED_NORM": "constexpr", "ONE_SIDED": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
-            }, dict(SQUARED_NORM=squared_norm, ONE_SIDED=one_sided, ACC=acc, BLOCK=GPU.block_batch), GPU.num_warps
+            yield from _with_ints(_penalty_kernel, signature,
+                                  dict(SQUARED_NORM=squared_norm, ONE_SIDED=one_sided, ACC=acc, BLOCK=GPU.block_batch),
+                                  {"sq_ptr", "penalty_ptr"}, batch=batches)
+
+
+def _alignments(inputs):
+    """Each subset of ``inputs`` as the 16-byte aligned ones."""
+    return [frozenset(c) for r in range(len(inputs) + 1) for c in itertools.combinations(inputs, r)]
+
+
+def _blocks_sq():
+    """(BLOCK, forms of per_sample) of the per-sample sum: the sample sizes each tile of
+    :func:`block_sq_for` is launched for."""
+    for i in range(MIN_BLOCK_SQ.bit_length() - 1, GPU.block_sq_max.bit_length()):
+        block = 1 << i
+        low = 0 if block == MIN_BLOCK_SQ else block // 2 + 1
+        high = block if block < GPU.block_sq_max else 2**63 - 1
+        assert block_sq_for(GPU, low) == block_sq_for(GPU, high) == block
+        yield block, int_forms(low, high)
+
+
+def _with_ints(kernel, signature, constexprs, divisible, **ints):
+    """The specializations of ``kernel`` over every combination of the forms of its int arguments."""
+    for combination in itertools.product(*ints.values()):
+        sig, const, div = dict(signature), dict(constexprs), set(divisible)
+        for name, (kind, value, divisible_by_16) in zip(ints, combination):
+            sig[name] = kind
+            if value is not None:
+                const[name] = value
+            if divisible_by_16:
+                div.add(name)
+        yield kernel, sig, const, GPU.num_warps, frozenset(div)

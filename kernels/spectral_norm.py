@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -352,8 +352,10 @@ def power_iteration_multi(
         n_row_blocks = tab.row_blocks.numel() // BLOCK_COLS
         n_col_blocks = tab.col_blocks.numel() // BLOCK_COLS
         for dot, accum, kind in schedule(n_power_iterations, u_first):
+            # w_typed_ptr only types the weights' pointers: v_out has their dtype and, unlike a
+            # weight (a view at any offset), is always 16-byte aligned -- one specialization, not two.
             _row_pass_kernel[(n_row_blocks,)](
-                tab.meta, tab.row_blocks, first, v_out, u_out, t, part,
+                tab.meta, tab.row_blocks, v_out, v_out, u_out, t, part,
                 DOT=dot, ACCUM=accum, ACC=acc, BLOCK_M=config.block_m, BLOCK_B=tab.block_b, num_warps=config.num_warps,
             )
             if accum:
@@ -362,7 +364,7 @@ def power_iteration_multi(
                     num_warps=config.num_warps,
                 )
             _finalize_kernel[(len(weights),)](
-                tab.meta, eps, t, s, u_out, v_out, sigma,
+                tab.meta, float(eps), t, s, u_out, v_out, sigma,  # an int eps would be a kernel of its own
                 KIND=kind, ACC=acc, BLOCK=config.block_final, num_warps=config.num_warps,
             )
     return u_out, v_out, sigma
@@ -399,16 +401,18 @@ def _launches(config: LaunchConfig, dtype: torch.dtype, steps, block_bs: Sequenc
         }, dict(KIND=kind, ACC=acc, BLOCK=config.block_final)
 
 
-def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, object], int]]:
-    """Every (kernel, signature, constexprs, num_warps) the launchers above can emit on a GPU with
+def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, object], int, FrozenSet[str]]]:
+    """Every (kernel, signature, constexprs, num_warps, arguments divisible by 16: every pointer,
+    all allocated here) the launchers above can emit on a GPU with
     :data:`GPU` -- each dtype, each step of :func:`schedule`, each column tile :func:`block_b_for`
     gives -- and what the benchmark launches with each of :data:`GPU_CANDIDATES` (float32, the
     parametrization's refresh, SNDCGAN's widest tile), for the Hopper compile check."""
     steps = {step for n in (0, 1, 2) for u_first in (True, False) for step in schedule(n, u_first)}
     block_bs = sorted({block_b_for(GPU, 1 << i) for i in range(16)})
+    aligned = lambda signature: frozenset(k for k, v in signature.items() if v.startswith("*"))  # noqa: E731
     for dtype in WEIGHT_DTYPES:
         for kernel, signature, constexprs in _launches(GPU, dtype, steps, block_bs):
-            yield kernel, signature, constexprs, GPU.num_warps
+            yield kernel, signature, constexprs, GPU.num_warps, aligned(signature)
     for config in GPU_CANDIDATES:
         for kernel, signature, constexprs in _launches(config, torch.float32, set(schedule(1, True)), [config.block_b_max]):
-            yield kernel, signature, constexprs, config.num_warps
+            yield kernel, signature, constexprs, config.num_warps, aligned(signature)

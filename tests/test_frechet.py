@@ -726,3 +726,49 @@ print(inside, matmul.fp32_precision, "-" if new_api else matmul.allow_tf32)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == ["ieee", "tf32"] and out[2] in ("True", "-")
+
+
+def _triton_frechet(device):
+    from conftest import KERNEL_BACKENDS
+
+    if "triton" not in KERNEL_BACKENDS[device]:
+        pytest.skip("triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    import importlib
+
+    return importlib.import_module("fastgan.kernels.frechet")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_matmul_reads_strided_matrices(device, dtype):
+    """The Triton launcher's alpha · A B + beta · I on a transposed A, a column-sliced B and
+    a view at an odd offset (odd n = 37, past one 32/64 tile), into a transposed out and one
+    at an odd offset: the float64 product of the same matrices, to 1e-12 in float64 and 1e-5
+    (relative to the entries' size, ~6) in IEEE float32."""
+    kernels = _triton_frechet(device)
+    n = 37
+    a = torch.randn(n, n, dtype=dtype, device=device).T
+    b = torch.randn(n, 2 * n, dtype=dtype, device=device)[:, ::2]
+    c = torch.randn(n * n + 1, dtype=dtype, device=device)[1:].view(n, n)  # 4 or 8 bytes past an aligned start
+    eye = torch.eye(n, dtype=torch.float64, device=device)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for x, y in ((a, b), (c, a), (b, c)):
+        expected = -0.5 * (x.double() @ y.double()) + 1.5 * eye
+        torch.testing.assert_close(kernels.matmul(x, y, alpha=-0.5, beta=1.5).double(), expected, rtol=tol, atol=tol * 10)
+        for out in (torch.empty(n, n, dtype=dtype, device=device).T,
+                    torch.empty(n * n + 1, dtype=dtype, device=device)[1:].view(n, n)):
+            assert kernels.matmul(x, y, -0.5, 1.5, out) is out
+            torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * 10)
+
+
+def test_triton_matmul_refuses_matrices_past_32_bit_offsets():
+    """n = 46341: row * n + column passes 2**31, which the kernel's 32-bit offsets would wrap;
+    the launcher refuses (meta tensors: nothing is allocated, nothing launched)."""
+    import importlib
+
+    kernels = importlib.import_module("fastgan.kernels.frechet")  # importable wherever the suite runs; nothing runs on meta
+    big = torch.empty(46341, 46341, device="meta")
+    with pytest.raises(ValueError, match="32 bits"):
+        kernels.matmul(big, big)
+    with pytest.raises(ValueError, match="32 bits"):
+        kernels.newton_schulz_steps(big, big, 1)

@@ -2,14 +2,15 @@
 
 Triton: every specialization the launchers can emit on a GPU -- each dtype they
 accept, each constexpr combination, each block/warp configuration -- taken from the
-launchers' own tables (``gpu_specializations()`` of ``fastgan.kernels.spectral_norm``
-and ``.gradient_penalty``; the frechet launcher's ``_blocks`` for its matmul) is
-compiled ahead of time for sm_90 (``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", 90, 32))``) and its cubin's resource usage read with
-cuobjdump: it must compile, use no local memory (no register spills, no stack) and
-fit the H100's 227 KB of shared memory per block. Integer arguments are compiled in
-their general form (i32 sizes, i64 seeds and counts), pointers as 16-byte aligned, as
-torch allocates them.
+launchers' own tables (``gpu_specializations()`` of ``fastgan.kernels.spectral_norm``,
+``.gradient_penalty`` and ``.frechet``) is compiled ahead of time for sm_90
+(``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``) and its cubin's
+resource usage read with cuobjdump: it must compile, use no local memory (no register
+spills, no stack) and fit the H100's 227 KB of shared memory per block. Each form
+Triton gives an argument at a launch is a kernel of its own, so each is compiled: an int
+as i32 or i64 by its value, 1 as a constant, a multiple of 16 marked divisible; a
+pointer 16-byte aligned or not. ``test_every_launch_is_a_compiled_specialization``
+checks that the tables list every form the launchers' calls take.
 
 It runs twice: with the installed Triton and with the oldest one fastgan supports,
 which ``make test`` installs into build/triton-oldest (Triton 3.6 refused a float64
@@ -62,22 +63,17 @@ def resource_usage(path, tool=None):
 # ------------------------------------------------------------------ the worker (subprocess)
 
 
+def _kernel_modules():
+    from fastgan.kernels import frechet, gradient_penalty, spectral_norm
+
+    return spectral_norm, gradient_penalty, frechet
+
+
 def _specializations():
-    """(label, kernel, signature, constexprs, num_warps) for every GPU launch of every Triton kernel."""
-    import torch
-
-    from fastgan.kernels import frechet, gradient_penalty, spectral_norm, triton_dtype
-
-    for module in (spectral_norm, gradient_penalty):
-        for kernel, signature, constexprs, num_warps in module.gpu_specializations():
-            yield module.__name__, kernel, signature, constexprs, num_warps
-    # The frechet launcher: _matmul_epilogue_kernel with _blocks(cuda) for float32 and float64.
-    bm, bn, bk = frechet._blocks(torch.device("cuda"))
-    for dtype in (torch.float32, torch.float64):
-        t = triton_dtype(dtype).name
-        signature = {name: f"*{t}" for name in ("a0_ptr", "b0_ptr", "c0_ptr", "a1_ptr", "b1_ptr", "c1_ptr")}
-        signature.update(n="i32", alpha="fp32", beta="fp32", ACC="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
-        yield frechet.__name__, frechet._matmul_epilogue_kernel, signature, dict(ACC=triton_dtype(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), 4
+    """(label, kernel, signature, constexprs, num_warps, divisible) for every GPU launch of every Triton kernel."""
+    for module in _kernel_modules():
+        for kernel, signature, constexprs, num_warps, divisible in module.gpu_specializations():
+            yield module.__name__, kernel, signature, constexprs, num_warps, divisible
 
 
 def _compile(index):
@@ -86,10 +82,12 @@ def _compile(index):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    label, kernel, signature, constexprs, num_warps = _SPECIALIZATIONS[index]
+    label, kernel, signature, constexprs, num_warps, divisible = _SPECIALIZATIONS[index]
     entry = dict(module=label, kernel=kernel.__name__, constexprs={k: str(v) for k, v in constexprs.items()},
-                 num_warps=num_warps, signature={k: v for k, v in signature.items() if v != "constexpr"})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+                 num_warps=num_warps, signature={k: v for k, v in signature.items() if v != "constexpr"},
+                 divisible=sorted(divisible))
+    # 16-byte aligned pointers and multiples of 16 among the ints, as Triton marks them at a launch
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name in divisible}
     try:
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -146,10 +144,10 @@ def test_every_triton_kernel_compiles_for_sm90_without_spills(triton_build):
         assert output["triton"] == expected_version, f"compiled with Triton {output['triton']}, not {OLDEST_TRITON}'s"
 
     # Coverage: every kernel of the modules, every GPU tile width and dtype the launchers use.
-    from fastgan.kernels import gradient_penalty, spectral_norm
+    from fastgan.kernels import spectral_norm
 
     kernels = {(r["module"], r["kernel"]) for r in results}
-    for module in (spectral_norm, gradient_penalty):
+    for module in _kernel_modules():
         jitted = {name for name, obj in vars(module).items() if name.endswith("_kernel") and callable(obj)}
         assert jitted == {k for m, k in kernels if m == module.__name__}, "a kernel is never compile-checked"
     block_bs = {r["constexprs"]["BLOCK_B"] for r in results if r["kernel"] == "_row_pass_kernel"}
@@ -160,11 +158,11 @@ def test_every_triton_kernel_compiles_for_sm90_without_spills(triton_build):
     assert {(str(c.block_m), c.num_warps) for c in candidates} <= launched, "a benchmarked configuration is never compiled"
     dtypes = {r["signature"]["w_typed_ptr"] for r in results if r["kernel"] == "_row_pass_kernel"}
     assert dtypes == {"*fp16", "*bf16", "*fp32", "*fp64"}
-    assert ("fastgan.kernels.frechet", "_matmul_epilogue_kernel") in kernels
 
     failures = []
     for r in results:
-        what = f"{r['module']}.{r['kernel']} {r['constexprs']} num_warps={r['num_warps']} {r['signature']}"
+        what = (f"{r['module']}.{r['kernel']} {r['constexprs']} num_warps={r['num_warps']} {r['signature']} "
+                f"divisible by 16: {r['divisible']}")
         if "error" in r:
             failures.append(f"{what}: does not compile: {r['error']}")
         elif r["LOCAL"] or r["STACK"]:
@@ -199,6 +197,115 @@ def test_cuda_extension_kernels_use_no_local_memory():
     elves = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True, check=True).stdout
     assert "sm_90a" in elves, (f"no sm_90a SASS in {path} (build with TORCH_CUDA_ARCH_LIST=9.0a; a CUDA 12 cuobjdump "
                                f"(12.8 included) names sm_90a code sm_90, and this one is {tool}):\n{elves}")
+
+
+def _form_key(kernel, num_warps, forms):
+    return kernel.__name__, num_warps, tuple(sorted(forms.items()))
+
+
+class _Recorder:
+    """Stands in for a kernel: records each launch's specialization (as Triton computes it) instead of running it."""
+
+    def __init__(self, kernel, seen):
+        import inspect
+
+        self.kernel, self.seen = kernel, seen
+        fn = kernel.fn
+        self.params = list(inspect.signature(fn).parameters.values())
+        options = getattr(kernel, "kwargs", None) or {}  # the interpreter's stand-in keeps jit's arguments there
+        self.not_specialized = set(getattr(kernel, "do_not_specialize", None) or options.get("do_not_specialize") or ())
+
+    def __getitem__(self, grid):
+        return self.launch
+
+    def launch(self, *args, num_warps=4, **kwargs):
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+
+        values = dict(zip((p.name for p in self.params), args), **kwargs)
+        forms = {}
+        for index, param in enumerate(self.params):
+            value = values[param.name]
+            if "constexpr" in str(param.annotation):
+                forms[param.name] = ("constexpr", str(value))
+                continue
+            specialize = param.name not in self.not_specialized and index not in self.not_specialized
+            kind, key = native_specialize_impl(BaseBackend, value, False, specialize, True)
+            forms[param.name] = ("constexpr", str(key)) if kind == "constexpr" else (kind, key == "D")
+        self.seen.append(_form_key(self.kernel, num_warps, forms))
+
+
+def _unaligned(*shape, dtype="float32"):
+    import torch
+
+    dtype = getattr(torch, dtype)
+    numel = 1
+    for size in shape:
+        numel *= size
+    return torch.randn(numel + 1, dtype=torch.float64).to(dtype)[1:].view(shape)  # 4 or 2 bytes past an aligned start
+
+
+def test_every_launch_is_a_compiled_specialization(monkeypatch):
+    """The launchers, called with the GPU's launch configuration on what users pass them --
+    sizes of 1, multiples of 16 and odd ones, sizes past 2**31 (meta tensors), views at an
+    odd offset, int seeds small and large, int eps / center / alpha -- launch only
+    specializations that the compile check compiles: Triton compiles each form of an
+    argument (i32 or i64, the constant 1, divisible by 16 or not) as a kernel of its own."""
+    import torch
+
+    from fastgan.kernels import frechet, gradient_penalty, spectral_norm
+
+    compiled = set()
+    for module in _kernel_modules():
+        for kernel, signature, constexprs, num_warps, divisible in module.gpu_specializations():
+            forms = {name: ("constexpr", str(constexprs[name])) if kind == "constexpr" else (kind, name in divisible)
+                     for name, kind in signature.items()}
+            compiled.add(_form_key(kernel, num_warps, forms))
+    seen = []
+    for module in _kernel_modules():
+        for name, obj in list(vars(module).items()):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _Recorder(obj, seen))
+    monkeypatch.setattr(spectral_norm, "config_for", lambda device: spectral_norm.GPU)
+    monkeypatch.setattr(gradient_penalty, "config_for", lambda device: gradient_penalty.GPU)
+    cuda_blocks = frechet._blocks(torch.device("cuda"))
+    monkeypatch.setattr(frechet, "_blocks", lambda device: cuda_blocks)
+    monkeypatch.setattr(spectral_norm, "_TABLES", type(spectral_norm._TABLES)())
+
+    big = 2**31 + 16  # elements per sample past 32 bits (meta tensors: nothing is allocated)
+    for dtype in ("float16", "bfloat16", "float32", "float64"):
+        weights = [_unaligned(7, 11, dtype=dtype), _unaligned(5, 3, 3, 3, dtype=dtype), _unaligned(3, 3000, dtype=dtype)]
+        dims = [0, 1, 0]
+        us = [torch.randn(w.shape[d]).to(w.dtype) for w, d in zip(weights, dims)]
+        vs = [torch.randn(w.numel() // w.shape[d]).to(w.dtype) for w, d in zip(weights, dims)]
+        for n, u_first in ((0, True), (1, True), (2, True), (1, False), (2, False)):
+            spectral_norm.power_iteration_multi(weights, us, vs, dims, n, 0, u_first)
+            spectral_norm.power_iteration_multi(weights[:1], us[:1], vs[:1], dims[:1], n, 1e-12, u_first)
+        reals = [torch.randn(3, 1, dtype=getattr(torch, dtype)), torch.randn(5, 17, dtype=getattr(torch, dtype)),
+                 torch.randn(4, 3, 4, 4, dtype=getattr(torch, dtype)), _unaligned(5, 17, dtype=dtype),
+                 _unaligned(4, 48, dtype=dtype), torch.randn(1, 1, dtype=getattr(torch, dtype)),
+                 torch.empty(2, big, dtype=getattr(torch, dtype), device="meta"),
+                 torch.empty(1, big + 1, dtype=getattr(torch, dtype), device="meta")]
+        for real in reals:
+            for seed in (0, 1, 17, 2**40 + 1):
+                gradient_penalty.gp_interpolate(real, real, None, seed)
+                gradient_penalty.dragan_perturb(real, seed)
+            gradient_penalty.gp_interpolate(real, real, torch.rand(real.shape[0], dtype=torch.float64), 0)
+            for squared_norm, one_sided in ((True, False), (False, False), (False, True)):
+                gradient_penalty.gp_penalty(real, squared_norm, 1, 0, one_sided)
+                gradient_penalty.gp_penalty(real, squared_norm, 1.0, 1e-4, one_sided)
+        for size in (16, 100, 1000, 3000):
+            for batch in (1, 16):
+                gradient_penalty.gp_penalty(torch.randn(batch, size, dtype=getattr(torch, dtype)), False, 1.0, 1e-4, False)
+    for dtype in ("float32", "float64"):
+        for n in (1, 5, 32, 33):
+            a = torch.randn(n, n, dtype=getattr(torch, dtype))
+            frechet.matmul(a, a)
+            frechet.matmul(_unaligned(n, n, dtype=dtype), a, 1, 0)
+            frechet.newton_schulz_steps(a, a, 2)
+    missing = sorted(set(seen) - compiled)
+    assert not missing, f"{len(missing)} launched specializations are never compiled, e.g.:\n" + "\n".join(
+        map(str, missing[:10]))
 
 
 if __name__ == "__main__":
