@@ -25,13 +25,18 @@ STAMP := .venv/.fastgan-installed
 DEPS_STAMP := .venv/.deps-installed
 endif
 
-.PHONY: demo test bench bench-compare gpu-check wheels install clean
+.PHONY: help demo test bench bench-compare gpu-check wheels install clean
+
+# `make` alone: this file's opening comment, the targets a user runs.
+help:
+	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 $(DEPS_STAMP): requirements-dev.txt
 ifdef SYSTEM_PYTHON
 	mkdir -p build
 	$(PY) -c "import torch, triton, pytest" || { echo "SYSTEM_PYTHON=1 needs torch, triton and pytest installed"; exit 1; }
 else
+	@echo "== fastgan: installing torch and the test and training dependencies into .venv (a few GB; several minutes) =="
 	test -x .venv/bin/python || $(PYTHON3) -m venv .venv
 	.venv/bin/pip install --quiet --upgrade pip
 	.venv/bin/pip install --quiet -r requirements-dev.txt
@@ -41,6 +46,7 @@ endif
 	touch $@
 
 $(STAMP): $(DEPS_STAMP) $(CSRC)
+	@echo "== fastgan: building the C++ extension$(if $(CUDA_HOME), with its CUDA kernels ($(CUDA_HOME)),) (several minutes on 2 cores) =="
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
