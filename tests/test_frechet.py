@@ -772,3 +772,16 @@ def test_triton_matmul_refuses_matrices_past_32_bit_offsets():
         kernels.matmul(big, big)
     with pytest.raises(ValueError, match="32 bits"):
         kernels.newton_schulz_steps(big, big, 1)
+
+
+@pytest.mark.parametrize("features", [torch.empty(0, 5), torch.ones(2, 3, 4), torch.ones(3, 5, dtype=torch.int64)],
+                         ids=["no rows", "3-D", "integer"])
+def test_feature_moments_fake_refuses_what_the_op_refuses(features):
+    """Under FakeTensorMode (torch.compile's tracing) a batch the op refuses is refused too, with the
+    op's message, instead of fake outputs whose error would only come when the compiled code runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(ValueError, match="non-empty \\(N, d\\) floating-point batch"):
+        ops.feature_moments(features)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="non-empty \\(N, d\\) floating-point batch"):
+        ops.feature_moments(mode.from_tensor(features))

@@ -365,14 +365,19 @@ def frechet_distance(
     return distance.clamp(min=0)
 
 
-@torch.library.custom_op("fastgan::feature_moments", mutates_args=())
-def feature_moments(features: Tensor) -> Tuple[Tensor, Tensor]:
+def _check_features(features: Tensor) -> None:
     if not features.is_floating_point() or features.dim() != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be a non-empty (N, d) floating-point batch, got {tuple(features.shape)} {features.dtype}")
+
+
+@torch.library.custom_op("fastgan::feature_moments", mutates_args=())
+def feature_moments(features: Tensor) -> Tuple[Tensor, Tensor]:
+    _check_features(features)
     return _FEATURE_MOMENTS(features.device)(features.contiguous())
 
 
 @feature_moments.register_fake
 def _(features):
+    _check_features(features)  # as the op does: under torch.compile the error comes at tracing, not at run time
     d = features.shape[1]
     return features.new_empty((d,), dtype=torch.float64), features.new_empty((d, d), dtype=torch.float64)
