@@ -51,7 +51,7 @@ RESIZE_HELP = (
 def image_files(folder: str, statistics_accepted: bool = False) -> List[Path]:
     """The images below ``folder``; ``statistics_accepted``: the command also takes .npz statistics
     there (fid, stats), which the error for a path that is no folder then mentions."""
-    from fastgan.train.data import image_files as images_below
+    from fastgan.train import data
 
     if not Path(folder).is_dir():
         if statistics_accepted:
@@ -60,7 +60,7 @@ def image_files(folder: str, statistics_accepted: bool = False) -> List[Path]:
             raise ValueError(f"{folder}: this command needs an image folder; .npz statistics hold only a mean "
                              "and a covariance, not the per-image features it computes")
         raise FileNotFoundError(f"{folder} is not an image folder")
-    return images_below(Path(folder))
+    return data.image_files(Path(folder))
 
 
 def fid_image_files(folder: str) -> List[Path]:
@@ -251,12 +251,9 @@ def _sample_index(name: str) -> int:
 def _check_sample_folder(folder: Path, n: int) -> None:
     """`fid` reads every image below a folder: images there that this run does not overwrite (those
     of an earlier, larger --n, say) would silently count as samples of this checkpoint."""
-    from fastgan.train.data import IMAGE_SUFFIXES
+    from fastgan.train.data import images_below
 
-    if not folder.is_dir():
-        return
-    others = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                    and not (p.parent == folder and 0 <= _sample_index(p.name) < n))
+    others = [p for p in images_below(folder) if not (p.parent == folder and 0 <= _sample_index(p.name) < n)]
     if others:
         raise ValueError(f"{folder} already holds {len(others)} image(s) that {n} samples would not overwrite "
                          f"({others[0].relative_to(folder)}{', ...' if len(others) > 1 else ''}); `fid` would count "

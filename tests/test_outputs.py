@@ -60,16 +60,17 @@ def test_rewriting_the_log_on_resume_never_loses_it(tmp_path, monkeypatch):
     """A resume rewrites metrics.jsonl without the records after its checkpoint; a full disk (or a
     kill) during that rewrite used to leave the run's whole history truncated."""
     import builtins
+    import pathlib
 
     from conftest import FullDisk
-    from fastgan.train import outputs
 
     log = MetricsLog(tmp_path, tensorboard=False)
     for step in range(1, 5):
         log.write(step, {"d_loss": float(step)})
     before = (tmp_path / "metrics.jsonl").read_text()
-    monkeypatch.setattr(outputs, "open", lambda name, mode="r": FullDisk(builtins.open(name, mode)) if "w" in mode
-                        else builtins.open(name, mode), raising=False)
+    # the rewrite's text goes out through Path.write_text (fastgan.files.write_text_atomic)
+    monkeypatch.setattr(pathlib.Path, "write_text",
+                        lambda self, data, *args, **kwargs: FullDisk(builtins.open(self, "w")).write(data))
     try:
         MetricsLog(tmp_path, resume_step=2, tensorboard=False)
     except OSError:

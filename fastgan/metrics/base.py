@@ -20,16 +20,18 @@ from torch import Tensor
 State = Union[Tensor, List[Tensor]]
 
 
-def check_floating_finite(name: str, value, batch_number: int) -> None:
-    """Reject non-tensors, non-floating dtypes and NaN/Inf, naming the batch."""
+def check_floating_finite(name: str, value, batch_number: Optional[int] = None) -> None:
+    """Reject non-tensors, non-floating dtypes and NaN/Inf, naming the batch of a metric's
+    ``update`` calls (``batch_number``; None for a plain function's argument, which has none)."""
+    batch = "" if batch_number is None else f" (batch {batch_number})"
     if not isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__} (batch {batch_number})")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}{batch}")
     if not value.is_floating_point():
-        raise ValueError(f"{name} must be floating-point, got dtype {value.dtype} (batch {batch_number})")
+        raise ValueError(f"{name} must be floating-point, got dtype {value.dtype}{batch}")
     if not bool(torch.isfinite(value).all()):
-        raise ValueError(
-            f"{name} of batch {batch_number} (counting update calls from 1 since the last reset) "
-            "contains NaN or Inf")
+        where = "" if batch_number is None else \
+            f" of batch {batch_number} (counting update calls from 1 since the last reset)"
+        raise ValueError(f"{name}{where} contains NaN or Inf")
 
 
 def _collective_device(group, device: torch.device) -> torch.device:

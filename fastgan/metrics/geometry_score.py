@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastgan.metrics.base import FeatureSets
+from fastgan.metrics.base import FeatureSets, check_floating_finite
 
 __all__ = ["relative_living_times", "mean_relative_living_times", "geometry_score", "draw_landmarks",
            "default_gamma", "plot_mrlt", "GeometryScore", "nearest_landmarks", "witness_complex", "h1_intervals",
@@ -85,19 +85,15 @@ def default_gamma(num_points: int) -> float:
 
 def _as_points(name: str, x) -> Tensor:
     """(N, d) floating, finite points as a float64 tensor on their device."""
-    # not metrics.base.check_floating_finite: its messages count update() batches
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be floating-point, got dtype {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D (N, d) point set, got shape {tuple(x.shape)}")
     if x.shape[0] < 2 or x.shape[1] < 1:
         raise ValueError(f"{name} needs at least 2 points of dimension >= 1, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    check_floating_finite(name, x)
     return x.detach().to(torch.float64)
 
 

@@ -144,7 +144,7 @@ def ms_ssim(x: Tensor, y: Tensor, *, data_range: float = 1.0, weights: Sequence[
             window_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> Tensor:
     """MS-SSIM of x[i] against y[i], (N, C, H, W) each -> (N,) in float64 (conventions: module docstring)."""
     for name, images in (("x", x), ("y", y)):
-        check_floating_finite(name, images, 1)
+        check_floating_finite(name, images)
         if images.dim() != 4:
             raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}")
     if x.shape != y.shape:

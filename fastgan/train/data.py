@@ -287,11 +287,16 @@ def _read_cifar10_batch(path: Path) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, 3, CIFAR10_SIZE, CIFAR10_SIZE).transpose(0, 2, 3, 1))
 
 
+def images_below(folder: Path) -> List[Path]:
+    """The image files below ``folder`` (recursively, sorted; none for a missing folder)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def image_files(folder: Path) -> List[Path]:
     """The image files below ``folder`` (recursively, sorted); errors for a missing folder or none found."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = images_below(folder)
     if not files:
         raise ValueError(f"{folder} contains no images ({', '.join(IMAGE_SUFFIXES)})")
     return files

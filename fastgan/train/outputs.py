@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from fastgan.files import atomic_file
+from fastgan.files import atomic_file, write_text_atomic
 
 
 class MetricsLog:
@@ -34,8 +34,7 @@ class MetricsLog:
         self.records = [r for r in read_records(self.path) if r["step"] <= resume_step] if resume_step else []
         # Atomic: a kill or a full disk during this rewrite would otherwise leave the whole
         # history of the run truncated, and a reader (a study's --summarize) could see it half written.
-        with atomic_file(self.path) as partial, open(partial, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._tensorboard = (out_dir / "tensorboard", resume_step) if tensorboard else None
         self.writer = None  # created at the first record
 

@@ -80,6 +80,11 @@ class Runtime:
         """The process group's backend (nccl, gloo), or None in a single process."""
         return dist.get_backend() if self.world > 1 and dist.is_initialized() else None
 
+    @property
+    def _reduce_device(self) -> torch.device:
+        """Where this process's small all-reduces run: NCCL reduces GPU tensors only, gloo CPU ones."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -107,7 +112,7 @@ class Runtime:
         """True on every process when ``flag`` is true on any (so no process waits alone in a collective)."""
         if self.world == 1:
             return flag
-        value = torch.tensor([float(flag)], device=self.device if self.backend == "nccl" else "cpu")
+        value = torch.tensor([float(flag)], device=self._reduce_device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
@@ -117,8 +122,8 @@ class Runtime:
         over the global batch, as one process computes it."""
         if self.world == 1:
             return {k: float(v) for k, v in values.items()}
-        device = self.device if self.backend == "nccl" else "cpu"
-        stacked = torch.stack([torch.as_tensor(v).detach().reshape(()).to(device, torch.float64) for v in values.values()])
+        stacked = torch.stack([torch.as_tensor(v).detach().reshape(()).to(self._reduce_device, torch.float64)
+                               for v in values.values()])
         dist.all_reduce(stacked)
         return dict(zip(values, (stacked / self.world).tolist()))
 
