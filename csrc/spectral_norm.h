@@ -92,6 +92,8 @@ inline void check_spectral_normalize_args(const at::Tensor& weight, const at::Te
                                           const at::Tensor& sigma, int64_t dim) {
   TORCH_CHECK(weight.dim() >= 2 && dim >= -weight.dim() && dim < weight.dim(),
               "spectral_normalize: dim ", dim, " is out of range for a weight of shape ", weight.sizes());
+  // As the Python op refuses it; the backward kernels split W into runs of B = 0 elements otherwise.
+  TORCH_CHECK(weight.numel() > 0, "spectral_normalize: a zero-size weight ", weight.sizes(), " has no spectral norm");
   const int64_t rows = weight.size(dim);
   TORCH_CHECK(u.dim() == 1 && v.dim() == 1 && u.numel() == rows && rows * v.numel() == weight.numel(),
               "spectral_normalize: u ", u.sizes(), " and v ", v.sizes(), " do not fit a weight of shape ",

@@ -194,9 +194,11 @@ def _finalize_kernel(
         tl.store(sigma_ptr + layer, tl.sum(total, axis=0))
     else:
         scale = 1.0  # turns s into W^T u
+        # propagate_nan: a NaN norm stays NaN, as torch's F.normalize and the C++ backends keep it;
+        # the default (fmax) would return eps, scaling the finite entries by 1/eps.
         if KIND != 1:
             t_sq = _squared_norm(t_ptr, M, ACC, BLOCK)
-            t_norm = tl.maximum(tl.sqrt(t_sq), eps)
+            t_norm = tl.maximum(tl.sqrt(t_sq), eps, propagate_nan=tl.PropagateNan.ALL)
             for i0 in range(0, M, BLOCK):
                 offs = i0 + tl.arange(0, BLOCK)
                 mask = offs < M
@@ -206,7 +208,7 @@ def _finalize_kernel(
                 tl.store(sigma_ptr + layer, t_sq / t_norm)
         if KIND != 2:
             r_exact = tl.sqrt(_squared_norm(s_ptr, K, ACC, BLOCK)) * scale
-            r_norm = tl.maximum(r_exact, eps)
+            r_norm = tl.maximum(r_exact, eps, propagate_nan=tl.PropagateNan.ALL)
             for i0 in range(0, K, BLOCK):
                 offs = i0 + tl.arange(0, BLOCK)
                 mask = offs < K

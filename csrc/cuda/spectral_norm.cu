@@ -668,7 +668,6 @@ at::Tensor spectral_normalize_backward_cuda(const at::Tensor& grad, const at::Te
   int64_t A, M, B;
   std::tie(A, M, B) = spectral_norm_view3(weight, dim);
   const int64_t n = weight.numel();
-  if (n == 0) return out;
   const int dot_blocks = static_cast<int>(std::min<int64_t>(kNormalizeDotBlocks, (n + kFinalizeThreads - 1) / kFinalizeThreads));
   const int64_t per_block = static_cast<int64_t>(kFinalizeThreads) * kNormalizeElementsPerThread;
   const int blocks = static_cast<int>(std::min<int64_t>(kNormalizeMaxBlocks, (n + per_block - 1) / per_block));
