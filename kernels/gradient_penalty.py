@@ -47,6 +47,9 @@ class LaunchConfig:
 GPU = LaunchConfig(block=1024, block_sq_max=2048, block_batch=1024, max_chunks=65535, num_warps=4)
 INTERPRETER = LaunchConfig(block=1024, block_sq_max=1024, block_batch=1024, max_chunks=65535, num_warps=4)
 MIN_BLOCK_SQ = 16
+# Counters are 32 bits: past 2**34 elements the DRAGAN noise would repeat (csrc/philox.h's
+# kMaxPhiloxDraws, which the C++ backends check too).
+MAX_DRAWS = 2**34
 IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -166,6 +169,9 @@ def gp_interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch
 
 
 def dragan_perturb(real: torch.Tensor, seed: int) -> torch.Tensor:
+    if real.numel() > MAX_DRAWS:
+        raise ValueError(f"dragan_perturb: at most 2**34 elements are supported (four uniforms per 32-bit Philox "
+                         f"counter), got {real.numel()}")
     config = config_for(real.device)
     with device_guard(real):
         out = torch.empty_like(real)

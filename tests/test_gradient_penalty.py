@@ -200,6 +200,27 @@ def test_triton_gpu_launch_configuration_in_the_interpreter(dtype, monkeypatch):
         torch.testing.assert_close(x_hat.double(), reference.interpolate(real.double(), fake.double(), alpha.double(), 0)[0], **TOL[dtype])
 
 
+def test_triton_dragan_refuses_more_elements_than_its_philox_counters_cover(monkeypatch):
+    """Counters are 32 bits, four uniforms each: past 2**34 elements the noise would repeat
+    (element i + 2**34 drew element i's), so the launcher refuses, as the C++ backends do.
+    Meta tensors and a stand-in kernel: nothing is allocated, nothing runs."""
+    import importlib
+
+    kernels = importlib.import_module("fastgan.kernels.gradient_penalty")
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(grid)
+
+    monkeypatch.setattr(kernels, "_dragan_kernel", Kernel())
+    with pytest.raises(ValueError, match=r"at most 2\*\*34 elements"):
+        kernels.dragan_perturb(torch.empty(2**34 + 1, device="meta"), 0)
+    assert not launched
+    kernels.dragan_perturb(torch.empty(2, 2**33, device="meta"), 0)  # 2**34: the last counter is 2**32 - 1
+    assert len(launched) == 1
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_channels_last_images_are_read_in_place(device, backend, monkeypatch):
     """Interpolation and penalty take channels-last batches as they are (no copy) and
@@ -503,8 +524,10 @@ def test_compiling_the_penalty_itself_raises_instead_of_wrong_gradients():
     d = small_sndcgan_d().double()
     real, fake = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.rand(4, 3, 9, 9, dtype=torch.float64)
     alpha = torch.rand(4, dtype=torch.float64)
-    # torch 2.14 stops at autograd.grad; torch 2.11 one line earlier, at the interpolate's requires_grad_()
-    with pytest.raises(Exception, match="autograd.grad|requires_grad"):
+    # torch 2.14 stops at autograd.grad; torch 2.11 one line earlier, at the interpolate's requires_grad_().
+    # Either is dynamo refusing a graph break under fullgraph (Unsupported), not just any error that names
+    # requires_grad (fastgan's own checks do, and so would a failure inside the penalty).
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="autograd.grad|requires_grad"):
         torch.compile(lambda: gradient_penalty(d, real, fake, alpha=alpha), fullgraph=True)()
     with pytest.raises(RuntimeError, match="double backward"):
         torch.compile(lambda: gradient_penalty(d, real, fake, alpha=alpha))().backward()
