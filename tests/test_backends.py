@@ -1,4 +1,5 @@
 """Backend selection: what is built, each op's own defaults per device, and the overrides."""
+import os
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import torch
 
 import fastgan
 from fastgan import _backend
-from conftest import HAS_CUDA, KERNEL_BACKENDS, kernel_backends
+from conftest import HAS_CUDA, KERNEL_BACKENDS, device_backends, kernel_backends
 
 OPS = (
     "spectral_norm_power_iteration", "spectral_norm_power_iteration_multi", "gp_interpolate", "dragan_perturb",
@@ -28,6 +29,14 @@ def test_triton_is_a_cpu_test_backend_only_under_the_interpreter():
     assert "triton" not in kernel_backends(triton_interpreted=False)["cpu"]
     assert "triton" in kernel_backends(triton_interpreted=True)["cpu"]
     assert KERNEL_BACKENDS["cpu"] == kernel_backends(_backend.triton_interpreted())["cpu"]
+
+
+def test_triton_kernels_are_tested_on_some_device_here():
+    """Without a GPU the Triton cases exist only under the interpreter: a TRITON_INTERPRET=0 left in
+    the environment (conftest only sets it when unset) would drop every triton case and empty the
+    interpreter-only parametrizations, and the suite would pass without running one Triton kernel."""
+    assert "triton" in KERNEL_BACKENDS["cpu"] or HAS_CUDA, (
+        f"no device runs the triton cases here (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}, no GPU)")
 
 
 def test_report_explains_what_is_missing():
@@ -59,6 +68,19 @@ def test_each_op_has_its_own_order_per_device():
     assert ops["newton_schulz_steps"].order["cuda"].index("cuda") < ops["newton_schulz_steps"].order["cuda"].index("triton")
     assert "triton" not in ops["feature_moments"].impls
     assert ops["spectral_norm_power_iteration"].choose("cpu")[0] == "cpp"
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+def test_the_backend_a_test_forces_is_the_one_that_runs(device, backend):
+    """The op tests force their case's backend with use_backend and compare with the reference: a
+    case whose forcing did not take (the op's default ran instead, the reference itself for a
+    "reference" case) would compare a kernel with itself. Every op that has the backend runs it."""
+    assert set(OPS) <= set(_backend.registered())
+    with fastgan.use_backend(backend):
+        for name, op in _backend.registered().items():
+            if backend in op.impls:
+                assert op.choose(device) == (backend, "forced (use_backend)"), name
+                assert op(torch.device(device)) is op.impls[backend], name
 
 
 def test_register_rejects_an_order_without_an_implementation():

@@ -95,6 +95,36 @@ def test_newton_schulz_meets_the_bound_where_it_converges(device, backend, d, n,
         assert not converged, "a singular Σ1 Σ2 leaves the gap ‖I − ZY‖ open"
 
 
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_newton_schulz_steps_match_the_float64_steps_on_every_backend(device, backend, dtype):
+    """The steps kernel of each backend (float32: the mixed method's first stage) against the
+    reference's steps in float64. The FID tests above check its values only where an iteration
+    converges, which the float32 stage does on one case or none per backend; and there Y and Z
+    are polynomials in one matrix, so a kernel that multiplied them in the wrong order would pass.
+    Here they do not commute: Y, Z = I + 0.2 R with random R, odd n = 37 (past a 32 tile), three
+    steps; float64 to 1e-12, float32 to 1e-5 (the entries are ~1)."""
+    n = 37
+    y = (torch.eye(n, dtype=torch.float64) + 0.2 * torch.randn(n, n, dtype=torch.float64) / n**0.5).to(device)
+    z = (torch.eye(n, dtype=torch.float64) + 0.2 * torch.randn(n, n, dtype=torch.float64) / n**0.5).to(device)
+    assert (z @ y - y @ z).abs().max() > 0.01
+    expected = reference.newton_schulz_steps(y, z, 3)
+    y_in, z_in = y.to(dtype), z.to(dtype)
+    kept = y_in.clone(), z_in.clone()
+    op = fastgan._backend.registered()["newton_schulz_steps"]
+    with fastgan.use_backend(backend):
+        steps, matmul = ops._NEWTON_SCHULZ(torch.device(device))
+        assert (steps, matmul) == op.impls[backend]  # the forced backend's kernels, not a fallback
+        got = steps(y_in, z_in, 3)
+        product = matmul(z_in, y_in)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for a, e in zip(got, expected):
+        assert a.dtype == dtype and a.shape == (n, n)
+        torch.testing.assert_close(a.double(), e, **tol)
+    torch.testing.assert_close(product.double(), z @ y, **tol)
+    assert torch.equal(y_in, kept[0]) and torch.equal(z_in, kept[1])  # the inputs are left as they were
+
+
 # ------------------------------------------- constructed statistics with a known FID
 
 

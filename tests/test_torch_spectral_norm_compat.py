@@ -205,6 +205,12 @@ def test_parametrization_state_dict(forwards_before_saving):
     m.load_state_dict(state)
     for got, want in zip(replay(m), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # ... and those are torch's from the same state: the replays above only agree with each other,
+    # which a train / eval forward both got wrong in the same way would too
+    theirs = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(3, 5))
+    theirs.load_state_dict(state)
+    for got, want in zip(expected, replay(theirs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_parametrization_dim_for_conv_transpose():
@@ -417,9 +423,20 @@ def test_hook_forward_is_the_naive_formula():
 
 
 def test_hook_pickles():
-    m = pickle.loads(pickle.dumps(HOOK(nn.Linear(5, 7))))
+    """The copy is the same layer: its weight, u, v, and the outputs and power-iteration steps
+    of its training and eval forwards (a copy that only ran would pass a check that it runs)."""
+    original = HOOK(nn.Linear(5, 7).double())
+    x = torch.randn(3, 5, dtype=torch.float64)
+    original(x)  # u, v one step past their initial draw
+    m = pickle.loads(pickle.dumps(original))
     assert isinstance(m, nn.Linear)
-    m(torch.randn(2, 5))
+    for name in ("weight_orig", "bias", "weight_u", "weight_v"):
+        assert torch.equal(getattr(m, name), getattr(original, name)), name
+    for training in (True, True, False):
+        m.train(training)
+        original.train(training)
+        torch.testing.assert_close(m(x), original(x), rtol=0, atol=0)
+        assert torch.equal(m.weight_u, original.weight_u) and torch.equal(m.weight_v, original.weight_v)
 
 
 # The misuses torch's spectral norm itself checks (not ones it fails on deep inside).

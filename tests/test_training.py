@@ -810,11 +810,13 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
     moved = 0.0
     for name, module in (("G", single.G), ("D", single.D)):
         expected = module.state_dict()
+        weights = {key for key, _ in module.named_parameters()}  # not the buffers: SN's u, v and BN's statistics move at any forward
         assert got[name].keys() == expected.keys()
         for key, value in expected.items():
             if value.is_floating_point():
                 torch.testing.assert_close(got[name][key], value, rtol=0, atol=2e-6, msg=f"{name}.{key}")
-                moved = max(moved, float((value - initial[name][key]).abs().max()))
+                if key in weights:
+                    moved = max(moved, float((value - initial[name][key]).abs().max()))
             else:
                 assert torch.equal(got[name][key], value), f"{name}.{key}"
     assert moved > 2e-5
