@@ -25,6 +25,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -37,6 +38,12 @@ inline std::tuple<int64_t, int64_t, int64_t> spectral_norm_view3(const at::Tenso
   for (int64_t j = 0; j < dim; ++j) A *= weight.size(j);
   for (int64_t j = dim + 1; j < weight.dim(); ++j) B *= weight.size(j);
   return {A, weight.size(dim), B};
+}
+
+// eps as torch's F.normalize takes it (0 included: a zero vector then gives NaN).
+inline void check_power_iteration_schedule(int64_t n_power_iterations, double eps) {
+  TORCH_CHECK(n_power_iterations >= 0, "spectral norm: n_power_iterations must be >= 0");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "spectral norm: eps must be a finite number >= 0, got ", eps);
 }
 
 // One layer's inputs after validation; a row/column offset locates it in the

@@ -260,6 +260,7 @@ class _Table:
     cols: int
     partials: int
     block_b: int
+    built_on: Optional[int]  # the CUDA stream the allocator files the table's memory under (None on the CPU)
 
 
 _TABLES: "collections.OrderedDict[tuple, _Table]" = collections.OrderedDict()
@@ -289,6 +290,12 @@ def _table(weights: Sequence[torch.Tensor], dims: Sequence[int], config: LaunchC
         _TABLES.move_to_end(key)
         if _capturing(first.device):
             _CAPTURED.add(key)
+        if hit.built_on is not None:
+            # An evicted table's memory goes back to the stream it was built on, whose next
+            # allocation may take it at once: a launch on another stream must be waited for first.
+            stream = torch.cuda.current_stream(first.device)
+            if stream.cuda_stream != hit.built_on:
+                hit.table.record_stream(stream)
         return hit
     if _capturing(first.device):
         raise RuntimeError(
@@ -316,7 +323,8 @@ def _table(weights: Sequence[torch.Tensor], dims: Sequence[int], config: LaunchC
     table = torch.tensor(meta + row_blocks + col_blocks, dtype=torch.int64).to(first.device)
     n_meta, n_rows = len(meta), len(row_blocks)
     entry = _Table(
-        table, table[:n_meta], table[n_meta:n_meta + n_rows], table[n_meta + n_rows:], rows, cols, partials, block_b
+        table, table[:n_meta], table[n_meta:n_meta + n_rows], table[n_meta + n_rows:], rows, cols, partials, block_b,
+        torch.cuda.current_stream(first.device).cuda_stream if first.is_cuda else None,
     )
     _TABLES[key] = entry
     if len(_TABLES) > _TABLE_CACHE_SIZE:

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 import fastgan
 import importlib
 from fastgan.reference import spectral_norm as reference
-from conftest import DEVICES, KERNEL_BACKENDS, device_backends
+from conftest import CUDA_ONLY, DEVICES, KERNEL_BACKENDS, device_backends
 from graph_stand_in import RerunGraph
 
 fsn = importlib.import_module("fastgan.nn.spectral_norm")  # the module; fastgan.nn.spectral_norm is the function
@@ -231,6 +231,34 @@ def test_triton_layer_table_used_in_a_capture_is_never_evicted(monkeypatch):
         kernels._table([w], [0], config)
     assert len(kernels._TABLES) == kernels._TABLE_CACHE_SIZE
     assert kernels._table(captured, [0], config) is table
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=CUDA_ONLY) for b in KERNEL_BACKENDS["cuda"]])
+def test_a_layer_table_used_on_another_stream_outlives_its_eviction(backend):
+    """Each backend keeps its layer tables in a 16-entry LRU. A table built on one stream and then
+    launched on another must not go back to its own stream's pool while that launch is still
+    queued: here the launch waits behind a GPU sleep while the first stream evicts the table
+    and builds 20 tables of the same size (which take the freed memory if they may). The
+    launch must still read its own table: u, v, sigma as the reference's."""
+    build, launch = torch.cuda.Stream(), torch.cuda.current_stream()
+    layers = [_layer_inputs(shape, dim, torch.float32, "cuda") for shape, dim in LAYER_SHAPES]
+    weights, us, vs = (list(x) for x in zip(*layers))
+    dims = [dim for _, dim in LAYER_SHAPES]
+    expected = reference.power_iteration_multi(weights, us, vs, dims, 1, 1e-12, True)
+    with fastgan.use_backend(backend):
+        build.wait_stream(launch)
+        with torch.cuda.stream(build):
+            OPS.spectral_norm_power_iteration_multi(weights, us, vs, dims, 1, 1e-12, True)
+        launch.wait_stream(build)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s: the launch below stays queued while the other stream runs
+        got = OPS.spectral_norm_power_iteration_multi(weights, us, vs, dims, 1, 1e-12, True)
+        with torch.cuda.stream(build):
+            others = [[w.clone() for w in weights] for _ in range(20)]  # all alive: new pointers, new tables
+            for clones in others:
+                OPS.spectral_norm_power_iteration_multi(clones, us, vs, dims, 1, 1e-12, True)
+    torch.cuda.synchronize()
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- modules vs torch
@@ -1178,9 +1206,12 @@ import torch, fastgan._backend
 extension = fastgan._backend.extension()
 for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() and extension.built_with_cuda() else []):
     weight, u, v = torch.randn(6, 4, device=device), torch.randn(6, device=device), torch.randn(4, device=device)
-    for args, message in (((weight, u[:2], v), "u must have shape"), ((weight[0], u, v), "needs a weight with >= 2 dims")):
+    for args, eps, message in (((weight, u[:2], v), 1e-12, "u must have shape"),
+                               ((weight[0], u, v), 1e-12, "needs a weight with >= 2 dims"),
+                               ((weight, u, v), -1e-12, "eps must be a finite number >= 0"),
+                               ((weight, u, v), float("nan"), "eps must be a finite number >= 0")):
         try:
-            torch.ops.fastgan_C.spectral_norm_power_iteration(*args, 0, 1, 1e-12, True)
+            torch.ops.fastgan_C.spectral_norm_power_iteration(*args, 0, 1, eps, True)
         except RuntimeError as error:
             assert message in str(error), error
         else:

@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_multi_cpu(
   for (const auto& w : weights_in) weights.push_back(w.contiguous());
   const auto shapes = spectral_norm_layer_shapes(weights, std::vector<int64_t>(dims_in.begin(), dims_in.end()));
   check_spectral_norm_vectors(shapes, weights, us, vs);
-  TORCH_CHECK(n_power_iterations >= 0, "spectral norm: n_power_iterations must be >= 0");
+  check_power_iteration_schedule(n_power_iterations, eps);
   const int64_t rows = shapes.back().row_offset + shapes.back().M;
   const int64_t cols = shapes.back().col_offset + shapes.back().K();
   const auto options = weights[0].options();

@@ -33,6 +33,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -405,6 +406,7 @@ int rows_per_block(const SpectralNormLayerShape& shape, int64_t element_size) {
 struct DeviceTable {
   at::Tensor table;
   int64_t num_row_blocks = 0, num_reduce_blocks = 0, partials = 0;
+  cudaStream_t built_on = nullptr;  // the stream the caching allocator files the table's memory under
 };
 
 template <typename scalar_t>
@@ -505,6 +507,7 @@ DeviceTable build_table(const std::vector<at::Tensor>& weights, const std::vecto
   }
   out.table = at::empty({host.numel()}, weights[0].options().dtype(at::kLong));
   out.table.copy_(host, /*non_blocking=*/false);
+  out.built_on = at::cuda::getCurrentCUDAStream().stream();
   return out;
 }
 
@@ -560,7 +563,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(at::TensorLi
   for (const auto& w : weights_in) weights.push_back(w.contiguous());
   const auto shapes = spectral_norm_layer_shapes(weights, std::vector<int64_t>(dims_in.begin(), dims_in.end()));
   check_spectral_norm_vectors(shapes, weights, us, vs);
-  TORCH_CHECK(n_power_iterations >= 0, "spectral norm: n_power_iterations must be >= 0");
+  check_power_iteration_schedule(n_power_iterations, eps);
   TORCH_CHECK(weights[0].is_cuda(), "spectral norm: the CUDA kernel got weights on ", weights[0].device());
 
   const c10::cuda::CUDAGuard guard(weights[0].device());
@@ -581,6 +584,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(at::TensorLi
     using acc_t = at::opmath_type<scalar_t>;
     PowerIteration<scalar_t> it;
     it.stream = at::cuda::getCurrentCUDAStream();
+    // An eviction frees the table back to the stream it was built on, whose next allocation
+    // may reuse it at once: a launch on another stream must be waited for first.
+    if (it.stream != table.built_on) {
+      c10::cuda::CUDACachingAllocator::recordStream(table.table.storage().data_ptr(), at::cuda::getCurrentCUDAStream());
+    }
     it.num_layers = num_layers;
     it.num_row_blocks = table.num_row_blocks;
     it.num_reduce_blocks = table.num_reduce_blocks;
