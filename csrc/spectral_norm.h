@@ -102,7 +102,7 @@ inline void check_spectral_normalize_args(const at::Tensor& weight, const at::Te
   // As the Python op refuses it; the backward kernels split W into runs of B = 0 elements otherwise.
   TORCH_CHECK(weight.numel() > 0, "spectral_normalize: a zero-size weight ", weight.sizes(), " has no spectral norm");
   const int64_t rows = weight.size(dim);
-  TORCH_CHECK(u.dim() == 1 && v.dim() == 1 && u.numel() == rows && rows * v.numel() == weight.numel(),
+  TORCH_CHECK(u.dim() == 1 && v.dim() == 1 && u.numel() == rows && v.numel() == weight.numel() / rows,
               "spectral_normalize: u ", u.sizes(), " and v ", v.sizes(), " do not fit a weight of shape ",
               weight.sizes(), " with dim=", dim);
   TORCH_CHECK(sigma.dim() == 0 && sigma.device() == weight.device(),

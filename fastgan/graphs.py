@@ -71,10 +71,11 @@ def capture_refusal(device: torch.device) -> Optional[str]:
     """Why work on ``device`` cannot be captured into a graph of its own here, or None when it can."""
     if device.type != "cuda":
         return f"CUDA graphs need a GPU; the tensors are on {device}"
-    if torch.cuda.is_current_stream_capturing():
-        return "already inside a CUDA graph capture, which records this work itself"
+    # Tracing first: dynamo cannot trace the capture query (a torch function returning a bool).
     if _backend.registered_ops_only():
         return "torch.compile or a functorch transform is tracing this call"
+    if torch.cuda.is_current_stream_capturing():
+        return "already inside a CUDA graph capture, which records this work itself"
     return None
 
 

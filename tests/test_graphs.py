@@ -135,6 +135,18 @@ def test_graphed_step_runs_eagerly_off_the_gpu_and_says_why_once():
     assert len([w for w in said if "GraphedStep" in str(w.message)]) == 1 and not step.captured
 
 
+def test_capture_refusal_answers_under_torch_compile(monkeypatch):
+    """Every drop-in SN layer asks capture_refusal in its forward on a GPU, so torch.compile
+    traces it: under tracing it must answer before the capture query, which dynamo cannot
+    trace (a torch function returning a bool: fullgraph raised, and without it every layer
+    broke the graph). The GPU is faked by its device name and a capture query saying no."""
+    monkeypatch.setattr(torch.cuda.graphs, "_cuda_isCurrentStreamCapturing", lambda: False)
+    cuda = torch.device("cuda", 0)
+    assert graphs.capture_refusal(cuda) is None  # eagerly, a GPU that is not capturing can capture
+    compiled = torch.compile(lambda x: x + (1 if graphs.capture_refusal(cuda) else 2), fullgraph=True)
+    assert compiled(torch.zeros(2)).tolist() == [1.0, 1.0]
+
+
 def test_a_step_whose_capture_fails_runs_eagerly_and_says_why_once(stand_in_graphs, monkeypatch):
     def refused(record, device):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")

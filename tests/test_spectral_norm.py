@@ -640,6 +640,33 @@ def test_a_layer_replays_its_own_refresh(device, monkeypatch):
         assert torch.equal(copied(x), replayed(x))
 
 
+def _data_parallel_replica(model: nn.Module) -> nn.Module:
+    """The replica nn.DataParallel makes of ``model`` for one device (torch.nn.parallel.replicate's
+    steps, with the tensors themselves in place of their copies on another GPU)."""
+    copies = {m: m._replicate_for_data_parallel() for m in model.modules()}
+    for module, replica in copies.items():
+        for key, child in module._modules.items():
+            setattr(replica, key, copies[child])
+        for key, param in module._parameters.items():
+            setattr(replica, key, param.view_as(param))  # not a leaf, as a broadcast copy
+        for key, buffer in module._buffers.items():
+            setattr(replica, key, buffer)
+    return copies[model]
+
+
+def test_data_parallel_replicas_of_a_layer_refresh_eagerly(monkeypatch):
+    """nn.DataParallel's replicas copy a layer's __dict__, so they share its replay state from
+    threads of their own: a replica's refresh runs eagerly (as torch's), never captured."""
+    replayed, eager = _per_layer_replayed_and_eager("cpu", monkeypatch)
+    replicas = [_data_parallel_replica(model) for model in (replayed, eager)]
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        assert torch.equal(replicas[0](x), replicas[1](x))
+    assert all(r.captures == 0 for r in _layer_replays(replayed))
+    for (name, a), (_, b) in zip(replayed.named_buffers(), eager.named_buffers()):
+        assert torch.equal(a, b), name
+
+
 def test_apply_spectral_norm_without_graphs_keeps_its_layers_eager():
     model = fastgan.nn.apply_spectral_norm(_small_discriminator(), cuda_graphs=False)
     assert not _grouped_hook(model).refreshes.enabled
@@ -1073,16 +1100,19 @@ def _per_layer_spectral_norm(model: nn.Module) -> nn.Module:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("apply", [_per_layer_spectral_norm, fastgan.nn.apply_spectral_norm])
-def test_compile_fullgraph_matches_eager_without_warnings(apply):
+def test_compile_fullgraph_matches_eager_without_warnings(apply, device):
     """Compiled (fullgraph) equals eager; tracing the backend choice raises no warning (dynamo
-    warned of every lru_cache-wrapped call it traced, on every compile of an apply_spectral_norm model)."""
+    warned of every lru_cache-wrapped call it traced, on every compile of an apply_spectral_norm model).
+    On a GPU the layers' forwards also ask whether their refresh can be captured (answered
+    before any query dynamo cannot trace)."""
     torch.manual_seed(5)
-    eager = apply(_small_discriminator().double())
+    eager = apply(_small_discriminator().double().to(device))
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     for _ in range(2):
-        x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+        x = torch.randn(3, 3, 8, 8, dtype=torch.float64, device=device)
         out_e = eager(x)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -1216,6 +1246,16 @@ for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() and extension.bui
             assert message in str(error), error
         else:
             raise AssertionError(f"no error on {device}: expected {message!r}")
+    # v one element too long for a weight of 2**32 rows: rows * len(v) overflowed int64 and wrapped
+    # to the weight's size, so the check let it through (stride-0 views: no memory behind them).
+    rows = 2**32
+    tall, u_tall, v_long = (torch.ones(1, device=device).expand(n) for n in (rows, rows, rows + 1))
+    try:
+        torch.ops.fastgan_C.spectral_normalize(tall.unsqueeze(1), u_tall, v_long, torch.tensor(2.0, device=device), 0)
+    except RuntimeError as error:
+        assert "do not fit a weight" in str(error), error
+    else:
+        raise AssertionError(f"no error on {device} for a v that does not fit the weight")
     # A zero-size weight: the CPU backward divided by its rows' length, 0 (SIGFPE).
     empty, sigma = weight[:, :0], torch.tensor(2.0, device=device)
     for name, args in (("spectral_normalize_backward", (empty, empty, u, v[:0], sigma, 0)),

@@ -149,7 +149,9 @@ class SpectralNorm(nn.Module):
         if self._pending_buffers is not None:  # a second use in one forward iterates on from the first's u, v
             write_pending_buffers([self])
         steps = self.n_power_iterations if self.training else 0
-        capture = _capture_for(weight.device) if self._replays.enabled and not weight.is_complex() else None
+        # nn.DataParallel's replicas share this layer's _replays (a shallow copy) from threads of their own
+        replica = self.__dict__.get("_is_replica", False)
+        capture = _capture_for(weight.device) if self._replays.enabled and not replica and not weight.is_complex() else None
         if capture is not None:
             backend = ops.multi_layer_backend(weight.device)
             ((u, v, sigma),) = self._replays.refresh(self.training, [self], [weight], steps, backend, capture)
