@@ -243,8 +243,23 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _forced.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _forced_while_tracing() -> Optional[str]:
+    """``use_backend``'s override, read by dynamo as a constant at trace time: dynamo before
+    torch 2.14 cannot trace ``ContextVar.get`` (torch 2.11: ``Unsupported: Dynamo does not know
+    how to trace method `get` of class `ContextVar```), which failed torch.compile(fullgraph=True)
+    of an ``apply_spectral_norm`` model. 2.14 traces it, with a guard that recompiles on a change."""
+    return _forced.get()
+
+
+_DYNAMO_TRACES_CONTEXTVARS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
+
 def forced_backend() -> Optional[str]:
-    name = _forced.get()
+    if _DYNAMO_TRACES_CONTEXTVARS or not torch.compiler.is_compiling():
+        name = _forced.get()
+    else:
+        name = _forced_while_tracing()
     if name is None:
         env = os.environ.get("FASTGAN_BACKEND", "").strip()
         name = _validate_name(env) if env else None

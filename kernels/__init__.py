@@ -10,6 +10,31 @@ import torch
 import triton  # noqa: F401  (fail at import when triton is missing, so backends() can say so)
 import triton.language as tl
 
+
+def _fix_interpreter_index():
+    """Triton < 3.8's interpreter reads a runtime int argument (a 1-element array) as an index with
+    ``int(array)``, which NumPy >= 2.4 refuses (TypeError: only 0-dimensional arrays can be converted
+    to Python scalars): every ``range(0, n, BLOCK)`` over a runtime ``n`` failed under TRITON_INTERPRET=1.
+    Triton 3.8 reads ``int(array.squeeze())``; do the same on older ones."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_fastgan_index_fix", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._fastgan_index_fix = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8):
+    _fix_interpreter_index()
+
 _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 

@@ -135,6 +135,20 @@ needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="triton cannot r
 
 
 @needs_triton
+@pytest.mark.slow
+def test_under_torch_compile_without_contextvar_tracing_the_forced_backend_is_a_trace_constant(monkeypatch):
+    """Dynamo before torch 2.14 cannot trace ContextVar.get, which use_backend's override is:
+    there the override is read once, at trace time, as a constant (torch.compile(fullgraph=True)
+    of an apply_spectral_norm model failed on torch 2.11). That path, taken here on any torch."""
+    monkeypatch.setattr(_backend, "_DYNAMO_TRACES_CONTEXTVARS", False)
+    monkeypatch.delenv("FASTGAN_BACKEND", raising=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x + (1 if _backend.forced_backend() == "reference" else 2), fullgraph=True)
+    with fastgan.use_backend("reference"):
+        assert compiled(torch.zeros(1)).item() == 1
+    torch._dynamo.reset()
+
+
 def test_forcing_a_backend_an_op_lacks_falls_back_to_its_default(monkeypatch):
     monkeypatch.setenv("FASTGAN_BACKEND", "triton")
     default = "cpp" if TRITON_DEVICE == "cpu" else "cuda"
