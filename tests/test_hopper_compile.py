@@ -15,6 +15,7 @@ checks that the tables list every form the launchers' calls take.
 It runs twice: with the installed Triton and with the oldest one fastgan supports,
 which ``make test`` installs into build/triton-oldest (Triton 3.6 refused a float64
 ``tl.dot`` accumulator that 3.8 takes: the GPU machines this project targets run 3.6).
+The oldest Triton's interpreter also runs a kernel, as the CPU tests run them with the installed one.
 The compile runs in a subprocess: the test session sets TRITON_INTERPRET=1 on CPU
 machines, under which ``@triton.jit`` gives interpreter objects that cannot be
 compiled. It takes 10-60 s per Triton on a 2-core CPU the first time (triton caches
@@ -122,6 +123,18 @@ _SPECIALIZATIONS = []
 # ------------------------------------------------------------------ the tests
 
 
+def _use_the_oldest_triton(env) -> str:
+    """Puts build/triton-oldest first on ``env``'s PYTHONPATH and returns its version (skips
+    where there is none)."""
+    found = [name for name in os.listdir(OLDEST_TRITON)] if os.path.isdir(OLDEST_TRITON) else []
+    versions = [m.group(1) for m in map(re.compile(r"triton-(.+)\.dist-info$").match, found) if m]
+    if not versions:  # a machine whose own Triton is the oldest (make gpu-check's), or no `make test`
+        pytest.skip(f"no Triton in {OLDEST_TRITON} (`make test` installs the oldest supported one there)")
+    env["PYTHONPATH"] = os.pathsep.join([OLDEST_TRITON] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    (version,) = versions
+    return version
+
+
 @pytest.mark.parametrize("triton_build", ["installed", "oldest supported"])
 def test_every_triton_kernel_compiles_for_sm90_without_spills(triton_build):
     """One test per Triton (not a fixture shared by several) so that a parallel run compiles once."""
@@ -130,12 +143,7 @@ def test_every_triton_kernel_compiles_for_sm90_without_spills(triton_build):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     expected_version = None
     if triton_build == "oldest supported":
-        found = [name for name in os.listdir(OLDEST_TRITON)] if os.path.isdir(OLDEST_TRITON) else []
-        versions = [m.group(1) for m in map(re.compile(r"triton-(.+)\.dist-info$").match, found) if m]
-        if not versions:  # a machine whose own Triton is the oldest (make gpu-check's), or no `make test`
-            pytest.skip(f"no Triton in {OLDEST_TRITON} (`make test` installs the oldest supported one there)")
-        (expected_version,) = versions
-        env["PYTHONPATH"] = os.pathsep.join([OLDEST_TRITON] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        expected_version = _use_the_oldest_triton(env)
     done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     output = json.loads(done.stdout.splitlines()[-1])
@@ -307,6 +315,31 @@ def test_every_launch_is_a_compiled_specialization(monkeypatch):
     assert not missing, f"{len(missing)} launched specializations are never compiled, e.g.:\n" + "\n".join(
         map(str, missing[:10]))
 
+
+
+_INTERPRETED = """
+import torch, triton, fastgan
+from fastgan.reference import spectral_norm as reference
+print(triton.__version__)
+weight = torch.randn(37, 53, dtype=torch.float64)
+u, v = torch.randn(37, dtype=torch.float64), torch.randn(53, dtype=torch.float64)
+with fastgan.use_backend("triton"):
+    got = torch.ops.fastgan.spectral_norm_power_iteration(weight, u, v, 0, 2, 1e-12, True)
+for a, e in zip(got, reference.power_iteration(weight, u, v, 0, 2, 1e-12, True)):
+    torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+"""
+
+
+def test_the_oldest_triton_runs_the_kernels_in_its_interpreter():
+    """The CPU tests run the Triton kernels in the interpreter of the installed Triton; this runs
+    one with the oldest supported one. Triton < 3.8's interpreter read a runtime int as a loop
+    bound with int() of a 1-element array, which NumPy >= 2.4 refuses: every kernel with a loop
+    over a runtime size failed (fastgan.kernels gives it Triton 3.8's reading)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    version = _use_the_oldest_triton(env)
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [version]
 
 if __name__ == "__main__":
     import triton
