@@ -32,7 +32,7 @@ def _fix_interpreter_index():
     interpreter._patch_lang_tensor = _patch_lang_tensor
 
 
-if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8):
+if torch.torch_version.TorchVersion(triton.__version__) < (3, 8):
     _fix_interpreter_index()
 
 _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}

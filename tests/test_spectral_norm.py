@@ -1238,38 +1238,30 @@ def test_a_nan_weight_gives_nan_u_and_v_as_torch_does(device, backend, u_first):
 _BAD_CALLS_TO_THE_EXTENSION = """
 import torch, fastgan._backend
 extension = fastgan._backend.extension()
+ops = torch.ops.fastgan_C
 for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() and extension.built_with_cuda() else []):
     weight, u, v = torch.randn(6, 4, device=device), torch.randn(6, device=device), torch.randn(4, device=device)
-    for args, eps, message in (((weight, u[:2], v), 1e-12, "u must have shape"),
-                               ((weight[0], u, v), 1e-12, "needs a weight with >= 2 dims"),
-                               ((weight, u, v), -1e-12, "eps must be a finite number >= 0"),
-                               ((weight, u, v), float("nan"), "eps must be a finite number >= 0")):
+    sigma = torch.tensor(2.0, device=device)
+    # v one element too long for a weight of 2**32 rows: rows * len(v) overflowed int64 and wrapped
+    # to the weight's size, so the check let it through (stride-0 views: no memory behind them).
+    tall, u_tall, v_long = (torch.ones(1, device=device).expand(n) for n in (2**32, 2**32, 2**32 + 1))
+    # A zero-size weight: the CPU backward divided by its rows' length, 0 (SIGFPE).
+    empty = weight[:, :0]
+    for op, args, message in (
+        (ops.spectral_norm_power_iteration, (weight, u[:2], v, 0, 1, 1e-12, True), "u must have shape"),
+        (ops.spectral_norm_power_iteration, (weight[0], u, v, 0, 1, 1e-12, True), "needs a weight with >= 2 dims"),
+        (ops.spectral_norm_power_iteration, (weight, u, v, 0, 1, -1e-12, True), "eps must be a finite number >= 0"),
+        (ops.spectral_norm_power_iteration, (weight, u, v, 0, 1, float("nan"), True), "eps must be a finite number >= 0"),
+        (ops.spectral_normalize, (tall.unsqueeze(1), u_tall, v_long, sigma, 0), "do not fit a weight"),
+        (ops.spectral_normalize_backward, (empty, empty, u, v[:0], sigma, 0), "zero-size weight"),
+        (ops.spectral_normalize, (empty, u, v[:0], sigma, 0), "zero-size weight"),
+    ):
         try:
-            torch.ops.fastgan_C.spectral_norm_power_iteration(*args, 0, 1, eps, True)
+            op(*args)
         except RuntimeError as error:
             assert message in str(error), error
         else:
-            raise AssertionError(f"no error on {device}: expected {message!r}")
-    # v one element too long for a weight of 2**32 rows: rows * len(v) overflowed int64 and wrapped
-    # to the weight's size, so the check let it through (stride-0 views: no memory behind them).
-    rows = 2**32
-    tall, u_tall, v_long = (torch.ones(1, device=device).expand(n) for n in (rows, rows, rows + 1))
-    try:
-        torch.ops.fastgan_C.spectral_normalize(tall.unsqueeze(1), u_tall, v_long, torch.tensor(2.0, device=device), 0)
-    except RuntimeError as error:
-        assert "do not fit a weight" in str(error), error
-    else:
-        raise AssertionError(f"no error on {device} for a v that does not fit the weight")
-    # A zero-size weight: the CPU backward divided by its rows' length, 0 (SIGFPE).
-    empty, sigma = weight[:, :0], torch.tensor(2.0, device=device)
-    for name, args in (("spectral_normalize_backward", (empty, empty, u, v[:0], sigma, 0)),
-                       ("spectral_normalize", (empty, u, v[:0], sigma, 0))):
-        try:
-            getattr(torch.ops.fastgan_C, name)(*args)
-        except RuntimeError as error:
-            assert "zero-size weight" in str(error), error
-        else:
-            raise AssertionError(f"no error from {name} on {device} for a zero-size weight")
+            raise AssertionError(f"no error from {op} on {device}: expected {message!r}")
     print(device, "ok")
 """
 

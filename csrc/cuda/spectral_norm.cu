@@ -583,12 +583,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(at::TensorLi
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "spectral_norm_power_iteration", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     PowerIteration<scalar_t> it;
-    it.stream = at::cuda::getCurrentCUDAStream();
+    const c10::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+    it.stream = stream;
     // An eviction frees the table back to the stream it was built on, whose next allocation
     // may reuse it at once: a launch on another stream must be waited for first.
-    if (it.stream != table.built_on) {
-      c10::cuda::CUDACachingAllocator::recordStream(table.table.storage().data_ptr(), at::cuda::getCurrentCUDAStream());
-    }
+    if (it.stream != table.built_on) c10::cuda::CUDACachingAllocator::recordStream(table.table.storage().data_ptr(), stream);
     it.num_layers = num_layers;
     it.num_row_blocks = table.num_row_blocks;
     it.num_reduce_blocks = table.num_reduce_blocks;
