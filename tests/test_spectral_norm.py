@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgan
 import importlib
@@ -183,6 +184,62 @@ def test_strided_weights_are_read_in_place(device, backend, monkeypatch):
     for passed, (w, _, dense) in zip(seen[0], layers):
         assert passed.is_contiguous()
         assert (passed.data_ptr() == w.data_ptr()) == dense, "a dense weight was copied (or a slice was not)"
+
+
+class _AtenCalls(TorchDispatchMode):
+    """The aten ops a call runs, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS["cpu"])
+def test_a_strided_layouts_columns_move_by_views_and_a_copy(backend):
+    """A weight whose columns are not in W_mat's order (channels-last) has v reordered by a
+    permuted view and one copy: no index tensor is built (nor cached on a device, where freeing
+    it would race a launch queued on another stream or a captured graph's replay)."""
+    op = importlib.import_module("fastgan.ops.spectral_norm")
+    layers = _strided_layers("cpu")[:2]  # both reorder their columns
+    weights = [w for w, _, _ in layers]
+    dims = [d for _, d, _ in layers]
+    us = [_unit(w.shape[d], w.dtype, "cpu") for w, d, _ in layers]
+    vs = [_unit(w.numel() // w.shape[d], w.dtype, "cpu") for w, d, _ in layers]
+    op._layout.cache_clear()
+    with fastgan.use_backend(backend), _AtenCalls() as calls:
+        got = op._power_iteration_multi(weights, us, vs, dims, 2, 1e-12, True)
+    assert not {"arange", "sort", "argsort", "index", "gather"} & set(calls.names), calls.names
+    as64 = lambda xs: [x.double() for x in xs]  # noqa: E731
+    expected = reference.power_iteration_multi(as64(weights), as64(us), as64(vs), dims, 2, 1e-12, True)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.double(), e, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=CUDA_ONLY) for b in KERNEL_BACKENDS["cuda"]])
+def test_a_strided_layout_met_first_in_a_capture_is_right_outside_it(backend):
+    """A layout whose column order the op first works out while a CUDA graph is captured: the
+    eager call after the capture (before any replay) reads v in the right order."""
+    op = importlib.import_module("fastgan.ops.spectral_norm")
+    w = torch.randn(37, 5, 3, 3, device="cuda").to(memory_format=torch.channels_last)
+    u, v = _unit(37, w.dtype, "cuda"), _unit(45, w.dtype, "cuda")
+    expected = reference.power_iteration(w, u, v, 0, 1, 1e-12, True)
+    with fastgan.use_backend(backend):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            OPS.spectral_norm_power_iteration(w, u, v, 0, 1, 1e-12, True)  # builds the layer table
+        torch.cuda.current_stream().wait_stream(side)
+        op._layout.cache_clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            OPS.spectral_norm_power_iteration(w, u, v, 0, 1, 1e-12, True)
+        got = OPS.spectral_norm_power_iteration(w, u, v, 0, 1, 1e-12, True)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_triton_layer_table_is_built_once_per_set_of_weights():

@@ -141,53 +141,58 @@ _POWER_ITERATION_MULTI = _backend.register(
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(shape: Tuple[int, ...], stride: Tuple[int, ...], dim: int, device: torch.device):
+def _layout(shape: Tuple[int, ...], stride: Tuple[int, ...], dim: int):
     """How the kernels read a weight of this layout in place: (permutation P of its dims with
-    W.permute(P) contiguous, the dim's position in it, and the column permutation (K,) with
-    W.permute(P)'s matrix = W_mat[:, perm], or None when the columns keep their order);
-    None when the weight is not dense and must be copied. Cached per layout, kept on the device."""
-    probe = torch.empty_strided(shape, stride, device="meta")
-    order = _backend.memory_order(probe)
+    W.permute(P) contiguous, the dim's position in it, and how the columns move), or None when
+    the weight is not dense and must be copied. The columns move as a permutation of the other
+    dims: (their sizes in W_mat's order, the permutation to memory order, their sizes in memory
+    order, the permutation back), or None when the columns keep their order. Only ints: v is
+    reordered by views and one copy, so no index tensor is kept on a device, where a cached one
+    would be freed under a queued launch on another stream or a captured graph."""
+    order = _backend.memory_order(torch.empty_strided(shape, stride, device="meta"))
     if order is None:
         return None
     others = [i for i in range(len(shape)) if i != dim]
     others_in_memory = [i for i in order if i != dim]
-    perm = None
+    columns = None
     if others_in_memory != others:
-        columns = torch.arange(probe.numel() // shape[dim], device=device).reshape([shape[i] for i in others])
-        perm = columns.permute([others.index(i) for i in others_in_memory]).reshape(-1)
-        perm = (perm, torch.argsort(perm))
-    return order, order.index(dim), perm
+        columns = (
+            [shape[i] for i in others], [others.index(i) for i in others_in_memory],
+            [shape[i] for i in others_in_memory], [others_in_memory.index(i) for i in others],
+        )
+    return order, order.index(dim), columns
 
 
 def _in_place(weights: Sequence[Tensor], vs: Sequence[Tensor], dims: Sequence[int]):
     """The kernels' view of each layer (contiguous, read in place -- channels-last and other
-    dense layouts included), v in that view's column order, and the column permutations to
-    undo. Only non-dense weights (slices with gaps) are copied: the kernels read rows as
-    runs of a dense (A, M, B) block."""
-    views, v_views, perms, new_dims = [], [], [], []
+    dense layouts included), v in that view's column order, and the column moves to undo.
+    Only non-dense weights (slices with gaps) are copied: the kernels read rows as runs of a
+    dense (A, M, B) block."""
+    views, v_views, moves, new_dims = [], [], [], []
     for w, v, d in zip(weights, vs, dims):
-        layout = ((), d, None) if w.is_contiguous() else _layout(tuple(w.shape), tuple(w.stride()), d, w.device)
+        layout = ((), d, None) if w.is_contiguous() else _layout(tuple(w.shape), tuple(w.stride()), d)
         if layout is None:
             views.append(w.contiguous())
             v_views.append(v)
-            perms.append(None)
+            moves.append(None)
             new_dims.append(d)
             continue
-        order, dim_in_view, perm = layout
+        order, dim_in_view, columns = layout
         views.append(w.permute(order) if order else w)
         new_dims.append(dim_in_view)
-        perms.append(perm)
-        v_views.append(v if perm is None else v[perm[0]])
-    return views, v_views, new_dims, perms
+        moves.append(columns)
+        v_views.append(v if columns is None else v.reshape(columns[0]).permute(columns[1]).reshape(-1))
+    return views, v_views, new_dims, moves
 
 
-def _columns_back(v_out: Tensor, perms, sizes: Sequence[int]) -> Tensor:
-    """Undo the column permutations of :func:`_in_place` on the concatenated v."""
-    if all(p is None for p in perms):
+def _columns_back(v_out: Tensor, moves, sizes: Sequence[int]) -> Tensor:
+    """Undo the column moves of :func:`_in_place` on the concatenated v."""
+    if all(m is None for m in moves):
         return v_out
     parts = v_out.split(list(sizes))
-    return torch.cat([part if p is None else part[p[1]] for part, p in zip(parts, perms)])
+    return torch.cat([
+        part if m is None else part.reshape(m[2]).permute(m[3]).reshape(-1) for part, m in zip(parts, moves)
+    ])
 
 
 def _power_iteration(
@@ -199,9 +204,9 @@ def _power_iteration(
     impl = _POWER_ITERATION.impls[backend]
     if backend == "reference":  # plain torch reads any layout
         return impl(weight, u, v, dim, n_power_iterations, eps, u_first)
-    (view,), (v_view,), (view_dim,), perms = _in_place([weight], [v.contiguous()], [dim])
+    (view,), (v_view,), (view_dim,), moves = _in_place([weight], [v.contiguous()], [dim])
     u_out, v_out, sigma = impl(view, u.contiguous(), v_view, view_dim, n_power_iterations, eps, u_first)
-    return u_out, _columns_back(v_out, perms, [v.numel()]), sigma
+    return u_out, _columns_back(v_out, moves, [v.numel()]), sigma
 
 
 spectral_norm_power_iteration = torch.library.custom_op("fastgan::spectral_norm_power_iteration", mutates_args=())(
@@ -233,9 +238,9 @@ def _power_iteration_multi(
     vs = [v.contiguous() for v in vs]
     if backend == "reference":  # plain torch reads any layout
         return impl(weights, us, vs, dims, n_power_iterations, eps, u_first)
-    views, v_views, view_dims, perms = _in_place(weights, vs, dims)
+    views, v_views, view_dims, moves = _in_place(weights, vs, dims)
     u_out, v_out, sigma = impl(views, us, v_views, view_dims, n_power_iterations, eps, u_first)
-    return u_out, _columns_back(v_out, perms, [v.numel() for v in vs]), sigma
+    return u_out, _columns_back(v_out, moves, [v.numel() for v in vs]), sigma
 
 
 spectral_norm_power_iteration_multi = torch.library.custom_op(
