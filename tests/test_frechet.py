@@ -441,6 +441,42 @@ def test_round_off_asymmetry_and_negativity_are_accepted():
         assert float(ops.frechet_distance(mu, accepted, mu + 0.1, sigma)) == expected > 0
 
 
+@pytest.mark.parametrize("method", ops.METHODS[1:])
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+@pytest.mark.parametrize("collapse", ["zeros", "one-sample", "one-sample-float64"])
+def test_a_collapsed_generator_gets_a_finite_fid(collapse, device, backend, method):
+    """Fakes that are all one feature vector have Σ = 0 up to the round-off of the one-pass
+    covariance (which grows with ‖μ‖², here ~1e-15 against a variance of 0): FID is then
+    ‖μ_real − x‖² + tr Σ_real, as pytorch-fid gives, not a refusal of Σ as indefinite."""
+    real = torch.rand(300, 17, device=device) + 0.5
+    one = torch.zeros(17, device=device) if collapse == "zeros" else real[1]
+    fake = one.to(torch.float64 if collapse.endswith("float64") else torch.float32).expand(101, 17)
+    expected = float(((real.double().mean(0) - one.double()) ** 2).sum() + torch.cov(real.double().T).trace())
+    with fastgan.use_backend(backend):
+        metric = FID(feature_dim=17, method=method).to(device)
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+        assert float(metric.compute()) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ops.METHODS[1:])
+def test_float32_covariances_of_fewer_samples_than_features_are_accepted(method):
+    """A float32 covariance of n < d strongly correlated features is singular, and float32
+    round-off leaves eigenvalues of either sign around 0: here down to ~4e-6 of the largest
+    variance (the common component's eigenvalue is far above every variance), ~4e-9 of tr Σ.
+    Accepted, and the distance within float32's precision of the float64 statistics' one."""
+    generator = torch.Generator().manual_seed(3)
+    common = torch.rand(100, 1, generator=generator, dtype=torch.float64)
+    features = [torch.relu(10 * common + torch.randn(100, 400, generator=generator, dtype=torch.float64))
+                for _ in range(2)]
+    as64 = [(x.mean(0), torch.cov(x.T)) for x in features]
+    as32 = [(x.float().mean(0), torch.cov(x.float().T)) for x in features]
+    sigma = as32[1][1].double()
+    assert float(torch.linalg.eigvalsh(sigma)[0]) < -1e-6 * float(sigma.diagonal().max())  # the case
+    expected = float(ops.frechet_distance(*as64[0], *as64[1], method))
+    assert float(ops.frechet_distance(*as32[0], *as32[1], method)) == pytest.approx(expected, rel=1e-4)
+
+
 def test_asymmetric_statistics_no_longer_give_a_silent_value():
     mu, sigma = _valid()
     skewed = sigma + 0.05 * _antisymmetric(len(mu))
@@ -683,6 +719,35 @@ def test_metric_states_follow_to_through_reset_and_reach_nccl_on_a_gpu(monkeypat
     for backend, expected in (("nccl", torch.device("cuda", 0)), ("gloo", torch.device("cpu"))):
         monkeypatch.setattr(base.dist, "get_backend", lambda group=None: backend)
         assert base._collective_device(None, torch.device("cpu")) == expected  # NCCL moves GPU tensors only
+
+
+def test_metric_to_moves_the_feature_extractor_and_refuses_a_dtype():
+    """As a torchmetrics metric's .to moves its network: the extractor's parameters follow the
+    states; a dtype is refused by name (the states are float64 sums), not by torch.device."""
+    extractor = torch.nn.Linear(12, 4)
+    metric = FID(extractor, feature_dim=4).to("meta")
+    assert extractor.weight.device.type == "meta"
+    assert {state.device.type for state in metric.reduced_states().values()} == {"meta"}
+    with pytest.raises(TypeError, match=r"FID.to takes a device, got the dtype torch.float64"):
+        metric.to(torch.float64)
+
+
+def test_an_empty_batch_adds_nothing_and_keeps_the_batch_numbers():
+    """A (0, d) batch -- a process's empty shard -- is no error (KID takes it too) and adds
+    nothing; a later bad batch is still named by its place among the update calls."""
+    real, fake = torch.rand(40, 6, dtype=torch.float64), torch.rand(30, 6, dtype=torch.float64) + 0.2
+    metric = FID(feature_dim=6)
+    metric.update(real[:0], real=True)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    metric.update(fake[:0], real=False)
+    expected = frechet_distance(FeatureStatistics().update(real), FeatureStatistics().update(fake))
+    assert metric.compute() == expected
+    with pytest.raises(ValueError, match="batch 5"):
+        metric.update(torch.full((2, 6), float("nan")), real=False)
+    stats = FeatureStatistics().update(real[:0]).update(real)
+    assert (stats.count, stats.batches) == (40, 2)
+    torch.testing.assert_close(stats.covariance, torch.cov(real.T), rtol=1e-12, atol=1e-14)
 
 
 def _fid_worker(rank, world, init_file, real, fake, result_file):

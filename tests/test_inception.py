@@ -93,6 +93,7 @@ def test_preprocess_is_pytorch_fids_resize_and_scaling():
     (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "float images"),
     (torch.rand(2, 3, 16, 16) * 2 - 1, r"images in \[0, 1\], got values in \[-.*map tanh outputs with \(x \+ 1\) / 2"),
     (torch.rand(2, 3, 16, 16) * 255, r"got values in \[\d.*, \d{2,}.*\]; .*x / 255"),
+    (torch.rand(2, 3, 16, 16).index_put_((torch.tensor([1]),), torch.tensor(float("nan"))), "images that contain NaN"),
 ])
 def test_bad_images_are_rejected(bad, message):
     with pytest.raises(ValueError, match=message):

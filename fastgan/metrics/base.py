@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 State = Union[Tensor, List[Tensor]]
 
@@ -94,10 +94,18 @@ class Metric:
             setattr(self, name, [] if self._reductions[name] == "cat" else default.to(device=self._device, copy=True))
 
     def to(self, device) -> "Metric":
+        """The states, and any network the metric holds (FID's feature extractor, when it is an
+        ``nn.Module``), moved to ``device``. States keep their dtypes (sums are float64)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"{type(self).__name__}.to takes a device, got the dtype {device}; a metric's states "
+                            "keep their own dtypes (its sums are float64 whatever the inputs)")
         self._device = torch.device(device)
         for name, reduction in self._reductions.items():
             value = getattr(self, name)
             setattr(self, name, [t.to(device) for t in value] if reduction == "cat" else value.to(device))
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                value.to(device)
         return self
 
     def reduced_states(self) -> Dict[str, Tensor]:

@@ -52,13 +52,15 @@ class FeatureStatistics:
         if features.dim() != 2:
             raise ValueError(f"features must be (N, d), got shape {tuple(features.shape)} in batch {self.batches + 1}")
         check_floating_finite("features", features, self.batches + 1)
+        self.batches += 1
+        if features.shape[0] == 0:  # nothing to add (a process's empty shard), as KID takes it
+            return self
         total, outer = ops.feature_moments(features)
         if self._total is None:
             self._total, self._outer = total, outer
         else:
             self._total, self._outer = self._total + total, self._outer + outer
         self.count += features.shape[0]
-        self.batches += 1
         self._mean = self._covariance = self._factor = None
         self._checked = False
         return self
@@ -222,12 +224,14 @@ class FID(Metric):
             source = "the feature extractor's output" if self.feature_extractor is not None else "features"
             raise ValueError(f"FID(feature_dim={self.feature_dim}).update: {source} must have shape "
                              f"(N, {self.feature_dim}), got {tuple(features.shape)} in batch {self._batches + 1}")
+        self._batches += 1
+        if features.shape[0] == 0:  # nothing to add (a process's empty shard), as KID takes it
+            return
         side = "real" if real else "fake"
         total, outer = ops.feature_moments(features)
         setattr(self, f"{side}_count", getattr(self, f"{side}_count") + features.shape[0])
         setattr(self, f"{side}_total", getattr(self, f"{side}_total") + total.to(getattr(self, f"{side}_total").device))
         setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + outer.to(getattr(self, f"{side}_outer").device))
-        self._batches += 1
 
     def _statistics(self, states, side: str) -> FeatureStatistics:
         stats = FeatureStatistics(source=f"the {side} features",

@@ -59,6 +59,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import importlib.util
+import math
 import os
 import urllib.error
 import urllib.request
@@ -361,6 +362,8 @@ class InceptionV3(nn.Module):
             )
         if images.numel() and not torch.compiler.is_compiling():
             low, high = (float(x) for x in torch.aminmax(images.detach()))
+            if math.isnan(low) or math.isnan(high):  # aminmax propagates NaN; no range test fails on it
+                raise ValueError("InceptionV3 got images that contain NaN")
             if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
                 raise ValueError(f"InceptionV3 expects images in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
                                  "map tanh outputs with (x + 1) / 2, pixels in [0, 255] with x / 255")

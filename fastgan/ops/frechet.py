@@ -79,7 +79,7 @@ MIXED_REFINEMENT_MAX_STEPS = 6
 MIXED_TOLERANCE = 1e-7  # accepted estimated error in FID, relative to tr Σ1 + tr Σ2
 MIXED_ERROR_MARGIN = 4  # times the estimate (it came within 2x of the true error, from below or above)
 SYMMETRY_TOLERANCE = 1e-6  # max |Σ − Σᵀ| relative to max |Σ|
-PSD_TOLERANCE = 1e-6  # most negative eigenvalue accepted, relative to the largest variance max Σ_ii
+PSD_TOLERANCE = 1e-6  # most negative eigenvalue accepted, relative to tr Σ + ‖μ‖² (float64 Σ; 8 ε for coarser dtypes)
 ROUND_OFF = 1e-6  # negative FID clamped to 0 up to this, relative to ‖μ1 − μ2‖² + tr Σ1 + tr Σ2
 
 
@@ -307,12 +307,17 @@ trace_sqrt_product.register_autograd(_trace_backward, setup_context=_trace_setup
 def check_statistics(mean: Tensor, sigma: Tensor, name: str = "statistics") -> None:
     """Raise ValueError, naming ``name``, unless (μ, Σ) are finite FID statistics: μ of
     shape (d,), Σ (d, d), symmetric within :data:`SYMMETRY_TOLERANCE` (relative to the
-    largest |Σ_ij|) and positive semi-definite within :data:`PSD_TOLERANCE` (no eigenvalue
-    below −PSD_TOLERANCE · max Σ_ii). Costs one Cholesky factorization."""
+    largest |Σ_ij|) and positive semi-definite up to round-off: no eigenvalue below
+    −max(:data:`PSD_TOLERANCE`, 8 ε of Σ's dtype) · (tr Σ + ‖μ‖²). That scale is the features'
+    mean square E‖x‖², which bounds the round-off of a covariance computed from them (in one
+    pass its error grows with ‖μ‖², not with the spread), so a collapsed generator's Σ ≈ 0
+    and float32 covariances of fewer samples than dimensions pass. Costs one Cholesky
+    factorization."""
     if sigma.dim() != 2 or sigma.shape[0] != sigma.shape[1] or sigma.shape[0] == 0:
         raise ValueError(f"{name}: the covariance must be a non-empty square matrix, got shape {tuple(sigma.shape)}")
     if mean.shape != (sigma.shape[0],):
         raise ValueError(f"{name}: the mean has shape {tuple(mean.shape)}, the covariance {tuple(sigma.shape)}")
+    tolerance = max(PSD_TOLERANCE, 8 * torch.finfo(sigma.dtype).eps) if sigma.is_floating_point() else PSD_TOLERANCE
     with torch.no_grad():
         mean, sigma = mean.detach().double(), sigma.detach().double()
         for what, value in (("mean", mean), ("covariance", sigma)):
@@ -323,9 +328,10 @@ def check_statistics(mean: Tensor, sigma: Tensor, name: str = "statistics") -> N
         if asymmetry > SYMMETRY_TOLERANCE * largest:
             raise ValueError(f"{name}: the covariance is not symmetric (max |Σ − Σᵀ| = {asymmetry:.3g}, "
                              f"max |Σ| = {largest:.3g}); a covariance matrix is symmetric")
-        # Σ + ε·max Σ_ii·I is positive definite (Cholesky succeeds) iff no eigenvalue of Σ is
-        # below −ε·max Σ_ii: one Cholesky instead of an eigendecomposition for singular Σ
-        shift = PSD_TOLERANCE * float(sigma.diagonal().max().clamp(min=0))
+        # Σ + t·I is positive definite (Cholesky succeeds) iff no eigenvalue of Σ is below −t:
+        # one Cholesky instead of an eigendecomposition for singular Σ; t > 0 even for Σ = 0
+        mean_square = float(sigma.diagonal().clamp(min=0).sum() + mean @ mean)
+        shift = max(tolerance * mean_square, torch.finfo(torch.float64).tiny)
         shifted = (sigma + sigma.T) / 2 + shift * torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
         if int(torch.linalg.cholesky_ex(shifted)[1]) != 0:
             eigenvalues = torch.linalg.eigvalsh((sigma + sigma.T) / 2)  # only to say what is wrong
