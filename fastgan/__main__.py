@@ -19,8 +19,10 @@ tf-bilinear (TF FID / StyleGAN / torch-fidelity / torchmetrics) or pil-bicubic
 ``fastgan.metrics.inception`` (``--weights``, ``FASTGAN_INCEPTION``, or a download).
 Formulas, conventions and defaults: docs/ in the repository (docs/README.md).
 
-Exit status: 0 done, 1 error (one line on stderr), 2 usage error, 75 stopped by Ctrl-C or
-SIGTERM with a checkpoint to --resume from (train, study), 130 Ctrl-C (in train and study: a second one).
+Exit status: 0 done, 1 error (one line on stderr), 2 usage error, 3 the run diverged (train:
+NaN or Inf losses or images; it stopped there and summary.json says so; a study records such a trial
+and goes on), 75 stopped by Ctrl-C or SIGTERM with a checkpoint to --resume from (train, study),
+130 Ctrl-C (in train and study: a second one).
 """
 from __future__ import annotations
 
@@ -200,7 +202,7 @@ def command_kid(args) -> None:
 
 def command_train(args) -> int:
     from fastgan.train.config import load_config
-    from fastgan.train.runtime import EXIT_INTERRUPTED, Runtime
+    from fastgan.train.runtime import EXIT_DIVERGED, EXIT_INTERRUPTED, Runtime
     from fastgan.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
@@ -217,20 +219,24 @@ def command_train(args) -> int:
         runtime.close()
     if runtime.rank == 0:
         _print_run_outputs(summary)
+    if summary["diverged_at"] is not None:
+        return EXIT_DIVERGED
     # A stop signal ended the run early (checkpointed): a distinct status, so schedulers can requeue.
     return 0 if summary["finished"] else EXIT_INTERRUPTED
 
 
 def _print_run_outputs(summary: dict) -> None:
     out = Path(summary["out_dir"])
-    fid = summary["final_fid"]
-    print(f"step {summary['step']}/{summary['steps']}" + (f", FID {fid:.3f}" if fid is not None else ""))
+    fid, diverged = summary["final_fid"], summary["diverged_at"] is not None
+    print(f"step {summary['step']}/{summary['steps']}" + (f", FID {fid:.3f}" if fid is not None else "")
+          + (", diverged" if diverged else ""))
     if summary["best_fid"] is not None:
         print(f"best FID {summary['best_fid']:.3f} at step {summary['best_step']} (generator in {out / 'best.pt'})")
     for name, what in (("samples.png", "latest sample grid"), ("samples", "sample grids by step"),
                        ("curves.png", "losses and FID against step"), ("metrics.jsonl", "metrics, one JSON line per log step"),
                        ("tensorboard", "TensorBoard scalars (tensorboard --logdir ...)"),
-                       ("checkpoint.pt", "checkpoint (continue with --resume)")):
+                       ("checkpoint.pt", "checkpoint of the diverged run (a resume does not train it further)" if diverged
+                        else "checkpoint (continue with --resume)")):
         if (out / name).exists():
             print(f"  {out / name}: {what}")
 

@@ -36,6 +36,10 @@ from torch import Tensor, nn
 _DEFAULT_OUTPUT_ELEMENTS_PER_CALL = 2**24
 
 
+class NonFiniteJacobian(ValueError):
+    """G's Jacobian has NaN or Inf entries (a diverged G): there are no singular values."""
+
+
 def check_latent(z: Tensor, where: str) -> None:
     """z must be a finite, floating-point (B, n_z) batch with B, n_z >= 1."""
     if not isinstance(z, Tensor):
@@ -117,7 +121,7 @@ def jacobian_singular_values(G: Callable[[Tensor], Tensor], z: Tensor, *, chunk_
             )
             jacobian_t = columns.reshape(n_z, group.shape[0], n_out).transpose(0, 1).to(torch.float64)  # (b, n_z, n_out)
             if not torch.isfinite(jacobian_t).all():
-                raise ValueError(f"{where}: the Jacobian of G has non-finite entries (samples {start}..{start + group.shape[0] - 1})")
+                raise NonFiniteJacobian(f"{where}: the Jacobian of G has non-finite entries (samples {start}..{start + group.shape[0] - 1})")
             gram = jacobian_t @ jacobian_t.mT if n_z <= n_out else jacobian_t.mT @ jacobian_t
             squared = torch.linalg.eigvalsh(gram).flip(-1)
             rows.append(squared.clamp_min(0).sqrt())  # round-off can make a zero eigenvalue slightly negative

@@ -9,13 +9,14 @@ The temporary file is created with mode 0666 less the process umask, like any fi
 ``open()`` creates, so the renamed file has the permissions the user's other outputs
 have (``tempfile.mkstemp`` would make it 0600). A SIGKILL between creation and rename
 leaves ``.NAME.XXXXXXXX.part`` behind; :func:`remove_stale_parts` deletes those of a
-file that only one process writes, when that process starts.
+folder that only one process writes, when that process starts.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -26,6 +27,9 @@ PART_SUFFIX = ".part"
 
 def _partial_name(path: Path) -> str:
     return f".{path.name}.{secrets.token_hex(4)}{PART_SUFFIX}"
+
+
+_PARTIAL_NAME = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(PART_SUFFIX))
 
 
 def _create_partial(path: Path) -> Path:
@@ -93,15 +97,14 @@ def file_hash(path: Path, algorithm: str):
     return digest
 
 
-def remove_stale_parts(path: Path) -> List[Path]:
-    """Delete the temporary files that killed writes of ``path`` left beside it; returns them.
+def remove_stale_parts(folder: Path) -> List[Path]:
+    """Delete the temporary files that killed writes left in ``folder`` (not below it); returns them.
 
-    Only for files that a single process writes (a run's checkpoints and summary, called
-    when the run starts): with several concurrent writers it could delete a live one."""
-    if not path.parent.is_dir():
+    Only for folders whose files a single process writes (a run's out_dir, when the run
+    starts): with several concurrent writers it could delete a live one."""
+    if not Path(folder).is_dir():
         return []
-    prefix = f".{path.name}."
-    stale = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(PART_SUFFIX) and p.is_file()]
+    stale = [p for p in Path(folder).iterdir() if _PARTIAL_NAME.fullmatch(p.name) and p.is_file()]
     for partial in stale:
         partial.unlink(missing_ok=True)
     return stale

@@ -262,11 +262,13 @@ def test_folder_decodes_crops_and_caches(image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(PIL.Image, "open", no_decoding)
     cached = load_dataset("folder", root=str(image_folder), image_size=8, cache_dir=str(cache_dir))
     np.testing.assert_array_equal(cached.images, images.images)
+    assert cached.identity == images.identity != images.name  # what FID statistics caches are keyed on
     monkeypatch.undo()
 
     PIL.Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(image_folder / "a" / "new.webp")
     grown = load_dataset("folder", root=str(image_folder), image_size=8, cache_dir=str(cache_dir))
     assert len(grown) == 4 and len(_cache_files(cache_dir)) == 2
+    assert grown.name == images.name and grown.identity != images.identity
 
 
 def test_folder_reads_16_bit_and_transparent_images_as_the_metrics_do(tmp_path):

@@ -42,16 +42,22 @@ def test_atomic_folder_failure_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_remove_stale_parts_removes_only_that_files_parts(tmp_path):
-    target = tmp_path / "checkpoint.pt"
-    stale = [tmp_path / ".checkpoint.pt.0a1b2c3d.part", tmp_path / ".checkpoint.pt.ffffffff.part"]
-    kept = [tmp_path / ".best.pt.0a1b2c3d.part", tmp_path / "checkpoint.pt", tmp_path / "checkpoint.pt.part",
-            tmp_path / ".checkpoint.pt.notes"]
-    for path in stale + kept:
+def test_remove_stale_parts_removes_only_killed_writes_parts(tmp_path):
+    stale = [tmp_path / ".checkpoint.pt.0a1b2c3d.part", tmp_path / ".checkpoint.pt.ffffffff.part",
+             tmp_path / ".curves.png.12345678.part"]
+    kept = [tmp_path / "checkpoint.pt", tmp_path / "checkpoint.pt.part", tmp_path / ".checkpoint.pt.notes",
+            tmp_path / ".notes.part", tmp_path / ".curves.png.1234567.part", tmp_path / "samples"]
+    for path in stale + kept[:-1]:
         path.write_bytes(b"x")
-    assert sorted(remove_stale_parts(target)) == sorted(stale)
+    kept[-1].mkdir()
+    (kept[-1] / ".step-0000001.png.0a1b2c3d.part").write_bytes(b"x")  # another folder: not this call's
+    assert sorted(remove_stale_parts(tmp_path)) == sorted(stale)
     assert sorted(tmp_path.iterdir()) == sorted(kept)
-    assert remove_stale_parts(tmp_path / "missing" / "checkpoint.pt") == []
+    assert remove_stale_parts(tmp_path / "missing") == []
+    with atomic_file(kept[-1] / "written.txt") as partial:  # the names atomic_file gives its partial files
+        partial.write_text("x")
+        assert partial in remove_stale_parts(kept[-1])
+        partial.write_text("x")  # (for the rename at the block's end)
 
 
 def test_atomic_file_never_reuses_an_existing_name(tmp_path, monkeypatch):

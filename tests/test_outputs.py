@@ -56,6 +56,25 @@ def test_tensorboard_gets_one_events_file_per_process_that_logs(tmp_path):
     assert [r["step"] for r in resumed.records] == [1, 2, 3]
 
 
+def test_a_resume_purges_from_tensorboard_only_the_points_after_its_checkpoint(tmp_path):
+    """A killed run logged steps 1-4 after its checkpoint at 2; the resumed run logs 3 again.
+    TensorBoard shows 1, 2 (kept: logged before the checkpoint, as metrics.jsonl keeps them)
+    and the resumed 3; the purge used to take step 2 with it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    killed = MetricsLog(tmp_path)
+    for step in range(1, 5):
+        killed.write(step, {"d_loss": float(step)})
+    killed.close()
+    resumed = MetricsLog(tmp_path, resume_step=2)
+    resumed.write(3, {"d_loss": 30.0})
+    resumed.close()
+    shown = EventAccumulator(str(tmp_path / "tensorboard"))
+    shown.Reload()
+    assert [(e.step, e.value) for e in shown.Scalars("d_loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [(r["step"], r["d_loss"]) for r in resumed.records] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 def test_rewriting_the_log_on_resume_never_loses_it(tmp_path, monkeypatch):
     """A resume rewrites metrics.jsonl without the records after its checkpoint; a full disk (or a
     kill) during that rewrite used to leave the run's whole history truncated."""

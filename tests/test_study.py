@@ -18,6 +18,7 @@ class FakeTrainer:
 
     runs = []
     stop_after = None  # a number of steps at which a 'stop signal' arrives
+    diverging = ()  # losses whose trials diverge at step 5
 
     def __init__(self, config, resume):
         assert resume
@@ -27,20 +28,22 @@ class FakeTrainer:
         config = self.config
         FakeTrainer.runs.append(config)
         steps = config.steps if FakeTrainer.stop_after is None else FakeTrainer.stop_after
-        summary = {"step": steps, "steps": config.steps, "finished": steps >= config.steps,
-                   "final_fid": FID_BY_LOSS[config.loss] + config.steps, "best_fid": None, "best_step": None,
-                   "out_dir": config.out_dir}
+        diverged_at = 5 if config.loss in FakeTrainer.diverging else None
+        steps = steps if diverged_at is None else diverged_at
+        summary = {"step": steps, "steps": config.steps, "finished": steps >= config.steps, "diverged_at": diverged_at,
+                   "final_fid": None if diverged_at else FID_BY_LOSS[config.loss] + config.steps, "best_fid": None,
+                   "best_step": None, "out_dir": config.out_dir}
         out = Path(config.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "checkpoint.pt").write_bytes(b"")
-        if summary["finished"]:
+        if summary["finished"] or diverged_at is not None:
             (out / SUMMARY).write_text(json.dumps(summary))
         return summary
 
 
 @pytest.fixture(autouse=True)
 def fake_trainer(monkeypatch):
-    FakeTrainer.runs, FakeTrainer.stop_after = [], None
+    FakeTrainer.runs, FakeTrainer.stop_after, FakeTrainer.diverging = [], None, ()
     monkeypatch.setattr(study_module, "Trainer", FakeTrainer)
     return FakeTrainer
 
@@ -129,6 +132,17 @@ def test_an_interrupted_trial_stops_the_study(tmp_path):
     assert run_study(read_study(grid)) is False
     assert [c.loss for c in FakeTrainer.runs] == ["ns"]  # the next trial was not started
     assert [t.status for t in read_study(grid).trials] == ["started", "to run"]
+
+
+def test_a_diverged_trial_is_a_result_and_the_study_goes_on(tmp_path):
+    """A trial whose run diverged (NaN losses) is done: the study goes on to the next trial,
+    the table says 'diverged', and a re-run of the study never trains it again."""
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "wgan", "hinge"])
+    FakeTrainer.diverging = ("wgan",)
+    assert run_study(read_study(grid)) is True
+    assert [c.loss for c in FakeTrainer.runs] == ["ns", "wgan", "hinge"]
+    assert final_fids(grid) == {"ns": ("finished", 111.0), "wgan": ("diverged", ""), "hinge": ("finished", 144.0)}
+    assert run_study(read_study(grid)) is True and len(FakeTrainer.runs) == 3
 
 
 def test_grid_errors(tmp_path):

@@ -26,7 +26,8 @@ from fastgan.train.losses import discriminator_loss, generator_loss, l2_penalty
 from fastgan.train.outputs import MetricsLog, plot_curves, save_image_grid
 from fastgan.train.callbacks import Callback
 from fastgan.train.step import GANStep
-from fastgan.train.trainer import BEST, CHECKPOINT, EXIT_INTERRUPTED, SUMMARY, Trainer, draw_latents, models_for
+from fastgan.train.trainer import (BEST, CHECKPOINT, EXIT_DIVERGED, EXIT_INTERRUPTED, SUMMARY, Trainer, draw_latents,
+                                   models_for)
 from training_support import TINY_TRAINING, metrics_records, train_in_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -469,6 +470,47 @@ def test_existing_run_needs_resume_and_same_setup(tmp_path):
         Trainer(tiny_config(tmp_path, "steps=2", f"data_root={tmp_path}"), resume=True)
 
 
+def test_extending_a_finished_run_unfinishes_it_and_fewer_steps_are_refused(tmp_path):
+    """A finished run resumed with more steps is not finished while it trains: its
+    summary.json goes at the start (a kill then leaves no 'finished' claim behind). Fewer
+    steps than it has done are refused, not reported as 'step 4/2'."""
+    Trainer(tiny_config(tmp_path, "steps=4")).fit()
+    assert json.loads((tmp_path / "run" / SUMMARY).read_text())["finished"]
+    with pytest.raises(ValueError, match=r"steps=2 is below the 4 steps .*checkpoint.pt has done"):
+        Trainer(tiny_config(tmp_path, "steps=2"), resume=True)
+
+    class Kill(Callback):
+        def after(self, trainer, out):
+            assert not (tmp_path / "run" / SUMMARY).exists()
+            raise KeyboardInterrupt  # a kill after the first new iteration
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config(tmp_path, "steps=6"), resume=True, callbacks=[Kill()]).fit()
+    assert not (tmp_path / "run" / SUMMARY).exists()
+    assert Trainer(tiny_config(tmp_path, "steps=6"), resume=True).fit()["finished"]
+    assert json.loads((tmp_path / "run" / SUMMARY).read_text())["step"] == 6
+
+
+def test_the_progress_bar_ends_on_the_losses_of_its_last_step(tmp_path, capsys):
+    trainer = Trainer(tiny_config(tmp_path, "steps=3", "progress=true"))
+    trainer.fit()
+    last = metrics_records(tmp_path / "run")[-1]
+    assert last["step"] == 3 and f"d_loss={last['d_loss']:.3f}" in trainer.callbacks[0].bar.postfix  # not step 2's
+
+
+def test_a_run_removes_what_killed_writes_left_in_its_folders(tmp_path):
+    """Every file of a run is written atomically; a kill mid-write leaves a hidden .part file,
+    which the next start removes -- the curves', samples', config's too, not only the checkpoint's."""
+    Trainer(tiny_config(tmp_path, "steps=2", "sample_every=1")).fit()
+    leftovers = [tmp_path / "run" / ".curves.png.0a1b2c3d.part", tmp_path / "run" / ".config.yaml.ffffffff.part",
+                 tmp_path / "run" / "samples" / ".step-0000003.png.12345678.part"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    Trainer(tiny_config(tmp_path, "steps=3", "sample_every=1"), resume=True).fit()
+    assert not any(path.exists() for path in leftovers)
+    assert not list((tmp_path / "run").rglob("*.part"))
+
+
 def test_a_resume_may_change_the_sample_grid(tmp_path):
     from PIL import Image
 
@@ -623,9 +665,10 @@ def test_a_stop_signal_during_fid_checkpoints_at_once_and_resume_evaluates_it(tm
     assert [r["step"] for r in metrics_records(tmp_path / "stopped") if "fid" in r] == [2]
 
 
-def test_the_real_statistics_cache_is_keyed_on_the_inception_weights(tmp_path, monkeypatch):
+def test_the_real_statistics_cache_is_keyed_on_the_inception_weights_and_the_seed(tmp_path, monkeypatch):
     """A run resumed with other Inception weights computes the real statistics again (the
-    old cache would give a wrong FID); unchanged weights reuse the cache."""
+    old cache would give a wrong FID); unchanged weights reuse the cache. So does a new run
+    in the same out_dir with another seed (which draws another real subset)."""
     from fastgan.metrics.inception import InceptionV3
 
     network = SlowInception(signal_at=-1)
@@ -637,6 +680,10 @@ def test_the_real_statistics_cache_is_keyed_on_the_inception_weights(tmp_path, m
     assert len(list((tmp_path / "run").glob("fid_real_*.npz"))) == 1
     Trainer(tiny_config(tmp_path, *common, "steps=3", f"inception_weights={other}"), resume=True).fit()
     assert len(list((tmp_path / "run").glob("fid_real_*.npz"))) == 2
+    for name in (CHECKPOINT, BEST, SUMMARY):
+        (tmp_path / "run" / name).unlink()
+    Trainer(tiny_config(tmp_path, *common, "steps=1", f"inception_weights={other}", "seed=1")).fit()
+    assert len(list((tmp_path / "run").glob("fid_real_*.npz"))) == 3
 
 
 def test_out_dir_and_inception_weights_expand_the_home_folder(tmp_path, monkeypatch):
@@ -660,6 +707,66 @@ def test_the_cli_exits_with_a_distinct_status_when_stopped(tmp_path, monkeypatch
            f"inception_weights={stand_in_weights(tmp_path / 'weights.pt')}"]
     assert main(run) == EXIT_INTERRUPTED == 75
     assert "stopped at step 2" in capsys.readouterr().err
+
+
+# WGAN without normalization at learning rate 10: D's outputs overflow to NaN at step 3 (CPU, deterministic).
+DIVERGING = ["loss=wgan", "d_norm=none", "d_lr=10", "g_lr=10", "d_betas=[0.0,0.0]", "g_betas=[0.0,0.0]"]
+
+
+def test_a_diverged_run_stops_says_so_and_is_not_trained_further(tmp_path, capsys):
+    """NaN losses at a log step end the run after that iteration: nothing of the NaN G is
+    sampled, the checkpoint and summary.json record the step, the CLI exits 3, and a resume
+    trains nothing (as a finished run's does)."""
+    from fastgan.__main__ import main
+
+    run = ["train", *TINY, *DIVERGING, "steps=12", "sample_every=1", f"out_dir={tmp_path / 'run'}"]
+    assert main(run) == EXIT_DIVERGED == 3
+    captured = capsys.readouterr()
+    assert "diverged at step 3: d_loss, fake_logit, g_loss not finite; training stopped" in captured.err
+    assert "step 3/12, diverged" in captured.out
+    summary = json.loads((tmp_path / "run" / SUMMARY).read_text())
+    assert (summary["step"], summary["diverged_at"], summary["finished"]) == (3, 3, False)
+    assert checkpoint.load(tmp_path / "run" / CHECKPOINT)["diverged_at"] == 3
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step-0000001.png", "step-0000002.png"]
+    assert main(run + ["--resume"]) == EXIT_DIVERGED
+    assert [r["step"] for r in metrics_records(tmp_path / "run")] == [1, 2, 3]
+    assert json.loads((tmp_path / "run" / SUMMARY).read_text()) == summary
+
+
+class _PoisonG(Callback):
+    """Sets G's parameters to NaN after iteration ``at``, as an overflow in its update would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def after(self, trainer, out):
+        if trainer.step == self.at:
+            with torch.no_grad():
+                for parameter in trainer.G.parameters():
+                    parameter.fill_(float("nan"))
+
+
+def test_non_finite_images_at_an_fid_end_the_run_as_diverged(tmp_path, monkeypatch):
+    """Between log steps the FID is where a NaN G shows: its images are not fed to Inception
+    (which would refuse them and abort the run); the run ends as diverged at that step."""
+    from fastgan.metrics.inception import InceptionV3
+
+    network = SlowInception(signal_at=-1)
+    monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: network)
+    config = tiny_config(tmp_path, "steps=4", "log_every=10", "fid_every=2", "fid_samples=10", "fid_real_samples=10",
+                         f"inception_weights={stand_in_weights(tmp_path / 'weights.pt')}")
+    summary = Trainer(config, callbacks=[_PoisonG(at=1)]).fit()
+    assert (summary["step"], summary["diverged_at"], summary["finished"], summary["best_fid"]) == (2, 2, False, None)
+    assert network.calls == 1  # the real images only
+    assert not any("fid" in r for r in metrics_records(tmp_path / "run"))
+
+
+def test_a_non_finite_jacobian_at_a_conditioning_record_ends_the_run_as_diverged(tmp_path):
+    config = tiny_config(tmp_path, "steps=4", "log_every=10", "diagnostics_condition_number_every=2",
+                         "diagnostics_condition_number_samples=2")
+    summary = Trainer(config, callbacks=[_PoisonG(at=1)]).fit()
+    assert (summary["step"], summary["diverged_at"], summary["finished"]) == (2, 2, False)
+    assert not any("log_condition_number_mean" in r for r in metrics_records(tmp_path / "run"))
 
 
 def test_fid_without_inception_weights_says_how_to_get_them(tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ run's last step.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TYPE_CHECKING, Dict, List
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Dict, List
 import torch
 from torch import Tensor
 
+from fastgan.train.evaluator import Diverged
 from fastgan.train.outputs import CONDITIONING_KEY, copy_atomically, plot_conditioning, plot_curves, save_image_grid
 
 if TYPE_CHECKING:
@@ -76,7 +78,10 @@ class Progress(Callback):
         self.bar.set_postfix(self.postfix, refresh=False)
 
     def show_losses(self, record: Dict[str, float]) -> None:
+        """The losses of this log step, on the bar now (its own after() of this step ran already)."""
         self.postfix.update({k: f"{v:.3f}" for k, v in record.items() if k in ("d_loss", "g_loss", "penalty", "rate", "distortion")})
+        if not self.bar.disable:
+            self.bar.set_postfix(self.postfix, refresh=False)
 
     def write(self, line: str) -> None:
         self.bar.write(line, file=sys.stderr)
@@ -88,7 +93,8 @@ class Progress(Callback):
 class Metrics(Callback):
     """Every ``log_every`` steps: the iteration's outputs (the last D update's and the G update's,
     averaged over the processes: the global batch's) and the rates, to ``metrics.jsonl`` /
-    TensorBoard (rank 0) and the progress bar."""
+    TensorBoard (rank 0) and the progress bar. An output that is NaN or Inf there ends the run
+    as diverged (:meth:`~fastgan.train.trainer.Trainer.mark_diverged`)."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -97,6 +103,9 @@ class Metrics(Callback):
         if not due(trainer, trainer.config.log_every):
             return
         record = trainer.runtime.mean(out)  # a collective: due() is the same on every process
+        non_finite = [name for name, value in record.items() if not math.isfinite(value)]
+        if non_finite:
+            trainer.mark_diverged(f"{', '.join(non_finite)} not finite")
         self.progress.show_losses(record)
         record.update(self.progress.rates(trainer))
         if trainer.log is not None:
@@ -139,7 +148,7 @@ class FIDTracking(Callback):
         self.progress = progress
 
     def start(self, trainer: "Trainer") -> None:
-        if trainer.fid_pending and trainer.config.fid_every:
+        if trainer.fid_pending and trainer.config.fid_every and trainer.diverged_at is None:
             self._evaluate(trainer)
             # Else the checkpoint stays pending until the next one (never, after the last step),
             # and every later resume would evaluate and log this FID again; the curves gain the FID.
@@ -153,7 +162,12 @@ class FIDTracking(Callback):
 
     def _evaluate(self, trainer: "Trainer") -> None:
         step = trainer.step
-        fid = trainer.evaluate_fid()  # raises Interrupted on a stop request, leaving fid_pending set
+        try:
+            fid = trainer.evaluate_fid()  # raises Interrupted on a stop request, leaving fid_pending set
+        except Diverged as error:
+            trainer.fid_pending = False
+            trainer.mark_diverged(str(error))
+            return
         trainer.fid_pending = False
         if fid is None:
             return
@@ -169,14 +183,24 @@ class FIDTracking(Callback):
 class Conditioning(Callback):
     """Every ``diagnostics_condition_number_every`` steps (rank 0): the conditioning of G's
     Jacobian at the run's fixed z (:meth:`Trainer.conditioning`: mean and std of log σ_max/σ_min,
-    quantiles of log σ) as a separate metrics record."""
+    quantiles of log σ) as a separate metrics record. A Jacobian that is not finite ends the
+    run as diverged (on every process: rank 0 tells the others)."""
 
     def after(self, trainer: "Trainer", out: Outputs) -> None:
+        from fastgan.diagnostics import NonFiniteJacobian
+
         every = trainer.config.diagnostics_condition_number_every
-        if not every or trainer.runtime.rank != 0 or not due(trainer, every):
+        if not every or not due(trainer, every):
             return
-        summary = trainer.conditioning()
-        if trainer.log is not None:
+        summary = None
+        if trainer.runtime.rank == 0:
+            try:
+                summary = trainer.conditioning()
+            except NonFiniteJacobian:
+                summary = {}
+        if trainer.runtime.any(summary == {}):
+            trainer.mark_diverged("G's Jacobian for the conditioning record not finite")
+        elif summary and trainer.log is not None:
             trainer.log.write(trainer.step, summary)
 
 

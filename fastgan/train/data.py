@@ -86,9 +86,11 @@ Indices = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
 
 class ImageData:
-    """N square RGB images: ``images`` is uint8 ``(N, S, S, 3)`` (possibly an ``np.memmap``)."""
+    """N square RGB images: ``images`` is uint8 ``(N, S, S, 3)`` (possibly an ``np.memmap``).
+    ``identity`` names the content (default ``name``; a folder's adds the hash of its file
+    listing): what caches of statistics computed from the images are keyed on."""
 
-    def __init__(self, images: np.ndarray, name: str):
+    def __init__(self, images: np.ndarray, name: str, identity: Optional[str] = None):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
             raise ValueError(
                 f"data set {name!r}: images must be uint8 (N, S, S, 3), got {images.dtype} {tuple(images.shape)}"
@@ -97,6 +99,7 @@ class ImageData:
             raise ValueError(f"data set {name!r} is empty")
         self.images = images
         self.name = name
+        self.identity = identity or name
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -152,7 +155,8 @@ def load_dataset(name: str, *, root: Optional[str] = None, image_size: int = 32,
             raise ValueError("the 'folder' data set needs root=<folder of images>")
         folder = Path(root).expanduser().resolve()
         cache = Path(cache_dir).expanduser() if cache_dir is not None else data_root() / "folders"
-        return ImageData(_folder_images(folder, image_size, cache), f"folder:{folder}")
+        images = _folder_images(folder, image_size, cache)  # a memmap of the cache named by the folder's listing
+        return ImageData(images, f"folder:{folder}", identity=f"folder:{folder}:{Path(images.filename).stem}")
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
 
 

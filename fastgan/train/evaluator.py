@@ -4,14 +4,16 @@
 get weights and disables itself), computes the real side's statistics once per run
 (cached as ``fid_real_*.npz`` in ``out_dir``) and then evaluates ``fid_samples``
 images of G from the same z every time, each process a share. The cache's name holds a
-digest of the Inception weight file and the resize convention, so a run resumed with other
-weights computes the statistics again (caches of older versions, named without it, are
-never read). Long loops poll a stop callback before every chunk of 100 images and raise
+digest of the Inception weight file, the resize convention, the seed that draws the real
+subset and the data's content (a folder's file listing), so a run resumed with other
+weights, or a new run in the same out_dir with another seed or a changed folder, computes
+the statistics again (caches named otherwise are never read). Long loops poll a stop callback before every chunk of 100 images and raise
 :class:`Interrupted` when it says stop, so a pre-empted run checkpoints within one chunk
 instead of after the whole FID.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -33,6 +35,10 @@ class Interrupted(Exception):
     """A stop request arrived during a long evaluation (the run then checkpoints and exits)."""
 
 
+class Diverged(Exception):
+    """G's images were not finite (NaN or Inf) on some process: the run has diverged."""
+
+
 class FIDEvaluator:
     """FID of a generator against ``data``, as ``config`` says (``fid_samples``, ``fid_real_samples``,
     ``inception_weights``, ``seed``)."""
@@ -45,7 +51,8 @@ class FIDEvaluator:
     def evaluate(self, generate: Callable[[Tensor], Tensor], z: Tensor, stop: Callable[[], bool] = lambda: False) -> Optional[float]:
         """FID of ``generate(chunk of z)`` (images in [0, 1], each process its share of ``z``)
         against the data, or None without Inception weights. ``stop()`` is polled (on every
-        process) before each chunk; when it returns True, raises :class:`Interrupted`."""
+        process) before each chunk; when it returns True, raises :class:`Interrupted`. Images
+        that are not finite on any process raise :class:`Diverged` on every process."""
         metric = self._fid_metric(stop)
         if metric is None:
             return None
@@ -55,9 +62,15 @@ class FIDEvaluator:
         # Chunks of the full share on every rank: each poll is a collective, so a last rank
         # with fewer images (or none) must still take as many polls as the others.
         chunks = [mine[start : start + CHUNK] for start in range(0, share, CHUNK)]
+        non_finite = False
         for chunk in self._checked(chunks, "FID: generated features", lambda: self.runtime.any(stop())):
-            if len(chunk):
-                metric.update(generate(chunk).to(self.runtime.device, torch.float32), real=False)
+            if len(chunk) and not non_finite:
+                images = generate(chunk).to(self.runtime.device, torch.float32)
+                non_finite = not bool(torch.isfinite(images).all())
+                if not non_finite:
+                    metric.update(images, real=False)
+        if self.runtime.any(non_finite):
+            raise Diverged("G's images at the FID evaluation are not finite")
         return metric.compute()
 
     def _fid_metric(self, stop: Callable[[], bool]):
@@ -78,8 +91,8 @@ class FIDEvaluator:
         count = min(self.config.fid_real_samples, len(self.data))
         name = self.data.name.replace("/", "_").replace(":", "_")
         resize = getattr(network, "resize_convention", None)
-        extractor = _extractor_digest(weights, resize)
-        cache = self.out_dir / f"fid_real_{name}_{self.config.image_size}_{count}_{extractor}.npz"
+        digest = _statistics_digest(weights, resize, self.data.identity, self.config.seed)
+        cache = self.out_dir / f"fid_real_{name}_{self.config.image_size}_{count}_{digest}.npz"
         interrupted = False
         if self.runtime.rank == 0 and not cache.exists():  # rank 0 alone; the others wait at the barrier
             order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + _REAL_SUBSET_STREAM))
@@ -109,12 +122,13 @@ class FIDEvaluator:
             yield chunk
 
 
-def _extractor_digest(weights: Path, resize: Optional[str]) -> str:
-    """A short hex digest of the weight file's content and the resize convention: what the
-    real statistics depend on besides the data."""
+def _statistics_digest(weights: Path, resize: Optional[str], data_identity: str, seed: int) -> str:
+    """A short hex digest of what the real statistics depend on besides the data set's name,
+    size and count: the weight file's content, the resize convention, the data's content
+    (a folder's file listing) and the seed that draws the subset."""
     digest = file_hash(weights, "sha256")
-    digest.update(str(resize).encode())
+    digest.update(json.dumps([str(resize), data_identity, seed]).encode())
     return digest.hexdigest()[:16]
 
 
-__all__ = ["CHUNK", "FIDEvaluator", "Interrupted"]
+__all__ = ["CHUNK", "Diverged", "FIDEvaluator", "Interrupted"]

@@ -79,7 +79,8 @@ def _tensorboard_writer(folder: Path, resume_step: int):
         print("note: the tensorboard package is not installed; metrics go to metrics.jsonl only "
               "(pip install tensorboard for TensorBoard scalars)", file=sys.stderr)
         return None
-    return SummaryWriter(str(folder), purge_step=resume_step or None)
+    # Points after the checkpoint are purged; the checkpoint step's own were logged before it was written.
+    return SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
 
 
 def copy_atomically(source: Path, destination: Path) -> None:

@@ -28,6 +28,9 @@ from torch import Tensor
 # sysexits' EX_TEMPFAIL ("temporary failure, try again"): the run stopped early on a signal,
 # wrote its checkpoint and continues with --resume; schedulers can requeue on this status.
 EXIT_INTERRUPTED = 75
+# The run diverged (its losses or G's images went NaN or Inf): it stopped, checkpointed and
+# recorded the step in summary.json; resuming does not train it further.
+EXIT_DIVERGED = 3
 
 # How long the other processes wait while rank 0 alone decodes a folder data set, downloads
 # CIFAR-10 or extracts the FID's real features: far beyond the process group's own collective
@@ -191,4 +194,4 @@ class StopRequest:
         self._previous = {}
 
 
-__all__ = ["EXIT_INTERRUPTED", "Runtime", "StopRequest", "resolve_device"]
+__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "Runtime", "StopRequest", "resolve_device"]

@@ -21,8 +21,8 @@ a new default) gets a new folder and runs afresh, and folders of trials no longe
 grid are left alone (``--list`` counts them). ``trial.json`` in each folder records the
 config and its hash; a folder whose ``trial.json`` does not match is refused.
 
-A trial counts as finished when its ``summary.json`` says so; finished trials are
-skipped, interrupted ones resume. ``results.csv`` and ``results.md`` list every trial
+A trial counts as finished (or diverged: its losses or images went NaN or Inf) when its
+``summary.json`` says so; finished and diverged trials are skipped, interrupted ones resume. ``results.csv`` and ``results.md`` list every trial
 of the grid: its settings, status, final and best FID, and folder.
 """
 from __future__ import annotations
@@ -83,9 +83,13 @@ class Trial:
 
     @property
     def status(self) -> str:
-        """finished | started (a checkpoint to resume) | to run."""
-        if self.finished:
+        """finished | diverged (stopped at NaN or Inf: a result too, never run again) | started (a
+        checkpoint to resume) | to run."""
+        summary = self.summary() or {}
+        if summary.get("finished"):
             return "finished"
+        if summary.get("diverged_at") is not None:
+            return "diverged"
         return "started" if (self.out_dir / CHECKPOINT).is_file() and self.holds_this_trial() else "to run"
 
     def recorded(self) -> Optional[dict]:
@@ -194,15 +198,15 @@ def run_study(study: Study, index: Optional[int] = None) -> bool:
     chosen = study.trials if index is None else [study.trials[index]]
     for trial in chosen:
         label = f"trial {trial.index + 1}/{total} (index {trial.index})"
-        if trial.finished:
-            print(f"{label}: finished already ({trial.out_dir}), skipped")
+        if trial.status in ("finished", "diverged"):
+            print(f"{label}: {trial.status} already ({trial.out_dir}), skipped")
             continue
         trial.check_folder()
         print(f"{label}: {trial.describe()} -> {trial.out_dir}")
         trial.record()
         summary = Trainer(trial.config, resume=True).fit()
         write_results(study)
-        if not summary["finished"]:
+        if not summary["finished"] and summary["diverged_at"] is None:
             return False
     write_results(study)
     return True

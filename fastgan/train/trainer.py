@@ -46,7 +46,7 @@ from fastgan.train.config import Config, from_mapping, save_config
 from fastgan.train.evaluator import FIDEvaluator, Interrupted
 from fastgan.files import remove_stale_parts, write_text_atomic
 from fastgan.train.outputs import MetricsLog
-from fastgan.train.runtime import EXIT_INTERRUPTED, Runtime, StopRequest, resolve_device
+from fastgan.train.runtime import EXIT_DIVERGED, EXIT_INTERRUPTED, Runtime, StopRequest, resolve_device
 from fastgan.tempered import lens_weight
 from fastgan.train.step import build_step
 from fastgan.train.stream import BatchStream
@@ -125,6 +125,9 @@ class Trainer:
         if config.fid_every and config.inception_weights and not Path(config.inception_weights).expanduser().is_file():
             raise FileNotFoundError(f"Inception weight file not found: {config.inception_weights}")
         saved = self._saved_state(config, resume)
+        if saved and config.steps < saved["step"]:
+            raise ValueError(f"steps={config.steps} is below the {saved['step']} steps {self.out_dir / CHECKPOINT} has done; "
+                             f"a resumed run only goes on (steps >= {saved['step']}), or start a new out_dir")
         self.config = config = self._resumed_config(saved["config"], config) if saved else config
         torch.manual_seed(config.seed)
 
@@ -161,6 +164,8 @@ class Trainer:
         self.best_step: Optional[int] = None
         self.last_fid: Optional[Tuple[int, float]] = None  # (step, FID) of the latest evaluation
         self.fid_pending = False  # a stop request interrupted the FID of this step
+        self.diverged_at: Optional[int] = None  # the step whose losses or images were not finite
+        self._diverged_because = ""
         optimizers = None
         if saved is not None:
             optimizers = self._load_state(saved)
@@ -194,7 +199,12 @@ class Trainer:
         SIGINT/SIGTERM (Ctrl-C, a cluster's pre-emption) finish the current iteration (or abandon
         a running FID evaluation, which the resumed run repeats first; the step's other callbacks
         still run), write a checkpoint and
-        return a summary with ``finished: False``; a second Ctrl-C stops at once."""
+        return a summary with ``finished: False``; a second Ctrl-C stops at once.
+
+        A run whose losses (at a log step), FID images or conditioning Jacobian go NaN or Inf has
+        diverged: no later callback of that iteration runs (none samples, evaluates or saves G),
+        it checkpoints, and its summary (written, as a finished run's) has ``diverged_at``; a
+        resumed diverged run does not train further."""
         config, runtime = self.config, self.runtime
         self._open_outputs()
         with self.stop, runtime.numerics(deterministic=config.deterministic, tf32=config.tf32,
@@ -202,10 +212,12 @@ class Trainer:
             try:
                 for callback in self.callbacks:
                     callback.start(self)
-                while self.step < config.steps and not self._stop_agreed():
+                while self.step < config.steps and self.diverged_at is None and not self._stop_agreed():
                     out = self.train_step()
                     interrupted = None
                     for callback in self.callbacks:
+                        if self.diverged_at is not None:
+                            break  # nothing more to sample, evaluate or save of a G gone non-finite
                         try:
                             callback.after(self, out)
                         except Interrupted as error:  # the step's other callbacks still run (a conditioning
@@ -216,14 +228,24 @@ class Trainer:
                 self.fid_pending = True
                 self.stop.request()
             stopped = self.stop.requested and (self.step < config.steps or self.fid_pending)
-            if stopped:
+            if stopped or self.diverged_at is not None:
                 self.save_checkpoint()
             for callback in self.callbacks:
                 callback.end(self)
-        if stopped and self.rank == 0:
+        if self.diverged_at is not None and self.rank == 0:
+            print(f"diverged at step {self.diverged_at}: {self._diverged_because or 'an earlier run found it'}; "
+                  f"training stopped (recorded in {self.out_dir / SUMMARY}; a resume does not train it further; "
+                  f"exit status {EXIT_DIVERGED})", file=sys.stderr)
+        elif stopped and self.rank == 0:
             print(f"stopped at step {self.step}; checkpoint written to {self.out_dir / CHECKPOINT} "
                   f"(continue with --resume; exit status {EXIT_INTERRUPTED})", file=sys.stderr)
         return self._finish()
+
+    def mark_diverged(self, because: str) -> None:
+        """End the run after this iteration: ``because`` (what was not finite) was seen at this
+        step, on every process alike (callbacks call it with all-process results)."""
+        if self.diverged_at is None:
+            self.diverged_at, self._diverged_because = self.step, because
 
     def train_step(self) -> dict:
         """One iteration: ``n_disc`` D updates (the last one's outputs are reported), one G update;
@@ -380,6 +402,7 @@ class Trainer:
             "best_step": self.best_step,
             "last_fid": self.last_fid,
             "fid_pending": self.fid_pending,
+            "diverged_at": self.diverged_at,
         }
 
     def _load_state(self, state: dict) -> dict:
@@ -398,6 +421,7 @@ class Trainer:
         self.step = state["step"]
         self.best_fid, self.best_step = state["best_fid"], state["best_step"]
         self.last_fid, self.fid_pending = state["last_fid"], state["fid_pending"]
+        self.diverged_at = state.get("diverged_at")  # absent in older checkpoints
         optimizers = ("g_optimizer", "d_optimizer") + (("lens_optimizer",) if self.lens is not None else ())
         if self.config.model == "vae":
             optimizers = ("vae_optimizer",)
@@ -416,20 +440,22 @@ class Trainer:
     def _open_outputs(self) -> None:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            for name in (CHECKPOINT, BEST, SUMMARY):  # what killed writes of this process's files left
-                remove_stale_parts(self.out_dir / name)
+            for folder in (self.out_dir, self.out_dir / "samples"):  # what killed writes of a run left
+                remove_stale_parts(folder)
+            if self.diverged_at is None and (self.step < self.config.steps or self.fid_pending):
+                (self.out_dir / SUMMARY).unlink(missing_ok=True)  # a finished run extended: not finished now
             save_config(self.config, str(self.out_dir / "config.yaml"))
             self.log = MetricsLog(self.out_dir, resume_step=self.step)
         self.runtime.barrier()
 
     def _finish(self) -> dict:
-        finished = self.step >= self.config.steps and not self.fid_pending
-        summary = {"step": self.step, "steps": self.config.steps, "finished": finished,
+        finished = self.step >= self.config.steps and not self.fid_pending and self.diverged_at is None
+        summary = {"step": self.step, "steps": self.config.steps, "finished": finished, "diverged_at": self.diverged_at,
                    "final_fid": self.last_fid[1] if self.last_fid and self.last_fid[0] == self.step else None,
                    "best_fid": self.best_fid, "best_step": self.best_step, "out_dir": str(self.out_dir)}
         if self.rank == 0:
             self.log.close()
-            if finished:  # trials of a study count as done by this file, so it is never torn
+            if finished or self.diverged_at is not None:  # a study's trials are done by this file, never torn
                 write_text_atomic(self.out_dir / SUMMARY, json.dumps(summary, indent=2))
         return summary
 
@@ -443,5 +469,5 @@ def load_generator(path: str, device: str = "auto"):
     return generator.to(resolve_device(device)).eval(), config
 
 
-__all__ = ["BEST", "CHECKPOINT", "EXIT_INTERRUPTED", "SUMMARY", "Interrupted", "Trainer", "draw_latents", "draw_perturbations",
+__all__ = ["BEST", "CHECKPOINT", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "SUMMARY", "Interrupted", "Trainer", "draw_latents", "draw_perturbations",
            "load_generator", "models_for", "resolve_device"]
