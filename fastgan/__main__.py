@@ -399,7 +399,7 @@ def _gs_points(path: str, features: str, args, network) -> "torch.Tensor":
 
 
 def _check_plot_destination(path: str) -> None:
-    """`gs --plot`: a format matplotlib writes, and the folder made (as `sample` and `dirac` make theirs)."""
+    """`gs --plot`, `dirac --out`: a format matplotlib writes (no suffix: PNG), and the folder made."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     kind = Path(path).suffix.lstrip(".").lower()
@@ -424,7 +424,8 @@ def command_gs(args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     device = _device(args.device)
     mrlts = [mean_relative_living_times(p.to(device), n=args.sets, L_0=args.landmarks, gamma=args.gamma,
-                                        i_max=args.i_max, generator=generator, workers=args.workers) for p in points]
+                                        i_max=args.i_max, generator=generator, workers=args.workers, progress=True)
+             for p in points]
     for path, p, mrlt in zip((args.path_a, args.path_b), points, mrlts):
         top = mrlt.argsort(descending=True)[:3].tolist()
         print(f"{path}: {p.shape[0]} points of dimension {p.shape[1]}; MRLT largest at "
@@ -432,8 +433,10 @@ def command_gs(args) -> None:
     score = float(((mrlts[0] - mrlts[1]) ** 2).sum())
     print(f"GS: {score:.6g}")
     if args.plot:
-        plot_mrlt({Path(args.path_a).name or args.path_a: mrlts[0], Path(args.path_b).name or args.path_b: mrlts[1]},
-                  args.plot, title=f"Mean relative living times (Geometry Score {score:.3g})")
+        labels = [Path(path).name or path for path in (args.path_a, args.path_b)]
+        if labels[0] == labels[1]:  # runs/a/samples vs runs/b/samples: one legend key would hide a side
+            labels = [args.path_a, args.path_b] if args.path_a != args.path_b else [f"{args.path_a} (A)", f"{args.path_b} (B)"]
+        plot_mrlt(dict(zip(labels, mrlts)), args.plot, title=f"Mean relative living times (Geometry Score {score:.3g})")
         print(f"MRLT plot written to {args.plot}", file=sys.stderr)
 
 
@@ -442,6 +445,7 @@ def command_dirac(args) -> None:
 
     draw = dict(start=tuple(args.start), steps=args.steps, lr=args.lr, optimizer=args.optimizer,
                 n_disc=args.n_disc, extent=args.extent)
+    _check_plot_destination(args.out)  # before the work (a grid takes a minute), not after it
     if args.grid:
         names = lambda text: [name.strip() for name in text.split(",") if name.strip()]  # noqa: E731
         save_grid_figure(args.out, names(args.losses), names(args.penalties), **draw)
@@ -625,7 +629,7 @@ def parser() -> argparse.ArgumentParser:
     dirac.add_argument("--extent", type=float, default=2.0, help="the plot shows [-extent, extent]^2 (default 2)")
     dirac.add_argument("--grid", action="store_true",
                        help="draw a panel of losses (rows) x regularizers (columns, each with its default weight) "
-                            "instead of one game; --loss/--penalty/--weight are then ignored")
+                            "instead of one game; --loss/--penalty/--weight/--center/--eps are then ignored")
     dirac.add_argument("--losses", default="ns,wgan,lsgan,hinge,saturating", help="--grid rows, comma-separated (default: all)")
     dirac.add_argument("--penalties", default="none,r1,wgan-gp,consensus,instance-noise",
                        help="--grid columns, comma-separated (default none,r1,wgan-gp,consensus,instance-noise; r2 and "

@@ -97,6 +97,15 @@ def file_hash(path: Path, algorithm: str):
     return digest
 
 
+def save_figure(figure, path: Path, dpi: int = 100) -> None:
+    """A matplotlib figure written atomically to ``path``, in the format its suffix names (PNG
+    when it has none, under exactly that name): plots redrawn while people look at them, or
+    written by jobs that finish together, are never left torn."""
+    path = Path(path)
+    with atomic_file(path) as partial:
+        figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
+
+
 def remove_stale_parts(folder: Path) -> List[Path]:
     """Delete the temporary files that killed writes left in ``folder`` (not below it); returns them.
 
@@ -110,4 +119,4 @@ def remove_stale_parts(folder: Path) -> List[Path]:
     return stale
 
 
-__all__ = ["atomic_file", "atomic_folder", "file_hash", "remove_stale_parts", "write_text_atomic"]
+__all__ = ["atomic_file", "atomic_folder", "file_hash", "remove_stale_parts", "save_figure", "write_text_atomic"]

@@ -115,14 +115,19 @@ def _check_logits(logits: Tensor, target: Optional[Tensor] = None) -> None:
         raise ValueError("logits are empty (a batch of 0 elements): the loss would be a mean over nothing, NaN")
     if target is not None and target.dim() != 0:
         raise ValueError(f"target must be the batch's proportion of real elements, shape (), got {tuple(target.shape)}")
+    # Its value is checked where that costs no device synchronization (every D step would pay it)
+    if target is not None and target.device.type == "cpu" and not 0 <= float(target) <= 1:
+        raise ValueError(f"target must be the batch's proportion of real elements, in [0, 1], got {float(target)}")
 
 
 def discriminator_loss(kind: str, logits: Tensor, target: Tensor) -> Tensor:
     """D's loss on a mixed batch: ``ns``: cross-entropy between σ(logits) and the proportion
-    ``target``; ``lsgan``: ½(σ(logits) − target)². Logits of shape (B,) average the loss over
-    the elements' predictions. For target 1 / 0 these equal the real / fake terms of
+    ``target`` (a number or a 0-d tensor in [0, 1]; checked on the CPU, not on a GPU, where
+    reading it would synchronize every step); ``lsgan``: ½(σ(logits) − target)². Logits of
+    shape (B,) average the loss over the elements' predictions. For target 1 / 0 these equal the real / fake terms of
     :func:`fastgan.train.losses.discriminator_loss`."""
     check_loss(kind)
+    target = torch.as_tensor(target, device=logits.device) if isinstance(target, (int, float)) else target
     _check_logits(logits, target)
     target = target.to(logits.dtype).expand_as(logits)
     if kind == "ns":

@@ -505,3 +505,22 @@ def test_gs_plot_destination_is_checked_before_the_work(tmp_path, capsys):
     plot = tmp_path / "plots" / "mrlt.png"
     assert main(["gs", a, b, "--plot", str(plot), *options]) == 0
     assert plot.stat().st_size > 0
+
+
+def test_gs_plot_labels_both_sides_when_their_names_match(tmp_path, monkeypatch):
+    """runs/a/points.npy against runs/b/points.npy (or a file against itself): one legend key
+    per file name hid one side's curve."""
+    from fastgan.metrics import geometry_score
+
+    rng = np.random.default_rng(2)
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        np.save(tmp_path / run / "points.npy", rng.normal(size=(40, 2)))
+    a, b = str(tmp_path / "a" / "points.npy"), str(tmp_path / "b" / "points.npy")
+    plotted = []
+    monkeypatch.setattr(geometry_score, "plot_mrlt", lambda mrlts, path, title: plotted.append(list(mrlts)))
+    options = ["--sets", "2", "--landmarks", "8", "--workers", "1", "--device", "cpu", "--plot", str(tmp_path / "p.png")]
+    assert main(["gs", a, b, *options]) == 0
+    assert main(["gs", a, a, *options]) == 0
+    assert main(["gs", a, str(tmp_path / "b" / ".." / "a" / "points.npy"), *options]) == 0
+    assert plotted == [[a, b], [f"{a} (A)", f"{a} (B)"], [a, str(tmp_path / "b" / ".." / "a" / "points.npy")]]

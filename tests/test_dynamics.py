@@ -372,6 +372,15 @@ def test_dirac_command_errors(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_dirac_checks_its_output_format_before_drawing(tmp_path, capsys, monkeypatch):
+    """A grid takes a minute; a format matplotlib cannot write used to fail only after it."""
+    from fastgan import dynamics
+
+    monkeypatch.setattr(dynamics, "draw_dynamics", lambda *args, **kwargs: pytest.fail("drew before checking --out"))
+    assert main(["dirac", "--grid", "--losses", "ns", "--out", str(tmp_path / "grid.xyz")]) == 1
+    assert "grid.xyz: matplotlib writes no .xyz files" in capsys.readouterr().err
+
+
 def test_dirac_help_names_every_loss_and_penalty(capsys):
     with pytest.raises(SystemExit):
         main(["dirac", "--help"])

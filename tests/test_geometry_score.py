@@ -206,6 +206,25 @@ def test_default_gamma_and_landmark_draws():
     assert torch.equal(sets, draw_landmarks(50, 7, 10, torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.parametrize("setting, message", [({"seed": "a"}, "seed must be an int, got 'a'"),
+                                              ({"seed": 1.5}, "seed must be an int, got 1.5"),
+                                              ({"workers": 0}, "workers must be an int >= 1 or None")])
+def test_metric_settings_are_checked_when_it_is_made(setting, message):
+    """Not at compute(), after every feature was collected (seed=1.5 was torch's manual_seed error)."""
+    with pytest.raises(ValueError, match=message):
+        GeometryScore(**setting)
+
+
+def test_a_progress_bar_counts_the_sets_and_changes_nothing(capsys):
+    points = circle(60, torch.Generator().manual_seed(1))
+    quiet = mean_relative_living_times(points, n=12, L_0=10, i_max=6, generator=torch.Generator().manual_seed(2), workers=1)
+    assert capsys.readouterr().err == ""
+    shown = mean_relative_living_times(points, n=12, L_0=10, i_max=6, generator=torch.Generator().manual_seed(2),
+                                       workers=1, progress=True)
+    assert "Geometry Score: landmark sets" in capsys.readouterr().err
+    assert torch.equal(quiet, shown)
+
+
 def test_metric_object_matches_functional_api():
     generator = torch.Generator().manual_seed(6)
     real, fake = torch.randn(200, 3, generator=generator), circle(170, generator).float() @ torch.randn(2, 3, generator=generator)

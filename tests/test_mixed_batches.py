@@ -160,6 +160,20 @@ def test_loss_shapes_are_checked():
         mb.discriminator_loss("ns", torch.randn(4), torch.rand(4))
 
 
+@pytest.mark.parametrize("target", [1.5, -1.0, float("nan"), torch.tensor(1.5), torch.tensor(float("nan"))])
+def test_a_target_outside_0_1_is_refused(target):
+    """A proportion of real elements is in [0, 1]; 1.5 gave a loss (0.693), NaN gave NaN."""
+    for kind in ("ns", "lsgan"):
+        with pytest.raises(ValueError, match=r"proportion of real elements, in \[0, 1\], got"):
+            mb.discriminator_loss(kind, torch.randn(4), target)
+
+
+def test_a_number_is_a_target_too():
+    logits = torch.randn(5, dtype=torch.float64)
+    for kind in ("ns", "lsgan"):
+        assert mb.discriminator_loss(kind, logits, 0.4) == mb.discriminator_loss(kind, logits, torch.tensor(0.4))
+
+
 # --- the symmetric discriminator ------------------------------------------------------------------
 
 @pytest.mark.parametrize("d_norm", ("spectral", "none", "batch", "layer"))

@@ -1,5 +1,6 @@
 """What a run leaves for people to look at: curves.png's panels and the TensorBoard events files."""
 import pytest
+import torch
 
 from fastgan.train.outputs import MetricsLog, curves_figure, plot_curves
 
@@ -12,28 +13,48 @@ def _records(fid_steps):
 
 
 def test_a_single_fid_point_sits_at_its_step_on_a_labelled_axis_from_zero():
-    import matplotlib.pyplot as plt
-
-    figure = curves_figure(_records([(800, 217.4)]))
-    try:
-        losses, fid = figure.axes
-        assert fid.get_ylabel() == "FID" and losses.get_ylabel() == "loss"
-        assert fid.get_xlabel() == losses.get_xlabel() == "step (D updates)"
-        assert fid.get_xlim() == losses.get_xlim() == (0, 800)
-        low, high = fid.get_ylim()
-        assert low == 0 and 217.4 < high <= 1.1 * 217.4 + 1e-9
-    finally:
-        plt.close(figure)
+    losses, fid = curves_figure(_records([(800, 217.4)])).axes
+    assert fid.get_ylabel() == "FID" and losses.get_ylabel() == "loss"
+    assert fid.get_xlabel() == losses.get_xlabel() == "step (D updates)"
+    assert fid.get_xlim() == losses.get_xlim() == (0, 800)
+    low, high = fid.get_ylim()
+    assert low == 0 and 217.4 < high <= 1.1 * 217.4 + 1e-9
 
 
 def test_curves_without_fid_have_one_panel(tmp_path):
-    import matplotlib.pyplot as plt
-
-    figure = curves_figure(_records([]))
-    assert len(figure.axes) == 1
-    plt.close(figure)
+    assert len(curves_figure(_records([])).axes) == 1
     plot_curves(_records([(400, 90.0), (800, 60.0)]), tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_every_plot_leaves_the_callers_backend_and_is_written_whole_under_its_name(tmp_path, monkeypatch):
+    """A notebook's backend survives the training, VAE and Geometry Score plots (they used to switch
+    matplotlib to Agg); each file goes through one atomic write, under exactly the name given."""
+    import matplotlib
+    from PIL import Image
+
+    from fastgan import files
+    from fastgan.metrics.geometry_score import plot_mrlt
+    from fastgan.train.outputs import plot_conditioning
+    from fastgan.train.vae_step import plot_rate_distortion
+
+    written = []
+    atomic = files.atomic_file
+    monkeypatch.setattr(files, "atomic_file", lambda path: written.append(path.name) or atomic(path))
+    records = _records([(400, 90.0)]) + [{"step": 400, "log_condition_number_mean": 3.0, "log_condition_number_std": 0.5}]
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        plot_curves(records, tmp_path / "curves.png")
+        plot_conditioning(records, tmp_path / "conditioning.png")
+        plot_rate_distortion([("beta=1", {"rate": 20.0, "distortion": 30.0, "entropy": 40.0})], tmp_path / "rd.png")
+        plot_mrlt({"a": torch.tensor([0.1, 0.9]), "b": torch.tensor([0.8, 0.2])}, tmp_path / "mrlt")
+        assert matplotlib.get_backend().lower() == "svg"
+    finally:
+        matplotlib.use(previous)
+    assert written == ["curves.png", "conditioning.png", "rd.png", "mrlt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conditioning.png", "curves.png", "mrlt", "rd.png"]
+    assert Image.open(tmp_path / "mrlt").format == "PNG"
 
 
 def _events_files(out_dir):

@@ -76,7 +76,7 @@ def test_vae_forward_shapes_and_bound(likelihood, marginal):
     if marginal == "gaussian":
         assert (out.rate >= 0).all()
     # Discrete decoders: E[D + R] ≥ H = log N for the data set's uniform distribution (6 distinct images).
-    assert (out.distortion + out.rate).mean() >= empirical_entropy(6)
+    assert (out.distortion + out.rate).mean() >= empirical_entropy([1] * 6)
     out.objective(beta=0.5).backward()
     assert all(p.grad is not None for p in vae.parameters())
     assert vae.sample(4).shape == (4, 3, 16, 16)
@@ -105,7 +105,14 @@ def test_vae_rejects_bad_configuration_and_inputs():
     with pytest.raises(ValueError, match="shape"):
         vae(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="at least one"):
-        empirical_entropy(0)
+        empirical_entropy([])
+
+
+def test_the_entropy_of_a_set_with_duplicates_weighs_each_image_by_its_count():
+    """10 entries, one image 8 times: the trainer draws it with probability 0.8, so H is
+    −(0.8 log 0.8 + 2 · 0.1 log 0.1) = 0.639 nats, not log 3 = 1.099 (3 distinct images)."""
+    assert empirical_entropy([8, 1, 1]) == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.1)), rel=1e-12)
+    assert empirical_entropy([1] * 7) == pytest.approx(math.log(7), rel=1e-12)
 
 
 class LinearGaussianVAE(torch.nn.Module):

@@ -54,9 +54,11 @@ complex):
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import numbers
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from typing import Iterator, List, Optional, Tuple
@@ -65,6 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastgan.files import save_figure
 from fastgan.metrics.base import FeatureSets, check_floating_finite
 
 __all__ = ["relative_living_times", "mean_relative_living_times", "geometry_score", "draw_landmarks",
@@ -337,24 +340,37 @@ def default_workers(num_sets: int, num_points: int) -> int:
     return max(1, min(available_cores(), num_sets * num_points // WORK_PER_WORKER))
 
 
+def _check_workers(workers) -> None:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be an int >= 1 or None (as many as the work pays for), got {workers!r}")
+
+
 def _relative_living_times_of_sets(x: Tensor, sets: Tensor, gamma: float, i_max: int,
-                                   workers: Optional[int]) -> Tensor:
-    """(n, i_max) float64 RLTs of the landmark sets (rows of ``sets``)."""
+                                   workers: Optional[int], progress: bool = False) -> Tensor:
+    """(n, i_max) float64 RLTs of the landmark sets (rows of ``sets``); ``progress``: a bar on stderr."""
+    from tqdm import tqdm
+
+    _check_workers(workers)
     if workers is None:
         workers = default_workers(sets.shape[0], x.shape[0])
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1 or None (as many as the work pays for), got {workers!r}")
     workers = min(workers, sets.shape[0])
     _gudhi()  # here, not in every worker
     out: List[np.ndarray] = []
-    for distances, rows in _distance_blocks(x, sets):
-        if workers == 1:
-            out.append(_rlts_of_sets(distances, rows, gamma, i_max))
-            continue
-        # small tasks balance the load; each costs one message each way
-        tasks = np.array_split(rows, min(rows.shape[0], 8 * workers * max(1, rows.shape[0] // (64 * workers))))
-        with ProcessPoolExecutor(workers, initializer=_set_worker_distances, initargs=(distances,)) as pool:
-            out.extend(pool.map(_rlts_in_worker, tasks, [gamma] * len(tasks), [i_max] * len(tasks)))
+    with tqdm(total=sets.shape[0], desc="Geometry Score: landmark sets", unit="set", file=sys.stderr,
+              disable=not progress, leave=False) as bar:
+        for distances, rows in _distance_blocks(x, sets):
+            # small tasks balance the load (each costs one message each way) and move the bar
+            tasks = np.array_split(rows, min(rows.shape[0], 8 * workers * max(1, rows.shape[0] // (64 * workers))))
+            with contextlib.ExitStack() as stack:
+                if workers == 1:
+                    results = (_rlts_of_sets(distances, task, gamma, i_max) for task in tasks)
+                else:
+                    pool = stack.enter_context(
+                        ProcessPoolExecutor(workers, initializer=_set_worker_distances, initargs=(distances,)))
+                    results = pool.map(_rlts_in_worker, tasks, [gamma] * len(tasks), [i_max] * len(tasks))
+                for result in results:
+                    out.append(result)
+                    bar.update(len(result))
     return torch.from_numpy(np.concatenate(out))
 
 
@@ -362,7 +378,7 @@ def _relative_living_times_of_sets(x: Tensor, sets: Tensor, gamma: float, i_max:
 
 
 def relative_living_times(x, *, landmarks, gamma: Optional[float] = None, i_max: int = 100,
-                          workers: Optional[int] = None) -> Tensor:
+                          workers: Optional[int] = None, progress: bool = False) -> Tensor:
     """RLT of 1-dimensional holes of the witness complex of ``x`` on given landmarks.
 
     x: (N, d) floating points (tensor or numpy array), all of them witnesses.
@@ -370,26 +386,27 @@ def relative_living_times(x, *, landmarks, gamma: Optional[float] = None, i_max:
     one set per row, gives (n, i_max). Indices of a set must be distinct.
     gamma: alpha_max = gamma * the largest witness-to-landmark distance of the set;
     default 1/128 * N/5000. workers: processes for the complexes (None: one per core
-    when the work pays for them, see :func:`default_workers`). Returns float64 on the CPU; each row sums to 1
-    unless some stretch had >= i_max holes."""
+    when the work pays for them, see :func:`default_workers`). progress: a bar of the sets done
+    on stderr. Returns float64 on the CPU; each row sums to 1 unless some stretch had >= i_max holes."""
     points = _as_points("x", x)
     _check_parameters(i_max, gamma)
     sets = _check_landmarks(landmarks, points.shape[0])
     gamma = default_gamma(points.shape[0]) if gamma is None else float(gamma)
-    rlts = _relative_living_times_of_sets(points, sets, gamma, i_max, workers)
+    rlts = _relative_living_times_of_sets(points, sets, gamma, i_max, workers, progress)
     return rlts[0] if torch.as_tensor(landmarks).dim() == 1 else rlts
 
 
 def mean_relative_living_times(x, n: int = 1000, L_0: int = 64, gamma: Optional[float] = None,
                                i_max: int = 100, generator: Optional[torch.Generator] = None,
-                               workers: Optional[int] = None) -> Tensor:
+                               workers: Optional[int] = None, progress: bool = False) -> Tensor:
     """MRLT (i_max,) of ``x``: the mean RLT over ``n`` random landmark sets of ``L_0``
     points (drawn by :func:`draw_landmarks` with ``generator``). See
     :func:`relative_living_times` for the other arguments."""
     points = _as_points("x", x)
     _check_parameters(i_max, gamma)
     sets = draw_landmarks(points.shape[0], n, L_0, generator)
-    return relative_living_times(points, landmarks=sets, gamma=gamma, i_max=i_max, workers=workers).mean(dim=0)
+    return relative_living_times(points, landmarks=sets, gamma=gamma, i_max=i_max, workers=workers,
+                                 progress=progress).mean(dim=0)
 
 
 def geometry_score(x, y, n: int = 1000, L_0: int = 64, gamma: Optional[float] = None, i_max: int = 100,
@@ -429,7 +446,7 @@ def plot_mrlt(mrlts: dict, path, title: str = "Mean relative living times") -> N
     axes.set_title(title)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)  # atomically, in the suffix's format (PNG without one, under that name)
 
 
 class GeometryScore(FeatureSets):
@@ -448,6 +465,9 @@ class GeometryScore(FeatureSets):
         super().__init__()
         _check_parameters(i_max, gamma)
         _check_set_sizes(n, L_0)
+        _check_workers(workers)
+        if isinstance(seed, bool) or not isinstance(seed, int):  # else torch.manual_seed refuses it only at compute()
+            raise ValueError(f"seed must be an int, got {seed!r}")
         self.n, self.L_0, self.gamma, self.i_max, self.seed, self.workers = n, L_0, gamma, i_max, seed, workers
 
     def mrlts(self) -> Tuple[Tensor, Tensor]:

@@ -10,7 +10,8 @@ For any such model the mutual information of the encoder's joint satisfies
 H − D ≤ I(X; Z) ≤ R, where H is the entropy of the data distribution. fastgan's
 decoders are *discrete* distributions over the 256 levels of 8-bit pixels (or over
 {0, 1} for the Bernoulli decoder), so D ≥ 0 and H is a plain Shannon entropy: for a
-training set of N distinct images taken as the data distribution, H = log N
+training set taken as the data distribution (each image drawn with its share of the set),
+H = −Σ p log p over its distinct images, log N when all N are distinct
 (:func:`empirical_entropy`). The β-VAE objective is D + β·R.
 
 The encoder is SNDCGAN's discriminator trunk ending in a linear layer to the posterior's
@@ -20,7 +21,7 @@ trunk whose last deconvolution outputs the decoder's parameters per pixel.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +50,14 @@ class RateDistortion(NamedTuple):
         return (self.distortion + beta * self.rate).mean()
 
 
-def empirical_entropy(num_distinct: int) -> float:
-    """H of the uniform distribution over ``num_distinct`` distinct training images: log N nats."""
-    if num_distinct < 1:
-        raise ValueError(f"the data set needs at least one image, got {num_distinct}")
-    return math.log(num_distinct)
+def empirical_entropy(counts: Sequence[int]) -> float:
+    """H in nats of a training set drawn uniformly, entry by entry, from the number of times
+    ``counts`` each distinct image occurs: −Σ (c/N) log(c/N) with N = Σ c; log N when every
+    image is distinct (duplicates weigh as often as they are drawn)."""
+    if not counts or min(counts) < 1:
+        raise ValueError(f"the data set needs at least one image, and counts of at least 1, got {list(counts)[:8]}")
+    total = sum(counts)
+    return math.log(total) - sum(c * math.log(c) for c in counts) / total
 
 
 def gaussian_log_density(x: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:

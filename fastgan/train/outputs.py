@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from fastgan.files import atomic_file, write_text_atomic
+from fastgan.files import atomic_file, save_figure, write_text_atomic
 
 
 class MetricsLog:
@@ -125,15 +125,14 @@ def save_image_grid(images: Tensor, path: Path, columns: Optional[int] = None, p
 def curves_figure(records: List[dict]):
     """A matplotlib figure of the losses (and the penalty) against step, with FID on a second
     panel when present. Both panels span the run's steps from 0, so a single FID point sits at
-    its step; the FID axis starts at 0 (FID is never negative)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    its step; the FID axis starts at 0 (FID is never negative). A bare Figure, not pyplot: the
+    caller's backend (a notebook's, say) stays as it is, and nothing needs closing."""
+    from matplotlib.figure import Figure
 
     fid = [(r["step"], r["fid"]) for r in records if "fid" in r]
     panels = 2 if fid else 1
-    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    figure = Figure(figsize=(6 * panels, 4))
+    axes = figure.subplots(1, panels, squeeze=False)
     last_step = max((r["step"] for r in records), default=0)
     losses = axes[0][0]
     for key in ("d_loss", "g_loss", "penalty", "lens_adversarial", "lens_reconstruction", "rate", "distortion"):
@@ -159,18 +158,7 @@ def curves_figure(records: List[dict]):
 
 def plot_curves(records: List[dict], path: Path) -> None:
     """:func:`curves_figure` as a PNG."""
-    figure = curves_figure(records)
-    import matplotlib.pyplot as plt  # after curves_figure chose the file-only backend
-
-    _save_figure(figure, path)
-    plt.close(figure)
-
-
-def _save_figure(figure, path: Path) -> None:
-    # Redrawn at every checkpoint while people may be looking at it: never left torn by a kill.
-    path = Path(path)
-    with atomic_file(path) as partial:
-        figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=100)
+    save_figure(curves_figure(records), path)
 
 
 CONDITIONING_KEY = "log_condition_number_mean"
@@ -179,13 +167,11 @@ CONDITIONING_KEY = "log_condition_number_mean"
 def plot_conditioning(records: List[dict], path: Path) -> None:
     """Mean log condition number of G's Jacobian against step, ± one standard deviation over
     the fixed z (Odena et al.'s figure of log-CN over training), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     points = [(r["step"], r[CONDITIONING_KEY], r.get("log_condition_number_std", 0.0)) for r in records if CONDITIONING_KEY in r]
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     if points:
         steps, mean, std = (torch.tensor(column, dtype=torch.float64) for column in zip(*points))
         axis.plot(steps, mean, marker="o", color="tab:purple", label="mean over the fixed z")
@@ -195,8 +181,7 @@ def plot_conditioning(records: List[dict], path: Path) -> None:
     axis.set_xlabel("step (D updates)")
     axis.set_ylabel("log(σ_max / σ_min)")
     figure.tight_layout()
-    _save_figure(figure, path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 __all__ = ["CONDITIONING_KEY", "MetricsLog", "curves_figure", "image_format", "plot_conditioning", "plot_curves",

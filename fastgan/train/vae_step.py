@@ -6,8 +6,8 @@ is D + β·R. :class:`VAEStep` takes one Adam step on it per iteration (``steps`
 these updates; there is no D and ``n_disc`` is 1) and reports, as batch means in nats:
 ``rate``, ``distortion``, ``elbo`` = −(D + R), ``loss`` = D + β·R, and the bounds of the
 encoder's mutual information H − D ≤ I(X; Z) ≤ R as ``mi_lower_bound`` = H − D and
-``mi_upper_bound`` = R, with H = log N for the N distinct training images
-(:func:`distinct_images`, counted once per run).
+``mi_upper_bound`` = R, with H the entropy of the training set as the trainer draws it
+(:func:`data_entropy`: log N for N distinct images; duplicates counted as often as they occur).
 
 Where the trainer wants "G" (sample grids, FID, ``generate``, the conditioning monitor,
 ``load_generator``), a VAE run has :class:`VAESampler`: the VAE whose forward maps
@@ -16,6 +16,7 @@ so a sample of the model is ``sampler(ε)`` with ε ~ N(0, I), like a GAN's ``G(
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -70,19 +71,20 @@ def vae_sampler(config: Config) -> VAESampler:
                           config.vae_marginal, config.vae_components))
 
 
-def distinct_images(data: ImageData, chunk: int = 1024) -> int:
-    """How many different images ``data`` holds (byte-exact; compared by BLAKE2b digest, in chunks,
-    so memory-mapped sets are read once and never held whole)."""
-    digests = set()
+def image_counts(data: ImageData, chunk: int = 1024) -> List[int]:
+    """How often each different image occurs in ``data`` (byte-exact; compared by BLAKE2b digest,
+    in chunks, so memory-mapped sets are read once and never held whole)."""
+    counts: collections.Counter = collections.Counter()
     for start in range(0, len(data), chunk):
         block = data.images[start : start + chunk]
-        digests.update(hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in block)
-    return len(digests)
+        counts.update(hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in block)
+    return list(counts.values())
 
 
 def data_entropy(data: ImageData) -> float:
-    """H in nats of the training distribution taken as uniform over the set's distinct images: log N."""
-    return empirical_entropy(distinct_images(data))
+    """H in nats of the training distribution: the set's entries drawn uniformly, so each distinct
+    image with its share of them (log N when all N are distinct)."""
+    return empirical_entropy(image_counts(data))
 
 
 class VAEStep:
@@ -151,16 +153,17 @@ def final_rate_distortion(records: List[dict], share: float = 0.25) -> Optional[
 def plot_rate_distortion(points: Sequence[Tuple[str, Dict[str, float]]], path: Path) -> None:
     """The rate–distortion plane of Alemi et al.'s figure 1 as a PNG: each (label, run) a point at
     (R, D), and the boundary D = H − R of the feasible region (H − D ≤ I ≤ R implies D ≥ H − R;
-    below the line no model exists), with R, D ≥ 0."""
-    import matplotlib
+    below the line no model exists), with R, D ≥ 0. Written atomically (a study's array jobs
+    redraw it as each finishes); a bare Figure leaves the caller's matplotlib backend alone."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastgan.files import save_figure
 
-    figure, axis = plt.subplots(figsize=(6, 5))
+    figure = Figure(figsize=(6, 5))
+    axis = figure.subplots()
     entropy = max(run["entropy"] for _, run in points)
     axis.fill_between([0, entropy], [entropy, 0], 0, color="0.85", label="infeasible: D < H − R")
-    axis.plot([0, entropy], [entropy, 0], color="black", linewidth=1, label=f"D = H − R (H = log N = {entropy:.2f} nats)")
+    axis.plot([0, entropy], [entropy, 0], color="black", linewidth=1, label=f"D = H − R (H = {entropy:.2f} nats)")
     for label, run in points:
         axis.scatter(run["rate"], run["distortion"], zorder=3)
         axis.annotate(label, (run["rate"], run["distortion"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -171,9 +174,8 @@ def plot_rate_distortion(points: Sequence[Tuple[str, Dict[str, float]]], path: P
     axis.set_title("rate–distortion plane")
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
-__all__ = ["VAESampler", "VAEStep", "data_entropy", "distinct_images", "final_rate_distortion", "plot_rate_distortion",
+__all__ = ["VAESampler", "VAEStep", "data_entropy", "image_counts", "final_rate_distortion", "plot_rate_distortion",
            "reconstruction_pairs", "vae_sampler"]
