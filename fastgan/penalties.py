@@ -182,7 +182,8 @@ def gradient_penalty(
     point.requires_grad_(True)
     scores = _evaluate_eagerly(discriminator, point)
     batch = real.shape[0]
-    if not isinstance(scores, Tensor) or scores.shape[:1] != (batch,) or scores.numel() != batch:
+    # () is one value for a batch of 1 (a D ending in .squeeze())
+    if not isinstance(scores, Tensor) or scores.numel() != batch or (scores.dim() and scores.shape[0] != batch):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"the discriminator must return one value per sample, shape ({batch},) or ({batch}, 1); got {shape}")
     grad = None

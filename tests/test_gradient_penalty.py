@@ -596,6 +596,18 @@ def test_bad_input_raises_value_error():
         gradient_penalty(d, real, fake, generator=True)
     assert gradient_penalty(d, real, None, "r1").ndim == 0
     assert gradient_penalty(d, real, None, "dragan").ndim == 0
+    for setting in ({"eps": float("nan")}, {"eps": float("inf")}, {"center": float("nan")}):  # NaN'd every gradient
+        with pytest.raises(ValueError, match="must be finite"):
+            gradient_penalty(d, real, fake, **setting)
+
+
+def test_a_batch_of_one_may_score_as_a_0d_tensor():
+    """A D ending in .squeeze() gives shape () for one sample: one value per sample all the same."""
+    d = nn.Sequential(nn.Flatten(), nn.Linear(12, 1)).double()
+    real, fake = torch.rand(1, 3, 2, 2, dtype=torch.float64), torch.rand(1, 3, 2, 2, dtype=torch.float64)
+    for kind in ("wgan-gp", "r1"):
+        expected = gradient_penalty(d, real, fake, kind, generator=5)
+        assert torch.equal(gradient_penalty(lambda x: d(x).squeeze(), real, fake, kind, generator=5), expected)
 
 
 @pytest.mark.parametrize("kind", ["wgan-gp", "dragan", "r1", "r2"])

@@ -574,7 +574,7 @@ def test_replayed_refresh_gives_the_eager_refresh(device, monkeypatch):
     losses = _train_steps((replayed, eager), device, 3, backend)
     assert all(torch.equal(a, b) for a, b in zip(losses[id(replayed)], losses[id(eager)]))
     _assert_bit_identical(replayed, eager)
-    assert hook.refreshes.captures == 1 and {training for training, _, _ in hook.refreshes.replays} == {True}
+    assert hook.refreshes.captures == 1 and {group[0] for group in hook.refreshes.replays} == {True}
     assert _grouped_hook(eager).refreshes.captures == 0  # cuda_graphs=False
     x = torch.randn(2, 3, 8, 8, device=device)
     for model in (replayed, eager):
@@ -582,7 +582,7 @@ def test_replayed_refresh_gives_the_eager_refresh(device, monkeypatch):
     with fastgan.use_backend(backend):
         for _ in range(3):
             assert torch.equal(replayed(x), eager(x))
-    assert hook.refreshes.captures == 2 and {training for training, _, _ in hook.refreshes.replays} == {True, False}
+    assert hook.refreshes.captures == 2 and {group[0] for group in hook.refreshes.replays} == {True, False}
     for model in (replayed, eager):
         model.train()
         layer = model[0].parametrizations.weight
@@ -788,6 +788,34 @@ def test_apply_spectral_norm_matches_torch_on_skipped_layers_and_mixed_dtypes(de
         for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
             assert b_o.dtype == b_t.dtype
             torch.testing.assert_close(b_o, b_t, **TOL[b_t.dtype], msg=name)
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+def test_apply_spectral_norm_keeps_each_layers_own_iterations_and_eps(device, backend):
+    """A layer given other settings after apply_spectral_norm (as torch's parametrization allows)
+    iterates with its own: the grouped refresh used the first layer's for all of them."""
+    theirs, ours = _sn_pair(torch.float64, device, backend, lambda: nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4)))
+    for model in (theirs, ours):
+        model[2].parametrizations.weight[0].n_power_iterations = 4
+        model[0].parametrizations.weight[0].eps = 0.5
+    for _ in range(2):
+        x = torch.randn(3, 6, device=device, dtype=torch.float64)
+        with fastgan.use_backend(backend):
+            out_o = ours(x)
+        torch.testing.assert_close(out_o, theirs(x), rtol=1e-10, atol=1e-12)
+        for (name, b_o), (_, b_t) in zip(ours.named_buffers(), theirs.named_buffers()):
+            torch.testing.assert_close(b_o, b_t, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_spectral_norm_made_directly_checks_its_settings_as_torchs_does():
+    weight = torch.randn(3, 4)
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        fsn.SpectralNorm(weight, dim=5)
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        fsn.SpectralNorm(weight, dim=-3)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="n_power_iterations to be positive"):
+            fsn.SpectralNorm(weight, n_power_iterations=bad)
 
 
 def test_apply_spectral_norm_follows_a_conversion_and_layers_in_eval_mode():

@@ -97,6 +97,10 @@ def _checked_weight(module: nn.Module, name: str, n_power_iterations: int, dim: 
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError("The module passed to `SpectralNorm` can't have uninitialized parameters. Make sure to "
                          f"run the dummy forward before applying spectral normalization ({where})")
+    return _checked_settings(weight, n_power_iterations, dim, where)
+
+
+def _checked_settings(weight: Tensor, n_power_iterations: int, dim: int, where: str) -> Tensor:
     if n_power_iterations <= 0:
         raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations} "
                          f"({where})")
@@ -115,6 +119,7 @@ class SpectralNorm(nn.Module):
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  cuda_graphs: bool = True) -> None:
         super().__init__()
+        _checked_settings(weight, n_power_iterations, dim, "SpectralNorm")  # made directly, as torch's checks it too
         self.dim = dim % weight.dim()
         self.eps = eps
         self.n_power_iterations = n_power_iterations
@@ -293,16 +298,18 @@ class _GroupedPowerIteration:
                 continue
             weight = original["original"]
             if not weight.is_complex():
-                params, weights = groups.setdefault((p.training, weight.dtype, weight.device), ([], []))
+                # a group is one launch: layers that differ in their settings go to different ones
+                key = (p.training, weight.dtype, weight.device, p.n_power_iterations, p.eps)
+                params, weights = groups.setdefault(key, ([], []))
                 params.append(p)
                 weights.append(weight)
         for group, (params, weights) in groups.items():
-            training, _, device = group
+            training, _, device, n_power_iterations, _ = group
             backend = ops.multi_layer_backend(device)
             if not ops.one_launch_pays_on(backend):
                 continue
             capture = _capture_for(device) if self.refreshes.enabled else None
-            steps = params[0].n_power_iterations if training else 0
+            steps = n_power_iterations if training else 0
             for p, result in zip(params, self.refreshes.refresh(group, params, weights, steps, backend, capture)):
                 _set_group_result(p, result)
 

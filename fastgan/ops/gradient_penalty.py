@@ -19,6 +19,7 @@ gp_interpolate and gp_penalty; dragan_perturb reads a contiguous copy of others.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -149,10 +150,17 @@ def _(real, seed):
     return real.new_empty(real.shape)
 
 
-def _penalty(grad: Tensor, squared_norm: bool, center: float, eps: float, one_sided: bool) -> Tuple[Tensor, Tensor]:
+def _check_penalty(grad: Tensor, center: float, eps: float) -> None:
+    """What the op and its fake check: a NaN or Inf center or eps made every gradient of D non-finite."""
     _check_batch(grad, "the gradient of D")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    if not math.isfinite(center):
+        raise ValueError(f"center must be finite, got {center}")
+
+
+def _penalty(grad: Tensor, squared_norm: bool, center: float, eps: float, one_sided: bool) -> Tuple[Tensor, Tensor]:
+    _check_penalty(grad, center, eps)
     (grad,) = _batch_major(grad)
     return _PENALTY(grad.device)(grad, squared_norm, center, eps, one_sided)
 
@@ -162,7 +170,7 @@ gp_penalty = torch.library.custom_op("fastgan::gp_penalty", mutates_args=())(_pe
 
 @gp_penalty.register_fake
 def _(grad, squared_norm, center, eps, one_sided):
-    _check_batch(grad, "the gradient of D")
+    _check_penalty(grad, center, eps)
     return grad.new_empty(()), grad.new_empty((grad.shape[0],), dtype=reference.accumulator_dtype(grad.dtype))
 
 
