@@ -448,7 +448,7 @@ def command_dirac(args) -> None:
     _check_plot_destination(args.out)  # before the work (a grid takes a minute), not after it
     if args.grid:
         names = lambda text: [name.strip() for name in text.split(",") if name.strip()]  # noqa: E731
-        save_grid_figure(args.out, names(args.losses), names(args.penalties), **draw)
+        save_grid_figure(args.out, names(args.losses), names(args.penalties), progress=True, **draw)
         print(f"Dirac-GAN panel (losses x regularizers) written to {args.out}")
         return
     penalty = None if args.penalty == "none" else args.penalty

@@ -408,24 +408,31 @@ def save_grid_figure(
     out,
     loss_names: Sequence[str] = LOSSES,
     penalty_names: Sequence[Optional[str]] = GRID_PENALTIES,
+    progress: bool = False,
     **draw_options,
 ) -> None:
     """The paper-style panel: one ``draw_dynamics`` per loss (rows) × regularizer
     (columns, default weights). R2 and DRAGAN are left out by default: here they
-    draw the same field as R1 and WGAN-GP."""
+    draw the same field as R1 and WGAN-GP. ``progress``: a bar of the panels drawn, on stderr."""
+    import sys
+
     from matplotlib.figure import Figure
+    from tqdm import tqdm
 
     if not loss_names or not penalty_names:
         raise ValueError("the grid needs at least one loss and one regularizer (None or 'none' for no regularizer)")
     games = [[DiracGAN(loss, penalty) for penalty in penalty_names] for loss in loss_names]
     figure = Figure(figsize=(2.6 * len(penalty_names), 2.6 * len(loss_names)), dpi=80, layout="constrained")
     axes = figure.subplots(len(loss_names), len(penalty_names), squeeze=False)
-    for i, row in enumerate(games):
-        for j, game in enumerate(row):
-            ax = axes[i][j]
-            draw_dynamics(game, ax, legend=(i == 0 and j == 0), **draw_options)
-            ax.set_xlabel("θ" if i == len(games) - 1 else "")
-            ax.set_ylabel("ψ" if j == 0 else "")
+    with tqdm(total=len(loss_names) * len(penalty_names), desc="Dirac-GAN panels", unit="panel", file=sys.stderr,
+              disable=not progress, leave=False) as bar:
+        for i, row in enumerate(games):
+            for j, game in enumerate(row):
+                ax = axes[i][j]
+                draw_dynamics(game, ax, legend=(i == 0 and j == 0), **draw_options)
+                ax.set_xlabel("θ" if i == len(games) - 1 else "")
+                ax.set_ylabel("ψ" if j == 0 else "")
+                bar.update()
     _save(figure, out)
 
 

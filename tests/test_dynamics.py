@@ -390,8 +390,11 @@ def test_dirac_help_names_every_loss_and_penalty(capsys):
     assert "--grid" in text and "--weight" in text
 
 
-def test_grid_figure(tmp_path):
+def test_grid_figure(tmp_path, capsys):
     out = tmp_path / "grid.png"
     save_grid_figure(out, loss_names=("ns", "wgan"), penalty_names=(None, "r1"), steps=10, lr=0.1, grid=12)
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > 300
+    assert capsys.readouterr().err == ""  # a library call is quiet; the `dirac --grid` command shows its panels
+    save_grid_figure(out, loss_names=("ns",), penalty_names=(None,), progress=True, steps=10, lr=0.1, grid=12)
+    assert "Dirac-GAN panels" in capsys.readouterr().err

@@ -816,6 +816,8 @@ def test_spectral_norm_made_directly_checks_its_settings_as_torchs_does():
     for bad in (0, -1):
         with pytest.raises(ValueError, match="n_power_iterations to be positive"):
             fsn.SpectralNorm(weight, n_power_iterations=bad)
+    with pytest.raises(TypeError, match=r"n_power_iterations must be an int, got 2.5 \(Linear"):
+        fastgan.nn.spectral_norm(nn.Linear(4, 3), n_power_iterations=2.5)
 
 
 def test_apply_spectral_norm_follows_a_conversion_and_layers_in_eval_mode():

@@ -101,6 +101,8 @@ def _checked_weight(module: nn.Module, name: str, n_power_iterations: int, dim: 
 
 
 def _checked_settings(weight: Tensor, n_power_iterations: int, dim: int, where: str) -> Tensor:
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int):  # else the op's schema error
+        raise TypeError(f"n_power_iterations must be an int, got {n_power_iterations!r} ({where})")
     if n_power_iterations <= 0:
         raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations} "
                          f"({where})")
