@@ -1,4 +1,6 @@
 """What a run leaves for people to look at: curves.png's panels and the TensorBoard events files."""
+import time
+
 import pytest
 import torch
 
@@ -87,6 +89,10 @@ def test_a_resume_purges_from_tensorboard_only_the_points_after_its_checkpoint(t
     for step in range(1, 5):
         killed.write(step, {"d_loss": float(step)})
     killed.close()
+    # TensorBoard reads a run's events files in name order: time in whole seconds, then a
+    # per-process counter whose digit count may grow (…9 < …10 fails as text). A resume comes
+    # from a later process; here a later second keeps the order a real resume has.
+    time.sleep(1.1)
     resumed = MetricsLog(tmp_path, resume_step=2)
     resumed.write(3, {"d_loss": 30.0})
     resumed.close()
