@@ -377,14 +377,13 @@ def _save(figure, out) -> None:
 
     from PIL import Image
 
-    from fastgan.files import atomic_file
+    from fastgan.files import atomic_file, save_figure
 
     path = Path(out)
-    kind = path.suffix.lstrip(".").lower() or "png"
+    if path.suffix.lstrip(".").lower() not in ("", "png"):
+        save_figure(figure, path, dpi=figure.dpi)
+        return
     with atomic_file(path) as partial:
-        if kind != "png":
-            figure.savefig(partial, format=kind, dpi=figure.dpi)
-            return
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=figure.dpi)
         with Image.open(buffer) as image:

@@ -100,9 +100,15 @@ def _as_points(name: str, x) -> Tensor:
     return x.detach().to(torch.float64)
 
 
+def _check_int(value, description: str, minimum: Optional[int] = 1, alternative: str = "") -> None:
+    """``value`` an int (not a bool) of at least ``minimum``, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{description} must be an int{bound}{alternative}, got {value!r}")
+
+
 def _check_parameters(i_max: int, gamma: Optional[float]) -> None:
-    if isinstance(i_max, bool) or not isinstance(i_max, int) or i_max < 1:
-        raise ValueError(f"i_max must be an int >= 1, got {i_max!r}")
+    _check_int(i_max, "i_max")
     if gamma is not None and not (isinstance(gamma, numbers.Real) and not isinstance(gamma, bool)
                                   and 0 < gamma < float("inf")):
         raise ValueError(f"gamma must be a positive finite number or None (1/128 * N/5000), got {gamma!r}")
@@ -128,10 +134,8 @@ def _check_landmarks(landmarks, num_points: int) -> Tensor:
 
 
 def _check_set_sizes(n: int, L_0: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (landmark sets) must be an int >= 1, got {n!r}")
-    if isinstance(L_0, bool) or not isinstance(L_0, int) or L_0 < 1:
-        raise ValueError(f"L_0 (landmarks per set) must be an int >= 1, got {L_0!r}")
+    _check_int(n, "n (landmark sets)")
+    _check_int(L_0, "L_0 (landmarks per set)")
 
 
 def draw_landmarks(num_points: int, n: int, L_0: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -341,8 +345,8 @@ def default_workers(num_sets: int, num_points: int) -> int:
 
 
 def _check_workers(workers) -> None:
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be an int >= 1 or None (as many as the work pays for), got {workers!r}")
+    if workers is not None:
+        _check_int(workers, "workers", alternative=" or None (as many as the work pays for)")
 
 
 def _relative_living_times_of_sets(x: Tensor, sets: Tensor, gamma: float, i_max: int,
@@ -466,8 +470,7 @@ class GeometryScore(FeatureSets):
         _check_parameters(i_max, gamma)
         _check_set_sizes(n, L_0)
         _check_workers(workers)
-        if isinstance(seed, bool) or not isinstance(seed, int):  # else torch.manual_seed refuses it only at compute()
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        _check_int(seed, "seed", minimum=None)  # else torch.manual_seed refuses it only at compute()
         self.n, self.L_0, self.gamma, self.i_max, self.seed, self.workers = n, L_0, gamma, i_max, seed, workers
 
     def mrlts(self) -> Tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -140,15 +140,28 @@ _POWER_ITERATION_MULTI = _backend.register(
 )
 
 
+class _ColumnMove(NamedTuple):
+    """W_mat's columns in a weight's memory order, as a permutation of its other dims."""
+
+    sizes: List[int]  # the other dims' sizes in W_mat's order
+    to_memory: List[int]  # the permutation of those dims to memory order
+    memory_sizes: List[int]  # their sizes in memory order
+    back: List[int]  # the permutation from memory order back
+
+    def to_view(self, v: Tensor) -> Tensor:
+        return v.reshape(self.sizes).permute(self.to_memory).reshape(-1)
+
+    def from_view(self, v: Tensor) -> Tensor:
+        return v.reshape(self.memory_sizes).permute(self.back).reshape(-1)
+
+
 @functools.lru_cache(maxsize=256)
 def _layout(shape: Tuple[int, ...], stride: Tuple[int, ...], dim: int):
     """How the kernels read a weight of this layout in place: (permutation P of its dims with
-    W.permute(P) contiguous, the dim's position in it, and how the columns move), or None when
-    the weight is not dense and must be copied. The columns move as a permutation of the other
-    dims: (their sizes in W_mat's order, the permutation to memory order, their sizes in memory
-    order, the permutation back), or None when the columns keep their order. Only ints: v is
-    reordered by views and one copy, so no index tensor is kept on a device, where a cached one
-    would be freed under a queued launch on another stream or a captured graph."""
+    W.permute(P) contiguous, the dim's position in it, and the :class:`_ColumnMove`, None when
+    the columns keep their order), or None when the weight is not dense and must be copied.
+    Only ints: v is reordered by views and one copy, so no index tensor is kept on a device,
+    where a cached one would be freed under a queued launch on another stream or a captured graph."""
     order = _backend.memory_order(torch.empty_strided(shape, stride, device="meta"))
     if order is None:
         return None
@@ -156,7 +169,7 @@ def _layout(shape: Tuple[int, ...], stride: Tuple[int, ...], dim: int):
     others_in_memory = [i for i in order if i != dim]
     columns = None
     if others_in_memory != others:
-        columns = (
+        columns = _ColumnMove(
             [shape[i] for i in others], [others.index(i) for i in others_in_memory],
             [shape[i] for i in others_in_memory], [others_in_memory.index(i) for i in others],
         )
@@ -181,7 +194,7 @@ def _in_place(weights: Sequence[Tensor], vs: Sequence[Tensor], dims: Sequence[in
         views.append(w.permute(order) if order else w)
         new_dims.append(dim_in_view)
         moves.append(columns)
-        v_views.append(v if columns is None else v.reshape(columns[0]).permute(columns[1]).reshape(-1))
+        v_views.append(v if columns is None else columns.to_view(v))
     return views, v_views, new_dims, moves
 
 
@@ -190,9 +203,7 @@ def _columns_back(v_out: Tensor, moves, sizes: Sequence[int]) -> Tensor:
     if all(m is None for m in moves):
         return v_out
     parts = v_out.split(list(sizes))
-    return torch.cat([
-        part if m is None else part.reshape(m[2]).permute(m[3]).reshape(-1) for part, m in zip(parts, moves)
-    ])
+    return torch.cat([part if m is None else m.from_view(part) for part, m in zip(parts, moves)])
 
 
 def _power_iteration(

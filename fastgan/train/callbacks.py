@@ -192,15 +192,15 @@ class Conditioning(Callback):
         every = trainer.config.diagnostics_condition_number_every
         if not every or not due(trainer, every):
             return
-        summary = None
+        summary, non_finite = None, False
         if trainer.runtime.rank == 0:
             try:
                 summary = trainer.conditioning()
             except NonFiniteJacobian:
-                summary = {}
-        if trainer.runtime.any(summary == {}):
+                non_finite = True
+        if trainer.runtime.any(non_finite):
             trainer.mark_diverged("G's Jacobian for the conditioning record not finite")
-        elif summary and trainer.log is not None:
+        elif summary is not None and trainer.log is not None:
             trainer.log.write(trainer.step, summary)
 
 
