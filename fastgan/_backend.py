@@ -4,7 +4,8 @@ Every fastgan op has up to four implementations:
 
 * ``reference`` -- plain torch (``fastgan.reference``), any device; the test oracle.
 * ``triton``    -- ``fastgan.kernels``; CUDA tensors, or CPU tensors when
-  ``TRITON_INTERPRET=1`` was set before ``fastgan.kernels`` was imported.
+  ``TRITON_INTERPRET=1`` was set before triton was imported (``import fastgan``
+  imports it, through torch's compiler).
 * ``cuda``      -- the CUDA C++ kernels of ``fastgan._C``; CUDA tensors.
 * ``cpp``       -- the CPU C++ kernels of ``fastgan._C``; CPU tensors.
 
@@ -31,6 +32,7 @@ import contextvars
 import dataclasses
 import importlib
 import os
+import sys
 from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -85,10 +87,27 @@ def _load_triton():
     return _loaded["triton"]
 
 
-def triton_interpreted() -> bool:
+def _interpret_requested() -> bool:
     # Read as Triton reads it (knobs.runtime.interpret): TRITON_INTERPRET=true makes its
     # kernels interpreted too, so triton must not be refused on CPU tensors then.
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+
+
+def _triton_compiled_before_interpret() -> bool:
+    """Whether triton.language was imported while TRITON_INTERPRET was off: its own jitted
+    helpers (tl.sum, tl.cdiv, ...) are then compiled functions, which an interpreted kernel
+    cannot call ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    language = sys.modules.get("triton.language")
+    if language is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(getattr(language.standard, "sum", None), InterpretedFunction)
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run through its interpreter here (so on CPU tensors)."""
+    return _interpret_requested() and not _triton_compiled_before_interpret()
 
 
 def _status(name: str, device_type: str) -> Tuple[bool, str]:
@@ -97,6 +116,9 @@ def _status(name: str, device_type: str) -> Tuple[bool, str]:
         return True, ""
     if name == "triton":
         if device_type == "cpu" and not triton_interpreted():
+            if _interpret_requested():
+                return False, ("TRITON_INTERPRET=1 was set after triton was imported (import fastgan imports it); "
+                               "set it before importing fastgan to run triton on CPU tensors")
             return False, "triton runs on CPU tensors only under TRITON_INTERPRET=1"
         if device_type not in DEVICE_TYPES:
             return False, f"triton kernels do not support device type {device_type!r}"
@@ -222,6 +244,8 @@ def backends() -> Dict[str, Dict]:
 
 
 def _validate_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"a fastgan backend is named by a string, one of {', '.join(BACKENDS)}; got {name!r}")
     name = name.strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown fastgan backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,7 +1,7 @@
 """Triton kernels, installed as ``fastgan.kernels``.
 
 Every launcher takes tensors on any device triton can run on: CUDA, or the CPU
-under ``TRITON_INTERPRET=1`` (set before this package is imported), and launches
+under ``TRITON_INTERPRET=1`` (set before triton is imported: ``import fastgan`` imports it), and launches
 on the tensors' own device (:func:`device_guard`), whichever GPU is current.
 """
 import contextlib

@@ -184,6 +184,13 @@ def test_forcing_a_backend_that_cannot_run_raises(monkeypatch):
         _backend.registered()["gp_penalty"].choose("cpu")
 
 
+def test_a_backend_named_by_a_non_string_is_a_type_error():
+    """use_backend(1) raised AttributeError: 'int' object has no attribute 'strip'."""
+    with pytest.raises(TypeError, match="named by a string, one of triton, cuda, cpp, reference; got 1"):
+        with fastgan.use_backend(1):
+            pass
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ok, why = _backend._status("triton", "cpu")
@@ -196,9 +203,38 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
     """TRITON_INTERPRET=true interprets Triton's kernels as =1 does: fastgan refused triton on
     CPU tensors then ("runs on CPU tensors only under TRITON_INTERPRET=1")."""
     triton = pytest.importorskip("triton")
+    if not _backend.triton_interpreted():
+        pytest.skip("this session imported triton compiled (a GPU machine): see the subprocess test below")
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert _backend.triton_interpreted() == bool(triton.knobs.runtime.interpret)
     assert _backend._status("triton", "cpu")[0] == bool(triton.knobs.runtime.interpret)
+
+
+TRITON_INTERPRET_LATE = """
+import os, torch, fastgan
+from fastgan import _backend
+os.environ["TRITON_INTERPRET"] = "1"
+print(fastgan.backends()["backends"]["triton"]["cpu"])
+try:
+    with fastgan.use_backend("triton"):
+        fastgan.ops.gradient_penalty.gp_penalty(torch.randn(3, 5), False, 1.0, 1e-12, False)
+except RuntimeError as error:
+    print("refused:", error)
+"""
+
+
+def test_triton_interpret_set_after_import_is_refused_with_the_reason():
+    """TRITON_INTERPRET=1 set after ``import fastgan`` (which imports triton through torch's compiler):
+    backends() said triton ran on the CPU, and a forced triton op failed inside the interpreter with
+    "Cannot call @triton.jit'd outside of the scope of a kernel" (triton's own tl.sum was compiled)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", TRITON_INTERPRET_LATE], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    usable, refusal = run.stdout.splitlines()[:2]
+    assert usable == "False"
+    assert refusal.startswith("refused:") and "set it before importing fastgan" in refusal
 
 
 def test_a_forced_backend_an_op_lacks_falls_back_even_where_it_cannot_run(monkeypatch):
