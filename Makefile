@@ -65,13 +65,13 @@ test: $(STAMP) $(if $(SYSTEM_PYTHON),,$(OLDEST_TRITON_STAMP))
 	$(PY) -m pytest -q tests
 
 # Benchmarks (pytest-benchmark; see bench/conftest.py): `make bench` times every bench/bench_*.py,
-# saves the run under .benchmarks/ and renders bench/results/<op>-<device>-<date>.{md,json};
+# saves the run under .benchmarks/ (quick runs under .benchmarks/quick/) and renders bench/results/<op>-<device>-<date>.{md,json};
 # QUICK=1 for short runs, BENCH_ARGS for pytest options (e.g. BENCH_ARGS="-k spectral").
 # `make bench-compare` reruns them against the last saved run and fails on a median slowdown over BENCH_FAIL.
 BENCH_ARGS ?=
 BENCH_FAIL ?= median:25%
 BENCH_RUN := build/bench/last-run.json
-BENCH_PYTEST = $(PY) -m pytest bench -p no:cacheprovider --benchmark-only --benchmark-columns=median,iqr,rounds $(if $(QUICK),--bench-quick)
+BENCH_PYTEST = $(PY) -m pytest bench -p no:cacheprovider --benchmark-only --benchmark-columns=median,iqr,rounds $(if $(filter-out 0 no false off,$(QUICK)),--bench-quick)
 
 bench: $(STAMP)
 	mkdir -p $(dir $(BENCH_RUN)) && rm -f $(BENCH_RUN) $(BENCH_RUN:.json=.xml)

@@ -6,6 +6,8 @@ Options (each also an environment variable, for ``make``):
 
 * ``--bench-quick`` / ``FASTGAN_BENCH_QUICK=1``: shorter timing and smaller CPU cases
   (a smoke test and a first look, as ``make gpu-check`` runs it; not a measurement to quote);
+  saved under ``.benchmarks/quick/``, apart from full runs, so ``--benchmark-compare`` never
+  sets a quick run's smaller cases against a full run's;
 * ``--bench-device cpu|cuda`` / ``FASTGAN_BENCH_DEVICE``: default cuda when torch sees a GPU;
 * ``--bench-threads N``: torch's CPU threads (default: torch's own choice). On a shared
   machine, ``--bench-threads 1 --benchmark-timer time.process_time`` measures CPU time
@@ -44,9 +46,19 @@ def pytest_addoption(parser):
                     help="skip entries that would start more than this many seconds into the run")
 
 
-def pytest_configure(config):
+DEFAULT_STORAGE = "file://./.benchmarks"
+
+
+def pytest_configure(config):  # before pytest-benchmark's (trylast), which opens the storage
     quick = config.getoption("bench_quick")
-    timing.configure(timing.QUICK if quick is None else quick, config.getoption("bench_device"))
+    try:
+        timing.configure(timing.QUICK if quick is None else quick, config.getoption("bench_device"))
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+    if timing.QUICK and getattr(config.option, "benchmark_storage", None) == DEFAULT_STORAGE:
+        # Quick runs shrink the CPU cases under the same test names: saved apart, so that
+        # --benchmark-compare sets a run against the last run of its own mode.
+        config.option.benchmark_storage = DEFAULT_STORAGE + "/quick"
     if config.getoption("bench_threads"):
         torch.set_num_threads(config.getoption("bench_threads"))
     if timing.QUICK:

@@ -140,13 +140,12 @@ def test_the_summary_names_the_fastest_training_option():
 
 
 def test_the_summary_separates_the_graphs_share_of_the_d_step():
-    """The D-step target reads the fastest fastgan entry, graphed ones included; the summary
-    adds the eager fastgan figure and the plain penalty graphed, so the graph's share shows."""
+    """Beside the D-step target (like against like: tests/test_bench_report.py), the summary gives
+    the eager fastgan figure and the plain penalty graphed, so the graph's share shows."""
     report = bench_module("report")
     rows = [dict(variant="plain autograd", median_us=120.0, baseline=True),
             dict(variant="fastgan [cuda]", median_us=125.0, baseline=False),
             dict(variant="plain autograd, graphed", median_us=80.0, baseline=False),
             dict(variant="fastgan [cuda], graphed", median_us=75.0, baseline=False)]
     text = report.summary({"gradient_penalty": {"gradient_penalty: wgan-gp D step": rows}}, "cuda", [], None, None, [])
-    assert re.search(r"MET    WGAN-GP D step >= 1.3x plain autograd\s+1.60× \(fastgan \[cuda\], graphed\)", text)
     assert "wgan-gp D step: fastgan eager 0.96× (fastgan [cuda]); plain autograd graphed by GraphedStep 1.50×" in text
