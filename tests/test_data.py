@@ -314,3 +314,25 @@ def test_folder_missing_or_without_images(tmp_path):
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no images"):
         load_dataset("folder", root=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_images_below_follows_folder_links_once_and_skips_hidden_names(tmp_path):
+    """Path.rglob (Python 3.11) did not enter linked subfolders: a folder of links to class folders
+    read as "contains no images", or silently as only its own few files; hidden files (macOS's
+    ._x.png, .ipynb_checkpoints/) were read, and pytorch-fid's tif/tiff/ppm/pgm skipped."""
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    cats = tmp_path / "cats"
+    cats.mkdir()
+    for name in ("1.png", "2.TIF", "3.ppm", ".4.png", "._5.png", "notes.txt"):
+        PIL.Image.fromarray(pixels).save(cats / name, format="PNG" if name.endswith("png") or name == "notes.txt"
+                                         else PIL.Image.registered_extensions()[name[name.rindex("."):].lower()])
+    (cats / ".ipynb_checkpoints").mkdir()
+    PIL.Image.fromarray(pixels).save(cats / ".ipynb_checkpoints" / "1-checkpoint.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "cats").symlink_to(cats, target_is_directory=True)
+    (root / "again").symlink_to(cats, target_is_directory=True)  # the same real folder: read once
+    (cats / "loop").symlink_to(root, target_is_directory=True)   # a cycle ends where it began
+    found = [p.relative_to(root).as_posix() for p in data.images_below(root)]
+    assert found in (["again/1.png", "again/2.TIF", "again/3.ppm"], ["cats/1.png", "cats/2.TIF", "cats/3.ppm"])
+    assert [p.name for p in data.images_below(cats)] == ["1.png", "2.TIF", "3.ppm"]

@@ -880,3 +880,17 @@ def test_feature_moments_fake_refuses_what_the_op_refuses(features):
         ops.feature_moments(features)
     with FakeTensorMode() as mode, pytest.raises(ValueError, match="non-empty \\(N, d\\) floating-point batch"):
         ops.feature_moments(mode.from_tensor(features))
+
+
+def test_a_statistics_file_with_a_bad_count_or_a_pickle_is_refused_plainly(tmp_path):
+    """A non-scalar 'count' raised numpy's TypeError (a traceback in the CLI); a pickled file's error
+    passed on numpy's advice to load it with allow_pickle."""
+    mu, sigma = _valid()
+    for name, count in (("two.npz", np.array([1, 2])), ("float.npz", np.array(2.5)), ("negative.npz", np.array(-3))):
+        np.savez(tmp_path / name, mu=mu.numpy(), sigma=sigma.numpy(), count=count)
+        with pytest.raises(ValueError, match=f"{name}: 'count' must be one integer >= 0"):
+            FeatureStatistics.load(str(tmp_path / name))
+    np.savez(tmp_path / "pickled.npz", mu=np.array([object()]), sigma=np.zeros((1, 1)))
+    with pytest.raises(ValueError, match="holds pickled Python objects, which fastgan never loads") as error:
+        FeatureStatistics.load(str(tmp_path / "pickled.npz"))
+    assert "allow_pickle" not in str(error.value)

@@ -687,6 +687,8 @@ class _PooledPixels(torch.nn.Module):
     """A stand-in for the Inception network (the network itself is tested above): the
     input of the convention, average-pooled to 2x2 -- 12 features that see the resize."""
 
+    feature_dim = 12
+
     def __init__(self, convention):
         super().__init__()
         self.resize_convention = convention
@@ -716,3 +718,29 @@ def test_fid_and_stats_commands_preprocess_by_the_resize_option(tmp_path, capsys
     assert cli.main(["fid", str(tmp_path / "pil-bicubic.npz"), fake, "--device", "cpu"]) == 1  # default torch-bilinear
     assert "preprocessed with --resize pil-bicubic; pass --resize pil-bicubic" in capsys.readouterr().err
     assert FeatureStatistics.load(str(tmp_path / "tf-bilinear.npz")).resize == "tf-bilinear"
+
+
+def test_images_beyond_pils_pixel_limit_or_in_float_are_refused_naming_the_file(tmp_path, monkeypatch):
+    """A file over PIL's decompression-bomb limit raised DecompressionBombError (not an OSError) as a
+    traceback naming no file; a float TIFF was clipped to 0/255 by PIL's RGB conversion."""
+    from PIL import Image as PILImage
+
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 600 pixels: over twice the limit
+    with pytest.raises(ValueError, match=r"cannot read image .*big.png: Image size \(600 pixels\) exceeds"):
+        images.load_image(tmp_path / "big.png")
+    monkeypatch.undo()
+    Image.fromarray(np.random.default_rng(0).random((5, 6)).astype(np.float32), "F").save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"cannot read image .*float.tif: its pixels are 32-bit floats"):
+        images.load_image(tmp_path / "float.tif")
+
+
+def test_a_pickle_given_as_weights_is_refused_without_torchs_advice_to_run_it(tmp_path):
+    """torch's message for a pickle it refuses says weights_only=False "will likely succeed": advice
+    to run whatever a file of unknown origin holds, passed on as fastgan's error."""
+    import argparse
+
+    torch.save({"layer": argparse.Namespace(weight=1)}, tmp_path / "objects.pth")  # not a class torch allows
+    with pytest.raises(ValueError, match="reads it only by running the Python objects it pickles") as error:
+        InceptionV3.load(tmp_path / "objects.pth")
+    assert "weights_only" not in str(error.value)

@@ -205,3 +205,15 @@ def test_a_copy_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch
         "samples.png", "step-0000100.png"]
     copy_atomically(source, destination)
     assert destination.read_bytes() == source.read_bytes()
+
+
+def test_a_grid_is_never_wider_than_its_images(tmp_path):
+    """sample --n 3 --columns 10 drew 7 empty columns (torchvision's make_grid takes min(columns, n))."""
+    from PIL import Image
+
+    from fastgan.train.outputs import save_image_grid
+
+    save_image_grid(torch.rand(3, 3, 8, 8), tmp_path / "wide.png", columns=10)
+    assert Image.open(tmp_path / "wide.png").size == (3 * 10 + 2, 10 + 2)
+    with pytest.raises(ValueError, match="N >= 1"):
+        save_image_grid(torch.rand(0, 3, 8, 8), tmp_path / "none.png")

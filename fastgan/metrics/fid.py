@@ -148,14 +148,20 @@ class FeatureStatistics:
             with data:
                 arrays = {key: data[key] for key in data.keys()}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # not a zip, truncated, a pickle...
-            raise ValueError(f"{path} is not an FID statistics file (an .npz with arrays 'mu' and 'sigma'): "
-                             f"{type(error).__name__}: {error}") from error
+            # numpy's text for a pickle advises allow_pickle=True, i.e. running what the file holds: never passed on
+            why = ("it holds pickled Python objects, which fastgan never loads" if "pickle" in str(error)
+                   else f"{type(error).__name__}: {error}")
+            raise ValueError(f"{path} is not an FID statistics file (an .npz with arrays 'mu' and 'sigma'): {why}") from error
         if "mu" not in arrays or "sigma" not in arrays:
             raise ValueError(f"{path} is not an FID statistics file: it needs arrays 'mu' and 'sigma', has {sorted(arrays)}")
         if not all(arrays[key].dtype.kind in "fiu" for key in ("mu", "sigma")):
             raise ValueError(f"{path}: 'mu' and 'sigma' must be numeric arrays, got {arrays['mu'].dtype} and {arrays['sigma'].dtype}")
         mean, covariance = torch.from_numpy(arrays["mu"]).double(), torch.from_numpy(arrays["sigma"]).double()
-        count = int(arrays["count"]) if "count" in arrays else 0
+        count = arrays.get("count", np.array(0))
+        if count.ndim != 0 or count.dtype.kind not in "iu" or count < 0:
+            raise ValueError(f"{path}: 'count' must be one integer >= 0 (the number of feature vectors), got "
+                             f"{count.dtype} {count.shape}")
+        count = int(count)
         resize = str(arrays["resize"]) if "resize" in arrays else None
         if mean.dim() != 1 or covariance.shape != (mean.shape[0], mean.shape[0]):
             raise ValueError(f"{path}: mu {tuple(mean.shape)} and sigma {tuple(covariance.shape)} do not fit together")

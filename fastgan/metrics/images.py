@@ -120,15 +120,21 @@ def _pil_bicubic(images: Tensor, size: int) -> Tensor:
 
 def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
     """An image file -> float32 (H, W, 3) in [0, 1]: 8-bit values k become k/255, 16-bit
-    ones k/65535; grayscale is replicated to RGB; transparency is composited onto white.
-    Raises ValueError naming the file when PIL cannot read it."""
+    grayscale ones k/65535 (PIL reads 16-bit colour files as 8-bit); grayscale is replicated
+    to RGB; transparency is composited onto white. Raises ValueError naming the file when PIL
+    cannot read it, or when it holds floating-point pixels (mode F: no range to scale by)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            if image.mode == "F":
+                raise ValueError(f"cannot read image {path}: its pixels are 32-bit floats, whose range no image "
+                                 "convention fixes; save it as 8- or 16-bit")
             image.load()
             return _to_rgb(image)
-    except OSError as error:  # PIL's UnidentifiedImageError, truncated files...
+    # PIL's UnidentifiedImageError, truncated files (OSError); some malformed headers (SyntaxError);
+    # images over PIL's pixel limit (DecompressionBombError, which is neither)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 

@@ -61,6 +61,7 @@ import http.client
 import importlib.util
 import math
 import os
+import pickle
 import urllib.error
 import urllib.request
 import warnings
@@ -313,8 +314,10 @@ class InceptionV3(nn.Module):
     * ``preprocess(images, convention)``: the resize to 299x299 and the scaling alone.
 
     ``resize`` picks the preprocessing convention of :mod:`fastgan.metrics.images`
-    (``resize_convention`` holds it).
+    (``resize_convention`` holds it); ``feature_dim`` is the width of ``forward``'s features.
     """
+
+    feature_dim = FEATURE_DIM
 
     def __init__(self, with_logits: bool = True, resize: str = images_module.DEFAULT_RESIZE) -> None:
         super().__init__()
@@ -573,10 +576,11 @@ def read_weights(path: PathLike) -> Dict[str, Tensor]:
             source = "state dict"
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds on a file that is not its own
-        raise ValueError(
-            f"{path}: not a PyTorch state dict or TorchScript archive, so not Inception weights "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-        ) from error
+        # torch's text for a pickle it refuses advises weights_only=False, i.e. running what the file holds
+        why = ("torch.load reads it only by running the Python objects it pickles, which fastgan never does"
+               if isinstance(error, pickle.UnpicklingError) else
+               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        raise ValueError(f"{path}: not a PyTorch state dict or TorchScript archive, so not Inception weights ({why})") from error
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()):
         raise ValueError(f"{path}: holds a {type(tensors).__name__}, not a state dict of tensors")
 

@@ -17,9 +17,10 @@ uint8 ``(N, S, S, 3)`` array, served as float32 ``(B, 3, S, S)`` batches in [0, 
     next to it. The archive may be deleted afterwards. Without network access the error
     says where to put a copy (``root``, i.e. the config's ``data_root``).
 ``folder``
-    Every png/jpg/jpeg/bmp/webp file under the folder ``root`` (recursively, e.g.
-    CelebA-HQ or LSUN bedrooms prepared as image folders), read as the metrics read
-    images (16-bit files scaled by 1/65535, transparency composited onto white; see
+    Every png/jpg/jpeg/bmp/webp/tif/tiff/ppm/pgm file under the folder ``root`` (recursively,
+    through links to folders, skipping hidden names; e.g. CelebA-HQ or LSUN bedrooms prepared
+    as image folders), read as the metrics read images (16-bit grayscale scaled by 1/65535,
+    transparency composited onto white; see
     ``fastgan.metrics.images.load_image``), center-cropped to a square.
     The decoded images are cached once as a ``.npy`` file in ``cache_dir`` and
     memory-mapped afterwards, so data sets larger than memory work. The cache file is
@@ -68,7 +69,7 @@ DATASETS = ("digits", "cifar10", "folder")
 
 DATA_ENV_VAR = "FASTGAN_DATA"
 MIN_IMAGE_SIZE = 4
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # pytorch-fid's
 RESIZE_FILTER = Image.Resampling.BICUBIC
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -292,8 +293,21 @@ def _read_cifar10_batch(path: Path) -> np.ndarray:
 
 
 def images_below(folder: Path) -> List[Path]:
-    """The image files below ``folder`` (recursively, sorted; none for a missing folder)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The image files below ``folder``, sorted (none for a missing folder): recursively, into
+    symbolic links to folders too (each real folder once, so a link to an ancestor ends there),
+    skipping hidden files and folders (a name starting with '.': macOS's ._x.png, .ipynb_checkpoints),
+    which pytorch-fid's and clean-fid's globs do not match either."""
+    found, visited = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            folders[:] = []
+            continue
+        visited.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(root, name) for name in files if not name.startswith(".")
+                  and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(root, name))]
+    return sorted(found)
 
 
 def image_files(folder: Path) -> List[Path]:
@@ -342,10 +356,7 @@ def _decode_image(path: Path, size: int) -> np.ndarray:
     Read as the metrics read real images (:func:`fastgan.metrics.images.load_image`: 16-bit
     files scaled, transparency composited onto white), so that G learns the images FID
     compares it with; PIL's own RGB conversion clips 16-bit files to white and drops alpha."""
-    try:
-        rgb = load_image(path)
-    except (Image.DecompressionBombError, SyntaxError) as error:  # load_image names the file for the rest
-        raise ValueError(f"cannot read image {path}: {error}") from error
+    rgb = load_image(path)
     height, width = rgb.shape[:2]
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2

@@ -102,16 +102,17 @@ def image_format(path: Path) -> str:
 
 
 def save_image_grid(images: Tensor, path: Path, columns: Optional[int] = None, padding: int = 2) -> None:
-    """(N, 3, H, W) images in [0, 1] -> one PNG, ``columns`` wide (default ~square), written
-    atomically: a kill or a failure never leaves a torn image at ``path``."""
+    """(N, 3, H, W) images in [0, 1] -> one PNG, ``columns`` wide (default ~square; at most N,
+    as torchvision's make_grid), written atomically: a kill or a failure never leaves a torn
+    image at ``path``."""
     from PIL import Image
 
     path = Path(path)
     kind = image_format(path)  # the temporary file's name tells PIL nothing
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        raise ValueError(f"expected images of shape (N, 3, H, W), N >= 1, got {tuple(images.shape)}")
     n, _, h, w = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
+    columns = min(columns or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / columns)
     grid = torch.ones(3, rows * (h + padding) + padding, columns * (w + padding) + padding)
     for index, image in enumerate(images.detach().float().cpu().clamp(0, 1)):
