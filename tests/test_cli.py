@@ -589,3 +589,29 @@ def test_kid_and_inception_score_sizes_are_usage_errors(tmp_path, capsys, argv, 
         main([str(tmp_path / "a") if word == "A" else word for word in argv])
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
+
+
+class _ClassOfColour(torch.nn.Module):
+    """A stand-in Inception whose classifier calls an image's class by its grey level."""
+    fc = True
+
+    def logits(self, images):
+        classes = (images.mean(dim=(1, 2, 3)) * 10).round().long()
+        return torch.nn.functional.one_hot(classes, 1008).double() * 50
+
+
+def test_inception_score_command_shuffles_a_class_ordered_folder(tmp_path, capsys, monkeypatch):
+    """Images named in class order were split consecutively: each split held one class (IS 1.0)."""
+    from fastgan import __main__ as cli
+
+    monkeypatch.setattr(cli, "_network", lambda args: _ClassOfColour())
+    folder = tmp_path / "ordered"
+    folder.mkdir()
+    for i in range(20):  # classes 0..9, two images each, in name order
+        Image.fromarray(np.full((8, 8, 3), round(255 * (i // 2) / 10), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    scores = {}
+    for flags in ([], ["--no-shuffle"], ["--shuffle-seed", "7"]):
+        assert main(["is", str(folder), "--device", "cpu", *flags]) == 0
+        scores[" ".join(flags)] = float(capsys.readouterr().out.split("IS:")[1].split("±")[0])
+    assert scores["--no-shuffle"] == pytest.approx(1.0)
+    assert scores[""] > 1.2 and scores["--shuffle-seed 7"] > 1.2

@@ -416,3 +416,21 @@ def test_msssim_bad_input():
         metric.compute()
     with pytest.raises(ValueError, match="same shape"):
         ms_ssim(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 15))
+
+
+def test_inception_score_shuffles_by_a_seeded_permutation_before_splitting():
+    """The `is` command read folders in name order and split them consecutively: class-ordered images
+    put one class in each split (IS near 1 per split). shuffle_seed orders the samples as
+    numpy's RandomState(seed).permutation does first, torch-fidelity's convention."""
+    classes = torch.arange(40) // 4  # 10 classes in runs of 4
+    logits = torch.nn.functional.one_hot(classes, 1008).double() * 50 + torch.randn(40, 1008, dtype=torch.float64)
+    ordered = InceptionScore(splits=10)
+    ordered.update(logits)
+    shuffled = InceptionScore(splits=10, shuffle_seed=2020)
+    shuffled.update(logits)
+    permutation = np.random.RandomState(2020).permutation(40)
+    assert_close(shuffled.compute(), inception_score_numpy(logits.numpy()[permutation], 10))
+    assert ordered.compute()[0] < 1.1 < shuffled.compute()[0]
+    for seed in (-1, 2**32, 1.5):
+        with pytest.raises(ValueError, match="shuffle_seed must be None or an int"):
+            InceptionScore(shuffle_seed=seed)

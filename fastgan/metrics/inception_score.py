@@ -6,7 +6,11 @@ Conventions (those of the original ``inception_score.py`` of openai/improved-gan
   Inception graph (1000 ImageNet classes, a background class and 7 unused outputs;
   the softmax runs over all 1008, as in the original code);
 - the samples are cut, in the order they were given, into ``splits`` consecutive parts
-  with boundaries ``i * N // splits`` (unequal sizes when N is not a multiple);
+  with boundaries ``i * N // splits`` (unequal sizes when N is not a multiple); with
+  ``shuffle_seed`` they are first put in the order ``numpy.random.RandomState(seed).permutation(N)``
+  (torch-fidelity's convention, whose default seed is 2020; the ``is`` command uses it, since
+  a folder read in name order may hold its classes in runs, which consecutive splits would
+  keep apart);
 - per part: IS = exp(mean_x KL(p(y|x) || p(y))), p(y) the mean of p(y|x) over the part;
 - ``compute()`` returns (mean, std) over the parts, std with 1/splits (numpy's
   ``np.std``), both as float64 0-dim tensors on the logits' device.
@@ -21,8 +25,9 @@ the sample for the splits to match a single-process run (see base.py).
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,20 +35,24 @@ from fastgan.metrics.base import Metric, check_floating_finite
 
 
 class InceptionScore(Metric):
-    """IS = exp(E_x KL(p(y|x) || p(y))) over ``splits`` consecutive parts of the sample.
+    """IS = exp(E_x KL(p(y|x) || p(y))) over ``splits`` consecutive parts of the sample
+    (after a permutation seeded by ``shuffle_seed``, when given).
 
     ``update(logits)`` with logits of shape (N, num_classes); ``compute()`` ->
     (mean, std) over the splits, float64.
     """
 
-    def __init__(self, splits: int = 10, num_classes: int = 1008) -> None:
+    def __init__(self, splits: int = 10, num_classes: int = 1008, shuffle_seed: Optional[int] = None) -> None:
         super().__init__()
         if not isinstance(splits, int) or splits < 1:
             raise ValueError(f"splits must be a positive int, got {splits!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if shuffle_seed is not None and (not isinstance(shuffle_seed, int) or not 0 <= shuffle_seed < 2**32):
+            raise ValueError(f"shuffle_seed must be None or an int in [0, 2**32), got {shuffle_seed!r}")
         self.splits = splits
         self.num_classes = num_classes
+        self.shuffle_seed = shuffle_seed
         self.add_state("logits", [], "cat")
         self._batches_seen = 0
 
@@ -71,6 +80,9 @@ class InceptionScore(Metric):
         logits = self.reduced_states()["logits"]
         num_samples = logits.shape[0]
         self.check_count(num_samples)
+        if self.shuffle_seed is not None:
+            order = np.random.RandomState(self.shuffle_seed).permutation(num_samples)
+            logits = logits[torch.from_numpy(order).to(logits.device)]
         log_probs = torch.log_softmax(logits.to(torch.float64), dim=1)
         split_scores = []
         for i in range(self.splits):
