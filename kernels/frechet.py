@@ -29,10 +29,13 @@ from fastgan.kernels import device_guard, int_forms, triton_dtype
 
 @triton.jit
 def _matmul_epilogue_kernel(
-    a0_ptr, b0_ptr, c0_ptr, a1_ptr, b1_ptr, c1_ptr, n, alpha, beta,
+    a0_ptr, b0_ptr, c0_ptr, a1_ptr, b1_ptr, c1_ptr, n, alpha: tl.float64, beta: tl.float64,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C = alpha · A B + beta · I for n×n row-major matrices; program_id(2) picks (A0, B0, C0) or (A1, B1, C1)."""
+    """C = alpha · A B + beta · I for n×n row-major matrices; program_id(2) picks (A0, B0, C0) or (A1, B1, C1).
+    alpha and beta arrive as float64 (unannotated, a Python float is passed as float32) and are
+    used in the accumulator's dtype."""
+    alpha, beta = tl.cast(alpha, ACC), tl.cast(beta, ACC)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if tl.program_id(2) == 0:
@@ -100,7 +103,7 @@ def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, ob
         t = triton_dtype(dtype).name
         for kind, value, divisible in int_forms(1, MAX_N):
             signature = {name: f"*{t}" for name in pointers}
-            signature.update(n=kind, alpha="fp32", beta="fp32", ACC="constexpr", BLOCK_M="constexpr",
+            signature.update(n=kind, alpha="fp64", beta="fp64", ACC="constexpr", BLOCK_M="constexpr",
                              BLOCK_N="constexpr", BLOCK_K="constexpr")
             constexprs = dict(ACC=triton_dtype(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
             if value is not None:

@@ -78,7 +78,9 @@ def _interpolate_kernel(
         alpha = tl.load(alpha_ptr + sample)
     alpha = alpha.to(ACC)
     base = sample.to(tl.int64) * per_sample
-    for i0 in range(tl.program_id(1) * BLOCK, per_sample, tl.num_programs(1) * BLOCK):
+    # A 64-bit counter: in 32 bits, a sample near 2**31 elements made i0 + the grid's stride wrap
+    # negative, which passed the mask and addressed memory before the sample.
+    for i0 in range(tl.program_id(1).to(tl.int64) * BLOCK, per_sample, tl.num_programs(1).to(tl.int64) * BLOCK):
         offs = i0 + tl.arange(0, BLOCK)
         mask = offs < per_sample
         real = tl.load(real_ptr + base + offs, mask=mask, other=0.0).to(ACC)
@@ -109,19 +111,25 @@ def _squared_norm_kernel(grad_ptr, sq_ptr, per_sample, ACC: tl.constexpr, BLOCK:
     sample = tl.program_id(0)
     base = grad_ptr + sample.to(tl.int64) * per_sample
     total = tl.zeros([BLOCK], dtype=ACC)
-    for i0 in range(0, per_sample, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK)
-        g = tl.load(base + offs, mask=offs < per_sample, other=0.0).to(ACC)
+    # Counted in blocks, offsets in 64 bits: i0 + BLOCK in 32 bits wraps negative for a sample within
+    # BLOCK of 2**31 elements (the mask then passes it, and the loop never ends).
+    for block in range(0, tl.cdiv(per_sample, BLOCK)):
+        i0 = tl.cast(block, tl.int64) * BLOCK
+        offs = tl.arange(0, BLOCK)
+        g = tl.load(base + i0 + offs, mask=offs < per_sample - i0, other=0.0).to(ACC)
         total += g * g
     tl.store(sq_ptr + sample, tl.sum(total, axis=0))
 
 
 @triton.jit
 def _penalty_kernel(
-    sq_ptr, penalty_ptr, batch, center, eps,
+    sq_ptr, penalty_ptr, batch, center: tl.float64, eps: tl.float64,
     SQUARED_NORM: tl.constexpr, ONE_SIDED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program: the mean over the batch of each sample's term, in a fixed order."""
+    """One program: the mean over the batch of each sample's term, in a fixed order. ``center``
+    and ``eps`` arrive as float64 (a Python float is passed as float32 unless annotated, which
+    cost a float64 penalty with center 0.3 seven digits) and are used in the accumulator's dtype."""
+    center, eps = tl.cast(center, ACC), tl.cast(eps, ACC)
     total = tl.zeros([BLOCK], dtype=ACC)
     for i0 in range(0, batch, BLOCK):
         offs = i0 + tl.arange(0, BLOCK)
@@ -233,7 +241,7 @@ def gpu_specializations() -> Iterator[Tuple[object, Dict[str, str], Dict[str, ob
             for inputs in _alignments(("grad_ptr",)):
                 yield from _with_ints(_squared_norm_kernel, signature, dict(ACC=acc, BLOCK=block), inputs | {"sq_ptr"},
                                       per_sample=per_sample)
-        signature = {"sq_ptr": f"*{a}", "penalty_ptr": f"*{x}", "batch": None, "center": "fp32", "eps": "fp32",
+        signature = {"sq_ptr": f"*{a}", "penalty_ptr": f"*{x}", "batch": None, "center": "fp64", "eps": "fp64",
                      "SQUARED_NORM": "constexpr", "ONE_SIDED": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr"}
         for squared_norm, one_sided in ((True, False), (False, False), (False, True)):
             yield from _with_ints(_penalty_kernel, signature,

@@ -172,9 +172,13 @@ def _squared_norm(ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _finalize_kernel(
-    meta_ptr, eps, t_ptr, s_ptr, u_ptr, v_ptr, sigma_ptr, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+    meta_ptr, eps: tl.float64, t_ptr, s_ptr, u_ptr, v_ptr, sigma_ptr,
+    KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One layer: u, v and sigma from the pass results t, s (formulas: csrc/spectral_norm.h)."""
+    """One layer: u, v and sigma from the pass results t, s (formulas: csrc/spectral_norm.h).
+    ``eps`` arrives as float64 (a Python float is passed as float32 unless annotated: a float64
+    weight's eps of 1e-50 became 0) and is used in the accumulator's dtype."""
+    eps = tl.cast(eps, ACC)
     layer = tl.program_id(0)
     row = meta_ptr + layer * 8
     M = tl.load(row + 2)
@@ -406,7 +410,7 @@ def _launches(config: LaunchConfig, dtype: torch.dtype, steps, block_bs: Sequenc
         }, dict(ACC=acc, BLOCK_K=config.block_k, BLOCK_J=config.block_j)
     for kind in sorted({k for _, _, k in steps}):
         yield _finalize_kernel, {
-            "meta_ptr": "*i64", "eps": "fp32", "t_ptr": f"*{a}", "s_ptr": f"*{a}", "u_ptr": f"*{w}",
+            "meta_ptr": "*i64", "eps": "fp64", "t_ptr": f"*{a}", "s_ptr": f"*{a}", "u_ptr": f"*{w}",
             "v_ptr": f"*{w}", "sigma_ptr": f"*{w}", "KIND": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
         }, dict(KIND=kind, ACC=acc, BLOCK=config.block_final)
 

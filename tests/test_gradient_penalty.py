@@ -376,8 +376,8 @@ INTERPOLATE_ENTRY_POINTS = {"registered op": OPS.gp_interpolate, "eager entry po
 def test_gradcheck_penalty(squared_norm, one_sided, entry):
     grad = (torch.randn(4, 2, 3, dtype=torch.float64) * 0.5).requires_grad_()
 
-    def penalty(g):
-        return PENALTY_ENTRY_POINTS[entry](g, squared_norm, 1.0, 1e-4, one_sided)[0]
+    def penalty(g):  # both outputs: the penalty and sq, each sample's sum of g squared (whose gradient was dropped)
+        return PENALTY_ENTRY_POINTS[entry](g, squared_norm, 1.0, 1e-4, one_sided)
 
     assert torch.autograd.gradcheck(penalty, (grad,))
     assert torch.autograd.gradgradcheck(penalty, (grad,))
@@ -427,7 +427,8 @@ def test_gradcheck_interpolate(entry):
     real, fake = (torch.rand(3, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     alpha = torch.rand(3, dtype=torch.float64, requires_grad=True)
     interpolate = INTERPOLATE_ENTRY_POINTS[entry]
-    assert torch.autograd.gradcheck(lambda r, f, a: interpolate(r, f, a, 0)[0], (real, fake, alpha))
+    # both outputs: x-hat and the alpha used, the given one (whose gradient was dropped)
+    assert torch.autograd.gradcheck(lambda r, f, a: interpolate(r, f, a, 0), (real, fake, alpha))
 
 
 class _OpNames(TorchDispatchMode):

@@ -228,7 +228,7 @@ class _Recorder:
 
     def launch(self, *args, num_warps=4, **kwargs):
         from triton.backends.compiler import BaseBackend
-        from triton.runtime.jit import native_specialize_impl
+        from triton.runtime.jit import _normalize_ty, native_specialize_impl
 
         values = dict(zip((p.name for p in self.params), args), **kwargs)
         forms = {}
@@ -236,6 +236,10 @@ class _Recorder:
             value = values[param.name]
             if "constexpr" in str(param.annotation):
                 forms[param.name] = ("constexpr", str(value))
+                continue
+            annotated = "" if param.annotation is param.empty else _normalize_ty(param.annotation)
+            if annotated[:2] in ("fp", "bf"):  # an annotated float argument takes its annotation's type
+                forms[param.name] = (annotated, False)
                 continue
             specialize = param.name not in self.not_specialized and index not in self.not_specialized
             kind, key = native_specialize_impl(BaseBackend, value, False, specialize, True)
@@ -315,6 +319,31 @@ def test_every_launch_is_a_compiled_specialization(monkeypatch):
     assert not missing, f"{len(missing)} launched specializations are never compiled, e.g.:\n" + "\n".join(
         map(str, missing[:10]))
 
+
+
+_LOOP_TYPES = """
+import json, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastgan.kernels import gradient_penalty as gp
+sizes = {"per_sample": "i32", "RANDOM": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr"}
+signature = dict({f"{n}_ptr": "*fp32" for n in ("real", "fake", "alpha", "out", "alpha_out")}, seed="i64", **sizes)
+source = ASTSource(fn=gp._interpolate_kernel, signature=signature, constexprs={"RANDOM": True, "ACC": tl.float32, "BLOCK": 1024})
+ttir = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ttir"]
+print(json.dumps([line.strip() for line in ttir.splitlines() if "scf.for" in line]))
+"""
+
+
+def test_a_samples_loop_counts_in_64_bits():
+    """The interpolation's grid-stride loop over a sample of under 2**31 elements counted in 32 bits:
+    a sample within one stride of 2**31 wrapped the counter negative, which passed the mask and
+    addressed memory before the sample (seen in the sm_90 code, not in the interpreter, whose loop
+    is Python's)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _LOOP_TYPES], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (loop,) = json.loads(done.stdout.splitlines()[-1])
+    assert loop.endswith(": i64 {"), loop
 
 
 _INTERPRETED = """

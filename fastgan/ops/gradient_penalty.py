@@ -120,14 +120,17 @@ def _interpolate_setup_context(ctx, inputs, output):
     ctx.alpha_dtype = None if alpha is None else alpha.dtype
 
 
-def _interpolate_backward(ctx, grad_x, _grad_alpha):
+def _interpolate_backward(ctx, grad_x, grad_alpha_out):
     real, fake, alpha = ctx.saved_tensors
     a = alpha.reshape((-1,) + (1,) * (real.dim() - 1))
     grad_real = grad_x * (1 - a) if ctx.needs_input_grad[0] else None
     grad_fake = grad_x * a if ctx.needs_input_grad[1] else None
     grad_alpha = None
     if ctx.alpha_given and ctx.needs_input_grad[2]:
-        grad_alpha = (grad_x * (fake - real)).reshape(real.shape[0], -1).sum(1).to(ctx.alpha_dtype)
+        grad_alpha = (grad_x * (fake - real)).reshape(real.shape[0], -1).sum(1)
+        if grad_alpha_out is not None:  # the second output is the given alpha itself
+            grad_alpha = grad_alpha + grad_alpha_out
+        grad_alpha = grad_alpha.to(ctx.alpha_dtype)
     return grad_real, grad_fake, grad_alpha, None
 
 
@@ -180,7 +183,7 @@ def _penalty_setup_context(ctx, inputs, output):
     ctx.options = (squared_norm, center, eps, one_sided)
 
 
-def _penalty_backward(ctx, grad_penalty, _grad_sq):
+def _penalty_backward(ctx, grad_penalty, grad_sq):
     grad, sq = ctx.saved_tensors
     squared_norm, center, eps, one_sided = ctx.options
     if torch.is_grad_enabled():
@@ -202,7 +205,10 @@ def _penalty_backward(ctx, grad_penalty, _grad_sq):
         coeff = 2.0 / batch * gap / slope
         if degenerate is not None:
             coeff = coeff.masked_fill(degenerate, 0.0)
-    coeff = (coeff * grad_penalty).to(grad.dtype).reshape((-1,) + (1,) * (grad.dim() - 1))
+    coeff = coeff * grad_penalty
+    if grad_sq is not None:  # the second output, sq_b = sum of g_b squared: d sq_b / d g_b = 2 g_b
+        coeff = coeff + 2.0 * grad_sq
+    coeff = coeff.to(grad.dtype).reshape((-1,) + (1,) * (grad.dim() - 1))
     return grad * coeff, None, None, None, None
 
 
