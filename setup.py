@@ -69,7 +69,9 @@ def _extensions():
             sources + cuda_sources,
             include_dirs=[os.path.abspath("csrc")] + _pip_cuda_include_dirs(),
             define_macros=[("FASTGAN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            # No --use_fast_math: it flushed float32 denormals to zero (a sample's tiny squared gradient
+            # norm became 0, which the penalty's backward treats as degenerate) where the CPU kernels keep them.
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,
         )
     else:

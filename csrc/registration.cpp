@@ -26,6 +26,12 @@ TORCH_LIBRARY(fastgan_C, m) {
   m.def("feature_moments(Tensor features) -> (Tensor, Tensor)");
 }
 
+#ifdef FASTGAN_WITH_CUDA
+namespace fastgan {
+bool cuda_kernels_run_on(int64_t device);  // csrc/cuda/gradient_penalty.cu
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def(
       "built_with_cuda",
@@ -37,4 +43,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #endif
       },
       "Whether the CUDA kernels were compiled into this build.");
+#ifdef FASTGAN_WITH_CUDA
+  module.def("cuda_kernels_run_on", &fastgan::cuda_kernels_run_on, pybind11::arg("device"),
+             "Whether this build holds code that GPU `device` runs (SASS of its architecture, or PTX it compiles): "
+             "the kernels are built for the architectures of TORCH_CUDA_ARCH_LIST only.");
+#endif
 }

@@ -134,7 +134,28 @@ def _status(name: str, device_type: str) -> Tuple[bool, str]:
         return False, "fastgan._C was built without CUDA (no nvcc/CUDA_HOME or a CPU-only torch at build time)"
     if device_type != "cuda":
         return False, "the cuda backend runs on CUDA tensors only"
-    return True, ""
+    why = _why_cuda_kernels_cannot_run_here()
+    return not why, why
+
+
+_cannot_run_on_gpu: Dict[int, str] = {}
+
+
+@torch.compiler.assume_constant_result  # asked while dynamo traces apply_spectral_norm's grouping: a constant
+def _why_cuda_kernels_cannot_run_here() -> str:
+    """Why the CUDA kernels cannot run on the current GPU ("" when they can). The build holds the
+    architectures of TORCH_CUDA_ARCH_LIST only (Hopper's sm_90a when it was built without a
+    visible GPU); elsewhere every launch failed with "no kernel image is available" instead of
+    the op choosing another backend. Asked once per GPU."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    device = torch.cuda.current_device()
+    if device not in _cannot_run_on_gpu:
+        major, minor = torch.cuda.get_device_capability(device)
+        _cannot_run_on_gpu[device] = "" if _load_extension()[0].cuda_kernels_run_on(device) else (
+            f"fastgan._C has no CUDA code for this GPU (sm_{major}{minor}): rebuild it on this machine, or with "
+            f"TORCH_CUDA_ARCH_LIST={major}.{minor} (see setup.py)")
+    return _cannot_run_on_gpu[device]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,6 +184,34 @@ def test_forcing_a_backend_that_cannot_run_raises(monkeypatch):
         _backend.registered()["gp_penalty"].choose("cpu")
 
 
+@pytest.mark.skipif(not _backend.extension().built_with_cuda(), reason="fastgan._C was built without CUDA")
+def test_a_gpu_the_build_has_no_code_for_falls_back_from_cuda(monkeypatch):
+    """A build made without a visible GPU holds Hopper's sm_90a only: on another GPU the cuda backend
+    was still chosen first and every launch failed with "no kernel image is available"."""
+    class Build:
+        def __init__(self, runs):
+            self.runs = runs
+
+        def built_with_cuda(self):
+            return True
+
+        def cuda_kernels_run_on(self, device):
+            return self.runs
+
+    assert callable(_backend.extension().cuda_kernels_run_on)  # the real probe is built in
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    for runs, expected in ((False, "triton"), (True, "cuda")):
+        monkeypatch.setattr(_backend, "_cannot_run_on_gpu", {})
+        monkeypatch.setattr(_backend, "_load_extension", lambda: (Build(runs), ""))
+        monkeypatch.setattr(_backend, "_load_triton", lambda: (True, ""))
+        backend, why = _backend.registered()["gp_penalty"].choose("cuda")
+        assert backend == expected, why
+        if not runs:
+            assert "no CUDA code for this GPU (sm_80)" in why and "TORCH_CUDA_ARCH_LIST=8.0" in why
+
+
 def test_a_backend_named_by_a_non_string_is_a_type_error():
     """use_backend(1) raised AttributeError: 'int' object has no attribute 'strip'."""
     with pytest.raises(TypeError, match="named by a string, one of triton, cuda, cpp, reference; got 1"):

@@ -3,9 +3,9 @@
 //   gp_interpolate  x_hat = real + a_b (fake - real), a_b given or philox_uniform(seed, b);
 //                   reads real and fake once, writes x_hat: 3 * numel * sizeof(T).
 //   dragan_perturb  x_hat = clamp(real + std(real) (philox_uniform(seed, i) - 0.5), 0, 1),
-//                   std biased (population) over all elements, two-pass in double: reads
-//                   real three times (mean, variance, output) and writes once:
-//                   4 * numel * sizeof(T); one Philox evaluation per four elements.
+//                   std biased (population) over all elements, at::std's as the reference's
+//                   (the same bits; a two-pass sum of its own was 3 ulp off in double), then
+//                   one pass: one Philox evaluation per four elements.
 //   gp_penalty      sq_b = sum of g^2 over sample b (float, double for double), then
 //                   0.5 mean_b sq_b, or mean_b gap_b^2 with gap_b = sqrt(eps + sq_b) - center
 //                   (clamped at 0 when one-sided): reads grad once, numel * sizeof(T),
@@ -71,46 +71,6 @@ FASTGAN_MULTIVERSION acc_t sum_squares(const scalar_t* x, int64_t n) {
     total += v * v;
   }
   for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
-
-// sum_i (x_i - shift)^2 in double; shift = 0 with square = false gives the plain sum.
-template <typename scalar_t>
-FASTGAN_MULTIVERSION double sum_double(const scalar_t* x, int64_t n, double shift, bool square) {
-  double lanes[kLanes] = {};
-  int64_t i = 0;
-  if (square) {
-    for (; i + kLanes <= n; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const double d = static_cast<double>(x[i + j]) - shift;
-        lanes[j] += d * d;
-      }
-  } else {
-    for (; i + kLanes <= n; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(x[i + j]);
-  }
-  double total = 0;
-  for (; i < n; ++i) {
-    const double d = static_cast<double>(x[i]) - shift;
-    total += square ? d * d : d;
-  }
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
-
-// sum over all elements of f(block), blocks combined in a fixed order.
-template <typename scalar_t, typename F>
-double blocked_sum(const scalar_t* x, int64_t n, F f) {
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  std::vector<double> partial(blocks, 0.0);
-  at::parallel_for(0, blocks, grain_in_blocks(kBlock), [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
-      const int64_t begin = k * kBlock;
-      partial[k] = f(x + begin, std::min(kBlock, n - begin));
-    }
-  });
-  double total = 0;
-  for (double p : partial) total += p;
   return total;
 }
 
@@ -210,16 +170,7 @@ at::Tensor dragan_perturb_cpu(const at::Tensor& real_in, int64_t seed) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, real.scalar_type(), "dragan_perturb", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = real.data_ptr<scalar_t>();
-    // Two passes, not a one-pass sum of squares: sum x^2 - n mean^2 cancels
-    // catastrophically when the mean is large against the spread.
-    const double mean =
-        blocked_sum(x, numel, [](const scalar_t* p, int64_t n) { return sum_double(p, n, 0.0, false); }) /
-        static_cast<double>(numel);
-    const double m2 =
-        blocked_sum(x, numel, [mean](const scalar_t* p, int64_t n) { return sum_double(p, n, mean, true); });
-    // The reference's std is a tensor of real's dtype: round to it.
-    const acc_t std_dev =
-        static_cast<acc_t>(static_cast<scalar_t>(std::sqrt(m2 / static_cast<double>(numel))));
+    const acc_t std_dev = static_cast<acc_t>(at::std(real, /*unbiased=*/false).item<scalar_t>());
     scalar_t* y = out.data_ptr<scalar_t>();
     at::parallel_for(0, numel, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
       perturb_range<scalar_t, acc_t>(x, y, begin, end, static_cast<uint64_t>(seed), std_dev);

@@ -14,7 +14,8 @@ __device__ __forceinline__ acc_t warp_sum(acc_t x) {
   return x;
 }
 
-// Correctly rounded, whatever --use_fast_math says, so GPU results round like the CPU's.
+// Correctly rounded whatever flags a build passes (--use_fast_math would approximate / and sqrt),
+// so GPU results round like the CPU's.
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 __device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }

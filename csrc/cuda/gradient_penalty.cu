@@ -17,9 +17,9 @@
 //   partials in a fixed order, writes sq and reduces the penalty. Reads n s once, plus
 //   a few bytes per block; deterministic (no floating-point atomics).
 //
-// Accumulation is float for float/half/bfloat16 and double for double. The build uses
-// --use_fast_math, so the division and square root of the penalty go through the
-// IEEE round-to-nearest intrinsics. Random numbers: ../philox.h, bit-identical to the
+// Accumulation is float for float/half/bfloat16 and double for double; the division and
+// square root of the penalty go through the IEEE round-to-nearest intrinsics, and the
+// build keeps denormals (no --use_fast_math). Random numbers: ../philox.h, bit-identical to the
 // reference; its counter is 32 bits, so at most 2^34 draws per call. Batches are read
 // in place when dense with the samples outermost (../batch_layout.h), channels-last
 // included; every launch goes to the tensors' device (CUDAGuard) on its current stream.
@@ -533,6 +533,18 @@ TORCH_LIBRARY_IMPL(fastgan_C, CUDA, m) {
   m.impl("gp_interpolate", &gp_interpolate_cuda);
   m.impl("dragan_perturb", &dragan_perturb_cuda);
   m.impl("gp_penalty", &gp_penalty_cuda);
+}
+
+// Compiled for the same architectures as every kernel of the library: it has code for a GPU
+// exactly when they do.
+__global__ void architecture_probe_kernel() {}
+
+bool cuda_kernels_run_on(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, architecture_probe_kernel) == cudaSuccess) return true;
+  (void)cudaGetLastError();  // "no kernel image for this device": cleared, so that no later call reports it
+  return false;
 }
 
 }  // namespace fastgan

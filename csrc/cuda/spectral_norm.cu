@@ -28,8 +28,7 @@
 //
 // Everything else follows the CPU file: float accumulation (double for double),
 // u and v rounded to the weight dtype after each normalization, and the finalize
-// arithmetic done with IEEE round-to-nearest division and square root (the build
-// uses --use_fast_math, which would otherwise approximate both).
+// arithmetic done with IEEE round-to-nearest division and square root (device_math.cuh).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
