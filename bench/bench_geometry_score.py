@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import os
 import resource
-import sys
 import time
 from typing import Callable, Dict
 
@@ -36,10 +35,9 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import timing  # noqa: E402
-from fastgan.metrics import geometry_score as gs  # noqa: E402
-from fastgan.reference import geometry_score as reference  # noqa: E402
+import timing  # beside this file: pytest and `python bench/bench_geometry_score.py` both put bench/ on sys.path
+from fastgan.metrics import geometry_score as gs
+from fastgan.reference import geometry_score as reference
 
 L_0, I_MAX = 64, 100
 CLOCK = time.process_time  # stage breakdown

@@ -141,7 +141,9 @@ def test_geometry_score_entries_time_the_wall_clock_whatever_the_timer():
     """Under --benchmark-timer time.process_time the worker processes' CPU time went uncounted and
     workers=2 read 2.1x faster than workers=1 (it was slower by the wall clock)."""
     pytest.importorskip("gudhi")
+    path = list(sys.path)
     bench = bench_module("bench_geometry_score")
+    assert sys.path == path  # bench/ left first on sys.path made spawned test workers import its conftest
     x = bench.ring_points(120, 2)
     sets = bench.gs.draw_landmarks(120, 3, bench.L_0, torch.Generator().manual_seed(1))
 
