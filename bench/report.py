@@ -94,13 +94,19 @@ def rows_of(benchmarks: List[dict], env: dict) -> Dict[str, List[dict]]:
     return dict(groups)
 
 
+def _result_key(op: str, device_type: str, stem: str) -> Optional[Tuple[str, int]]:
+    """(date, number) of the result name ``<op>-<device>-<date>[-<number>]`` (number 1 unsuffixed)."""
+    match = re.fullmatch(r"(\d{4}-\d{2}-\d{2})(?:-(\d+))?", stem[len(f"{op}-{device_type}-"):])
+    return (match.group(1), int(match.group(2) or 1)) if match else None
+
+
 def _result_files(op: str, device_type: str) -> Dict[Tuple[str, int], Path]:
-    """(date, number) -> the result JSON ``<op>-<device>-<date>[-<number>].json`` (number 1 unsuffixed)."""
+    """(date, number) -> the result JSON of each result name of ``op`` on ``device_type``."""
     found = {}
     for path in RESULTS.glob(f"{op}-{device_type}-*.json"):
-        match = re.fullmatch(r"(\d{4}-\d{2}-\d{2})(?:-(\d+))?", path.stem[len(f"{op}-{device_type}-"):])
-        if match:
-            found[(match.group(1), int(match.group(2) or 1))] = path
+        key = _result_key(op, device_type, path.stem)
+        if key:
+            found[key] = path
     return found
 
 
@@ -119,9 +125,9 @@ def previous_result(op: str, device_type: str, stem: Path, env: dict) -> Optiona
     """(name, contents) of the newest result file before ``stem`` of this op on the same device
     (by name: an H200's figures are no baseline for an H100's) in the same mode (quick or not)."""
     files = _result_files(op, device_type)
-    this = next((key for key, path in files.items() if path.with_suffix("") == stem), None)
+    this = _result_key(op, device_type, stem.name)
     for key in sorted(files, reverse=True):
-        if this is not None and key >= this:
+        if key >= this:  # this run's own file, or a later one
             continue
         data = json.loads(files[key].read_text())
         before = data.get("environment", {})

@@ -59,6 +59,11 @@ def test_a_run_never_overwrites_another_runs_results(tmp_path, monkeypatch):
     assert "against bench/results/spectral_norm-cuda-2026-12-07.md" in (tmp_path / "spectral_norm-cuda-2026-12-07-2.md").read_text()
     assert "+100%" in (tmp_path / "spectral_norm-cuda-2026-12-07-2.md").read_text()
     assert "vs previous:" not in (tmp_path / "spectral_norm-cuda-2026-12-07.md").read_text()
+    # a run of an earlier date rendered after them is compared with nothing later than itself
+    earlier = run_json("2026-12-06T10:00:00")
+    earlier["machine_info"]["fastgan"]["date"] = "2026-12-06"
+    report.render(earlier, "c.json")
+    assert "vs previous:" not in (tmp_path / "spectral_norm-cuda-2026-12-06.md").read_text()
 
 
 @pytest.mark.parametrize("other", [{"quick": True}, {"device": "H200"}], ids=["quick", "another GPU"])
