@@ -764,16 +764,57 @@ def _fid_worker(rank, world, init_file, real, fake, result_file):
     exit_worker()
 
 
-def test_fid_reduces_across_processes(tmp_path):
+@pytest.mark.parametrize("offset", [0.0, 1e7])
+def test_fid_reduces_across_processes(tmp_path, offset):
+    """Each process takes its moments about its own first batch's mean; the reduction moves
+    them to one shift before adding them: the same FID as one process, also far from 0."""
     import torch.multiprocessing as mp
 
-    real, fake = torch.rand(41, 9), torch.rand(30, 9) * 1.2
-    single = FID(feature_dim=9)
-    single.update(real, real=True)
-    single.update(fake, real=False)
+    real = torch.rand(41, 9, dtype=torch.float64) + offset
+    fake = torch.rand(30, 9, dtype=torch.float64) * 1.2 + offset
     result = str(tmp_path / "fid.pt")
     mp.spawn(_fid_worker, args=(2, str(tmp_path / "init"), real, fake, result), nprocs=2)
-    assert torch.load(result) == pytest.approx(single.compute(), rel=1e-10)
+    expected = pytorch_fid_formula(*two_pass_statistics(real), *two_pass_statistics(fake))
+    # features near 1e7 are known to ~1e-9 (their float64 spacing): about 1e-8 of this FID
+    assert torch.load(result) == pytest.approx(expected, rel=1e-10 if offset == 0 else 1e-7)
+
+
+def two_pass_statistics(x):
+    """μ and the unbiased Σ as pytorch-fid takes them (np.mean, np.cov: centred first)."""
+    x = x.numpy()
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def test_statistics_of_features_far_from_zero():
+    """Moments are taken about the first batch's mean, so a common offset of 1e7 (spread ~0.3)
+    costs no digits of Σ; about 0 it left none (FID 0.04 for 0.22), and for equal
+    distributions a negative FID reported as a bug."""
+    generator = torch.Generator().manual_seed(11)
+    real = torch.rand(401, 23, dtype=torch.float64, generator=generator) + 1e7
+    fake = torch.rand(301, 23, dtype=torch.float64, generator=generator) ** 2 + 1e7
+    streamed = FeatureStatistics()
+    for batch in real.split(64):
+        streamed.update(batch)
+    halves = FeatureStatistics().update(real[:150]).merge(FeatureStatistics().update(real[150:] - 0.5 + 0.5))
+    for stats in (streamed, halves):
+        mean, covariance = two_pass_statistics(real)
+        np.testing.assert_allclose(stats.mean.numpy(), mean, rtol=1e-14)
+        np.testing.assert_allclose(stats.covariance.numpy(), covariance, rtol=1e-7, atol=1e-8)
+    metric = FID(feature_dim=23)
+    for batch in real.split(100):
+        metric.update(batch, real=True)
+    metric.update(fake, real=False)
+    expected = pytorch_fid_formula(*two_pass_statistics(real), *two_pass_statistics(fake))
+    assert abs(metric.compute() - expected) <= 1e-7 * expected
+
+
+def test_fixed_real_statistics_refuse_real_updates():
+    metric = FID(feature_dim=5)
+    metric.set_real_statistics(FeatureStatistics(source="real.npz").update(torch.rand(20, 5, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"fixed by set_real_statistics \(real.npz\)"):
+        metric.update(torch.rand(8, 5), real=True)
+    metric.update(torch.rand(8, 5, dtype=torch.float64) + 0.3, real=False)
+    assert metric.compute() > 0
 
 
 @pytest.mark.parametrize("name", fastgan._backend.BACKENDS)

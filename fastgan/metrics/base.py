@@ -1,9 +1,11 @@
 """The base of fastgan's metrics: states that accumulate with ``update`` and reduce across processes.
 
 A metric declares its states with :meth:`Metric.add_state`, each with a reduction:
-``"sum"`` (tensors added across processes) or ``"cat"`` (lists of tensors
+``"sum"`` (tensors added across processes), ``"cat"`` (lists of tensors
 concatenated along dim 0 across processes, in rank order; dtypes promote as ``torch.cat``'s
-do, and ranks whose per-sample shapes differ raise ValueError on every rank). ``compute`` works on
+do, and ranks whose per-sample shapes differ raise ValueError on every rank) or
+``"custom"`` (tensors the metric's :meth:`Metric.reduce_custom_states` combines: FID's
+moments, taken about each process's own shift). ``compute`` works on
 :meth:`Metric.reduced_states`, which equals the local states in a single process and
 the all-process reduction under ``torch.distributed`` -- so every rank computes the
 same value, as with torchmetrics.
@@ -40,6 +42,13 @@ def _collective_device(group, device: torch.device) -> torch.device:
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def all_reduced_sum(value: Tensor, group) -> Tensor:
+    """``value`` summed over the processes of ``group``, on ``value``'s device (a copy)."""
+    reduced = value.to(_collective_device(group, value.device), copy=True)
+    dist.all_reduce(reduced, group=group)
+    return reduced.to(value.device)
 
 
 def _gather_cat(tensors: List[Tensor], group) -> Tensor:
@@ -81,8 +90,8 @@ class Metric:
         self._device: Optional[torch.device] = None  # set by to(); reset() keeps it
 
     def add_state(self, name: str, default: State, reduction: str) -> None:
-        if reduction not in ("sum", "cat"):
-            raise ValueError(f"reduction must be 'sum' or 'cat', got {reduction!r}")
+        if reduction not in ("sum", "cat", "custom"):
+            raise ValueError(f"reduction must be 'sum', 'cat' or 'custom', got {reduction!r}")
         if reduction == "cat" and default != []:
             raise ValueError("a 'cat' state starts as an empty list")
         self._defaults[name] = default
@@ -110,20 +119,24 @@ class Metric:
 
     def reduced_states(self) -> Dict[str, Tensor]:
         """Every state, reduced over all processes when torch.distributed is initialized;
-        'cat' states come back as one concatenated tensor."""
+        'cat' states come back as one concatenated tensor, 'custom' ones as
+        :meth:`reduce_custom_states` makes them."""
         distributed = dist.is_available() and dist.is_initialized()
         out = {}
         for name, reduction in self._reductions.items():
             value = getattr(self, name)
-            if reduction == "sum":
-                if distributed:
-                    reduced = value.to(_collective_device(self.process_group, value.device), copy=True)
-                    dist.all_reduce(reduced, group=self.process_group)
-                    value = reduced.to(value.device)
-                out[name] = value
-            else:
+            if reduction == "cat":
                 out[name] = _gather_cat(value, self.process_group) if distributed else (torch.cat(value) if value else torch.empty(0))
+            else:
+                out[name] = all_reduced_sum(value, self.process_group) if distributed and reduction == "sum" else value
+        if distributed and "custom" in self._reductions.values():
+            out = self.reduce_custom_states(out)
         return out
+
+    def reduce_custom_states(self, states: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """``states`` with the local 'custom' states replaced by their all-process reduction
+        (called on every process, under torch.distributed only)."""
+        raise NotImplementedError(f"{type(self).__name__} declares 'custom' states but does not reduce them")
 
     def update(self, *args, **kwargs) -> None:
         raise NotImplementedError

@@ -1,7 +1,9 @@
 """FID: streaming feature statistics and the Fréchet distance between two sets of them.
 
-:class:`FeatureStatistics` accumulates n, Σx and Σ x xᵀ of feature batches in float64
-(mergeable by addition, across batches and processes), gives μ and the unbiased Σ,
+:class:`FeatureStatistics` accumulates n, Σ(x − s) and Σ (x − s)(x − s)ᵀ of feature batches in
+float64, about a shift s (the first batch's mean; moments about 0 would lose the covariance's
+digits to a large common mean), mergeable across batches and processes (moved to one shift, then
+added), gives μ and the unbiased Σ,
 caches the factor of Σ used by the symmetric square root (reference statistics are
 reused across evaluations), and saves/loads pytorch-fid-compatible ``.npz`` files
 (keys ``mu`` and ``sigma``; fastgan adds ``count`` and, when known, ``resize``: the
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fastgan.files import atomic_file
-from fastgan.metrics.base import Metric, check_floating_finite
+from fastgan.metrics.base import Metric, all_reduced_sum, check_floating_finite
 from fastgan.ops import frechet as ops
 from fastgan.reference import frechet as reference
 
@@ -41,8 +43,9 @@ class FeatureStatistics:
         self.source = source  # named in error messages: a file, a folder, "real features"...
         self.resize = resize  # the preprocessing convention of the images, when known
         self._checked = False
-        self._total: Optional[Tensor] = None
-        self._outer: Optional[Tensor] = None
+        self._total: Optional[Tensor] = None  # Σ(x − shift)
+        self._outer: Optional[Tensor] = None  # Σ(x − shift)(x − shift)ᵀ
+        self._shift: Optional[Tensor] = None
         self._mean, self._covariance = mean, covariance
         self._factor: Optional[Tensor] = None
 
@@ -55,7 +58,9 @@ class FeatureStatistics:
         self.batches += 1
         if features.shape[0] == 0:  # nothing to add (a process's empty shard), as KID takes it
             return self
-        total, outer = ops.feature_moments(features)
+        if self._total is None:
+            self._shift = features.detach().double().mean(0)
+        total, outer = ops.feature_moments(features.detach().double() - self._shift)
         if self._total is None:
             self._total, self._outer = total, outer
         else:
@@ -78,10 +83,21 @@ class FeatureStatistics:
             raise ValueError(f"{mismatch}: features of different preprocessing conventions cannot be merged")
         merged = FeatureStatistics(source=self.source, resize=self.resize or other.resize)
         merged.count, merged.batches = self.count + other.count, self.batches + other.batches
-        sums = [(stats._total, stats._outer) for stats in (self, other) if stats._total is not None]
-        if sums:
-            merged._total, merged._outer = (sum(parts) for parts in zip(*sums))
+        first, *rest = [stats for stats in (self, other) if stats._total is not None] or [merged]
+        merged._shift, merged._total, merged._outer = first._shift, first._total, first._outer
+        for stats in rest:
+            total, outer = reference.recentered_moments(stats.count, stats._shift, stats._total, stats._outer, first._shift)
+            merged._total, merged._outer = merged._total + total, merged._outer + outer
         return merged
+
+    @classmethod
+    def from_moments(cls, count: int, shift: Tensor, total: Tensor, outer: Tensor, source: str = "features",
+                     resize: Optional[str] = None) -> "FeatureStatistics":
+        """Statistics of ``count`` features with Σ(x − shift) = ``total`` and
+        Σ(x − shift)(x − shift)ᵀ = ``outer`` (float64), as :meth:`update` accumulates them."""
+        stats = cls(count=count, source=source, resize=resize)
+        stats._shift, stats._total, stats._outer = shift, total, outer
+        return stats
 
     @property
     def mean(self) -> Tensor:
@@ -120,7 +136,7 @@ class FeatureStatistics:
         if self.count < 2:
             raise ValueError(f"FID statistics need at least 2 feature vectors, the statistics of {self.source} "
                              f"have {self.count}")
-        self._mean, self._covariance = reference.statistics_from_moments(self.count, self._total, self._outer)
+        self._mean, self._covariance = reference.statistics_from_moments(self.count, self._total, self._outer, self._shift)
 
     @staticmethod
     def check_destination(path: str) -> None:
@@ -214,16 +230,24 @@ class FID(Metric):
         self.method = method
         self.real_statistics: Optional[FeatureStatistics] = None
         self._batches = 0
+        # Moments about the first batch's mean (as FeatureStatistics takes them), each process
+        # its own: reduce_custom_states moves them to the global mean before adding them.
         for side in ("real", "fake"):
-            self.add_state(f"{side}_count", torch.zeros((), dtype=torch.float64), "sum")
-            self.add_state(f"{side}_total", torch.zeros(feature_dim, dtype=torch.float64), "sum")
-            self.add_state(f"{side}_outer", torch.zeros(feature_dim, feature_dim, dtype=torch.float64), "sum")
+            self.add_state(f"{side}_count", torch.zeros((), dtype=torch.float64), "custom")
+            self.add_state(f"{side}_shift", torch.zeros(feature_dim, dtype=torch.float64), "custom")
+            self.add_state(f"{side}_total", torch.zeros(feature_dim, dtype=torch.float64), "custom")
+            self.add_state(f"{side}_outer", torch.zeros(feature_dim, feature_dim, dtype=torch.float64), "custom")
 
     def set_real_statistics(self, statistics: FeatureStatistics) -> None:
+        """Fix the real side to ``statistics`` (e.g. loaded from an ``.npz``); from then on
+        ``update(..., real=True)`` is refused rather than accumulated for nothing."""
         self.real_statistics = statistics
 
     @torch.no_grad()
     def update(self, batch: Tensor, real: bool) -> None:
+        if real and self.real_statistics is not None:
+            raise ValueError(f"FID.update(real=True): the real side is fixed by set_real_statistics "
+                             f"({self.real_statistics.source}); update with fake images only, or make a new FID")
         features = self.feature_extractor(batch) if self.feature_extractor is not None else batch
         check_floating_finite("features", features, self._batches + 1)
         if features.dim() != 2 or features.shape[1] != self.feature_dim:
@@ -234,17 +258,32 @@ class FID(Metric):
         if features.shape[0] == 0:  # nothing to add (a process's empty shard), as KID takes it
             return
         side = "real" if real else "fake"
-        total, outer = ops.feature_moments(features)
-        setattr(self, f"{side}_count", getattr(self, f"{side}_count") + features.shape[0])
-        setattr(self, f"{side}_total", getattr(self, f"{side}_total") + total.to(getattr(self, f"{side}_total").device))
-        setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + outer.to(getattr(self, f"{side}_outer").device))
+        count, shift = getattr(self, f"{side}_count"), getattr(self, f"{side}_shift")
+        features = features.double()  # the moments are taken where the features are, added where the states are
+        if count == 0:
+            setattr(self, f"{side}_shift", features.mean(0).to(shift.device))
+        total, outer = ops.feature_moments(features - getattr(self, f"{side}_shift").to(features.device))
+        setattr(self, f"{side}_count", count + features.shape[0])
+        setattr(self, f"{side}_total", getattr(self, f"{side}_total") + total.to(shift.device))
+        setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + outer.to(shift.device))
+
+    def reduce_custom_states(self, states):
+        """Each side's moments moved from this process's shift to the global mean (one
+        all-reduce of n and Σx), then added across processes (one all-reduce)."""
+        for side in ("real", "fake"):
+            count, shift, total, outer = (states[f"{side}_{key}"] for key in ("count", "shift", "total", "outer"))
+            summed = all_reduced_sum(torch.cat([count.reshape(1), count * shift + total]), self.process_group)
+            common = summed[1:] / summed[0].clamp(min=1)
+            total, outer = reference.recentered_moments(count, shift, total, outer, common)
+            moments = all_reduced_sum(torch.cat([total.reshape(1, -1), outer]), self.process_group)
+            states.update({f"{side}_count": summed[0], f"{side}_shift": common,
+                           f"{side}_total": moments[0], f"{side}_outer": moments[1:]})
+        return states
 
     def _statistics(self, states, side: str) -> FeatureStatistics:
-        stats = FeatureStatistics(source=f"the {side} features",
-                                  resize=getattr(self.feature_extractor, "resize_convention", None))
-        stats.count = int(states[f"{side}_count"])
-        stats._total, stats._outer = states[f"{side}_total"], states[f"{side}_outer"]
-        return stats
+        return FeatureStatistics.from_moments(
+            int(states[f"{side}_count"]), *(states[f"{side}_{key}"] for key in ("shift", "total", "outer")),
+            source=f"the {side} features", resize=getattr(self.feature_extractor, "resize_convention", None))
 
     def compute(self) -> float:
         states = self.reduced_states()

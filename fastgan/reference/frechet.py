@@ -188,9 +188,21 @@ def feature_moments(features: Tensor) -> Tuple[Tensor, Tensor]:
     return x.sum(0), x.T @ x
 
 
-def statistics_from_moments(count: int, total: Tensor, outer: Tensor) -> Tuple[Tensor, Tensor]:
-    """(μ, unbiased Σ) from n, Σx and Σ x xᵀ (float64; exact enough for features whose
-    mean is not many orders of magnitude above their spread, as Inception's)."""
-    mean = total / count
-    sigma = (outer - count * torch.outer(mean, mean)) / (count - 1)
-    return mean, (sigma + sigma.T) / 2
+def recentered_moments(count, shift: Tensor, total: Tensor, outer: Tensor, new_shift: Tensor) -> Tuple[Tensor, Tensor]:
+    """Σ(x − s') and Σ(x − s')(x − s')ᵀ from n, Σ(x − s) and Σ(x − s)(x − s)ᵀ: moments about
+    one shift moved to another, so sums taken about different shifts (two processes, two
+    accumulators) can be added. Exact up to round-off of the order of ‖s − s'‖² relative to
+    the spread: both shifts are points of the data's distribution (a batch mean)."""
+    delta = shift - new_shift
+    moved = total + count * delta
+    return moved, outer + torch.outer(total, delta) + torch.outer(delta, total) + count * torch.outer(delta, delta)
+
+
+def statistics_from_moments(count: int, total: Tensor, outer: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
+    """(μ, unbiased Σ) from n, Σ(x − s) and Σ(x − s)(x − s)ᵀ (float64) about a shift s within
+    the data (see :func:`recentered_moments`): the subtraction n m mᵀ, m = μ − s, then cancels
+    nothing of the covariance, where moments about 0 lose (‖μ‖ / spread)² of its precision
+    (features offset by 1e7 with spread 0.3 left no correct digit)."""
+    offset = total / count
+    sigma = (outer - count * torch.outer(offset, offset)) / (count - 1)
+    return shift + offset, (sigma + sigma.T) / 2
