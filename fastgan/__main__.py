@@ -24,6 +24,7 @@ Formulas, conventions and defaults: docs/ in the repository (docs/README.md).
 Exit status: 0 done, 1 error (one line on stderr), 2 usage error, 3 the run diverged (train:
 NaN or Inf losses or images; it stopped there and summary.json says so; a study records such a trial
 and goes on), 75 stopped by Ctrl-C or SIGTERM with a checkpoint to --resume from (train, study),
+or by SIGTERM before or outside training (nothing half-written is left; run the command again),
 130 Ctrl-C (in train and study: a second one).
 """
 from __future__ import annotations
@@ -32,7 +33,9 @@ from __future__ import annotations
 # imports what it needs (torch, the trainer, the metrics) when it runs.
 import argparse
 import errno
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List
 
@@ -734,8 +737,20 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     return args
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a training loop (which checkpoints on it instead): raised in the main
+    thread so that the work unwinds and removes what it half wrote (a data cache being decoded,
+    a statistics file), where SIGTERM's default action would kill the process mid-write."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None) -> int:
     args = parse_arguments(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.run(args) or 0
     except OSError as exc:  # before the others: FileNotFoundError is an OSError
@@ -745,6 +760,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one during a metric
         print("interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        from fastgan.train.runtime import EXIT_INTERRUPTED
+
+        print("stopped by SIGTERM: what was being written was removed, what was complete is kept; run the command "
+              "again to go on", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 1
 
 

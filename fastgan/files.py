@@ -19,8 +19,9 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 PART_SUFFIX = ".part"
 
@@ -119,4 +120,39 @@ def remove_stale_parts(folder: Path) -> List[Path]:
     return stale
 
 
-__all__ = ["atomic_file", "atomic_folder", "file_hash", "remove_stale_parts", "save_figure", "write_text_atomic"]
+class FileLock:
+    """An exclusive advisory lock (``flock``) on ``path``, for one process at a time.
+
+    :meth:`acquire` never waits: it returns None once held, or what the holder wrote of
+    itself (host and process id). The operating system drops the lock when its holder exits,
+    killed or not, so no stale lock is ever left to clean up. Where ``fcntl`` does not exist
+    (Windows) nothing is locked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._descriptor: Optional[int] = None
+
+    def acquire(self) -> Optional[str]:
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 200).decode(errors="replace").strip()
+            os.close(descriptor)
+            return holder or "another process"
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"host {socket.gethostname()}, process {os.getpid()}\n".encode())
+        self._descriptor = descriptor
+        return None
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)  # closing drops the flock
+            self._descriptor = None
+
+
+__all__ = ["FileLock", "atomic_file", "atomic_folder", "file_hash", "remove_stale_parts", "save_figure", "write_text_atomic"]

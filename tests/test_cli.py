@@ -263,7 +263,7 @@ def test_the_cli_module_imports_nothing_heavy(help_run):
     tree = ast.parse(open(cli.__file__).read())
     top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
     top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert top_level <= {"__future__", "argparse", "errno", "sys", "pathlib", "typing"}, top_level
+    assert top_level <= {"__future__", "argparse", "errno", "signal", "sys", "pathlib", "threading", "typing"}, top_level
     assert help_run["modules"] == "[]"
 
 
@@ -304,6 +304,35 @@ def test_describe_os_error_names_the_path_and_what_to_do():
     assert describe_os_error(OSError(errno.ENOSPC, "No space left on device")).startswith("no space left on the device: free")
     assert describe_os_error(FileNotFoundError("checkpoint not found: /a.pt")) == "checkpoint not found: /a.pt"
     assert describe_os_error(OSError(errno.EIO, "Input/output error", "/a", None, "/b")) == "/a -> /b: Input/output error"
+
+
+def test_sigterm_while_a_folder_is_decoded_exits_75_and_leaves_no_partial_cache(tmp_path, monkeypatch, capsys):
+    """SIGTERM before training starts (here while the data cache is decoded) unwinds: the
+    half-written cache is removed and the exit status is the one schedulers requeue."""
+    import os
+    import signal
+
+    from fastgan.train import data
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(5):
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    decode, calls = data._decode_image, []
+
+    def decode_then_stop(path, size):
+        calls.append(path)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return decode(path, size)
+
+    monkeypatch.setattr(data, "_decode_image", decode_then_stop)
+    monkeypatch.setenv("FASTGAN_DATA", str(tmp_path / "data"))
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["train", *TINY_RUN, "steps=1", "dataset=folder", f"data_root={folder}", f"out_dir={tmp_path / 'run'}"]) == 75
+    assert "stopped by SIGTERM" in capsys.readouterr().err and len(calls) == 3
+    assert list((tmp_path / "data" / "folders").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_train_into_a_path_below_a_file(tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 
 from fastgan.train import study as study_module
 from fastgan.train.study import PRESENTATION_KEYS, config_hash, read_study, results_rows, run_study
-from fastgan.train.trainer import SUMMARY
+from fastgan.train.config import save_config
+from fastgan.train.trainer import SUMMARY, RunInProgress
 
 FID_BY_LOSS = {"ns": 11.0, "wgan": 22.0, "lsgan": 33.0, "hinge": 44.0}
 
@@ -19,6 +20,7 @@ class FakeTrainer:
     runs = []
     stop_after = None  # a number of steps at which a 'stop signal' arrives
     diverging = ()  # losses whose trials diverge at step 5
+    busy = ()  # losses whose trials another process is training
 
     def __init__(self, config, resume):
         assert resume
@@ -26,6 +28,8 @@ class FakeTrainer:
 
     def fit(self):
         config = self.config
+        if config.loss in FakeTrainer.busy:
+            raise RunInProgress(f"{config.out_dir} is being trained by another process (host h, process 7)")
         FakeTrainer.runs.append(config)
         steps = config.steps if FakeTrainer.stop_after is None else FakeTrainer.stop_after
         diverged_at = 5 if config.loss in FakeTrainer.diverging else None
@@ -43,7 +47,7 @@ class FakeTrainer:
 
 @pytest.fixture(autouse=True)
 def fake_trainer(monkeypatch):
-    FakeTrainer.runs, FakeTrainer.stop_after, FakeTrainer.diverging = [], None, ()
+    FakeTrainer.runs, FakeTrainer.stop_after, FakeTrainer.diverging, FakeTrainer.busy = [], None, (), ()
     monkeypatch.setattr(study_module, "Trainer", FakeTrainer)
     return FakeTrainer
 
@@ -154,6 +158,38 @@ def test_grid_errors(tmp_path):
         read_study(grid, ["out_dir=elsewhere"])
     with pytest.raises(ValueError, match="out of range: the grid has 1 trials"):
         run_study(read_study(grid), index=1)
+    grid = write_grid(tmp_path / "grid.yaml", ["ns"], extra=f"  out_dir: [{tmp_path / 'elsewhere'}]\n")
+    with pytest.raises(ValueError, match="an axis sets out_dir"):
+        read_study(grid)
+    # a trial's config error names the grid and the trial's choices
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "hinj"])
+    with pytest.raises(ValueError, match=r"grid.yaml: trial 1 \(loss=hinj\): loss='hinj' is not one of"):
+        read_study(grid)
+
+
+def test_a_trial_extended_in_place_is_no_longer_the_trial(tmp_path):
+    """A finished trial trained further by hand (train --resume with more steps, which rewrites
+    its config.yaml) holds another run than the trial's: listed 'changed', its FID never in
+    the table, and the study refuses it instead of reporting or resuming it."""
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "hinge"], steps=6)
+    study = read_study(grid)
+    run_study(study)
+    ns = study.trials[0]
+    save_config(ns.config, str(ns.out_dir / "config.yaml"))  # what the trial's own run writes
+    assert ns.status == "finished" and ns.summary()["final_fid"] == 17.0
+    save_config(ns.config.replace(steps=12), str(ns.out_dir / "config.yaml"))
+    assert [t.status for t in read_study(grid).trials] == ["changed", "finished"]
+    assert final_fids(grid) == {"ns": ("changed", ""), "hinge": ("finished", 50.0)}
+    with pytest.raises(ValueError, match=r"went on with another config than trial 0's \(steps: 12 -> 6"):
+        run_study(read_study(grid))
+
+
+def test_a_trial_another_process_is_training_is_skipped(tmp_path, capsys):
+    grid = write_grid(tmp_path / "grid.yaml", ["ns", "hinge"])
+    FakeTrainer.busy = ("ns",)
+    assert run_study(read_study(grid)) is True
+    assert "trial 1/2 (index 0): skipped: " in capsys.readouterr().out
+    assert [t.status for t in read_study(grid).trials] == ["to run", "finished"]
 
 
 @pytest.mark.parametrize("text, message", [

@@ -686,6 +686,48 @@ def test_the_real_statistics_cache_is_keyed_on_the_inception_weights_and_the_see
     assert len(list((tmp_path / "run").glob("fid_real_*.npz"))) == 3
 
 
+def test_one_process_at_a_time_trains_into_an_out_dir(tmp_path):
+    """While another process holds out_dir (its lock; flock conflicts between two open files even
+    within one process), fit refuses before writing anything; once it is released, the run goes on."""
+    from fastgan.files import FileLock
+    from fastgan.train.trainer import LOCK, RunInProgress
+
+    (tmp_path / "run").mkdir()
+    other = FileLock(tmp_path / "run" / LOCK)
+    assert other.acquire() is None
+    trainer = Trainer(tiny_config(tmp_path, "steps=1"))
+    with pytest.raises(RunInProgress, match=rf"being trained by another process \(host .+, process {os.getpid()}\)"):
+        trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK]
+    other.release()
+    assert trainer.fit()["finished"]
+    assert FileLock(tmp_path / "run" / LOCK).acquire() is None  # released when the run ended
+
+
+def test_fid_resizes_as_compare_gan_unless_configured_otherwise(tmp_path, monkeypatch):
+    """Training FIDs preprocess as compare_gan (tf-bilinear), whose figures the paper reports;
+    fid_resize picks another convention, may change on resume (the reference statistics,
+    keyed on it, are computed again) and is checked against the conventions there are."""
+    from fastgan.metrics.inception import InceptionV3
+
+    network, conventions = SlowInception(signal_at=-1), []
+
+    def load(path, **kwargs):
+        conventions.append(kwargs["resize"])
+        network.resize_convention = kwargs["resize"]
+        return network
+
+    monkeypatch.setattr(InceptionV3, "load", load)
+    common = ["fid_every=1", "fid_samples=10", "fid_real_samples=10",
+              f"inception_weights={stand_in_weights(tmp_path / 'weights.pt')}"]
+    Trainer(tiny_config(tmp_path, *common, "steps=1")).fit()
+    Trainer(tiny_config(tmp_path, *common, "steps=2", "fid_resize=torch-bilinear"), resume=True).fit()
+    assert conventions == ["tf-bilinear", "torch-bilinear"]
+    assert len(list((tmp_path / "run").glob("fid_real_*.npz"))) == 2
+    with pytest.raises(ValueError, match="fid_resize='bilinear' is not one of torch-bilinear, tf-bilinear, pil-bicubic"):
+        tiny_config(tmp_path, "fid_resize=bilinear")
+
+
 def test_out_dir_and_inception_weights_expand_the_home_folder(tmp_path, monkeypatch):
     from fastgan.metrics.inception import InceptionV3
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 from fastgan.files import write_text_atomic
 
 LOSSES = ("ns", "wgan", "lsgan", "hinge")
-PENALTIES = ("none", "wgan-gp", "dragan", "r1", "l2")
+PENALTIES = ("none", "wgan-gp", "dragan", "r1", "r2", "l2")
 Z_PRIORS = ("uniform", "normal")
 DTYPES = ("float32", "float64")
 MODELS = ("gan", "vae")
@@ -59,7 +59,9 @@ class Config:
     ``log_every``, ``sample_every``, ``checkpoint_every``, ``fid_every`` in steps (each also at
     the last step; 0 = never, except that the last step is always logged and checkpointed); FID on ``fid_samples`` generated and
     ``fid_real_samples`` data images with ``inception_weights`` (None: found as
-    ``fastgan.metrics.inception`` says); ``sample_grid`` images per grid; ``progress`` bars.
+    ``fastgan.metrics.inception`` says), the images resized to Inception's input as
+    ``fid_resize`` says (a convention of ``fastgan.metrics.images``; compare_gan's
+    ``tf-bilinear`` by default); ``sample_grid`` images per grid; ``progress`` bars.
     Generator conditioning: ``diagnostics_condition_number_every`` (steps; 0 = never) and
     ``diagnostics_condition_number_samples`` (the fixed z batch); Jacobian clamping of G,
     ``generator_jacobian_clamping_{weight,eps,lambda_min,lambda_max}`` (weight 0 = off).
@@ -121,6 +123,7 @@ class Config:
     fid_samples: int = 10_000
     fid_real_samples: int = 10_000
     inception_weights: Optional[str] = None
+    fid_resize: str = "tf-bilinear"  # compare_gan's preprocessing (TF1 resize_bilinear); fastgan.metrics.images
     sample_grid: int = 64
     progress: bool = True
     # generator conditioning (fastgan.diagnostics): YAML ``diagnostics: {condition_number_every, condition_number_samples}``
@@ -151,6 +154,7 @@ class Config:
     lens_depth: int = 3
 
     def validate(self) -> "Config":
+        from fastgan.metrics.images import RESIZE_CONVENTIONS
         from fastgan.models import ARCHITECTURES, D_NORMALIZATIONS, check_model_shape
         from fastgan.models.vae import LIKELIHOODS, MARGINALS
         from fastgan.train.data import DATASETS
@@ -159,7 +163,7 @@ class Config:
         choices = {"architecture": ARCHITECTURES, "d_norm": D_NORMALIZATIONS, "loss": LOSSES,
                    "penalty": PENALTIES, "z_prior": Z_PRIORS, "dtype": DTYPES, "dataset": DATASETS, "model": MODELS,
                    "vae_likelihood": LIKELIHOODS, "vae_marginal": MARGINALS,
-                   "mixed_batch_loss": MIXED_BATCH_LOSSES}
+                   "mixed_batch_loss": MIXED_BATCH_LOSSES, "fid_resize": RESIZE_CONVENTIONS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")

@@ -41,7 +41,7 @@ class Diverged(Exception):
 
 class FIDEvaluator:
     """FID of a generator against ``data``, as ``config`` says (``fid_samples``, ``fid_real_samples``,
-    ``inception_weights``, ``seed``)."""
+    ``inception_weights``, ``fid_resize``, ``seed``)."""
 
     def __init__(self, config: Config, runtime: Runtime, data: ImageData, out_dir: Path) -> None:
         self.config, self.runtime, self.data, self.out_dir = config, runtime, data, Path(out_dir)
@@ -81,7 +81,7 @@ class FIDEvaluator:
 
         try:
             weights = resolve_weights_path(self.config.inception_weights)
-            network = InceptionV3.load(weights).to(self.runtime.device).eval()
+            network = InceptionV3.load(weights, resize=self.config.fid_resize).to(self.runtime.device).eval()
         except RuntimeError as exc:  # none found anywhere (a named file that is missing or wrong raised earlier)
             self.unavailable = True
             if self.runtime.rank == 0:

@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from fastgan.train.config import Config, from_mapping, merge_settings, parse_overrides, read_yaml
 from fastgan.files import write_text_atomic
-from fastgan.train.trainer import CHECKPOINT, SUMMARY, TRAINER_VERSION, Trainer
+from fastgan.train.trainer import CHECKPOINT, SUMMARY, TRAINER_VERSION, RunInProgress, Trainer
 
 # Config keys outside a trial's identity: where it writes, progress bars, and how often it logs,
 # saves sample grids and checkpoints. None of them changes the trained parameters or the FIDs.
@@ -84,7 +84,10 @@ class Trial:
     @property
     def status(self) -> str:
         """finished | diverged (stopped at NaN or Inf: a result too, never run again) | started (a
-        checkpoint to resume) | to run."""
+        checkpoint to resume) | to run | changed (the folder's run went on with another config, as
+        ``train --resume`` with more steps does: no longer this trial's, never reported or run)."""
+        if self.run_changes():
+            return "changed"
         summary = self.summary() or {}
         if summary.get("finished"):
             return "finished"
@@ -100,11 +103,28 @@ class Trial:
         with open(path) as f:
             return json.load(f)
 
+    def run_changes(self) -> Optional[str]:
+        """How the config the folder's run last trained with (its ``config.yaml``) differs from
+        this trial's, or None when it does not (or no run has started there)."""
+        path = self.out_dir / "config.yaml"
+        if not path.is_file() or self.recorded() is None:
+            return None
+        try:
+            ran = from_mapping(read_yaml(str(path)))
+        except ValueError as error:
+            return f"its config.yaml is not a config of this fastgan ({error})"
+        return None if config_hash(ran) == self.config_hash else self._differences(ran.to_dict())
+
     def holds_this_trial(self) -> bool:
-        """Whether the folder's ``trial.json`` records this trial's config: only then do its
-        summary and checkpoint count as this trial's."""
+        """Whether the folder's ``trial.json`` records this trial's config and its run trained
+        with it: only then do its summary and checkpoint count as this trial's."""
         record = self.recorded()
-        return record is not None and record.get("config_hash") == self.config_hash
+        return record is not None and record.get("config_hash") == self.config_hash and self.run_changes() is None
+
+    def _differences(self, saved: Dict[str, Any]) -> str:
+        ours = self.config.to_dict()
+        return ", ".join(f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in ours
+                         if k not in PRESENTATION_KEYS and saved.get(k) != ours[k]) or "unknown keys"
 
     def check_folder(self) -> None:
         """ValueError when the folder holds a run of another config (copied or edited by hand)."""
@@ -115,12 +135,13 @@ class Trial:
                                  f"{self.index}'s run; move it away (or delete it) to run the trial")
             return
         if record.get("config_hash") != self.config_hash:
-            saved = record.get("config") or {}
-            ours = self.config.to_dict()
-            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in ours
-                                if k not in PRESENTATION_KEYS and saved.get(k) != ours[k]) or "unknown keys"
-            raise ValueError(f"{self.out_dir} holds a run of another config than trial {self.index}'s ({changes}); "
-                             f"move it away (or delete it) to run the trial")
+            raise ValueError(f"{self.out_dir} holds a run of another config than trial {self.index}'s "
+                             f"({self._differences(record.get('config') or {})}); move it away (or delete it) to run the trial")
+        changes = self.run_changes()
+        if changes:
+            raise ValueError(f"the run in {self.out_dir} went on with another config than trial {self.index}'s "
+                             f"({changes}, from the run's config.yaml to the trial's), so it is no longer the trial's "
+                             "run; move it away (or delete it) to run the trial")
 
     def record(self) -> None:
         write_text_atomic(self.out_dir / TRIAL_FILE, json.dumps(
@@ -179,7 +200,14 @@ def read_study(path: str, overrides: Iterable[str] = ()) -> Study:
     for index, combination in enumerate(itertools.product(*(axes[a] for a in axes))):
         choices = [_axis_choice(axis, item) for axis, item in zip(axes, combination)]
         settings = {key: value for choice in choices for key, value in choice.items()}
-        config = from_mapping(merge_settings(common, *choices))
+        if "out_dir" in settings:
+            raise ValueError(f"{path}: an axis sets out_dir ({settings['out_dir']!r}), which is the grid's own key "
+                             "(each trial's folder goes below it)")
+        try:
+            config = from_mapping(merge_settings(common, *choices))
+        except ValueError as error:
+            described = " ".join(f"{k}={v}" for k, v in settings.items())
+            raise ValueError(f"{path}: trial {index} ({described}): {error}") from None
         folder = out_dir / f"{_TRIAL_PREFIX}{config_hash(config)[:16]}"
         if folder in folders:
             raise ValueError(f"{path}: trials {folders[folder]} and {index} have the same config "
@@ -204,7 +232,11 @@ def run_study(study: Study, index: Optional[int] = None) -> bool:
         trial.check_folder()
         print(f"{label}: {trial.describe()} -> {trial.out_dir}")
         trial.record()
-        summary = Trainer(trial.config, resume=True).fit()
+        try:
+            summary = Trainer(trial.config, resume=True).fit()
+        except RunInProgress as busy:  # another study process (or job) has it: the next trial, then
+            print(f"{label}: skipped: {busy}")
+            continue
         write_results(study)
         if not summary["finished"] and summary["diverged_at"] is None:
             return False

@@ -44,7 +44,7 @@ from fastgan.train import checkpoint
 from fastgan.train.callbacks import Callback, default_callbacks
 from fastgan.train.config import Config, from_mapping, save_config
 from fastgan.train.evaluator import FIDEvaluator, Interrupted
-from fastgan.files import remove_stale_parts, write_text_atomic
+from fastgan.files import FileLock, remove_stale_parts, write_text_atomic
 from fastgan.train.outputs import MetricsLog
 from fastgan.train.runtime import EXIT_DIVERGED, EXIT_INTERRUPTED, Runtime, StopRequest, resolve_device
 from fastgan.tempered import lens_weight
@@ -54,9 +54,10 @@ from fastgan.train.stream import BatchStream
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 SUMMARY = "summary.json"
+LOCK = ".lock"  # held (flock) by the process training into out_dir
 # Keys a resumed run may change: they do not alter the trajectory of the parameters.
 RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "fid_every", "fid_samples",
-                     "fid_real_samples", "inception_weights", "sample_grid", "progress", "device", "download",
+                     "fid_real_samples", "fid_resize", "inception_weights", "sample_grid", "progress", "device", "download",
                      "diagnostics_condition_number_every"}
 # Checkpoints of trainers whose steps or losses meant something else are refused.
 TRAINER_VERSION = 2
@@ -96,6 +97,10 @@ def models_for(config: Config):
     models = build_models(config.architecture, config.image_size, config.z_dim, config.d_norm, config.width,
                           symmetric=config.mixed_batches)
     return tuple(m.to(config.torch_dtype) for m in models)
+
+
+class RunInProgress(RuntimeError):
+    """Another process is training into the same out_dir."""
 
 
 class Trainer:
@@ -204,7 +209,25 @@ class Trainer:
         A run whose losses (at a log step), FID images or conditioning Jacobian go NaN or Inf has
         diverged: no later callback of that iteration runs (none samples, evaluates or saves G),
         it checkpoints, and its summary (written, as a finished run's) has ``diverged_at``; a
-        resumed diverged run does not train further."""
+        resumed diverged run does not train further.
+
+        One process at a time trains into an out_dir: while another holds it (a study relaunched
+        while it runs, two jobs given one trial), :class:`RunInProgress` is raised on every rank
+        before anything is written."""
+        lock = FileLock(self.out_dir / LOCK) if self.rank == 0 else None
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        holder = lock.acquire() if lock is not None else None
+        if self.runtime.any(holder is not None):
+            raise RunInProgress(f"{self.out_dir} is being trained by another process ({holder or 'see rank 0'}); "
+                                "wait for it to end, or train into another out_dir")
+        try:
+            return self._train_and_finish()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train_and_finish(self) -> dict:
         config, runtime = self.config, self.runtime
         self._open_outputs()
         with self.stop, runtime.numerics(deterministic=config.deterministic, tf32=config.tf32,
@@ -469,5 +492,5 @@ def load_generator(path: str, device: str = "auto"):
     return generator.to(resolve_device(device)).eval(), config
 
 
-__all__ = ["BEST", "CHECKPOINT", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "SUMMARY", "Interrupted", "Trainer", "draw_latents", "draw_perturbations",
+__all__ = ["BEST", "CHECKPOINT", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "LOCK", "SUMMARY", "Interrupted", "RunInProgress", "Trainer", "draw_latents", "draw_perturbations",
            "load_generator", "models_for", "resolve_device"]
