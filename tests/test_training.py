@@ -279,12 +279,12 @@ class PlainGAN:
         elif kind == "dragan":
             noise = philox_uniform(seed, real.numel()).reshape(real.shape).double()
             point = torch.clamp(real + real.std(correction=0) * (noise - 0.5), 0, 1)  # the batch's population std
-        else:
-            point = real
+        else:  # R1 at the real images, R2 at the fake ones
+            point = real if kind == "r1" else fake
         point = point.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(self.D(point).sum(), point, create_graph=True)
         squares = (grad ** 2).sum(dim=(1, 2, 3))
-        if kind == "r1":
+        if kind in ("r1", "r2"):
             return 0.5 * squares.mean()
         return ((torch.sqrt(1e-4 + squares) - 1) ** 2).mean()
 
