@@ -1,6 +1,15 @@
 # fastgan: `make demo` runs the main job (a short GAN training run), `make test` the test suite, `make bench`
 # the benchmarks. Each creates .venv and installs what is missing.
 #
+#   make demo            train SNDCGAN on the embedded digits (a few minutes on a CPU), then report
+#   make test            the test suite
+#   make bench           every benchmark; results in bench/results/ (QUICK=1: short runs; BENCH_ARGS="-k spectral")
+#   make bench-compare   the benchmarks against the last saved run; fails on a median slowdown over BENCH_FAIL
+#   make gpu-check       on a GPU machine: build, the suite on the GPU, quick benchmarks (about 8 minutes)
+#   make wheels          download the test wheels a GPU machine without a package registry lacks
+#   make install         create .venv and install fastgan (editable) without running anything
+#   make clean           remove the build, the compiled extension and .venv
+#
 # On a machine with torch already installed and no package registry (a GPU box),
 # use the current interpreter instead of a venv:  make test SYSTEM_PYTHON=1
 # (installs fastgan itself with `pip install --no-build-isolation --no-deps -e .`).

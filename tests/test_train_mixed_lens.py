@@ -42,6 +42,7 @@ def tiny_config(tmp_path, *overrides):
     (["mixed_batches=true", "penalty=wgan-gp"], "penalty=wgan-gp"),
     (["mixed_batches=true", "penalty=dragan"], "penalty=dragan"),
     (["mixed_batches=true", "penalty=r1"], "penalty=r1"),
+    (["mixed_batches=true", "penalty=r2"], "penalty=r2"),
     (["mixed_batch_loss=max"], "mixed_batch_loss"),
     (["lens_steps=-1"], "lens_steps"),
     (["lens_weight=-0.5"], "lens_weight"),

@@ -44,7 +44,7 @@ class Config:
     Model: ``architecture`` (sndcgan | resnet_cifar | resnet19), ``image_size``, ``z_dim``,
     ``z_prior`` (uniform: U[-1, 1), compare_gan's and the paper's; normal: N(0, 1)), ``d_norm``
     (none | batch | layer | spectral), ``width`` (channel multiplier). Objective: ``loss``
-    (ns | wgan | lsgan | hinge), ``penalty`` (none | wgan-gp | dragan | r1 | l2) and its weight
+    (ns | wgan | lsgan | hinge), ``penalty`` (none | wgan-gp | dragan | r1 | r2 | l2) and its weight
     ``penalty_weight`` (λ). Adam: ``g_lr``, ``g_betas``, ``d_lr`` / ``d_betas`` (None: G's).
     Schedule: ``steps`` (D updates, the paper's ``training_steps``; a multiple of ``n_disc``),
     ``batch_size`` (global, over all processes), ``n_disc`` (D updates per G update). Data:
@@ -257,7 +257,7 @@ class Config:
             from fastgan.mixed_batches import check_loss
 
             check_loss(self.loss)
-            if self.penalty in ("wgan-gp", "dragan", "r1"):
+            if self.penalty not in ("none", "l2"):
                 raise ValueError(f"penalty={self.penalty} needs one D output per sample; with mixed_batches=true D gives "
                                  f"one per batch: use penalty=none or l2")
         for key, least in (("lens_steps", 0), ("lens_hidden", 1), ("lens_depth", 2)):
