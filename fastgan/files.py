@@ -14,12 +14,14 @@ folder that only one process writes, when that process starts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import secrets
 import shutil
 import socket
+import warnings
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -125,12 +127,17 @@ class FileLock:
 
     :meth:`acquire` never waits: it returns None once held, or what the holder wrote of
     itself (host and process id). The operating system drops the lock when its holder exits,
-    killed or not, so no stale lock is ever left to clean up. Where ``fcntl`` does not exist
-    (Windows) nothing is locked."""
+    killed or not, so no stale lock is ever left to clean up. Where there is no ``flock``
+    (Windows; a Lustre or NFS mount without lock support) nothing is locked, with a warning
+    for a file system that refuses it."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._descriptor: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._descriptor is not None
 
     def acquire(self) -> Optional[str]:
         try:
@@ -144,6 +151,13 @@ class FileLock:
             holder = os.read(descriptor, 200).decode(errors="replace").strip()
             os.close(descriptor)
             return holder or "another process"
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            warnings.warn(f"{self.path}: the file system does not lock files ({error.strerror}); nothing keeps "
+                          "a second process from writing here at the same time", RuntimeWarning, stacklevel=2)
+            return None
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"host {socket.gethostname()}, process {os.getpid()}\n".encode())
         self._descriptor = descriptor
@@ -153,6 +167,8 @@ class FileLock:
         if self._descriptor is not None:
             os.close(self._descriptor)  # closing drops the flock
             self._descriptor = None
+
+    __del__ = release
 
 
 __all__ = ["FileLock", "atomic_file", "atomic_folder", "file_hash", "remove_stale_parts", "save_figure", "write_text_atomic"]

@@ -9,6 +9,8 @@ import inspect
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -686,22 +688,64 @@ def test_the_real_statistics_cache_is_keyed_on_the_inception_weights_and_the_see
     assert len(list((tmp_path / "run").glob("fid_real_*.npz"))) == 3
 
 
-def test_one_process_at_a_time_trains_into_an_out_dir(tmp_path):
+def test_one_process_at_a_time_trains_into_an_out_dir(tmp_path, monkeypatch):
     """While another process holds out_dir (its lock; flock conflicts between two open files even
-    within one process), fit refuses before writing anything; once it is released, the run goes on."""
+    within one process), a Trainer is refused before it reads the checkpoint -- it would start
+    from a state the other run is still changing -- and writes nothing; released, the run goes on.
+    A file system without flock trains unlocked, saying so."""
+    import errno
+    import fcntl
+
     from fastgan.files import FileLock
     from fastgan.train.trainer import LOCK, RunInProgress
 
     (tmp_path / "run").mkdir()
-    other = FileLock(tmp_path / "run" / LOCK)
-    assert other.acquire() is None
-    trainer = Trainer(tiny_config(tmp_path, "steps=1"))
-    with pytest.raises(RunInProgress, match=rf"being trained by another process \(host .+, process {os.getpid()}\)"):
-        trainer.fit()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from fastgan.files import FileLock; "
+                               f"lock = FileLock({str(tmp_path / 'run' / LOCK)!r}); lock.acquire(); "
+                               "print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunInProgress, match=rf"being trained by another process \(host .+, process {holder.pid}\)"):
+            Trainer(tiny_config(tmp_path, "steps=1"))
+    finally:
+        holder.communicate("")  # the holder exits: the system drops its lock
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK]
-    other.release()
-    assert trainer.fit()["finished"]
+    first = Trainer(tiny_config(tmp_path, "steps=1"))  # holds out_dir from here on
+    with pytest.raises(RunInProgress, match="held by another Trainer of this process: fit"):
+        Trainer(tiny_config(tmp_path, "steps=2"), resume=True)
+    assert first.fit()["finished"]
     assert FileLock(tmp_path / "run" / LOCK).acquire() is None  # released when the run ended
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match="does not lock files"):
+        assert Trainer(tiny_config(tmp_path, "steps=2"), resume=True).fit()["finished"]
+
+
+def test_a_checkpoint_from_before_fid_resize_resumes_with_a_fresh_best_fid(tmp_path, monkeypatch, capsys):
+    """Runs checkpointed before fid_resize existed evaluated FID with torch-bilinear. Resumed
+    under today's default (tf-bilinear) their best FID no longer compares: it starts again,
+    with a notice; resumed with fid_resize=torch-bilinear it is kept."""
+    from fastgan.metrics.inception import InceptionV3
+    from fastgan.train import checkpoint as checkpoints
+
+    monkeypatch.setattr(InceptionV3, "load", lambda *args, **kwargs: SlowInception(signal_at=-1))
+    common = ["fid_every=1", "fid_samples=10", "fid_real_samples=10",
+              f"inception_weights={stand_in_weights(tmp_path / 'weights.pt')}"]
+    Trainer(tiny_config(tmp_path, *common, "steps=1")).fit()
+    state = checkpoints.load(tmp_path / "run" / CHECKPOINT)
+    del state["config"]["fid_resize"]  # as the trainer wrote it before the key existed
+    checkpoints.save_atomic(state, tmp_path / "run" / CHECKPOINT)
+    kept = Trainer(tiny_config(tmp_path, *common, "steps=2", "fid_resize=torch-bilinear"), resume=True)
+    assert (kept.best_fid, kept.best_step) == (state["best_fid"], 1)
+    kept.fit()
+    capsys.readouterr()
+    restarted = Trainer(tiny_config(tmp_path, *common, "steps=3"), resume=True)
+    assert restarted.best_fid is None and "fid_resize is tf-bilinear now, torch-bilinear before" in capsys.readouterr().err
+    assert restarted.fit()["best_step"] == 3
 
 
 def test_fid_resizes_as_compare_gan_unless_configured_otherwise(tmp_path, monkeypatch):

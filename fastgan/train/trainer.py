@@ -29,6 +29,7 @@ Images are in [0, 1] everywhere (G's output, D's input, the data).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Optional, Tuple
@@ -61,6 +62,8 @@ RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "
                      "diagnostics_condition_number_every"}
 # Checkpoints of trainers whose steps or losses meant something else are refused.
 TRAINER_VERSION = 2
+# Keys newer than some checkpoints whose behaviour before they existed is not today's default.
+_BEFORE_THEIR_KEYS = {"fid_resize": "torch-bilinear"}
 # Offsets that give each stream its own seed, so e.g. a larger sample grid never changes training.
 _FIXED_Z_STREAM, _FID_Z_STREAM, _CONDITIONING_Z_STREAM = 1, 2, 4  # (3 is the FID's real subset)
 _LENS_REAL_STREAM = 5  # the fixed real images of the lens grids
@@ -129,6 +132,18 @@ class Trainer:
         self.out_dir = Path(config.out_dir).expanduser()
         if config.fid_every and config.inception_weights and not Path(config.inception_weights).expanduser().is_file():
             raise FileNotFoundError(f"Inception weight file not found: {config.inception_weights}")
+        self._lock = FileLock(self.out_dir / LOCK) if runtime.rank == 0 else None
+        self._hold_out_dir()
+        try:
+            self._set_up(config, resume, stream, callbacks)
+        except BaseException:
+            self._release_out_dir()
+            raise
+
+    def _set_up(self, config: Config, resume: bool, stream, callbacks: Iterable[Callback]) -> None:
+        """Everything the run starts from: the checkpoint (read under out_dir's lock), data,
+        models, optimizers, the FID evaluator and the callbacks."""
+        runtime = self.runtime
         saved = self._saved_state(config, resume)
         if saved and config.steps < saved["step"]:
             raise ValueError(f"steps={config.steps} is below the {saved['step']} steps {self.out_dir / CHECKPOINT} has done; "
@@ -211,21 +226,33 @@ class Trainer:
         it checkpoints, and its summary (written, as a finished run's) has ``diverged_at``; a
         resumed diverged run does not train further.
 
-        One process at a time trains into an out_dir: while another holds it (a study relaunched
-        while it runs, two jobs given one trial), :class:`RunInProgress` is raised on every rank
-        before anything is written."""
-        lock = FileLock(self.out_dir / LOCK) if self.rank == 0 else None
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        holder = lock.acquire() if lock is not None else None
-        if self.runtime.any(holder is not None):
-            raise RunInProgress(f"{self.out_dir} is being trained by another process ({holder or 'see rank 0'}); "
-                                "wait for it to end, or train into another out_dir")
+        One process at a time trains into an out_dir: the Trainer holds it from its construction
+        (before the checkpoint is read) to the end of ``fit``; while another process holds it (a
+        study relaunched while it runs, two jobs given one trial), constructing a Trainer raises
+        :class:`RunInProgress` on every rank, before anything is read or written."""
+        self._hold_out_dir()  # held since construction; again for a second fit
         try:
             return self._train_and_finish()
         finally:
-            if lock is not None:
-                lock.release()
+            self._release_out_dir()
+
+    def _hold_out_dir(self) -> None:
+        """Rank 0 takes out_dir's lock, or every rank raises :class:`RunInProgress`: taken before
+        the checkpoint is read, so the state a run starts from is one no other process is changing."""
+        holder = None
+        if self._lock is not None and not self._lock.held:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            holder = self._lock.acquire()
+        if self.runtime.any(holder is not None):
+            if holder is not None and holder.endswith(f"process {os.getpid()}"):
+                raise RunInProgress(f"{self.out_dir} is held by another Trainer of this process: fit() it to the end "
+                                    "or delete it (del trainer) before making a new one there")
+            raise RunInProgress(f"{self.out_dir} is being trained by another process ({holder or 'see rank 0'}); "
+                                "wait for it to end, or train into another out_dir")
+
+    def _release_out_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _train_and_finish(self) -> dict:
         config, runtime = self.config, self.runtime
@@ -395,7 +422,7 @@ class Trainer:
 
     @staticmethod
     def _resumed_config(saved: dict, requested: Config) -> Config:
-        saved = {**Config().to_dict(), **saved}  # keys newer than the checkpoint: the defaults it trained with
+        saved = {**Config().to_dict(), **_BEFORE_THEIR_KEYS, **saved}  # keys newer than the checkpoint: what it trained with
         requested_values = requested.to_dict()
         changed = {k for k, v in requested_values.items() if saved.get(k) != v}
         trajectory_changes = sorted(changed - RESUMABLE_CHANGES - {"out_dir"})
@@ -443,6 +470,14 @@ class Trainer:
         self.conditioning_z = state.get("conditioning_z", self.conditioning_z)  # absent in older checkpoints
         self.step = state["step"]
         self.best_fid, self.best_step = state["best_fid"], state["best_step"]
+        evaluated_with = {**_BEFORE_THEIR_KEYS, **state["config"]}["fid_resize"]
+        if evaluated_with != self.config.fid_resize and self.best_fid is not None:
+            # FIDs of two preprocessing conventions differ by percents: best.pt restarts
+            if self.rank == 0:
+                print(f"fid_resize is {self.config.fid_resize} now, {evaluated_with} before: FIDs from here on are not "
+                      f"comparable with the run's earlier ones, so the best FID (kept in best.pt) starts again",
+                      file=sys.stderr)
+            self.best_fid = self.best_step = None
         self.last_fid, self.fid_pending = state["last_fid"], state["fid_pending"]
         self.diverged_at = state.get("diverged_at")  # absent in older checkpoints
         optimizers = ("g_optimizer", "d_optimizer") + (("lens_optimizer",) if self.lens is not None else ())
