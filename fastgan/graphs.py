@@ -40,7 +40,13 @@ The rules of CUDA graphs (``torch.cuda.graph``'s documentation) hold inside ``fn
 * the graph keeps the tensors and numbers it read at capture: load checkpoints before the
   second call (or copy into the parameters and optimizer state in place), and a learning
   rate changed later reaches the replays only as a tensor changed in place (torch's Adam
-  takes ``lr=torch.tensor(2e-4, device="cuda")`` with ``capturable=True``).
+  takes ``lr=torch.tensor(2e-4, device="cuda")`` with ``capturable=True``);
+* gradients, too, live in the tensors of the capture: zero them inside ``fn``
+  (``optimizer.zero_grad()`` there, as above, makes ``.grad`` graph memory). Outside ``fn``
+  after the capture, ``zero_grad()`` would free them -- the replays then write freed memory
+  and the optimizer sees no gradient -- so zero there with ``set_to_none=False`` only (an
+  update that accumulates gradients over calls keeps the ``.grad`` tensors of its warm-up).
+  GraphedStep does not check this yet.
 
 Off the GPU (CPU tensors), inside another capture, under ``torch.compile``, or where CUDA
 refuses the capture, GraphedStep runs ``fn`` eagerly and says once why.
