@@ -42,7 +42,7 @@ def use_stand_in_training_graphs(monkeypatch) -> None:
     use_stand_in_graphs(monkeypatch)
     monkeypatch.setattr(step, "why_not_capturable", lambda *args, **kwargs: None)
     monkeypatch.setattr(step, "adam_options", lambda capturable, device_type: {})
-    monkeypatch.setattr(step, "GraphedStep", lambda fn, optimizers=(): graphs.GraphedStep(fn))
+    monkeypatch.setattr(step, "GraphedStep", graphs.GraphedStep)
 
 
 

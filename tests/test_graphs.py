@@ -183,6 +183,11 @@ def test_the_trainers_captured_updates_are_graphed_steps(monkeypatch, tmp_path, 
         ours, theirs = graphed.train_step(), eager.train_step()
         assert all(torch.equal(ours[key], theirs[key]) for key in theirs), (iteration, ours, theirs)
     assert graphed.updates.captured
+    # the captured updates keep their optimizers' guards: a parameter moved after the capture is refused
+    weight = next(graphed.D.parameters())
+    weight.data = weight.data.clone()
+    with pytest.raises(RuntimeError, match="moved to new memory after the capture"):
+        graphed.train_step()
 
 
 @pytest.fixture
