@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -105,6 +105,20 @@ def _autocast_cache_off(device: torch.device):
     return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
 
 
+_CAPTURE_STREAMS: Dict[int, "torch.cuda.Stream"] = {}
+
+
+def _capture_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream captures on ``device`` use, one per GPU. torch.cuda.graph's own default
+    is one stream per process, made on whichever GPU was current at the first capture, and
+    entering it switches to that GPU: a later capture for another GPU would record nothing
+    (its kernels run uncaptured on their own GPU's stream) and replay nothing."""
+    stream = _CAPTURE_STREAMS.get(device.index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device.index] = torch.cuda.Stream(device)
+    return stream
+
+
 class CapturedGraph:
     """``record()``'s kernels captured once in a CUDA graph of their own (own memory pool);
     ``replay()`` reruns them and returns what ``record`` returned, rewritten in place.
@@ -115,7 +129,7 @@ class CapturedGraph:
         self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.device), _autocast_cache_off(self.device), \
-                torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                torch.cuda.graph(self.graph, stream=_capture_stream(self.device), capture_error_mode="thread_local"):
             self.output = record()
 
     def replay(self) -> Any:

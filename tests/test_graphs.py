@@ -6,6 +6,7 @@ rewrites the same output tensors),
 so what GraphedStep itself does -- warm-up, static input buffers, argument checks, the
 optimizers' gradients, the outputs it hands back -- is checked against the eager step.
 The real capture runs in tests/test_cuda_graphs.py (GPU only)."""
+import contextlib
 import copy
 import importlib.util
 from pathlib import Path
@@ -298,3 +299,32 @@ def test_graphed_step_refuses_parameters_moved_after_its_capture(stand_in_graphs
         d[-1].bias.data = d[-1].bias.data.clone()
     with pytest.raises(RuntimeError, match="SGD's parameter .* moved to new memory after the capture"):
         step(real, fake, alpha)
+
+
+def test_each_gpu_captures_on_a_side_stream_of_its_own(monkeypatch):
+    """torch.cuda.graph's default capture stream is one per process, on the GPU current at the
+    first capture, and entering it switches to that GPU: a capture for another GPU would record
+    nothing. CapturedGraph passes a stream of its own device (made once per GPU). CUDA is
+    replaced by recorders here; what is checked is which stream each capture is given."""
+    made, captures = [], []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+            made.append(self)
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, stream=None, capture_error_mode="global"):
+        captures.append((stream, capture_error_mode))
+        yield
+
+    monkeypatch.setattr(graphs, "_CAPTURE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for index in (1, 0, 1):
+        assert graphs.CapturedGraph(lambda: "recorded", torch.device("cuda", index)).output == "recorded"
+    assert [stream.device for stream in made] == [torch.device("cuda", 1), torch.device("cuda", 0)]
+    assert [stream for stream, _ in captures] == [made[0], made[1], made[0]]
+    assert {mode for _, mode in captures} == {"thread_local"}
