@@ -58,9 +58,10 @@ class FeatureStatistics:
         self.batches += 1
         if features.shape[0] == 0:  # nothing to add (a process's empty shard), as KID takes it
             return self
+        features = features.detach().double()
         if self._total is None:
-            self._shift = features.detach().double().mean(0)
-        total, outer = ops.feature_moments(features.detach().double() - self._shift)
+            self._shift = features.mean(0)
+        total, outer = ops.feature_moments(features - self._shift)
         if self._total is None:
             self._total, self._outer = total, outer
         else:

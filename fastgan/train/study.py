@@ -71,8 +71,11 @@ class Trial:
         return config_hash(self.config)
 
     def summary(self) -> Optional[dict]:
+        return self._summary_file() if self.holds_this_trial() else None
+
+    def _summary_file(self) -> Optional[dict]:
         path = self.out_dir / SUMMARY
-        if not path.is_file() or not self.holds_this_trial():
+        if not path.is_file():
             return None
         with open(path) as f:
             return json.load(f)
@@ -86,14 +89,16 @@ class Trial:
         """finished | diverged (stopped at NaN or Inf: a result too, never run again) | started (a
         checkpoint to resume) | to run | changed (the folder's run went on with another config, as
         ``train --resume`` with more steps does: no longer this trial's, never reported or run)."""
-        if self.run_changes():
+        if self.run_changes():  # the folder's config.yaml is read once per status
             return "changed"
-        summary = self.summary() or {}
+        if not self._records_this_config():
+            return "to run"
+        summary = self._summary_file() or {}
         if summary.get("finished"):
             return "finished"
         if summary.get("diverged_at") is not None:
             return "diverged"
-        return "started" if (self.out_dir / CHECKPOINT).is_file() and self.holds_this_trial() else "to run"
+        return "started" if (self.out_dir / CHECKPOINT).is_file() else "to run"
 
     def recorded(self) -> Optional[dict]:
         """The folder's ``trial.json`` (None when there is none)."""
@@ -118,8 +123,11 @@ class Trial:
     def holds_this_trial(self) -> bool:
         """Whether the folder's ``trial.json`` records this trial's config and its run trained
         with it: only then do its summary and checkpoint count as this trial's."""
+        return self._records_this_config() and self.run_changes() is None
+
+    def _records_this_config(self) -> bool:
         record = self.recorded()
-        return record is not None and record.get("config_hash") == self.config_hash and self.run_changes() is None
+        return record is not None and record.get("config_hash") == self.config_hash
 
     def _differences(self, saved: Dict[str, Any]) -> str:
         ours = self.config.to_dict()
