@@ -8,8 +8,10 @@ POSIX and Windows), so readers only ever see the previous or the new complete fi
 The temporary file is created with mode 0666 less the process umask, like any file
 ``open()`` creates, so the renamed file has the permissions the user's other outputs
 have (``tempfile.mkstemp`` would make it 0600). A SIGKILL between creation and rename
-leaves ``.NAME.XXXXXXXX.part`` behind; :func:`remove_stale_parts` deletes those of a
-folder that only one process writes, when that process starts.
+leaves ``.NAME.PID-HOST.XXXXXXXX.part`` behind: the temporary name carries its writer's
+process id and (hashed) host name, so that any later write into the folder can tell a
+killed writer's leftovers from a live writer's file and delete only the former
+(:func:`remove_stale_parts`), also in caches that several processes fill at once.
 """
 from __future__ import annotations
 
@@ -28,15 +30,42 @@ from typing import Iterator, List, Optional
 PART_SUFFIX = ".part"
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _partial_name(path: Path) -> str:
-    return f".{path.name}.{secrets.token_hex(4)}{PART_SUFFIX}"
+    return f".{path.name}.{os.getpid()}-{_host_tag()}.{secrets.token_hex(4)}{PART_SUFFIX}"
 
 
-_PARTIAL_NAME = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(PART_SUFFIX))
+# The writer's part is optional: temporary files named before it was added have none.
+_PARTIAL_NAME = re.compile(r"\..+?\.(?:(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})\.)?[0-9a-f]{8}" + re.escape(PART_SUFFIX))
+
+
+def _writer_has_ended(pid: Optional[str], host: Optional[str]) -> bool:
+    """Whether the process that named a temporary file is known to have ended. Unknown (kept)
+    for another host's (a shared file system) and where processes cannot be asked (Windows,
+    where os.kill would terminate it); a name without a writer is from before names had one,
+    so no live writer makes it."""
+    if pid is None:
+        return True
+    if host != _host_tag() or os.name != "posix":
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OverflowError:  # beyond any process id
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _create_partial(path: Path) -> Path:
-    """A new empty file beside ``path`` with a fresh random name (never an existing one)."""
+    """A new empty file beside ``path`` with a fresh random name (never an existing one),
+    after deleting what killed writes left in that folder."""
+    remove_stale_parts(path.parent)
     while True:
         partial = path.parent / _partial_name(path)
         try:
@@ -71,6 +100,7 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     """Like :func:`atomic_file`, for a folder: a new temporary folder beside ``path`` to
     fill, renamed to ``path`` when the block completes, deleted when it raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(path.parent)
     while True:
         partial = path.parent / _partial_name(path)
         try:
@@ -109,17 +139,33 @@ def save_figure(figure, path: Path, dpi: int = 100) -> None:
         figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
 
 
-def remove_stale_parts(folder: Path) -> List[Path]:
-    """Delete the temporary files that killed writes left in ``folder`` (not below it); returns them.
+def remove_stale_parts(folder: Path, all_writers_gone: bool = False) -> List[Path]:
+    """Delete the temporary files and folders that killed writes left in ``folder`` (not below
+    it); returns them.
 
-    Only for folders whose files a single process writes (a run's out_dir, when the run
-    starts): with several concurrent writers it could delete a live one."""
-    if not Path(folder).is_dir():
+    Those whose writer process, on this host, has ended; with ``all_writers_gone`` (the
+    caller holds the folder's :class:`FileLock`, so nobody else writes there) every one,
+    another host's included. A file that cannot be deleted (another user's) is left."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    stale = [p for p in Path(folder).iterdir() if _PARTIAL_NAME.fullmatch(p.name) and p.is_file()]
-    for partial in stale:
-        partial.unlink(missing_ok=True)
-    return stale
+    for entry in entries:
+        match = _PARTIAL_NAME.fullmatch(entry.name)
+        if match is None or entry.is_symlink():
+            continue
+        if not all_writers_gone and not _writer_has_ended(match["pid"], match["host"]):
+            continue
+        try:
+            if entry.is_dir():  # atomic_folder's
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:  # removed by another process first, or another user's: left
+            continue
+        removed.append(Path(entry.path))
+    return removed
 
 
 class FileLock:

@@ -4,6 +4,8 @@ import errno
 import os
 import pickle
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,19 +58,79 @@ def test_remove_stale_parts_removes_only_killed_writes_parts(tmp_path):
     assert remove_stale_parts(tmp_path / "missing") == []
     with atomic_file(kept[-1] / "written.txt") as partial:  # the names atomic_file gives its partial files
         partial.write_text("x")
-        assert partial in remove_stale_parts(kept[-1])
+        assert remove_stale_parts(kept[-1]) == []  # a live writer's: this process
+        assert partial in remove_stale_parts(kept[-1], all_writers_gone=True)
         partial.write_text("x")  # (for the rename at the block's end)
+
+
+def _ended_process_id() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_remove_stale_parts_keeps_live_and_other_hosts_writers(tmp_path):
+    from fastgan import files
+
+    host = files._host_tag()
+    other_host = "0" * 8 if host != "0" * 8 else "1" * 8
+    dead = [tmp_path / f".data.npy.{_ended_process_id()}-{host}.0a1b2c3d.part",
+            tmp_path / f".cifar.tar.gz.{10 ** 30}-{host}.0a1b2c3d.part",  # beyond any process id
+            tmp_path / ".data.npy.0a1b2c3d.part"]  # named before names carried their writer
+    live = tmp_path / f".data.npy.{os.getpid()}-{host}.0a1b2c3d.part"
+    elsewhere = tmp_path / f".data.npy.{os.getpid()}-{other_host}.0a1b2c3d.part"
+    for path in dead + [live, elsewhere]:
+        path.write_bytes(b"x")
+    dead_folder = tmp_path / f".cifar-10-batches-py.{_ended_process_id()}-{host}.0a1b2c3d.part"
+    (dead_folder / "inner").mkdir(parents=True)
+    (dead_folder / "inner" / "batch").write_bytes(b"x")
+    assert sorted(remove_stale_parts(tmp_path)) == sorted(dead + [dead_folder])
+    assert sorted(tmp_path.iterdir()) == sorted([live, elsewhere])
+    assert sorted(remove_stale_parts(tmp_path, all_writers_gone=True)) == sorted([live, elsewhere])
+
+
+_KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from fastgan.files import atomic_file, atomic_folder
+target = Path(sys.argv[1])
+with (atomic_folder if sys.argv[2] == "folder" else atomic_file)(target) as partial:
+    (partial / "half" if sys.argv[2] == "folder" else partial).write_text("half")
+    print(partial.name, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_killed_writers_leftover_goes_with_the_next_write_a_live_writers_stays(tmp_path, kind):
+    """Shared caches have several writers at once: a write there deletes only what killed
+    writers left (kill -9: no handler runs), never a running writer's temporary file."""
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path / "cache.npy"), kind],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        partial = tmp_path / writer.stdout.readline().strip()
+        assert partial.exists() and partial.name.endswith(".part")
+        write_text_atomic(tmp_path / "other.json", "{}")  # another process writing beside it
+        assert partial.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stdout.close()
+    assert partial.exists()
+    write_text_atomic(tmp_path / "other.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json"]
 
 
 def test_atomic_file_never_reuses_an_existing_name(tmp_path, monkeypatch):
     from fastgan import files
 
-    names = iter(["taken", "taken", "fresh"])
+    names = iter(["0000000a", "0000000a", "0000000b"])
     monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(names))
-    (tmp_path / ".out.txt.taken.part").write_text("another writer's file")
+    taken = tmp_path / f".out.txt.{os.getpid()}-{files._host_tag()}.0000000a.part"  # a live writer's (this process)
+    taken.write_text("another writer's file")
     write_text_atomic(tmp_path / "out.txt", "new")
     assert (tmp_path / "out.txt").read_text() == "new"
-    assert (tmp_path / ".out.txt.taken.part").read_text() == "another writer's file"
+    assert taken.read_text() == "another writer's file"
 
 
 @pytest.mark.parametrize("room", [0, 1000])

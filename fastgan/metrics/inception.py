@@ -635,7 +635,8 @@ def download_weights(destination: Optional[PathLike] = None, *, url: Optional[st
     place only once complete and verified, so the destination is never half-written
     and concurrent downloads (several ranks) do not clash. On any exception (network
     error, bad hash, Ctrl-C) the temporary file is removed; a killed process may leave
-    a stray ``*.part``, never a partial weight file. A hash mismatch raises ValueError;
+    a stray ``*.part``, never a partial weight file, and the next write into the folder
+    deletes it. A hash mismatch raises ValueError;
     network errors propagate (``urllib.error.URLError``, an OSError).
     """
     url = url or WEIGHTS_URL

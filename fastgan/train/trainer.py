@@ -499,7 +499,7 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for folder in (self.out_dir, self.out_dir / "samples"):  # what killed writes of a run left
-                remove_stale_parts(folder)
+                remove_stale_parts(folder, all_writers_gone=True)  # the run holds out_dir's lock
             if self.diverged_at is None and (self.step < self.config.steps or self.fid_pending):
                 (self.out_dir / SUMMARY).unlink(missing_ok=True)  # a finished run extended: not finished now
             save_config(self.config, str(self.out_dir / "config.yaml"))
