@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +31,16 @@ from fastgan.files import atomic_file
 from fastgan.metrics.base import Metric, all_reduced_sum, check_floating_finite
 from fastgan.ops import frechet as ops
 from fastgan.reference import frechet as reference
+
+
+def _moments_about_shift(features: Tensor, shift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(shift, Σ(x − shift), Σ(x − shift)(x − shift)ᵀ) of a batch in float64, on the batch's
+    device; ``shift`` None (a first batch): the batch's mean."""
+    features = features.double()
+    if shift is None:
+        shift = features.mean(0)
+    total, outer = ops.feature_moments(features - shift.to(features.device))
+    return shift, total, outer
 
 
 class FeatureStatistics:
@@ -58,10 +68,7 @@ class FeatureStatistics:
         self.batches += 1
         if features.shape[0] == 0:  # nothing to add (a process's empty shard), as KID takes it
             return self
-        features = features.detach().double()
-        if self._total is None:
-            self._shift = features.mean(0)
-        total, outer = ops.feature_moments(features - self._shift)
+        self._shift, total, outer = _moments_about_shift(features.detach(), self._shift)
         if self._total is None:
             self._total, self._outer = total, outer
         else:
@@ -260,10 +267,9 @@ class FID(Metric):
             return
         side = "real" if real else "fake"
         count, shift = getattr(self, f"{side}_count"), getattr(self, f"{side}_shift")
-        features = features.double()  # the moments are taken where the features are, added where the states are
-        if count == 0:
-            setattr(self, f"{side}_shift", features.mean(0).to(shift.device))
-        total, outer = ops.feature_moments(features - getattr(self, f"{side}_shift").to(features.device))
+        # the moments are taken where the features are, added where the states are
+        new_shift, total, outer = _moments_about_shift(features, shift if count > 0 else None)
+        setattr(self, f"{side}_shift", new_shift.to(shift.device))
         setattr(self, f"{side}_count", count + features.shape[0])
         setattr(self, f"{side}_total", getattr(self, f"{side}_total") + total.to(shift.device))
         setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + outer.to(shift.device))
