@@ -7,11 +7,12 @@ J(z) = ∂G(z)/∂z, per latent sample.
 >>> fastgan.diagnostics.conditioning_summary(G, z)           # dict of floats for a training log
 
 How it is computed: J's n_z columns J e_k are forward-mode Jacobian-vector products
-(``torch.func.jvp``), many at once under ``torch.func.vmap``; each sample's Gram
-matrix JᵀJ (n_z × n_z; J Jᵀ when the output is smaller than z) is formed in float64
-and its eigenvalues (``torch.linalg.eigvalsh``) are the squared singular values.
-This is exact up to round-off -- no sampling -- and costs n_z JVPs per sample
-(each about two forwards of G).
+(``torch.func.jvp``), many at once under ``torch.func.vmap``; each sample's J is
+reduced in float64 by a QR decomposition to its n × n triangular factor R (n =
+min(n_z, n_out)), whose singular values (``torch.linalg.svdvals``) are J's. This is
+exact up to round-off -- no sampling, and no Gram matrix JᵀJ, whose eigenvalues would
+square the condition number and lose every σ below ~1e-8 σ_max -- and costs n_z JVPs
+per sample (each about two forwards of G).
 
 Evaluation mode: an ``nn.Module`` G is put in eval mode for the call (its modes are
 restored afterwards), so batch norm uses its running statistics and every sample's
@@ -88,6 +89,10 @@ def jacobian_singular_values(G: Callable[[Tensor], Tensor], z: Tensor, *, chunk_
     outputs near 16M elements (e.g. 341 JVPs for 128×128 RGB images). Lower it if G's
     activations do not fit.
 
+    A σ at or below max(n_z, n_out) · ε(float64) · σ_max, the decomposition's own
+    round-off (torch.linalg.matrix_rank's tolerance), is returned as 0: J is
+    rank-deficient there, and its condition number is infinite.
+
     G runs in eval mode (see the module docstring). Raises ValueError for a z that is
     not a finite 2-D batch, a G output without one entry per sample or with non-finite
     values, and a sample whose Jacobian is all zeros (G's output does not depend on z).
@@ -122,10 +127,14 @@ def jacobian_singular_values(G: Callable[[Tensor], Tensor], z: Tensor, *, chunk_
             jacobian_t = columns.reshape(n_z, group.shape[0], n_out).transpose(0, 1).to(torch.float64)  # (b, n_z, n_out)
             if not torch.isfinite(jacobian_t).all():
                 raise NonFiniteJacobian(f"{where}: the Jacobian of G has non-finite entries (samples {start}..{start + group.shape[0] - 1})")
-            gram = jacobian_t @ jacobian_t.mT if n_z <= n_out else jacobian_t.mT @ jacobian_t
-            squared = torch.linalg.eigvalsh(gram).flip(-1)
-            rows.append(squared.clamp_min(0).sqrt())  # round-off can make a zero eigenvalue slightly negative
+            # R of a QR of the tall side, then R's singular values: the eigenvalues of JᵀJ
+            # would square the condition number and lose every σ below ~1e-8 σ_max.
+            tall = jacobian_t.mT if n_z <= n_out else jacobian_t
+            rows.append(torch.linalg.svdvals(torch.linalg.qr(tall, mode="r").R))
     singular_values = torch.cat(rows)
+    # Below the decomposition's own round-off a σ is 0 (torch.linalg.matrix_rank's tolerance)
+    floor = singular_values[:, :1] * (max(n_z, n_out) * torch.finfo(torch.float64).eps)
+    singular_values = torch.where(singular_values <= floor, 0.0, singular_values)
     dead = (singular_values[:, 0] == 0).nonzero().flatten().tolist()
     if dead:
         listed = ", ".join(map(str, dead[:10])) + (", ..." if len(dead) > 10 else "")
@@ -152,7 +161,9 @@ def conditioning_summary(
     """Scalars for a training log (JSONL / TensorBoard), all natural logarithms:
 
     * ``log_condition_number_mean`` / ``_std``: mean and standard deviation over the
-      batch of log(σ_max/σ_min) -- the quantity plotted over training in Odena et al.;
+      batch of the log condition number of the metric tensor M_z = JᵀJ,
+      log(λ_max/λ_min) = 2 log(σ_max/σ_min) -- the quantity Odena et al. plot over
+      training and compare_gan logs (twice the log of :func:`condition_number`);
     * ``log_singular_value_q<P>``: the P-th percentile of log σ over every singular
       value of every sample (the spectrum; ``quantiles`` picks P; −inf where it
       reaches a σ of 0);
@@ -162,7 +173,7 @@ def conditioning_summary(
     if not quantiles or any(not 0.0 <= q <= 1.0 for q in quantiles):
         raise ValueError(f"conditioning_summary: quantiles must be a non-empty sequence of numbers in [0, 1], got {quantiles!r}")
     singular_values = jacobian_singular_values(G, z, chunk_size=chunk_size)
-    log_cn = singular_values[:, 0].log() - singular_values[:, -1].log()
+    log_cn = 2 * (singular_values[:, 0].log() - singular_values[:, -1].log())
     finite = log_cn[torch.isfinite(log_cn)]
     summary = {
         "log_condition_number_mean": finite.mean().item() if finite.numel() else math.nan,

@@ -176,6 +176,22 @@ def test_condition_number_and_rank_deficiency():
     assert torch.isinf(diagnostics.condition_number(unused, torch.randn(2, 5, dtype=F64))).all()
 
 
+@pytest.mark.parametrize("smallest", [1e-4, 1e-7, 1e-10])
+def test_ill_conditioned_jacobians_keep_their_smallest_singular_values(smallest):
+    """A float64 linear G with known singular values down to 1e-10 of the largest: each σ to
+    1e-6 of itself (the eigenvalues of JᵀJ lost every σ below ~1e-8 σ_max: CN 1e10 was inf)."""
+    torch.manual_seed(9)
+    want = torch.tensor([1.0, 0.5, 0.1, 1e-2, 1e-3, smallest], dtype=F64)
+    left, _ = torch.linalg.qr(torch.randn(21, 6, dtype=F64))
+    right, _ = torch.linalg.qr(torch.randn(6, 6, dtype=F64))
+    W = left @ torch.diag(want) @ right.T
+    z = torch.randn(3, 6, dtype=F64)
+    got = diagnostics.jacobian_singular_values(lambda x: x @ W.T, z)
+    torch.testing.assert_close(got, want.expand(3, 6), rtol=1e-6, atol=0)
+    torch.testing.assert_close(diagnostics.condition_number(lambda x: x @ W.T, z), torch.full((3,), 1 / smallest, dtype=F64),
+                               rtol=1e-6, atol=0)
+
+
 def test_conditioning_summary():
     torch.manual_seed(6)
     G = mlp_generator(5, 7)
@@ -183,7 +199,10 @@ def test_conditioning_summary():
     z = torch.randn(8, 5, dtype=F64)
     summary = diagnostics.conditioning_summary(G, z, quantiles=(0.0, 0.5, 1.0))
     s = jacrev_singular_values(G, z)
-    log_cn = (s[:, 0] / s[:, -1]).log()
+    # the log condition number of the metric tensor JᵀJ, as Odena et al. and compare_gan take it
+    jacobians = [torch.func.jacrev(lambda x: G(x[None]).flatten())(zi).detach().numpy() for zi in z]
+    log_cn = torch.tensor([np.log(np.linalg.cond(j.T @ j)) for j in jacobians])
+    torch.testing.assert_close(log_cn, 2 * (s[:, 0] / s[:, -1]).log(), rtol=1e-9, atol=0)
     assert set(summary) == {
         "log_condition_number_mean", "log_condition_number_std", "rank_deficient_fraction",
         "log_singular_value_q0", "log_singular_value_q50", "log_singular_value_q100",

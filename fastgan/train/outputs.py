@@ -166,8 +166,8 @@ CONDITIONING_KEY = "log_condition_number_mean"
 
 
 def plot_conditioning(records: List[dict], path: Path) -> None:
-    """Mean log condition number of G's Jacobian against step, ± one standard deviation over
-    the fixed z (Odena et al.'s figure of log-CN over training), as a PNG."""
+    """Mean log condition number of the metric tensor JᵀJ of G's Jacobian against step, ± one
+    standard deviation over the fixed z (Odena et al.'s figure of log-CN over training), as a PNG."""
     from matplotlib.figure import Figure
 
     points = [(r["step"], r[CONDITIONING_KEY], r.get("log_condition_number_std", 0.0)) for r in records if CONDITIONING_KEY in r]
@@ -180,7 +180,7 @@ def plot_conditioning(records: List[dict], path: Path) -> None:
         axis.legend()
     axis.set_title("conditioning of G's Jacobian")
     axis.set_xlabel("step (D updates)")
-    axis.set_ylabel("log(σ_max / σ_min)")
+    axis.set_ylabel("log condition number of JᵀJ = 2 log(σ_max / σ_min)")
     figure.tight_layout()
     save_figure(figure, path)
 
