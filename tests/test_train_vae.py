@@ -158,6 +158,54 @@ def test_a_study_of_vaes_draws_the_rate_distortion_plane(tmp_path):
     assert "| rate | distortion |" in table
 
 
+def test_the_evaluation_takes_each_images_terms_in_eval_mode():
+    """Batch norm in the decoder couples a training batch's distortions; the evaluation uses the
+    running statistics (each image its own terms, as one forward per image gives them), keeps
+    the training state, and restores train mode."""
+    from fastgan.train.vae_step import evaluation_rate_distortion
+
+    torch.manual_seed(0)
+    vae = VAE(16, 8, 0.25).double()
+    images = torch.randint(0, 256, (7, 3, 16, 16), generator=torch.Generator().manual_seed(2)).double() / 255
+    with torch.no_grad():
+        for _ in range(3):  # running statistics away from their initial values
+            vae(torch.rand(9, 3, 16, 16, dtype=torch.float64))
+    state = copy.deepcopy(vae.state_dict())
+    got = evaluation_rate_distortion(vae, images, batch_size=3, seed=11, entropy=7.0)
+    assert vae.training and all(torch.equal(state[k], v) for k, v in vae.state_dict().items())
+    # one image at a time, in eval mode, with the posterior noise the evaluation drew for it
+    reference = copy.deepcopy(vae).eval()
+    generator = torch.Generator().manual_seed(11)
+    noise = torch.cat([torch.randn(chunk.shape[0], 8, generator=generator, dtype=torch.float64) for chunk in images.split(3)])
+    rates, distortions = [], []
+    with torch.no_grad():
+        for image, eps in zip(images, noise):
+            mean, log_std = reference.posterior(image[None])
+            z = mean + eps * torch.exp(log_std)
+            rates.append(reference(image[None]).rate)
+            distortions.append(-reference.decoder_log_prob(image[None], z))
+    rate, distortion = torch.cat(rates).mean().item(), torch.cat(distortions).mean().item()
+    assert got == pytest.approx({"eval_rate": rate, "eval_distortion": distortion, "eval_elbo": -(rate + distortion),
+                                 "eval_mi_lower_bound": 7.0 - distortion, "eval_mi_upper_bound": rate}, rel=1e-12)
+    training = vae(images, torch.Generator().manual_seed(11))  # what a training batch's record holds
+    assert abs(training.distortion.mean().item() - distortion) > 1e-3 * distortion
+
+
+def test_a_vae_run_logs_its_evaluation_and_the_study_point_uses_it(tmp_path):
+    from fastgan.train.vae_step import final_rate_distortion
+
+    trainer = Trainer(tiny(tmp_path, "steps=5", "fid_every=2", "fid_samples=12", "fid_real_samples=12"))
+    trainer.fit()
+    records = metrics_records(trainer.out_dir)
+    evaluated = [r for r in records if "eval_rate" in r]
+    assert [r["step"] for r in evaluated] == [2, 4, 5]
+    expected = trainer.evaluate_rate_distortion()
+    assert evaluated[-1] == pytest.approx({"step": 5, **expected}, rel=1e-6)
+    assert expected["eval_mi_lower_bound"] + expected["eval_distortion"] == pytest.approx(trainer.entropy, rel=1e-9)
+    assert final_rate_distortion(records) == pytest.approx({"rate": expected["eval_rate"], "distortion": expected["eval_distortion"],
+                                                            "entropy": trainer.entropy}, rel=1e-6)
+
+
 def test_final_rate_distortion_averages_the_last_quarter_and_recovers_h():
     from fastgan.train.vae_step import final_rate_distortion
 

@@ -4,8 +4,8 @@ A :class:`Callback` has three hooks, each given the :class:`~fastgan.train.train
 ``start`` (before the first iteration of this process, after any resume), ``after``
 (after every iteration, with that iteration's outputs: 0-d tensors) and ``end`` (after
 the last, also when a stop signal ended the run). The trainer runs
-:func:`default_callbacks` in order (progress, metrics, samples, FID, conditioning, checkpoint), then
-any the caller passes (``Trainer(config, callbacks=[...])``).
+:func:`default_callbacks` in order (progress, metrics, samples, FID, a VAE's evaluation,
+conditioning, checkpoint), then any the caller passes (``Trainer(config, callbacks=[...])``).
 
 Frequencies are in steps (discriminator updates): :func:`due` is true when the last
 iteration reached a multiple of ``every`` (an iteration is ``n_disc`` steps), and at the
@@ -182,8 +182,8 @@ class FIDTracking(Callback):
 
 class Conditioning(Callback):
     """Every ``diagnostics_condition_number_every`` steps (rank 0): the conditioning of G's
-    Jacobian at the run's fixed z (:meth:`Trainer.conditioning`: mean and std of log σ_max/σ_min,
-    quantiles of log σ) as a separate metrics record. A Jacobian that is not finite ends the
+    Jacobian at the run's fixed z (:meth:`Trainer.conditioning`: mean and std of the log
+    condition number of JᵀJ, quantiles of log σ) as a separate metrics record. A Jacobian that is not finite ends the
     run as diverged (on every process: rank 0 tells the others)."""
 
     def after(self, trainer: "Trainer", out: Outputs) -> None:
@@ -202,6 +202,23 @@ class Conditioning(Callback):
             trainer.mark_diverged("G's Jacobian for the conditioning record not finite")
         elif summary is not None and trainer.log is not None:
             trainer.log.write(trainer.step, summary)
+
+
+class RateDistortionEvaluation(Callback):
+    """A VAE run's evaluation (rank 0), when a GAN's FID would be due (every ``fid_every`` steps
+    and at the last step): rate, distortion, ELBO and bounds in eval mode over fixed images
+    (:meth:`Trainer.evaluate_rate_distortion`) as a separate metrics record, ``eval_*`` keys.
+    Values that are not finite end the run as diverged (rank 0 tells the others)."""
+
+    def after(self, trainer: "Trainer", out: Outputs) -> None:
+        if trainer.config.model != "vae" or not due(trainer, trainer.config.fid_every):
+            return
+        record = trainer.evaluate_rate_distortion() if trainer.runtime.rank == 0 else None
+        non_finite = record is not None and not all(math.isfinite(v) for v in record.values())
+        if trainer.runtime.any(non_finite):
+            trainer.mark_diverged("the evaluation's rate or distortion not finite")
+        elif record is not None and trainer.log is not None:
+            trainer.log.write(trainer.step, record)
 
 
 class Checkpoints(Callback):
@@ -225,7 +242,9 @@ def write_checkpoint(trainer: "Trainer") -> None:
 
 def default_callbacks() -> List[Callback]:
     progress = Progress()
-    return [progress, Metrics(progress), Samples(), FIDTracking(progress), Conditioning(), Checkpoints()]
+    return [progress, Metrics(progress), Samples(), FIDTracking(progress), RateDistortionEvaluation(), Conditioning(),
+            Checkpoints()]
 
 
-__all__ = ["Callback", "Checkpoints", "Conditioning", "FIDTracking", "Metrics", "Progress", "Samples", "default_callbacks", "due"]
+__all__ = ["Callback", "Checkpoints", "Conditioning", "FIDTracking", "Metrics", "Progress", "RateDistortionEvaluation", "Samples",
+           "default_callbacks", "due"]

@@ -68,6 +68,8 @@ _BEFORE_THEIR_KEYS = {"fid_resize": "torch-bilinear"}
 _FIXED_Z_STREAM, _FID_Z_STREAM, _CONDITIONING_Z_STREAM = 1, 2, 4  # (3 is the FID's real subset)
 _LENS_REAL_STREAM = 5  # the fixed real images of the lens grids
 _VAE_REAL_STREAM = 6  # the fixed data images of a VAE's reconstruction grids
+_VAE_EVAL_STREAM = 7  # a VAE's evaluation images and their posterior noise
+_VAE_EVAL_IMAGES = 1024
 _LENS_GRID_COLUMNS = 8
 # Multi-process runs agree on a stop request every this many iterations (an all-reduce, a host sync).
 _STOP_CHECK_EVERY = 10
@@ -193,7 +195,8 @@ class Trainer:
             from fastgan.train.vae_step import VAEStep, data_entropy
 
             self.vae_real = self._vae_real_images()
-            self.updates = VAEStep(self.G, config, runtime, entropy=data_entropy(self.data))
+            self.entropy = data_entropy(self.data)
+            self.updates = VAEStep(self.G, config, runtime, entropy=self.entropy)
         else:
             self.updates = build_step(self.G, self.D, config, runtime, lens=self.lens)
         if optimizers is not None:
@@ -351,6 +354,17 @@ class Trainer:
         """The fixed data images of a VAE's reconstruction grids (4 rows of 8, a seeded subset)."""
         order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + _VAE_REAL_STREAM))
         return self.data.batch(order[:32]).to(self.config.torch_dtype)
+
+    def evaluate_rate_distortion(self) -> dict:
+        """A VAE's rate, distortion, ELBO and bounds (nats per image) over a fixed seeded subset of
+        up to 1,024 data images, in eval mode with fixed posterior noise
+        (:func:`~fastgan.train.vae_step.evaluation_rate_distortion`); nothing of training changes."""
+        from fastgan.train.vae_step import evaluation_rate_distortion
+
+        seed = self.config.seed + _VAE_EVAL_STREAM
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed))
+        images = self.data.batch(order[:_VAE_EVAL_IMAGES])
+        return evaluation_rate_distortion(self.G.vae, images, self.config.batch_size, seed, self.entropy)
 
     def _lens_real_images(self) -> Tensor:
         """The fixed real images of the lens grids: a seeded random subset, whole rows of the grid."""

@@ -121,6 +121,29 @@ class VAEStep:
 
 
 @torch.no_grad()
+def evaluation_rate_distortion(vae: VAE, images: Tensor, batch_size: int, seed: int, entropy: float) -> Dict[str, float]:
+    """The training records' terms (nats per image) as means over ``images``, with the VAE in
+    eval mode: batch norm (in the decoder) then uses its running statistics, so each image's
+    rate and distortion are its own, whatever else is in its batch; in training they depend
+    on the batch, and its size. Posterior noise from ``seed``; the VAE's mode is restored."""
+    was_training = vae.training
+    vae.eval()
+    try:
+        like = next(vae.parameters())
+        generator = torch.Generator(device=like.device).manual_seed(seed)
+        rate = distortion = 0.0
+        for chunk in images.split(batch_size):
+            terms = vae(chunk.to(device=like.device, dtype=like.dtype), generator)
+            rate += terms.rate.double().sum().item()
+            distortion += terms.distortion.double().sum().item()
+    finally:
+        vae.train(was_training)
+    rate, distortion = rate / len(images), distortion / len(images)
+    return {"eval_rate": rate, "eval_distortion": distortion, "eval_elbo": -(rate + distortion),
+            "eval_mi_lower_bound": entropy - distortion, "eval_mi_upper_bound": rate}
+
+
+@torch.no_grad()
 def reconstruction_pairs(sampler: VAESampler, real: Tensor, columns: int = 8):
     """(images, columns) for :func:`~fastgan.train.outputs.save_image_grid`: rows of ``real``
     alternating with their reconstructions (decoder mean at the posterior mean), float32 on the CPU,
@@ -139,9 +162,15 @@ def reconstruction_pairs(sampler: VAESampler, real: Tensor, columns: int = 8):
 
 
 def final_rate_distortion(records: List[dict], share: float = 0.25) -> Optional[Dict[str, float]]:
-    """A run's rate, distortion and H (nats), each the mean over the last ``share`` of its
-    logged training steps (single batches are noisy); None when it logged none. H is read
-    back from the records as mi_lower_bound + distortion."""
+    """A run's rate, distortion and H (nats): its last evaluation record's (eval mode, fixed
+    images: :func:`evaluation_rate_distortion`) when it has one, else each the mean over the
+    last ``share`` of its logged training steps (single batches are noisy); None when it
+    logged neither. H is read back from the records as mi_lower_bound + distortion."""
+    evaluated = [r for r in records if "eval_rate" in r]
+    if evaluated:
+        last = evaluated[-1]
+        return {"rate": last["eval_rate"], "distortion": last["eval_distortion"],
+                "entropy": last["eval_mi_lower_bound"] + last["eval_distortion"]}
     logged = [r for r in records if "rate" in r and "distortion" in r]
     if not logged:
         return None
