@@ -87,6 +87,12 @@ class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
 
 at::Tensor normalize_autograd(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                               const at::Tensor& sigma, int64_t dim) {
+  // Here, not in forward: Function::apply runs forward with grad mode off.
+  // The message of fastgan/ops/spectral_norm.py's SIGMA_WITH_GRADIENT.
+  TORCH_CHECK_VALUE(!(sigma.requires_grad() && at::GradMode::is_enabled()),
+                    "spectral_normalize: sigma requires grad, but the op differentiates W / σ with σ = uᵀ W v taken "
+                    "as a function of W (u, v held) and gives sigma itself no gradient; pass sigma.detach() (its "
+                    "value is all the op reads), or divide with plain torch to differentiate through sigma");
   return SpectralNormalize::apply(weight, u, v, sigma, dim);
 }
 

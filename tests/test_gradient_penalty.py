@@ -151,6 +151,27 @@ def test_dragan_scale_is_the_population_std(device, backend):
             assert torch.equal(OPS.dragan_perturb(one, 5), one.clamp(0, 1))
 
 
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=True))
+def test_a_float64_penalty_takes_center_and_eps_in_float64(device, backend):
+    """center 0.3 and eps 1e-4 are not float32 numbers: a float64 penalty must use them as
+    float64 (a kernel taking them as float32 was 1.5e-7 off). The compiled Triton kernel
+    declares them float64 (its Hopper compile check compiles that signature); Triton's
+    interpreter, which runs it on CPU tensors here, hands every Python float to the kernel
+    as float32 whatever the annotation, so there the float32-rounded values are expected."""
+    scales = torch.tensor([0.005, 0.01, 0.02, 0.03, 0.04], dtype=torch.float64, device=device)  # ‖g‖ below and above center
+    grad = torch.randn(5, 3, 8, 8, dtype=torch.float64, device=device) * scales[:, None, None, None]
+    center, eps = 0.3, 1e-4
+    if backend == "triton" and fastgan._backend.triton_interpreted() and device == "cpu":
+        center, eps = (float(np.float32(value)) for value in (center, eps))
+    sq = grad.flatten(1).pow(2).sum(1)
+    for one_sided in (False, True):
+        gap = torch.sqrt(eps + sq) - center
+        expected = (gap.clamp(min=0) if one_sided else gap).pow(2).mean()
+        with fastgan.use_backend(backend):
+            penalty, _ = OPS.gp_penalty(grad, False, 0.3, 1e-4, one_sided)
+        torch.testing.assert_close(penalty, expected, rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_every_dtype_and_block_path_matches_float64(device, backend, dtype):

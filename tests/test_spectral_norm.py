@@ -820,6 +820,31 @@ def test_spectral_norm_made_directly_checks_its_settings_as_torchs_does():
         fastgan.nn.spectral_norm(nn.Linear(4, 3), n_power_iterations=2.5)
 
 
+def test_integer_settings_of_numpy_are_taken_as_torch_takes_them():
+    """n_power_iterations and dim read from NumPy or a config loader (np.int64): torch's forms
+    accept them, so do the drop-ins, as plain ints for the ops."""
+    import numpy as np
+
+    torch.manual_seed(3)
+    theirs = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(5, 4), n_power_iterations=np.int64(2), dim=np.int64(0))
+    torch.manual_seed(3)
+    ours = fastgan.nn.spectral_norm(nn.Linear(5, 4), n_power_iterations=np.int64(2), dim=np.int64(0))
+    sn = ours.parametrizations.weight[0]
+    assert type(sn.n_power_iterations) is int and type(sn.dim) is int
+    ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-5, atol=1e-6)
+    hooked = fastgan.nn.utils.spectral_norm(nn.Linear(5, 4), n_power_iterations=np.int32(3), dim=np.int64(-2))
+    hook = next(h for h in hooked._forward_pre_hooks.values() if isinstance(h, fsn.HookSpectralNorm))
+    assert (hook.n_power_iterations, hook.dim) == (3, -2) and type(hook.n_power_iterations) is type(hook.dim) is int
+    hooked(torch.randn(2, 5))
+    grouped = fastgan.nn.apply_spectral_norm(nn.Sequential(nn.Linear(5, 4)), n_power_iterations=np.int16(2))
+    assert grouped(torch.randn(2, 5)).shape == (2, 4)
+    with pytest.raises(TypeError, match=r"n_power_iterations must be an int, got True"):
+        fastgan.nn.spectral_norm(nn.Linear(4, 3), n_power_iterations=True)
+    with pytest.raises(TypeError, match=r"dim must be an int, got 0.0"):
+        fastgan.nn.spectral_norm(nn.Linear(4, 3), dim=0.0)
+
+
 def test_apply_spectral_norm_follows_a_conversion_and_layers_in_eval_mode():
     """After model.double() (new u, v buffers) and with one layer switched to eval mode, the grouped
     refresh still matches torch's: it reads the buffers where they are now, per mode."""
@@ -1144,6 +1169,33 @@ def test_drop_ins_under_function_transforms(form):
     torch.testing.assert_close(
         torch.func.jvp(ours, (x,), (tangent,))[1], torch.func.jvp(theirs, (x,), (tangent,))[1], **TOL[torch.float64]
     )
+    # with respect to the parameters: W / σ in plain torch ops there, σ's value from the op
+    def parameter_gradients(model):
+        loss = lambda params: torch.func.functional_call(model, params, (x,)).pow(2).sum()  # noqa: E731
+        return torch.func.grad(loss)(dict(model.named_parameters()))
+
+    theirs_grads = parameter_gradients(theirs)
+    for name, grad in parameter_gradients(ours).items():
+        torch.testing.assert_close(grad, theirs_grads[name], **TOL[torch.float64], msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_sigma_with_a_gradient_is_refused_not_dropped(backend):
+    """spectral_normalize differentiates σ as uᵀ W v through W and gives sigma no gradient, so a
+    sigma that requires grad would lose it silently: every way in refuses it."""
+    weight, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
+    sigma = torch.tensor(2.0, requires_grad=True)
+    calls = [lambda: torch.ops.fastgan.spectral_normalize(weight, u, v, sigma, 0),
+             lambda: fsn.ops.normalize(weight, u, v, sigma, 0),
+             lambda: torch.func.vmap(lambda w: fsn.ops.normalize(w, u, v, sigma, 0))(weight[None])]
+    if backend == "cpp":
+        calls.append(lambda: torch.ops.fastgan_C.spectral_normalize(weight, u, v, sigma, 0))
+    with fastgan.use_backend(backend):
+        for call in calls:
+            with pytest.raises(ValueError, match="sigma requires grad.*sigma.detach"):
+                call()
+        with torch.no_grad():  # no graph, nothing dropped
+            torch.testing.assert_close(fsn.ops.normalize(weight, u, v, sigma, 0), weight / 2)
 
 
 def test_modules_make_one_call_per_layer_for_contiguous_weights(monkeypatch):

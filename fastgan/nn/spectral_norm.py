@@ -22,6 +22,7 @@ give the spectral norm of a complex matrix.
 from __future__ import annotations
 
 import importlib
+import operator
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -86,7 +87,8 @@ def _random_unit_vectors(weight: Tensor, dim: int, eps: float):
 
 
 def _checked_weight(module: nn.Module, name: str, n_power_iterations: int, dim: int, where: str,
-                    hook_form: bool = False) -> Tensor:
+                    hook_form: bool = False) -> Tuple[Tensor, int, int]:
+    """The module's weight and the settings as Python ints (:func:`_checked_settings`)."""
     # Where torch's own spectral norm raises a message of its own, the same type and wording
     # (code matches on them), then the layer.
     weight = getattr(module, name, None)
@@ -97,12 +99,23 @@ def _checked_weight(module: nn.Module, name: str, n_power_iterations: int, dim: 
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError("The module passed to `SpectralNorm` can't have uninitialized parameters. Make sure to "
                          f"run the dummy forward before applying spectral normalization ({where})")
-    return _checked_settings(weight, n_power_iterations, dim, where)
+    return (weight, *_checked_settings(weight, n_power_iterations, dim, where))
 
 
-def _checked_settings(weight: Tensor, n_power_iterations: int, dim: int, where: str) -> Tensor:
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int):  # else the op's schema error
-        raise TypeError(f"n_power_iterations must be an int, got {n_power_iterations!r} ({where})")
+def _integer(value, name: str, where: str) -> int:
+    """``value`` as a Python int (the ops' schemas take nothing else): ints and integer scalars
+    such as NumPy's, as torch's spectral norm takes them; not bools."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {value!r} ({where})")
+
+
+def _checked_settings(weight: Tensor, n_power_iterations: int, dim: int, where: str) -> Tuple[int, int]:
+    """(n_power_iterations, dim) as Python ints, once checked against the weight."""
+    n_power_iterations, dim = _integer(n_power_iterations, "n_power_iterations", where), _integer(dim, "dim", where)
     if n_power_iterations <= 0:
         raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations} "
                          f"({where})")
@@ -112,7 +125,7 @@ def _checked_settings(weight: Tensor, n_power_iterations: int, dim: int, where: 
                          f"({where})")
     # The shape checks apply to complex weights too; a complex weight's real view has its shape.
     ops.check_weight(weight.real if weight.is_complex() else weight, dim, where)
-    return weight
+    return n_power_iterations, dim
 
 
 class SpectralNorm(nn.Module):
@@ -121,7 +134,8 @@ class SpectralNorm(nn.Module):
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  cuda_graphs: bool = True) -> None:
         super().__init__()
-        _checked_settings(weight, n_power_iterations, dim, "SpectralNorm")  # made directly, as torch's checks it too
+        # made directly, as torch's checks it too
+        n_power_iterations, dim = _checked_settings(weight, n_power_iterations, dim, "SpectralNorm")
         self.dim = dim % weight.dim()
         self.eps = eps
         self.n_power_iterations = n_power_iterations
@@ -191,7 +205,7 @@ def spectral_norm(
     keeps it eager), as :func:`apply_spectral_norm` does for a whole model."""
     if dim is None:
         dim = default_dim(module)
-    weight = _checked_weight(module, name, n_power_iterations, dim, _describe(module, name))
+    weight, n_power_iterations, dim = _checked_weight(module, name, n_power_iterations, dim, _describe(module, name))
     parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps, cuda_graphs))
     return module
 
@@ -215,7 +229,7 @@ class HookSpectralNorm(torch_hook_sn.SpectralNorm):
                 f"Cannot register two spectral_norm hooks on the same parameter {name} "
                 f"({where} already has one; remove it first with fastgan.nn.utils.remove_spectral_norm)"
             )
-        weight = _checked_weight(module, name, n_power_iterations, dim, where, hook_form=True)
+        weight, n_power_iterations, dim = _checked_weight(module, name, n_power_iterations, dim, where, hook_form=True)
         if weight.is_complex():
             raise TypeError(
                 f"{where}: the hook form of spectral norm does not take complex weights (torch's transposes "
@@ -500,7 +514,7 @@ def apply_spectral_norm(
         if parametrize.is_parametrized(module, "weight"):
             parametrized.append(where)
         else:  # every layer checked before any is changed: a bad layer leaves the model as it was
-            weights.append(_checked_weight(module, "weight", n_power_iterations, default_dim(module), where))
+            weights.append(_checked_weight(module, "weight", n_power_iterations, default_dim(module), where)[0])
             layers.append(module)
     for module, weight in zip(layers, weights):
         parametrize.register_parametrization(

@@ -293,19 +293,31 @@ def _normalize_fake(weight, u, v, sigma, dim):
     return torch.empty_like(weight)
 
 
+SIGMA_WITH_GRADIENT = ("spectral_normalize: sigma requires grad, but the op differentiates W / σ with σ = uᵀ W v "
+                       "taken as a function of W (u, v held) and gives sigma itself no gradient; pass "
+                       "sigma.detach() (its value is all the op reads), or divide with plain torch to "
+                       "differentiate through sigma")
+
+
 def _normalize_setup_context(ctx, inputs, output):
     weight, u, v, sigma, dim = inputs
+    if sigma.requires_grad:  # else that gradient would be dropped without a word
+        raise ValueError(SIGMA_WITH_GRADIENT)
     ctx.save_for_backward(weight, u, v, sigma)
     ctx.dim = dim
+
+
+def _sigma_of_weight(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    """``sigma``'s value, bit for bit, as a differentiable function of W: uᵀ W v with u, v held."""
+    recomputed = torch.dot(u, reference.weight_matrix(weight, dim % weight.dim()) @ v)
+    return sigma + (recomputed - recomputed.detach())
 
 
 def _normalize_backward(ctx, grad):
     weight, u, v, sigma = ctx.saved_tensors
     dim = ctx.dim % weight.dim()
-    if torch.is_grad_enabled():
-        # Double backward: σ must stay a differentiable function of W (same value).
-        recomputed = torch.dot(u, reference.weight_matrix(weight, dim) @ v)
-        sigma = sigma + (recomputed - recomputed.detach())
+    if torch.is_grad_enabled():  # double backward: σ must stay a differentiable function of W
+        sigma = _sigma_of_weight(weight, u, v, sigma, dim)
     grad_weight = reference.normalize_weight_backward(grad, weight, u, v, sigma, dim)
     return grad_weight, None, None, None, None
 
@@ -330,8 +342,21 @@ _NORMALIZE = _backend.register(
 # The modules' entry points: the ops without their dispatch in eager mode (_backend.eager_twin).
 power_iteration = _backend.eager_twin(spectral_norm_power_iteration, _power_iteration)
 power_iteration_multi = _backend.eager_twin(spectral_norm_power_iteration_multi, _power_iteration_multi)
-# W / σ: the C++ twin (autograd in C++) where it is built, through the backend registry.
-normalize = _backend.eager_twin(spectral_normalize, lambda weight, *rest: _NORMALIZE(weight.device)(weight, *rest))
+
+
+def normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    """W / σ with the gradient of the op: the registered op under torch.compile; plain torch ops
+    under functorch transforms, which run neither the op's autograd nor the C++ one
+    (``torch.func.grad`` over ``functional_call`` of an SN layer); elsewhere the backend's op
+    (the C++ twin, autograd in C++, where it is built)."""
+    if torch.compiler.is_compiling():
+        return spectral_normalize(weight, u, v, sigma, dim)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        _check_normalize(weight, u, v, sigma, dim)
+        if sigma.requires_grad and torch.is_grad_enabled():
+            raise ValueError(SIGMA_WITH_GRADIENT)
+        return weight / _sigma_of_weight(weight, u, v, sigma, dim)
+    return _NORMALIZE(weight.device)(weight, u, v, sigma, dim)
 
 
 def normalized_weight(
