@@ -269,6 +269,16 @@ def test_two_processes_compute_the_score_of_all_points():
         assert [torch.load(pattern.format(rank)) for rank in range(2)] == [expected, expected]
 
 
+def test_integer_points_are_taken_as_their_float64_values():
+    """8-bit pixels, say, as numpy's uint8: the same RLTs as their float64 values."""
+    generator = torch.Generator().manual_seed(12)
+    pixels = torch.randint(0, 256, (60, 5), generator=generator, dtype=torch.uint8)
+    landmarks = torch.randperm(60, generator=generator)[:12]
+    expected = relative_living_times(pixels.double(), landmarks=landmarks)
+    for points in (pixels, pixels.numpy(), pixels.to(torch.int64)):
+        torch.testing.assert_close(relative_living_times(points, landmarks=landmarks), expected, rtol=0, atol=0)
+
+
 def test_bad_input_is_rejected_clearly():
     x = torch.randn(40, 3, dtype=torch.float64)
     landmarks = torch.arange(8)
@@ -281,7 +291,7 @@ def test_bad_input_is_rejected_clearly():
     with pytest.raises(ValueError, match="NaN or Inf"):
         relative_living_times(torch.where(x == x[3, 1], float("nan"), x), landmarks=landmarks)
     with pytest.raises(ValueError, match="floating-point"):
-        relative_living_times(torch.ones(40, 3, dtype=torch.int64), landmarks=landmarks)
+        relative_living_times(torch.ones(40, 3, dtype=torch.bool), landmarks=landmarks)
     with pytest.raises(ValueError, match="must be a torch.Tensor"):
         relative_living_times([[0.0, 1.0]] * 5, landmarks=landmarks)
     for i_max in (0, -3, 2.5, True):

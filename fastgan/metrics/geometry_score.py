@@ -87,7 +87,8 @@ def default_gamma(num_points: int) -> float:
 
 
 def _as_points(name: str, x) -> Tensor:
-    """(N, d) floating, finite points as a float64 tensor on their device."""
+    """(N, d) finite points as a float64 tensor on their device; integer points (8-bit
+    pixels, say) are converted, as the authors' numpy code takes them (exactly up to 2**53)."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, Tensor):
@@ -96,6 +97,8 @@ def _as_points(name: str, x) -> Tensor:
         raise ValueError(f"{name} must be a 2-D (N, d) point set, got shape {tuple(x.shape)}")
     if x.shape[0] < 2 or x.shape[1] < 1:
         raise ValueError(f"{name} needs at least 2 points of dimension >= 1, got shape {tuple(x.shape)}")
+    if not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        x = x.to(torch.float64)
     check_floating_finite(name, x)
     return x.detach().to(torch.float64)
 
