@@ -463,7 +463,8 @@ def command_gs(args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     device = _device(args.device)
     mrlts = [mean_relative_living_times(p.to(device), n=args.sets, L_0=args.landmarks, gamma=args.gamma,
-                                        i_max=args.i_max, generator=generator, workers=args.workers, progress=True)
+                                        i_max=args.i_max, generator=generator, workers=args.workers, progress=True,
+                                        replace=args.with_replacement)
              for p in points]
     for path, p, mrlt in zip((args.path_a, args.path_b), points, mrlts):
         top = mrlt.argsort(descending=True)[:3].tolist()
@@ -659,6 +660,10 @@ def parser() -> argparse.ArgumentParser:
                                                               "(default 1/128 * N/5000, per side)")
     gs.add_argument("--i-max", type=int, default=100, help="holes counted up to i_max - 1 (default 100)")
     gs.add_argument("--seed", type=int, default=0, help="seed of the landmark draws (default 0)")
+    gs.add_argument("--with-replacement", action="store_true",
+                    help="draw each landmark set with replacement, as the authors' code does (np.random.choice): "
+                         "their convention, which moves the MRLT by more than the sampling noise; default: "
+                         "L_0 distinct points, as the paper defines a landmark set")
     gs.add_argument("--workers", type=int, default=None, help="processes for the complexes (default: one per CPU core when the work pays for starting them)")
     gs.add_argument("--plot", metavar="OUT.png", help="also draw both MRLTs as bar plots into this image")
     inception_options(gs)

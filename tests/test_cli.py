@@ -537,6 +537,26 @@ def test_gs_plot_destination_is_checked_before_the_work(tmp_path, capsys):
     assert plot.stat().st_size > 0
 
 
+def test_gs_with_replacement_draws_as_the_authors_code(tmp_path, capsys):
+    """--with-replacement: landmark sets drawn with replacement (repeats allowed, L_0 may pass N),
+    the score of geometry_score(..., replace=True) with the same seed."""
+    import torch
+
+    from fastgan.metrics.geometry_score import geometry_score
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(30, 2)), rng.normal(size=(30, 2)) * 1.5
+    a, b = str(tmp_path / "a.npy"), str(tmp_path / "b.npy")
+    np.save(a, x)
+    np.save(b, y)
+    options = ["--sets", "3", "--landmarks", "12", "--gamma", "0.2", "--seed", "4", "--workers", "1", "--device", "cpu"]
+    assert main(["gs", a, b, "--with-replacement", *options]) == 0
+    expected = geometry_score(x, y, n=3, L_0=12, gamma=0.2, generator=torch.Generator().manual_seed(4), workers=1,
+                              replace=True)
+    assert capsys.readouterr().out == f"GS: {expected:.6g}\n"
+    assert main(["gs", a, b, "--with-replacement", *options[:2], "--landmarks", "40", *options[4:]]) == 0  # L_0 > N
+
+
 def test_gs_plot_labels_both_sides_when_their_names_match(tmp_path, monkeypatch):
     """runs/a/points.npy against runs/b/points.npy (or a file against itself): one legend key
     per file name hid one side's curve."""

@@ -100,6 +100,68 @@ def test_witness_complex_is_gudhis(num_points, dim, L_0, gamma, decimals):
     assert sorted(got) == sorted((tuple(simplex), value) for simplex, value in expected.get_filtration())
 
 
+@pytest.mark.parametrize("num_points,dim,L_0,gamma,decimals", [(301, 2, 17, 0.07, None), (257, 3, 24, 0.1, None),
+                                                               (199, 2, 16, 0.15, None), (301, 2, 20, 0.08, 1)])
+def test_landmarks_drawn_with_replacement_give_gudhis_complex_and_the_oracles_rlt(num_points, dim, L_0, gamma,
+                                                                                   decimals):
+    """replace=True (the authors' np.random.choice(N, L_0)): a repeated index is one more
+    landmark on the same point, at the same distance from every witness (ties in every
+    row of gudhi's table). The vectorized complex is gudhi's, whatever the order of the
+    tied landmarks in the table, and the RLTs are the oracle's on the same sets."""
+    import gudhi
+
+    generator = torch.Generator().manual_seed(num_points + L_0)
+    x = torch.randn(num_points, dim, generator=generator, dtype=torch.float64)
+    if decimals is not None:
+        x = torch.round(x, decimals=decimals)
+    sets = draw_landmarks(num_points, 4, L_0, generator, replace=True)
+    sets[:, 1] = sets[:, 0]  # a pair and a triple in every set, wherever the draw put none
+    sets[:, 3:5] = sets[:, 2:3]
+    sets[1::2, 6:10] = sets[1::2, 5:6]
+    sets = sets[:, torch.randperm(L_0, generator=generator)]
+    for landmarks in sets:
+        distances = torch.cdist(x[landmarks], x, compute_mode="donot_use_mm_for_euclid_dist").numpy()
+        order, values, alpha_max = nearest_landmarks(distances, gamma)
+        got = sorted((tuple(int(v) for v in simplex), float(value))
+                     for simplices, filtration in witness_complex(order, values, alpha_max, L_0)
+                     for simplex, value in zip(simplices, filtration))
+        by_witness = distances.T
+        for full_order in (np.argsort(by_witness, axis=1),  # ties in either order
+                           L_0 - 1 - np.argsort(by_witness[:, ::-1], axis=1, kind="stable")):
+            full = np.stack((full_order.astype(np.float64), np.take_along_axis(by_witness, full_order, axis=1)),
+                            axis=2)
+            expected = gudhi.WitnessComplex(full).create_simplex_tree(max_alpha_square=alpha_max, limit_dimension=2)
+            assert got == sorted((tuple(simplex), value) for simplex, value in expected.get_filtration())
+    got = relative_living_times(x, landmarks=sets, gamma=gamma, i_max=50, workers=1, replace=True)
+    expected = reference.relative_living_times_of_sets(x.numpy(), sets.numpy(), gamma=gamma, i_max=50)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=ATOL)
+    # the repeats matter: the same sets without them give other RLTs
+    unique = np.stack([reference.relative_living_times(*reference.witness_h1_intervals(x.numpy(), np.unique(s), gamma),
+                                                       50) for s in sets.numpy()])
+    assert np.abs(unique - expected).max() > 1e-3
+    with pytest.raises(ValueError, match="repeats an index"):
+        relative_living_times(x, landmarks=sets, gamma=gamma)
+
+
+def test_draws_with_replacement():
+    sets = draw_landmarks(50, 7, 10, torch.Generator().manual_seed(0), replace=True)
+    assert sets.shape == (7, 10) and sets.dtype == torch.int64 and int(sets.min()) >= 0 and int(sets.max()) < 50
+    assert torch.equal(sets, torch.randint(50, (7, 10), generator=torch.Generator().manual_seed(0)))
+    assert draw_landmarks(5, 2, 8, torch.Generator().manual_seed(0), replace=True).shape == (2, 8)  # L_0 > N
+    # 20 sets of 40 out of 151 points: every one repeats some point; the mean is the oracle's on those sets
+    x = torch.randn(151, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sets = draw_landmarks(151, 20, 40, torch.Generator().manual_seed(1), replace=True)
+    assert all(len(set(row.tolist())) < 40 for row in sets)
+    mrlt = mean_relative_living_times(x, n=20, L_0=40, gamma=0.1, i_max=30, generator=torch.Generator().manual_seed(1),
+                                      workers=1, replace=True)
+    expected = reference.relative_living_times_of_sets(x.numpy(), sets.numpy(), gamma=0.1, i_max=30).mean(axis=0)
+    np.testing.assert_allclose(mrlt.numpy(), expected, rtol=0, atol=ATOL)
+    metric = GeometryScore(n=20, L_0=40, gamma=0.1, i_max=30, seed=1, workers=1, replace=True)
+    metric.update(real_features=x, fake_features=x)
+    real, fake = metric.mrlts()
+    assert torch.equal(real, mrlt) and not torch.equal(fake, mrlt)  # fake: the next 20 draws
+
+
 def test_rlt_of_intervals_by_hand():
     # alive: [0, .1) none, [.1, .3) one, [.3, .5) two, [.5, 1] one (the infinite one, clipped)
     intervals = np.array([[0.1, 0.5], [0.3, np.inf]])
@@ -460,7 +522,7 @@ def test_functional_errors_name_the_argument_not_a_batch():
         assert message.startswith(f"{name} contains NaN or Inf"), message
         assert "batch" not in message and "update" not in message, message
     with pytest.raises(ValueError, match="floating-point") as error:
-        relative_living_times(torch.ones(9, 2, dtype=torch.int32), landmarks=torch.arange(3))
+        relative_living_times(torch.ones(9, 2, dtype=torch.bool), landmarks=torch.arange(3))
     assert "batch" not in str(error.value)
 
 

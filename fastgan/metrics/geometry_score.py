@@ -19,7 +19,11 @@ landmark subsets:
 Defaults are the authors': ``L_0 = 64``, ``n = 1000``, ``i_max = 100``,
 ``gamma = 1/128 * N/5000`` for N points. Landmark sets are drawn without replacement
 (``torch.randperm``; the paper's L is a subset of X, and duplicated landmarks are
-rejected), with the ``generator`` given or torch's default one.
+rejected), with the ``generator`` given or torch's default one. ``replace=True`` draws
+them as the authors' code does (``np.random.choice(N, L_0)``, with replacement;
+``torch.randint`` here): a point drawn twice is two landmarks at the same place, both
+in gudhi's table, and the complex is built on them as they are (the MRLT differs
+systematically from the one without replacement, by more than the sampling noise).
 
 How it is computed (the result equals the authors' algorithm run set by set on the
 same landmarks; ``tests/test_geometry_score.py`` checks it against the per-set
@@ -117,8 +121,9 @@ def _check_parameters(i_max: int, gamma: Optional[float]) -> None:
         raise ValueError(f"gamma must be a positive finite number or None (1/128 * N/5000), got {gamma!r}")
 
 
-def _check_landmarks(landmarks, num_points: int) -> Tensor:
-    """(n, L_0) int64 landmark sets, each with distinct indices into the N points."""
+def _check_landmarks(landmarks, num_points: int, replace: bool = False) -> Tensor:
+    """(n, L_0) int64 landmark sets of indices into the N points, distinct within a set
+    unless ``replace`` (then a repeated index is a separate landmark on the same point)."""
     landmarks = torch.as_tensor(landmarks)
     if landmarks.dtype in (torch.bool,) or landmarks.is_floating_point() or landmarks.is_complex():
         raise ValueError(f"landmarks must be integer indices into the points, got dtype {landmarks.dtype}")
@@ -128,11 +133,14 @@ def _check_landmarks(landmarks, num_points: int) -> Tensor:
     low, high = int(sets.min()), int(sets.max())
     if low < 0 or high >= num_points:
         raise ValueError(f"landmark indices must lie in [0, {num_points - 1}] (the point count), got {low}..{high}")
+    if replace:
+        return sets
     ordered = sets.sort(dim=1).values
     repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
     if bool(repeated.any()):
         row = int(repeated.nonzero()[0])
-        raise ValueError(f"landmark set {row} repeats an index; the landmarks of a set must be distinct points")
+        raise ValueError(f"landmark set {row} repeats an index; the landmarks of a set must be distinct points "
+                         f"(pass replace=True for sets drawn with replacement, as the authors' code draws them)")
     return sets
 
 
@@ -141,11 +149,17 @@ def _check_set_sizes(n: int, L_0: int) -> None:
     _check_int(L_0, "L_0 (landmarks per set)")
 
 
-def draw_landmarks(num_points: int, n: int, L_0: int, generator: Optional[torch.Generator] = None) -> Tensor:
+def draw_landmarks(num_points: int, n: int, L_0: int, generator: Optional[torch.Generator] = None,
+                   replace: bool = False) -> Tensor:
     """``n`` landmark sets of ``L_0`` distinct indices in [0, num_points), shape (n, L_0):
     row k is ``torch.randperm(num_points, generator=generator)[:L_0]``, drawn on the
-    generator's device; returned on the CPU."""
+    generator's device; returned on the CPU. ``replace=True``: each index uniform and
+    independent (``torch.randint``), so a set may repeat a point, as the authors'
+    ``np.random.choice(N, L_0)``."""
     _check_set_sizes(n, L_0)
+    if replace:
+        device = generator.device if generator is not None else None
+        return torch.randint(num_points, (n, L_0), generator=generator, device=device).cpu()
     if L_0 > num_points:
         raise ValueError(f"L_0 = {L_0} landmarks per set need at least {L_0} points, got N = {num_points}")
     device = generator.device if generator is not None else None
@@ -385,19 +399,21 @@ def _relative_living_times_of_sets(x: Tensor, sets: Tensor, gamma: float, i_max:
 
 
 def relative_living_times(x, *, landmarks, gamma: Optional[float] = None, i_max: int = 100,
-                          workers: Optional[int] = None, progress: bool = False) -> Tensor:
+                          workers: Optional[int] = None, progress: bool = False, replace: bool = False) -> Tensor:
     """RLT of 1-dimensional holes of the witness complex of ``x`` on given landmarks.
 
     x: (N, d) floating points (tensor or numpy array), all of them witnesses.
     landmarks: (L_0,) indices into x -- one landmark set, gives (i_max,) -- or (n, L_0),
-    one set per row, gives (n, i_max). Indices of a set must be distinct.
+    one set per row, gives (n, i_max). Indices of a set must be distinct unless ``replace``
+    (a repeated index is then one more landmark on that point, as gudhi gets it from the
+    authors' code).
     gamma: alpha_max = gamma * the largest witness-to-landmark distance of the set;
     default 1/128 * N/5000. workers: processes for the complexes (None: one per core
     when the work pays for them, see :func:`default_workers`). progress: a bar of the sets done
     on stderr. Returns float64 on the CPU; each row sums to 1 unless some stretch had >= i_max holes."""
     points = _as_points("x", x)
     _check_parameters(i_max, gamma)
-    sets = _check_landmarks(landmarks, points.shape[0])
+    sets = _check_landmarks(landmarks, points.shape[0], replace)
     gamma = default_gamma(points.shape[0]) if gamma is None else float(gamma)
     rlts = _relative_living_times_of_sets(points, sets, gamma, i_max, workers, progress)
     return rlts[0] if torch.as_tensor(landmarks).dim() == 1 else rlts
@@ -405,24 +421,27 @@ def relative_living_times(x, *, landmarks, gamma: Optional[float] = None, i_max:
 
 def mean_relative_living_times(x, n: int = 1000, L_0: int = 64, gamma: Optional[float] = None,
                                i_max: int = 100, generator: Optional[torch.Generator] = None,
-                               workers: Optional[int] = None, progress: bool = False) -> Tensor:
+                               workers: Optional[int] = None, progress: bool = False, replace: bool = False) -> Tensor:
     """MRLT (i_max,) of ``x``: the mean RLT over ``n`` random landmark sets of ``L_0``
-    points (drawn by :func:`draw_landmarks` with ``generator``). See
+    points (drawn by :func:`draw_landmarks` with ``generator`` and ``replace``: True draws
+    with replacement, as the authors' code). See
     :func:`relative_living_times` for the other arguments."""
     points = _as_points("x", x)
     _check_parameters(i_max, gamma)
-    sets = draw_landmarks(points.shape[0], n, L_0, generator)
+    sets = draw_landmarks(points.shape[0], n, L_0, generator, replace)
     return relative_living_times(points, landmarks=sets, gamma=gamma, i_max=i_max, workers=workers,
-                                 progress=progress).mean(dim=0)
+                                 progress=progress, replace=replace).mean(dim=0)
 
 
 def geometry_score(x, y, n: int = 1000, L_0: int = 64, gamma: Optional[float] = None, i_max: int = 100,
-                   generator: Optional[torch.Generator] = None, workers: Optional[int] = None) -> float:
+                   generator: Optional[torch.Generator] = None, workers: Optional[int] = None,
+                   replace: bool = False) -> float:
     """Geometry Score: squared L2 distance between the MRLTs of ``x`` and ``y`` (lower:
     closer topology). Landmarks of x are drawn first, then those of y, from
-    ``generator``; gamma=None uses each set's own default (1/128 * N/5000)."""
+    ``generator``; gamma=None uses each set's own default (1/128 * N/5000). ``replace``: draw
+    the landmarks with replacement (the authors' ``np.random.choice(N, L_0)``)."""
     x, y = _as_points("x", x), _as_points("y", y)
-    options = dict(n=n, L_0=L_0, gamma=gamma, i_max=i_max, generator=generator, workers=workers)
+    options = dict(n=n, L_0=L_0, gamma=gamma, i_max=i_max, generator=generator, workers=workers, replace=replace)
     mrlt_x = mean_relative_living_times(x, **options)
     mrlt_y = mean_relative_living_times(y, **options)
     return float(((mrlt_x - mrlt_y) ** 2).sum())
@@ -468,13 +487,16 @@ class GeometryScore(FeatureSets):
     rank computes the same score."""
 
     def __init__(self, n: int = 1000, L_0: int = 64, gamma: Optional[float] = None, i_max: int = 100,
-                 seed: int = 0, workers: Optional[int] = None) -> None:
+                 seed: int = 0, workers: Optional[int] = None, replace: bool = False) -> None:
         super().__init__()
         _check_parameters(i_max, gamma)
         _check_set_sizes(n, L_0)
         _check_workers(workers)
         _check_int(seed, "seed", minimum=None)  # else torch.manual_seed refuses it only at compute()
+        if not isinstance(replace, bool):
+            raise ValueError(f"replace must be a bool, got {replace!r}")
         self.n, self.L_0, self.gamma, self.i_max, self.seed, self.workers = n, L_0, gamma, i_max, seed, workers
+        self.replace = replace
 
     def mrlts(self) -> Tuple[Tensor, Tensor]:
         """(real MRLT, fake MRLT), each (i_max,) float64."""
@@ -483,11 +505,12 @@ class GeometryScore(FeatureSets):
         out = []
         for side in ("real_features", "fake_features"):
             points = states[side]
-            if points.shape[0] < self.L_0:
+            if points.shape[0] < self.L_0 and not self.replace:
                 raise ValueError(f"GeometryScore needs at least L_0 = {self.L_0} points per side, "
                                  f"got {points.shape[0]} {side.split('_')[0]}")
             out.append(mean_relative_living_times(points, n=self.n, L_0=self.L_0, gamma=self.gamma,
-                                                  i_max=self.i_max, generator=generator, workers=self.workers))
+                                                  i_max=self.i_max, generator=generator, workers=self.workers,
+                                                  replace=self.replace))
         return out[0], out[1]
 
     def compute(self) -> float:
