@@ -28,7 +28,8 @@ def discriminator() -> nn.Sequential:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train (default: cuda when a GPU is visible, else cpu)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -37,6 +38,7 @@ def main() -> None:
         usable = [d for d in ("cpu", "cuda") if status[d]] or ["-"]
         print(f"  {name:<9} usable on {', '.join(usable)}")
 
+    torch.manual_seed(0)  # the same starting weights every run
     base = discriminator().to(device)
     theirs, ours = copy.deepcopy(base), copy.deepcopy(base)
     torch.manual_seed(0)
