@@ -53,9 +53,7 @@ def _writer_has_ended(pid: Optional[str], host: Optional[str]) -> bool:
         return False
     try:
         os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OverflowError:  # beyond any process id
+    except (ProcessLookupError, OverflowError):  # (OverflowError: beyond any process id)
         return True
     except PermissionError:  # alive, another user's
         return False

@@ -157,12 +157,11 @@ def draw_landmarks(num_points: int, n: int, L_0: int, generator: Optional[torch.
     independent (``torch.randint``), so a set may repeat a point, as the authors'
     ``np.random.choice(N, L_0)``."""
     _check_set_sizes(n, L_0)
+    device = generator.device if generator is not None else None
     if replace:
-        device = generator.device if generator is not None else None
         return torch.randint(num_points, (n, L_0), generator=generator, device=device).cpu()
     if L_0 > num_points:
         raise ValueError(f"L_0 = {L_0} landmarks per set need at least {L_0} points, got N = {num_points}")
-    device = generator.device if generator is not None else None
     return torch.stack([torch.randperm(num_points, generator=generator, device=device)[:L_0] for _ in range(n)]).cpu()
 
 

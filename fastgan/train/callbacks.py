@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -192,16 +192,14 @@ class Conditioning(Callback):
         every = trainer.config.diagnostics_condition_number_every
         if not every or not due(trainer, every):
             return
-        summary, non_finite = None, False
-        if trainer.runtime.rank == 0:
+
+        def summary():
             try:
-                summary = trainer.conditioning()
+                return trainer.conditioning()
             except NonFiniteJacobian:
-                non_finite = True
-        if trainer.runtime.any(non_finite):
-            trainer.mark_diverged("G's Jacobian for the conditioning record not finite")
-        elif summary is not None and trainer.log is not None:
-            trainer.log.write(trainer.step, summary)
+                return None
+
+        write_rank_zero_record(trainer, summary, "G's Jacobian for the conditioning record not finite")
 
 
 class RateDistortionEvaluation(Callback):
@@ -213,12 +211,23 @@ class RateDistortionEvaluation(Callback):
     def after(self, trainer: "Trainer", out: Outputs) -> None:
         if trainer.config.model != "vae" or not due(trainer, trainer.config.fid_every):
             return
-        record = trainer.evaluate_rate_distortion() if trainer.runtime.rank == 0 else None
-        non_finite = record is not None and not all(math.isfinite(v) for v in record.values())
-        if trainer.runtime.any(non_finite):
-            trainer.mark_diverged("the evaluation's rate or distortion not finite")
-        elif record is not None and trainer.log is not None:
-            trainer.log.write(trainer.step, record)
+
+        def evaluation():
+            record = trainer.evaluate_rate_distortion()
+            return record if all(math.isfinite(v) for v in record.values()) else None
+
+        write_rank_zero_record(trainer, evaluation, "the evaluation's rate or distortion not finite")
+
+
+def write_rank_zero_record(trainer: "Trainer", measure: Callable[[], Optional[dict]], not_finite: str) -> None:
+    """``measure()`` on rank 0 as a separate metrics record; where it returns None (what it
+    measured was not finite) the run ends as diverged, ``not_finite`` saying why, on every
+    process (rank 0 tells the others)."""
+    record = measure() if trainer.runtime.rank == 0 else None
+    if trainer.runtime.any(trainer.runtime.rank == 0 and record is None):
+        trainer.mark_diverged(not_finite)
+    elif record is not None and trainer.log is not None:
+        trainer.log.write(trainer.step, record)
 
 
 class Checkpoints(Callback):

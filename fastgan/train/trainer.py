@@ -350,10 +350,14 @@ class Trainer:
         return {"real": self.last_real, "mask": self.last_mask,
                 "lens_weight": torch.tensor(weight, dtype=config.torch_dtype, device=self.device)}
 
+    def _seeded_subset(self, stream: int, count: int) -> Tensor:
+        """``count`` data images (or all) chosen by the run's seed stream ``stream``, in the run's dtype."""
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + stream))
+        return self.data.batch(order[:count]).to(self.config.torch_dtype)
+
     def _vae_real_images(self) -> Tensor:
         """The fixed data images of a VAE's reconstruction grids (4 rows of 8, a seeded subset)."""
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + _VAE_REAL_STREAM))
-        return self.data.batch(order[:32]).to(self.config.torch_dtype)
+        return self._seeded_subset(_VAE_REAL_STREAM, 32)
 
     def evaluate_rate_distortion(self) -> dict:
         """A VAE's rate, distortion, ELBO and bounds (nats per image) over a fixed seeded subset of
@@ -361,17 +365,15 @@ class Trainer:
         (:func:`~fastgan.train.vae_step.evaluation_rate_distortion`); nothing of training changes."""
         from fastgan.train.vae_step import evaluation_rate_distortion
 
-        seed = self.config.seed + _VAE_EVAL_STREAM
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed))
-        images = self.data.batch(order[:_VAE_EVAL_IMAGES])
-        return evaluation_rate_distortion(self.G.vae, images, self.config.batch_size, seed, self.entropy)
+        images = self._seeded_subset(_VAE_EVAL_STREAM, _VAE_EVAL_IMAGES)
+        return evaluation_rate_distortion(self.G.vae, images, self.config.batch_size,
+                                          self.config.seed + _VAE_EVAL_STREAM, self.entropy)
 
     def _lens_real_images(self) -> Tensor:
         """The fixed real images of the lens grids: a seeded random subset, whole rows of the grid."""
         count = min(4 * _LENS_GRID_COLUMNS, len(self.data))
         count -= count % min(_LENS_GRID_COLUMNS, count)
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + _LENS_REAL_STREAM))
-        return self.data.batch(order[:count]).to(self.config.torch_dtype)
+        return self._seeded_subset(_LENS_REAL_STREAM, count)
 
     @torch.no_grad()
     def lens_pairs(self) -> Tuple[Tensor, int]:

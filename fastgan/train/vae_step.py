@@ -87,6 +87,13 @@ def data_entropy(data: ImageData) -> float:
     return empirical_entropy(image_counts(data))
 
 
+def rate_distortion_terms(rate, distortion, entropy: float) -> dict:
+    """What a VAE's records hold of mean rate R and distortion D (nats, numbers or 0-d tensors):
+    R, D, the ELBO −(D + R), and the bounds H − D ≤ I(X; Z) ≤ R for the data's entropy H."""
+    return {"rate": rate, "distortion": distortion, "elbo": -(rate + distortion),
+            "mi_lower_bound": entropy - distortion, "mi_upper_bound": rate}
+
+
 class VAEStep:
     """The β-VAE update of ``config`` on ``sampler.vae`` (on the runtime's device, in the config's
     dtype): Adam (``g_lr``, ``g_betas``) on D + β·R. ``entropy`` is H (nats) for the bounds."""
@@ -109,9 +116,8 @@ class VAEStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        rate, distortion = terms.rate.detach().mean(), terms.distortion.detach().mean()
-        return {"loss": loss.detach(), "rate": rate, "distortion": distortion, "elbo": -(rate + distortion),
-                "mi_lower_bound": self.entropy - distortion, "mi_upper_bound": rate}
+        return {"loss": loss.detach(),
+                **rate_distortion_terms(terms.rate.detach().mean(), terms.distortion.detach().mean(), self.entropy)}
 
     def state_dict(self) -> dict:
         return {"vae_optimizer": self.optimizer.state_dict()}
@@ -125,22 +131,19 @@ def evaluation_rate_distortion(vae: VAE, images: Tensor, batch_size: int, seed: 
     """The training records' terms (nats per image) as means over ``images``, with the VAE in
     eval mode: batch norm (in the decoder) then uses its running statistics, so each image's
     rate and distortion are its own, whatever else is in its batch; in training they depend
-    on the batch, and its size. Posterior noise from ``seed``; the VAE's mode is restored."""
-    was_training = vae.training
-    vae.eval()
-    try:
-        like = next(vae.parameters())
-        generator = torch.Generator(device=like.device).manual_seed(seed)
-        rate = distortion = 0.0
+    on the batch, and its size. Posterior noise from ``seed``; the VAE's modes are restored."""
+    from fastgan.diagnostics import eval_mode
+
+    like = next(vae.parameters())
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    rate = distortion = 0.0
+    with eval_mode(vae):
         for chunk in images.split(batch_size):
             terms = vae(chunk.to(device=like.device, dtype=like.dtype), generator)
             rate += terms.rate.double().sum().item()
             distortion += terms.distortion.double().sum().item()
-    finally:
-        vae.train(was_training)
-    rate, distortion = rate / len(images), distortion / len(images)
-    return {"eval_rate": rate, "eval_distortion": distortion, "eval_elbo": -(rate + distortion),
-            "eval_mi_lower_bound": entropy - distortion, "eval_mi_upper_bound": rate}
+    terms = rate_distortion_terms(rate / len(images), distortion / len(images), entropy)
+    return {f"eval_{name}": value for name, value in terms.items()}
 
 
 @torch.no_grad()
@@ -207,4 +210,4 @@ def plot_rate_distortion(points: Sequence[Tuple[str, Dict[str, float]]], path: P
 
 
 __all__ = ["VAESampler", "VAEStep", "data_entropy", "image_counts", "final_rate_distortion", "plot_rate_distortion",
-           "reconstruction_pairs", "vae_sampler"]
+           "evaluation_rate_distortion", "rate_distortion_terms", "reconstruction_pairs", "vae_sampler"]
